@@ -1,0 +1,342 @@
+//! The plugin configuration: the `pluginConfig` of an Istio/Kuadrant `WasmPlugin`, or the
+//! `configuration` string of Envoy's `envoy.filters.http.wasm`.
+//!
+//! Shaped like Kuadrant's `TokenRateLimitPolicy` spec (named limits with `rates`, `when`
+//! predicates and `counters`), plus the rate-limit service to call. JSON on the wire (that is what
+//! Envoy hands the plugin); the `token-ratelimit` command also reads YAML. Every field name is
+//! camelCase and unknown fields are refused.
+//!
+//! ```yaml
+//! rateLimitService:
+//!   cluster: ratelimit        # Envoy cluster of a Limitador-compatible service (HTTP/2)
+//!   domain: llm               # Limitador namespace the counters live in
+//!   timeout: 100ms            # per CheckRateLimit call
+//!   failureMode: deny         # deny | allow
+//! auth:
+//!   metadataNamespace: envoy.filters.http.ext_authz   # where `auth.*` is read from
+//! reporting:
+//!   flushPeriod: 100ms        # how often the root context sends aggregated reports
+//!   timeout: 1s               # per Report call
+//!   maxRetries: 3             # further attempts of a failed Report before it is dropped
+//! limits:
+//!   free:
+//!     rates: [{limit: 50, window: 1m}]
+//!     when: [{predicate: 'request.path == "/v1/chat/completions"'}]
+//!     counters: [{expression: auth.identity.userid}]
+//!     tokens: total           # total | prompt | completion
+//! ```
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+/// A configuration that was refused, naming the field (a dotted path such as
+/// `limits.free.rates[0].window`) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Path of the offending field, `.` when the document itself is wrong.
+    pub field: String,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration at `{}`: {}", self.field, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What to do when the rate-limit service is unreachable, slow, or answers garbage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FailureMode {
+    /// Refuse the request with an error reply (`500`). The default: a billing control fails closed.
+    #[default]
+    Deny,
+    /// Let the request through unchecked (its tokens are still reported later).
+    Allow,
+}
+
+/// Which usage figure a limit spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TokenCategory {
+    /// `usage.total_tokens` (or prompt + completion when the total is absent).
+    #[default]
+    Total,
+    /// `usage.prompt_tokens` (`input_tokens` in the Responses API).
+    Prompt,
+    /// `usage.completion_tokens` (`output_tokens` in the Responses API).
+    Completion,
+}
+
+impl TokenCategory {
+    /// All categories, in a fixed order.
+    pub const ALL: [TokenCategory; 3] = [
+        TokenCategory::Total,
+        TokenCategory::Prompt,
+        TokenCategory::Completion,
+    ];
+
+    /// The name used in configuration and metrics: `total`, `prompt`, `completion`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenCategory::Total => "total",
+            TokenCategory::Prompt => "prompt",
+            TokenCategory::Completion => "completion",
+        }
+    }
+}
+
+/// The whole plugin configuration, as written by the user.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PluginConfig {
+    pub rate_limit_service: RateLimitServiceConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub reporting: ReportingConfig,
+    /// Named limits; the names become descriptor entries `limit.<name>`.
+    pub limits: BTreeMap<String, LimitConfig>,
+}
+
+/// Where the rate-limit service is and how to treat its failures.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitServiceConfig {
+    /// Envoy cluster name of a Limitador-compatible gRPC service (the cluster must speak HTTP/2).
+    pub cluster: String,
+    /// Domain of every request, i.e. the Limitador namespace the counters live in.
+    pub domain: String,
+    /// Timeout of each `CheckRateLimit` call, e.g. `100ms` (default `100ms`).
+    #[serde(default = "default_check_timeout")]
+    pub timeout: String,
+    #[serde(default)]
+    pub failure_mode: FailureMode,
+}
+
+fn default_check_timeout() -> String {
+    "100ms".into()
+}
+
+/// Where the identity of an auth filter is read from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Dynamic-metadata namespace whose fields the CEL variable `auth` exposes:
+    /// `auth.identity.userid` reads `metadata.filter_metadata[<namespace>].identity.userid`.
+    /// Default `envoy.filters.http.ext_authz`, where ext_authz (Authorino) leaves it.
+    #[serde(default = "default_auth_namespace")]
+    pub metadata_namespace: String,
+}
+
+fn default_auth_namespace() -> String {
+    "envoy.filters.http.ext_authz".into()
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            metadata_namespace: default_auth_namespace(),
+        }
+    }
+}
+
+/// How spent tokens are reported.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReportingConfig {
+    /// Period of the root context's tick that sends aggregated reports (default `100ms`).
+    #[serde(default = "default_flush_period")]
+    pub flush_period: String,
+    /// Timeout of each `Report` call (default `1s`).
+    #[serde(default = "default_report_timeout")]
+    pub timeout: String,
+    /// Further attempts of a failed `Report` before its tokens are dropped and counted (default 3).
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+}
+
+fn default_flush_period() -> String {
+    "100ms".into()
+}
+fn default_report_timeout() -> String {
+    "1s".into()
+}
+fn default_max_retries() -> u32 {
+    3
+}
+
+impl Default for ReportingConfig {
+    fn default() -> Self {
+        ReportingConfig {
+            flush_period: default_flush_period(),
+            timeout: default_report_timeout(),
+            max_retries: default_max_retries(),
+        }
+    }
+}
+
+/// One named limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitConfig {
+    /// At least one rate; several rates are several windows (e.g. per minute AND per day).
+    pub rates: Vec<RateConfig>,
+    /// CEL predicates that must all be true for the limit to apply (none: always applies).
+    #[serde(default)]
+    pub when: Vec<PredicateConfig>,
+    /// CEL expressions whose values select the counter (e.g. one counter per user).
+    #[serde(default)]
+    pub counters: Vec<CounterConfig>,
+    /// Which usage figure this limit spends (default `total`).
+    #[serde(default)]
+    pub tokens: TokenCategory,
+}
+
+/// A budget of `limit` tokens per `window`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateConfig {
+    /// Tokens allowed per window (> 0).
+    pub limit: u64,
+    /// Window length, a duration of whole seconds such as `30s`, `1m`, `1h`, `1d`, `1h30m`.
+    pub window: String,
+}
+
+/// A `when` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PredicateConfig {
+    /// A CEL expression that evaluates to a bool.
+    pub predicate: String,
+}
+
+/// A `counters` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CounterConfig {
+    /// A CEL expression whose value (string, int, uint, double or bool) qualifies the counter.
+    pub expression: String,
+}
+
+/// Parses a plugin configuration from JSON bytes, with the path of the failing field in errors.
+///
+/// Only the document's shape is checked here; [`crate::policy::Policy::compile`] checks the
+/// values (durations, CEL, rates).
+pub fn parse_json(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError::new(path, e.into_inner().to_string())
+    })
+}
+
+/// Parses a duration such as `100ms`, `1s`, `1m`, `2h`, `1d` or a sum of those (`1h30m`).
+///
+/// Errors name what is wrong; a duration of zero is refused.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let s = text.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    let bytes = s.as_bytes();
+    let mut total_ms: u64 = 0;
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && bytes[i].is_ascii_digit() {
+            i += 1;
+        }
+        if start == i {
+            return Err(format!("`{text}` is not a duration (e.g. 100ms, 30s, 1m, 1h, 1d)"));
+        }
+        let number: u64 = s[start..i]
+            .parse()
+            .map_err(|_| format!("`{text}`: number too large"))?;
+        let unit_start = i;
+        while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
+            i += 1;
+        }
+        let unit_ms: u64 = match &s[unit_start..i] {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => return Err(format!("`{text}`: missing unit (ms, s, m, h or d)")),
+            other => return Err(format!("`{text}`: unknown unit `{other}` (ms, s, m, h or d)")),
+        };
+        total_ms = number
+            .checked_mul(unit_ms)
+            .and_then(|v| total_ms.checked_add(v))
+            .ok_or_else(|| format!("`{text}`: duration too large"))?;
+    }
+    if total_ms == 0 {
+        return Err(format!("`{text}`: a duration must be greater than zero"));
+    }
+    Ok(Duration::from_millis(total_ms))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("10").unwrap_err().contains("missing unit"));
+        assert!(parse_duration("1w").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration("0s").unwrap_err().contains("greater than zero"));
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("99999999999999999999s").unwrap_err().contains("too large"));
+        assert!(parse_duration("99999999999999999s").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_path() {
+        let err = parse_json(
+            br#"{"rateLimitService":{"cluster":"c","domain":"d"},
+                 "limits":{"free":{"rates":[{"limit":1,"window":"1m","burst":3}]}}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "limits.free.rates[0].burst");
+        assert!(err.reason.contains("unknown field `burst`"), "{err}");
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let cfg = parse_json(br#"{"rateLimitService":{"cluster":"c","domain":"d"},"limits":{}}"#)
+            .unwrap();
+        assert_eq!(cfg.rate_limit_service.failure_mode, FailureMode::Deny);
+        assert_eq!(cfg.rate_limit_service.timeout, "100ms");
+        assert_eq!(cfg.auth.metadata_namespace, "envoy.filters.http.ext_authz");
+        assert_eq!(cfg.reporting.max_retries, 3);
+    }
+
+    #[test]
+    fn bad_enum_value_is_refused() {
+        let err = parse_json(
+            br#"{"rateLimitService":{"cluster":"c","domain":"d","failureMode":"maybe"},"limits":{}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "rateLimitService.failureMode");
+    }
+}

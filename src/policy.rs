@@ -1,0 +1,813 @@
+//! The compiled policy: limits with their rates, CEL `when` predicates and CEL `counters`,
+//! evaluated per request into rate-limit descriptors.
+//!
+//! Everything is compiled once at configure time: CEL is parsed (`cel-parser`), the attribute
+//! paths each expression reads are extracted from its syntax tree, and the CEL function registry
+//! is built. Per request, an expression fetches only the attributes it uses (each at most once
+//! per request, see [`Evaluation`]) and is evaluated in a child scope of the shared context.
+//!
+//! Descriptors follow Kuadrant's convention (see DESIGN.md §2): one descriptor per request with
+//! an entry `limit.<name> = "1"` per limit that applies, plus one entry per counter, keyed by the
+//! expression text, valued by its result as a string.
+
+use crate::attributes::{self, Attribute, AttributeHost};
+use crate::config::{self, ConfigError, FailureMode, PluginConfig, TokenCategory};
+use cel_interpreter::extractors::This;
+use cel_interpreter::objects::{Key, Map};
+use cel_interpreter::{Context, ExecutionError, Value};
+use cel_parser::{Atom, Expression, Member};
+use ratelimit_proto::{Entry, RateLimitDescriptor};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Prefix of the descriptor entry that marks a limit as applying: `limit.<name>` = `"1"`.
+pub const LIMIT_ENTRY_PREFIX: &str = "limit.";
+
+/// A budget: `limit` tokens per `window_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rate {
+    /// Tokens per window.
+    pub limit: u64,
+    /// Window length in seconds (Limitador's `seconds`: a fixed window from the first hit).
+    pub window_seconds: u64,
+}
+
+/// A compiled CEL expression and the attributes it reads.
+pub struct CompiledExpr {
+    /// The source text, as configured (trimmed). Counter descriptor entries use it as key.
+    pub source: String,
+    expr: Expression,
+    /// Indices into [`Policy::attributes`].
+    attributes: Vec<usize>,
+}
+
+impl std::fmt::Debug for CompiledExpr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledExpr")
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+/// One compiled limit.
+#[derive(Debug)]
+pub struct Limit {
+    pub name: String,
+    pub rates: Vec<Rate>,
+    pub when: Vec<CompiledExpr>,
+    pub counters: Vec<CompiledExpr>,
+    pub tokens: TokenCategory,
+}
+
+/// Rate-limit service settings with durations parsed.
+#[derive(Debug, Clone)]
+pub struct ServiceSettings {
+    pub cluster: String,
+    pub domain: String,
+    pub timeout: Duration,
+    pub failure_mode: FailureMode,
+    pub flush_period: Duration,
+    pub report_timeout: Duration,
+    pub max_retries: u32,
+}
+
+/// The compiled plugin configuration.
+pub struct Policy {
+    pub service: ServiceSettings,
+    /// Limits in name order.
+    pub limits: Vec<Limit>,
+    /// Every attribute any expression reads, deduplicated.
+    pub attributes: Vec<Attribute>,
+    context: Context<'static>,
+}
+
+impl std::fmt::Debug for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Policy")
+            .field("service", &self.service)
+            .field("limits", &self.limits)
+            .field("attributes", &self.attributes)
+            .finish()
+    }
+}
+
+/// Why an expression could not be evaluated for a request (its limit then does not apply).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalError {
+    pub limit: String,
+    pub expression: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for EvalError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "limit `{}`: `{}` failed: {}",
+            self.limit, self.expression, self.reason
+        )
+    }
+}
+
+/// A limit that applies to a request, with its counter entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    /// Index into [`Policy::limits`].
+    pub limit: usize,
+    /// `(expression text, value)` per counter, in configuration order.
+    pub counters: Vec<(String, String)>,
+}
+
+/// The outcome of evaluating the policy for one request.
+#[derive(Debug, Default)]
+pub struct Decision {
+    /// Limits whose predicates all held and whose counters all evaluated.
+    pub applied: Vec<Applied>,
+    /// Expressions that failed (their limit does not apply).
+    pub errors: Vec<EvalError>,
+}
+
+fn field(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: path.into(),
+        reason: reason.into(),
+    }
+}
+
+fn whole_seconds(text: &str, at: &str) -> Result<u64, ConfigError> {
+    let d = config::parse_duration(text).map_err(|e| field(at, e))?;
+    if d.subsec_nanos() != 0 {
+        return Err(field(at, format!("`{text}`: a window must be whole seconds")));
+    }
+    Ok(d.as_secs())
+}
+
+fn valid_limit_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Policy {
+    /// Validates and compiles a configuration. Errors name the field and the reason.
+    pub fn compile(cfg: &PluginConfig) -> Result<Policy, ConfigError> {
+        let svc = &cfg.rate_limit_service;
+        if svc.cluster.trim().is_empty() {
+            return Err(field("rateLimitService.cluster", "must not be empty"));
+        }
+        if svc.domain.trim().is_empty() {
+            return Err(field("rateLimitService.domain", "must not be empty"));
+        }
+        let duration = |text: &str, at: &str| config::parse_duration(text).map_err(|e| field(at, e));
+        let service = ServiceSettings {
+            cluster: svc.cluster.clone(),
+            domain: svc.domain.clone(),
+            timeout: duration(&svc.timeout, "rateLimitService.timeout")?,
+            failure_mode: svc.failure_mode,
+            flush_period: duration(&cfg.reporting.flush_period, "reporting.flushPeriod")?,
+            report_timeout: duration(&cfg.reporting.timeout, "reporting.timeout")?,
+            max_retries: cfg.reporting.max_retries,
+        };
+        if cfg.auth.metadata_namespace.trim().is_empty() {
+            return Err(field("auth.metadataNamespace", "must not be empty"));
+        }
+
+        let mut attributes: Vec<Attribute> = Vec::new();
+        let mut compile_expr = |text: &str, at: String| -> Result<CompiledExpr, ConfigError> {
+            let source = text.trim().to_string();
+            if source.is_empty() {
+                return Err(field(at, "empty CEL expression"));
+            }
+            let expr = cel_parser::parse(&source)
+                .map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
+            let mut paths = Vec::new();
+            collect_paths(&expr, &mut paths);
+            let mut indices = Vec::new();
+            for p in paths {
+                let Some(attr) = Attribute::resolve(&p, &cfg.auth.metadata_namespace) else {
+                    return Err(field(
+                        &at,
+                        format!("`{}` cannot be read as a whole; select a field of it", p.join(".")),
+                    ));
+                };
+                let idx = match attributes.iter().position(|a| a == &attr) {
+                    Some(i) => i,
+                    None => {
+                        attributes.push(attr);
+                        attributes.len() - 1
+                    }
+                };
+                if !indices.contains(&idx) {
+                    indices.push(idx);
+                }
+            }
+            Ok(CompiledExpr {
+                source,
+                expr,
+                attributes: indices,
+            })
+        };
+
+        let mut limits = Vec::with_capacity(cfg.limits.len());
+        for (name, limit) in &cfg.limits {
+            let at = format!("limits.{name}");
+            if !valid_limit_name(name) {
+                return Err(field(
+                    &at,
+                    "a limit name may only hold letters, digits, `-`, `_` and `.`",
+                ));
+            }
+            if limit.rates.is_empty() {
+                return Err(field(format!("{at}.rates"), "a limit needs at least one rate"));
+            }
+            let mut rates = Vec::with_capacity(limit.rates.len());
+            for (i, r) in limit.rates.iter().enumerate() {
+                if r.limit == 0 {
+                    return Err(field(format!("{at}.rates[{i}].limit"), "must be greater than 0"));
+                }
+                rates.push(Rate {
+                    limit: r.limit,
+                    window_seconds: whole_seconds(&r.window, &format!("{at}.rates[{i}].window"))?,
+                });
+            }
+            let when = limit
+                .when
+                .iter()
+                .enumerate()
+                .map(|(i, p)| compile_expr(&p.predicate, format!("{at}.when[{i}].predicate")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let counters = limit
+                .counters
+                .iter()
+                .enumerate()
+                .map(|(i, c)| compile_expr(&c.expression, format!("{at}.counters[{i}].expression")))
+                .collect::<Result<Vec<_>, _>>()?;
+            limits.push(Limit {
+                name: name.clone(),
+                rates,
+                when,
+                counters,
+                tokens: limit.tokens,
+            });
+        }
+        Ok(Policy {
+            service,
+            limits,
+            attributes,
+            context: root_context(),
+        })
+    }
+
+    /// Parses JSON bytes and compiles them.
+    pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
+        Policy::compile(&config::parse_json(bytes)?)
+    }
+
+    /// Evaluates every limit for one request, reading attributes from `host` lazily.
+    pub fn evaluate(&self, host: &mut dyn AttributeHost) -> Decision {
+        let mut eval = Evaluation {
+            policy: self,
+            host,
+            cache: vec![None; self.attributes.len()],
+        };
+        let mut decision = Decision::default();
+        'limits: for (index, limit) in self.limits.iter().enumerate() {
+            for pred in &limit.when {
+                match eval.run(pred) {
+                    Ok(Value::Bool(true)) => {}
+                    Ok(Value::Bool(false)) => continue 'limits,
+                    Ok(other) => {
+                        decision.errors.push(EvalError {
+                            limit: limit.name.clone(),
+                            expression: pred.source.clone(),
+                            reason: format!("a predicate must be a bool, got {:?}", other.type_of()),
+                        });
+                        continue 'limits;
+                    }
+                    Err(reason) => {
+                        decision.errors.push(EvalError {
+                            limit: limit.name.clone(),
+                            expression: pred.source.clone(),
+                            reason,
+                        });
+                        continue 'limits;
+                    }
+                }
+            }
+            let mut counters = Vec::with_capacity(limit.counters.len());
+            for counter in &limit.counters {
+                match eval.run(counter).and_then(counter_value) {
+                    Ok(v) => counters.push((counter.source.clone(), v)),
+                    Err(reason) => {
+                        decision.errors.push(EvalError {
+                            limit: limit.name.clone(),
+                            expression: counter.source.clone(),
+                            reason,
+                        });
+                        continue 'limits;
+                    }
+                }
+            }
+            decision.applied.push(Applied {
+                limit: index,
+                counters,
+            });
+        }
+        decision
+    }
+
+    /// The descriptor for `CheckRateLimit`: every applied limit and its counters.
+    pub fn check_descriptor(&self, applied: &[Applied]) -> RateLimitDescriptor {
+        self.descriptor(applied.iter())
+    }
+
+    /// The descriptor for a `Report` of `category` tokens: only the applied limits that spend
+    /// that category, or `None` when none does.
+    pub fn report_descriptor(
+        &self,
+        applied: &[Applied],
+        category: TokenCategory,
+    ) -> Option<RateLimitDescriptor> {
+        let mut matching = applied
+            .iter()
+            .filter(|a| self.limits.get(a.limit).map(|l| l.tokens) == Some(category))
+            .peekable();
+        matching.peek()?;
+        Some(self.descriptor(matching))
+    }
+
+    fn descriptor<'a>(&self, applied: impl Iterator<Item = &'a Applied>) -> RateLimitDescriptor {
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut counter_entries: Vec<Entry> = Vec::new();
+        for a in applied {
+            let Some(limit) = self.limits.get(a.limit) else {
+                continue;
+            };
+            entries.push(Entry {
+                key: format!("{LIMIT_ENTRY_PREFIX}{}", limit.name),
+                value: "1".into(),
+            });
+            for (key, value) in &a.counters {
+                if !counter_entries.iter().any(|e| &e.key == key) {
+                    counter_entries.push(Entry {
+                        key: key.clone(),
+                        value: value.clone(),
+                    });
+                }
+            }
+        }
+        entries.extend(counter_entries);
+        RateLimitDescriptor { entries }
+    }
+
+    /// The limits that spend tokens of `category`.
+    pub fn categories_in(&self, applied: &[Applied]) -> Vec<TokenCategory> {
+        let mut cats: Vec<TokenCategory> = applied
+            .iter()
+            .filter_map(|a| self.limits.get(a.limit).map(|l| l.tokens))
+            .collect();
+        cats.sort();
+        cats.dedup();
+        cats
+    }
+}
+
+/// Per-request evaluation state: the attribute cache (each attribute fetched at most once).
+struct Evaluation<'p, 'h> {
+    policy: &'p Policy,
+    host: &'h mut dyn AttributeHost,
+    /// `None`: not fetched yet; `Some(None)`: absent on this request.
+    cache: Vec<Option<Option<Value>>>,
+}
+
+impl Evaluation<'_, '_> {
+    fn value(&mut self, index: usize) -> Option<Value> {
+        if let Some(slot) = self.cache.get(index) {
+            if let Some(v) = slot {
+                return v.clone();
+            }
+        }
+        let attr = self.policy.attributes.get(index)?;
+        let v = attributes::fetch(attr, self.host);
+        if let Some(slot) = self.cache.get_mut(index) {
+            *slot = Some(v.clone());
+        }
+        v
+    }
+
+    fn run(&mut self, expr: &CompiledExpr) -> Result<Value, String> {
+        // Build the root variables this expression uses, from the attributes it reads.
+        let mut roots: Vec<(String, MapBuilder)> = Vec::new();
+        for &i in &expr.attributes {
+            let Some(attr) = self.policy.attributes.get(i) else {
+                continue;
+            };
+            let path = attr.cel_path.clone();
+            let root_pos = match roots.iter().position(|(r, _)| r == &path[0]) {
+                Some(p) => p,
+                None => {
+                    roots.push((path[0].clone(), MapBuilder::default()));
+                    roots.len() - 1
+                }
+            };
+            if let Some(v) = self.value(i) {
+                roots[root_pos].1.insert(&path[1..], v);
+            }
+        }
+        let mut scope = self.policy.context.new_inner_scope();
+        for (name, builder) in roots {
+            scope.add_variable_from_value(name, builder.build());
+        }
+        scope.resolve(&expr.expr).map_err(|e| describe(&e))
+    }
+}
+
+fn describe(e: &ExecutionError) -> String {
+    e.to_string()
+}
+
+/// Nested maps built from attribute paths.
+#[derive(Default)]
+struct MapBuilder {
+    entries: HashMap<String, Node>,
+}
+
+enum Node {
+    Leaf(Value),
+    Branch(MapBuilder),
+}
+
+impl MapBuilder {
+    fn insert(&mut self, path: &[String], value: Value) {
+        let Some((first, rest)) = path.split_first() else {
+            return;
+        };
+        if rest.is_empty() {
+            // A longer path already made this a map: keep the map.
+            if !matches!(self.entries.get(first), Some(Node::Branch(_))) {
+                self.entries.insert(first.clone(), Node::Leaf(value));
+            }
+            return;
+        }
+        let node = self
+            .entries
+            .entry(first.clone())
+            .or_insert_with(|| Node::Branch(MapBuilder::default()));
+        if let Node::Leaf(_) = node {
+            *node = Node::Branch(MapBuilder::default());
+        }
+        if let Node::Branch(b) = node {
+            b.insert(rest, value);
+        }
+    }
+
+    fn build(self) -> Value {
+        let map: HashMap<Key, Value> = self
+            .entries
+            .into_iter()
+            .map(|(k, n)| {
+                let v = match n {
+                    Node::Leaf(v) => v,
+                    Node::Branch(b) => b.build(),
+                };
+                (Key::String(Arc::new(k)), v)
+            })
+            .collect();
+        Value::Map(Map { map: Arc::new(map) })
+    }
+}
+
+/// The string form of a counter value (the descriptor entry's value).
+fn counter_value(v: Value) -> Result<String, String> {
+    match v {
+        Value::String(s) => Ok(s.as_ref().clone()),
+        Value::Int(i) => Ok(i.to_string()),
+        Value::UInt(u) => Ok(u.to_string()),
+        Value::Float(f) => Ok(f.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        other => Err(format!(
+            "a counter must be a string, int, uint, double or bool, got {:?}",
+            other.type_of()
+        )),
+    }
+}
+
+/// Extracts the attribute paths an expression reads: maximal chains of field selections and
+/// constant-string indexing rooted at an attribute root (`request.headers["x-api-key"]` gives
+/// `request.headers.x-api-key`).
+fn collect_paths(e: &Expression, out: &mut Vec<Vec<String>>) {
+    if let Some(path) = attribute_path(e) {
+        if !out.contains(&path) {
+            out.push(path);
+        }
+        return;
+    }
+    match e {
+        Expression::Arithmetic(a, _, b)
+        | Expression::Relation(a, _, b)
+        | Expression::Or(a, b)
+        | Expression::And(a, b) => {
+            collect_paths(a, out);
+            collect_paths(b, out);
+        }
+        Expression::Ternary(a, b, c) => {
+            collect_paths(a, out);
+            collect_paths(b, out);
+            collect_paths(c, out);
+        }
+        Expression::Unary(_, a) => collect_paths(a, out),
+        Expression::Member(target, member) => {
+            collect_paths(target, out);
+            match member.as_ref() {
+                Member::Index(i) => collect_paths(i, out),
+                Member::Fields(fields) => fields.iter().for_each(|(_, v)| collect_paths(v, out)),
+                Member::Attribute(_) => {}
+            }
+        }
+        Expression::FunctionCall(func, target, args) => {
+            collect_paths(func, out);
+            if let Some(t) = target {
+                collect_paths(t, out);
+            }
+            args.iter().for_each(|a| collect_paths(a, out));
+        }
+        Expression::List(items) => items.iter().for_each(|x| collect_paths(x, out)),
+        Expression::Map(entries) => {
+            for (k, v) in entries {
+                collect_paths(k, out);
+                collect_paths(v, out);
+            }
+        }
+        Expression::Atom(_) | Expression::Ident(_) => {}
+    }
+}
+
+fn attribute_path(e: &Expression) -> Option<Vec<String>> {
+    match e {
+        Expression::Ident(name) if attributes::ROOTS.contains(&name.as_str()) => {
+            Some(vec![name.as_ref().clone()])
+        }
+        Expression::Member(target, member) => {
+            let segment = match member.as_ref() {
+                Member::Attribute(name) => name.as_ref().clone(),
+                Member::Index(index) => match index.as_ref() {
+                    Expression::Atom(Atom::String(s)) => s.as_ref().clone(),
+                    _ => return None,
+                },
+                Member::Fields(_) => return None,
+            };
+            let mut p = attribute_path(target)?;
+            p.push(segment);
+            Some(p)
+        }
+        _ => None,
+    }
+}
+
+/// The shared CEL context: the standard functions plus the string extensions Kuadrant's
+/// policies use (`split`, `lowerAscii`, `upperAscii`, `trim`, `replace`, `join`).
+fn root_context() -> Context<'static> {
+    let mut ctx = Context::default();
+    ctx.add_function("split", cel_split);
+    ctx.add_function("lowerAscii", cel_lower_ascii);
+    ctx.add_function("upperAscii", cel_upper_ascii);
+    ctx.add_function("trim", cel_trim);
+    ctx.add_function("replace", cel_replace);
+    ctx.add_function("join", cel_join);
+    ctx
+}
+
+fn cel_split(This(this): This<Arc<String>>, sep: Arc<String>) -> cel_interpreter::ResolveResult {
+    Ok(Value::List(Arc::new(
+        this.split(sep.as_str())
+            .map(|s| Value::String(Arc::new(s.to_string())))
+            .collect(),
+    )))
+}
+
+fn cel_lower_ascii(This(this): This<Arc<String>>) -> String {
+    this.to_ascii_lowercase()
+}
+
+fn cel_upper_ascii(This(this): This<Arc<String>>) -> String {
+    this.to_ascii_uppercase()
+}
+
+fn cel_trim(This(this): This<Arc<String>>) -> String {
+    this.trim().to_string()
+}
+
+fn cel_replace(This(this): This<Arc<String>>, from: Arc<String>, to: Arc<String>) -> String {
+    this.replace(from.as_str(), to.as_str())
+}
+
+fn cel_join(This(this): This<Arc<Vec<Value>>>, sep: Arc<String>) -> String {
+    let parts: Vec<String> = this
+        .iter()
+        .map(|v| match v {
+            Value::String(s) => s.as_ref().clone(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    parts.join(sep.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host backed by maps.
+    #[derive(Default)]
+    pub(crate) struct MapHost {
+        pub properties: HashMap<String, Vec<u8>>,
+        pub headers: Vec<(String, Vec<u8>)>,
+        pub fetched: Vec<String>,
+    }
+
+    impl AttributeHost for MapHost {
+        fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
+            let key = path.join(".");
+            self.fetched.push(key.clone());
+            self.properties.get(&key).cloned()
+        }
+        fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
+            self.fetched.push("<headers>".into());
+            self.headers.clone()
+        }
+    }
+
+    const TUTORIAL: &str = r#"{
+      "rateLimitService": {"cluster": "ratelimit", "domain": "llm"},
+      "limits": {
+        "free": {
+          "rates": [{"limit": 50, "window": "1m"}],
+          "when": [
+            {"predicate": "request.path == \"/v1/chat/completions\""},
+            {"predicate": "auth.identity.groups.split(\",\").exists(g, g == \"free\")"}
+          ],
+          "counters": [{"expression": "auth.identity.userid"}]
+        },
+        "gold": {
+          "rates": [{"limit": 200, "window": "1m"}, {"limit": 5000, "window": "1d"}],
+          "when": [
+            {"predicate": "request.path == \"/v1/chat/completions\""},
+            {"predicate": "auth.identity.groups.split(\",\").exists(g, g == \"gold\")"}
+          ],
+          "counters": [{"expression": "auth.identity.userid"}],
+          "tokens": "completion"
+        }
+      }
+    }"#;
+
+    fn host(path: &str, user: &str, groups: &str) -> MapHost {
+        let mut h = MapHost::default();
+        h.properties.insert("request.path".into(), path.into());
+        let ns = "metadata.filter_metadata.envoy.filters.http.ext_authz.identity";
+        h.properties.insert(format!("{ns}.userid"), user.into());
+        h.properties.insert(format!("{ns}.groups"), groups.into());
+        h
+    }
+
+    #[test]
+    fn tutorial_policy_selects_the_group_limit_and_counter() {
+        let p = Policy::from_json(TUTORIAL.as_bytes()).unwrap();
+        assert_eq!(p.limits[1].rates[1], Rate { limit: 5000, window_seconds: 86400 });
+        let d = p.evaluate(&mut host("/v1/chat/completions", "user-1", "free"));
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        assert_eq!(d.applied.len(), 1);
+        let desc = p.check_descriptor(&d.applied);
+        let pairs: Vec<(&str, &str)> = desc
+            .entries
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(pairs, vec![("limit.free", "1"), ("auth.identity.userid", "user-1")]);
+    }
+
+    #[test]
+    fn attributes_are_fetched_once_and_only_when_needed() {
+        let p = Policy::from_json(TUTORIAL.as_bytes()).unwrap();
+        let mut h = host("/v1/models", "user-1", "free");
+        let d = p.evaluate(&mut h);
+        assert!(d.applied.is_empty());
+        // The path predicate is false for both limits: identity is never read.
+        assert_eq!(h.fetched, vec!["request.path".to_string()]);
+    }
+
+    #[test]
+    fn missing_identity_means_the_limit_does_not_apply() {
+        let p = Policy::from_json(TUTORIAL.as_bytes()).unwrap();
+        let mut h = MapHost::default();
+        h.properties.insert("request.path".into(), b"/v1/chat/completions".to_vec());
+        let d = p.evaluate(&mut h);
+        assert!(d.applied.is_empty());
+        assert_eq!(d.errors.len(), 2);
+        assert!(d.errors[0].reason.to_lowercase().contains("no such key"), "{:?}", d.errors);
+    }
+
+    #[test]
+    fn report_descriptor_holds_only_the_limits_of_that_category() {
+        let p = Policy::from_json(
+            TUTORIAL
+                .replace(r#"exists(g, g == \"gold\")"#, r#"exists(g, g == \"free\")"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        let d = p.evaluate(&mut host("/v1/chat/completions", "u", "free"));
+        assert_eq!(d.applied.len(), 2);
+        assert_eq!(
+            p.categories_in(&d.applied),
+            vec![TokenCategory::Total, TokenCategory::Completion]
+        );
+        let total = p.report_descriptor(&d.applied, TokenCategory::Total).unwrap();
+        assert_eq!(total.entries[0].key, "limit.free");
+        assert_eq!(total.entries.len(), 2);
+        let completion = p.report_descriptor(&d.applied, TokenCategory::Completion).unwrap();
+        assert_eq!(completion.entries[0].key, "limit.gold");
+        assert!(p.report_descriptor(&d.applied, TokenCategory::Prompt).is_none());
+        // The check descriptor has both limits and one shared counter entry.
+        let check = p.check_descriptor(&d.applied);
+        let keys: Vec<&str> = check.entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, vec!["limit.free", "limit.gold", "auth.identity.userid"]);
+    }
+
+    #[test]
+    fn headers_and_typed_properties() {
+        let cfg = r#"{"rateLimitService": {"cluster": "c", "domain": "d"},
+          "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}],
+            "when": [{"predicate": "request.headers[\"x-tier\"].lowerAscii() == \"basic\" && source.port > 1000 && has(request.headers.host)"}],
+            "counters": [{"expression": "request.headers[\"x-tier\"]"}, {"expression": "source.port"}]}}}"#;
+        let p = Policy::from_json(cfg.as_bytes()).unwrap();
+        let mut h = MapHost::default();
+        h.headers = vec![
+            ("x-tier".into(), b"BASIC".to_vec()),
+            ("host".into(), b"example".to_vec()),
+        ];
+        h.properties.insert("source.port".into(), 40000i64.to_le_bytes().to_vec());
+        let d = p.evaluate(&mut h);
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        assert_eq!(
+            d.applied[0].counters,
+            vec![
+                ("request.headers[\"x-tier\"]".to_string(), "BASIC".to_string()),
+                ("source.port".to_string(), "40000".to_string())
+            ]
+        );
+        // Headers were read once although three expressions use them.
+        assert_eq!(h.fetched.iter().filter(|f| *f == "<headers>").count(), 1);
+    }
+
+    #[test]
+    fn a_non_bool_predicate_is_an_error_not_a_match() {
+        let cfg = r#"{"rateLimitService": {"cluster": "c", "domain": "d"},
+          "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "when": [{"predicate": "request.path"}]}}}"#;
+        let p = Policy::from_json(cfg.as_bytes()).unwrap();
+        let mut h = MapHost::default();
+        h.properties.insert("request.path".into(), b"/".to_vec());
+        let d = p.evaluate(&mut h);
+        assert!(d.applied.is_empty());
+        assert!(d.errors[0].reason.contains("must be a bool"));
+    }
+
+    fn refused(cfg: &str) -> ConfigError {
+        Policy::from_json(cfg.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn bad_configurations_name_the_field() {
+        let base = |limit: &str| {
+            format!(r#"{{"rateLimitService": {{"cluster": "c", "domain": "d"}}, "limits": {{"l": {limit}}}}}"#)
+        };
+        let e = refused(&base(r#"{"rates": []}"#));
+        assert_eq!(e.field, "limits.l.rates");
+        let e = refused(&base(r#"{"rates": [{"limit": 1, "window": "1x"}]}"#));
+        assert_eq!(e.field, "limits.l.rates[0].window");
+        let e = refused(&base(r#"{"rates": [{"limit": 1, "window": "1500ms"}]}"#));
+        assert!(e.reason.contains("whole seconds"));
+        let e = refused(&base(r#"{"rates": [{"limit": 0, "window": "1s"}]}"#));
+        assert_eq!(e.field, "limits.l.rates[0].limit");
+        let e = refused(&base(
+            r#"{"rates": [{"limit": 1, "window": "1s"}], "when": [{"predicate": "request.path =="}]}"#,
+        ));
+        assert_eq!(e.field, "limits.l.when[0].predicate");
+        assert!(e.reason.contains("CEL does not compile"));
+        let e = refused(&base(
+            r#"{"rates": [{"limit": 1, "window": "1s"}], "counters": [{"expression": "  "}]}"#,
+        ));
+        assert_eq!(e.field, "limits.l.counters[0].expression");
+        let e = refused(&base(r#"{"rates": [{"limit": 1, "window": "1s"}], "tokens": "cached"}"#));
+        assert_eq!(e.field, "limits.l.tokens");
+        let e = refused(r#"{"rateLimitService": {"cluster": "", "domain": "d"}, "limits": {}}"#);
+        assert_eq!(e.field, "rateLimitService.cluster");
+        let e = refused(r#"{"rateLimitService": {"cluster": "c", "domain": "d", "timeout": "soon"}, "limits": {}}"#);
+        assert_eq!(e.field, "rateLimitService.timeout");
+        let e = refused(r#"{"rateLimitService": {"cluster": "c", "domain": "d"}, "limits": {"a b": {"rates": [{"limit": 1, "window": "1s"}]}}}"#);
+        assert_eq!(e.field, "limits.a b");
+        let e = refused(r#"{"rateLimitService": {"cluster": "c", "domain": "d"}}"#);
+        assert!(e.reason.contains("missing field `limits`"), "{e}");
+        let e = refused("not json");
+        assert_eq!(e.field, ".");
+    }
+}
