@@ -8,3 +8,6 @@
 pub mod attributes;
 pub mod config;
 pub mod policy;
+pub mod usage;
+pub mod reports;
+pub mod flow;

@@ -1,0 +1,477 @@
+//! The per-request state machine, free of host calls: the wasm layer feeds it what Envoy
+//! delivers and carries out what it answers.
+//!
+//! ```text
+//! request headers ──▶ evaluate policy ──▶ no limit applies ──────────────▶ pass through
+//!                                     └─▶ CheckRateLimit (hits 0) ─▶ OK ─▶ continue, headers noted
+//!                                                                 ├─▶ OVER_LIMIT ─▶ 429 reply
+//!                                                                 └─▶ error ─▶ failure mode
+//! response headers ─▶ choose usage format; body chunks ─▶ extractor (never held)
+//! end of stream or on_log ─▶ finish once ─▶ reports per token category ─▶ root queue
+//! ```
+
+use crate::config::{FailureMode, TokenCategory};
+use crate::policy::{Applied, Decision, Policy};
+use crate::usage::{BodyFormat, Usage, UsageExtractor};
+use prost::Message;
+use ratelimit_proto::{Code, DescriptorStatus, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+
+/// Most bytes of a response kept to find its usage (a whole JSON document, or one SSE event).
+pub const MAX_USAGE_BYTES: usize = 4 << 20;
+
+/// A reply the filter sends instead of calling the upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    /// HTTP status.
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    /// A JSON body in OpenAI's error shape, so SDK clients parse it.
+    pub body: Vec<u8>,
+}
+
+/// Why the rate-limit service gave no usable answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceFailure {
+    /// The call could not be dispatched (unknown cluster, ...).
+    Dispatch(String),
+    /// The call ended with a non-OK gRPC status (14 unavailable, 4 deadline exceeded, ...).
+    Grpc(u32),
+    /// The reply did not decode as a `RateLimitResponse`.
+    Undecodable(String),
+    /// The reply's overall code was `UNKNOWN` (e.g. an empty domain).
+    UnknownCode,
+}
+
+impl std::fmt::Display for ServiceFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServiceFailure::Dispatch(e) => write!(f, "dispatch failed: {e}"),
+            ServiceFailure::Grpc(code) => write!(f, "gRPC status {code}"),
+            ServiceFailure::Undecodable(e) => write!(f, "undecodable reply: {e}"),
+            ServiceFailure::UnknownCode => write!(f, "overall_code UNKNOWN"),
+        }
+    }
+}
+
+/// The verdict on a request after its check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Let it through.
+    Allow,
+    /// Let it through because the service failed and the failure mode is `allow`.
+    AllowOnFailure(ServiceFailure),
+    /// Over budget: reply 429 with the named limit.
+    Limited { reply: LocalReply, limit: Option<String> },
+    /// The service failed and the failure mode is `deny`.
+    DenyOnFailure { reply: LocalReply, failure: ServiceFailure },
+}
+
+/// One request's state.
+#[derive(Debug, Default)]
+pub struct RequestFlow {
+    applied: Vec<Applied>,
+    /// Headers to add to the client's response (`x-ratelimit-*`, the service's own).
+    response_headers: Vec<(String, String)>,
+    extractor: Option<UsageExtractor>,
+    denied: bool,
+    finished: bool,
+}
+
+impl RequestFlow {
+    /// Starts a request from the policy's decision. Returns the encoded `CheckRateLimit`
+    /// request (hits_addend 0), or `None` when no limit applies and nothing is to be done.
+    pub fn start(policy: &Policy, decision: Decision) -> (RequestFlow, Option<Vec<u8>>) {
+        let flow = RequestFlow {
+            applied: decision.applied,
+            ..Default::default()
+        };
+        if flow.applied.is_empty() {
+            return (flow, None);
+        }
+        let request = RateLimitRequest {
+            domain: policy.service.domain.clone(),
+            descriptors: vec![policy.check_descriptor(&flow.applied)],
+            hits_addend: 0,
+        };
+        (flow, Some(request.encode_to_vec()))
+    }
+
+    /// Whether any limit applies to this request.
+    pub fn is_limited(&self) -> bool {
+        !self.applied.is_empty()
+    }
+
+    /// The limits that apply.
+    pub fn applied(&self) -> &[Applied] {
+        &self.applied
+    }
+
+    /// Takes the check's result: the reply bytes, or why there are none.
+    pub fn on_check_reply(&mut self, policy: &Policy, reply: Result<&[u8], ServiceFailure>) -> Verdict {
+        let response = reply.and_then(|bytes| {
+            RateLimitResponse::decode(bytes).map_err(|e| ServiceFailure::Undecodable(e.to_string()))
+        });
+        let response = match response {
+            Ok(r) => r,
+            Err(failure) => return self.failure(policy.service.failure_mode, failure),
+        };
+        match Code::try_from(response.overall_code) {
+            Ok(Code::Ok) => {
+                self.response_headers = rate_limit_headers(&response, false);
+                Verdict::Allow
+            }
+            Ok(Code::OverLimit) => {
+                self.denied = true;
+                let over = most_restrictive(&response.statuses, true);
+                let limit = over
+                    .and_then(|s| s.current_limit.as_ref())
+                    .map(|l| l.name.clone())
+                    .filter(|n| !n.is_empty());
+                let message = match &limit {
+                    Some(name) => format!("Token rate limit exceeded for limit '{name}'. Retry after the window resets."),
+                    None => "Token rate limit exceeded. Retry after the window resets.".to_string(),
+                };
+                let mut headers = rate_limit_headers(&response, true);
+                headers.push(("content-type".into(), "application/json".into()));
+                Verdict::Limited {
+                    reply: LocalReply {
+                        status: 429,
+                        headers,
+                        body: error_body(&message, "tokens", "rate_limit_exceeded"),
+                    },
+                    limit,
+                }
+            }
+            _ => self.failure(policy.service.failure_mode, ServiceFailure::UnknownCode),
+        }
+    }
+
+    fn failure(&mut self, mode: FailureMode, failure: ServiceFailure) -> Verdict {
+        match mode {
+            FailureMode::Allow => Verdict::AllowOnFailure(failure),
+            FailureMode::Deny => {
+                self.denied = true;
+                Verdict::DenyOnFailure {
+                    reply: LocalReply {
+                        status: 500,
+                        headers: vec![("content-type".into(), "application/json".into())],
+                        body: error_body(
+                            "The token rate-limit service is unavailable.",
+                            "server_error",
+                            "rate_limit_service_unavailable",
+                        ),
+                    },
+                    failure,
+                }
+            }
+        }
+    }
+
+    /// Headers to add to the client's response.
+    pub fn response_headers(&self) -> &[(String, String)] {
+        &self.response_headers
+    }
+
+    /// The upstream's response headers arrived: choose how to read usage from the body.
+    pub fn on_response_headers(&mut self, content_type: Option<&str>) {
+        if !self.is_limited() || self.denied {
+            return;
+        }
+        let format = BodyFormat::from_content_type(content_type);
+        self.extractor = Some(UsageExtractor::new(format, MAX_USAGE_BYTES));
+    }
+
+    /// Whether response body chunks are wanted.
+    pub fn wants_body(&self) -> bool {
+        !self.finished
+            && self
+                .extractor
+                .as_ref()
+                .is_some_and(|_| self.is_limited() && !self.denied)
+    }
+
+    /// Feeds one response body chunk (already on its way to the client).
+    pub fn on_response_body(&mut self, chunk: &[u8]) {
+        if let Some(x) = self.extractor.as_mut() {
+            x.feed(chunk);
+        }
+    }
+
+    /// Ends the request (end of stream, or `on_log` after an abort): returns the reports to
+    /// queue, `(descriptor, tokens)` per token category with tokens > 0, and the usage found.
+    /// Only the first call returns anything.
+    pub fn finish(&mut self, policy: &Policy) -> Finished {
+        if self.finished || !self.is_limited() || self.denied {
+            self.finished = true;
+            return Finished::default();
+        }
+        self.finished = true;
+        let usage = self.extractor.as_mut().and_then(UsageExtractor::finish);
+        let mut reports = Vec::new();
+        if let Some(u) = usage {
+            for category in policy.categories_in(&self.applied) {
+                let tokens = u.tokens(category).unwrap_or(0);
+                if tokens == 0 {
+                    continue;
+                }
+                if let Some(d) = policy.report_descriptor(&self.applied, category) {
+                    reports.push(CategoryReport {
+                        category,
+                        descriptor: d,
+                        tokens,
+                    });
+                }
+            }
+        }
+        Finished {
+            counted: true,
+            usage,
+            reports,
+        }
+    }
+}
+
+/// Tokens of one category to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CategoryReport {
+    pub category: TokenCategory,
+    pub descriptor: RateLimitDescriptor,
+    pub tokens: u64,
+}
+
+/// What [`RequestFlow::finish`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Finished {
+    /// Whether this request was subject to limits and is now accounted.
+    pub counted: bool,
+    /// The usage the response reported, if any.
+    pub usage: Option<Usage>,
+    pub reports: Vec<CategoryReport>,
+}
+
+/// `{"error": {"message", "type", "code"}}`, OpenAI's error shape.
+pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
+    serde_json::json!({"error": {"message": message, "type": kind, "code": code}})
+        .to_string()
+        .into_bytes()
+}
+
+/// The status that constrains most: among OVER_LIMIT statuses (when `over`) the one that
+/// resets last, otherwise the one with the fewest tokens remaining.
+fn most_restrictive(statuses: &[DescriptorStatus], over: bool) -> Option<&DescriptorStatus> {
+    let reset = |s: &DescriptorStatus| s.duration_until_reset.as_ref().map_or(0, |d| d.seconds);
+    if over {
+        let limited = statuses
+            .iter()
+            .filter(|s| s.code == Code::OverLimit as i32)
+            .max_by_key(|s| reset(s));
+        if limited.is_some() {
+            return limited;
+        }
+    }
+    statuses
+        .iter()
+        .filter(|s| s.current_limit.is_some())
+        .min_by_key(|s| s.limit_remaining)
+}
+
+/// `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` (seconds) from the
+/// statuses, `retry-after` (seconds) when limited, and the service's `response_headers_to_add`.
+fn rate_limit_headers(response: &RateLimitResponse, limited: bool) -> Vec<(String, String)> {
+    let mut headers = Vec::new();
+    if let Some(s) = most_restrictive(&response.statuses, limited) {
+        if let Some(l) = &s.current_limit {
+            headers.push(("x-ratelimit-limit".into(), l.requests_per_unit.to_string()));
+        }
+        headers.push(("x-ratelimit-remaining".into(), s.limit_remaining.to_string()));
+        if let Some(d) = &s.duration_until_reset {
+            // Round up: a client that waits this long finds the window reset.
+            let secs = d.seconds.max(0) + i64::from(d.nanos > 0);
+            headers.push(("x-ratelimit-reset".into(), secs.to_string()));
+            if limited {
+                headers.push(("retry-after".into(), secs.max(1).to_string()));
+            }
+        }
+    }
+    for h in &response.response_headers_to_add {
+        let value = if h.value.is_empty() && !h.raw_value.is_empty() {
+            String::from_utf8_lossy(&h.raw_value).into_owned()
+        } else {
+            h.value.clone()
+        };
+        let key = h.key.to_ascii_lowercase();
+        if !key.is_empty() && !headers.iter().any(|(k, _)| *k == key) {
+            headers.push((key, value));
+        }
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attributes::AttributeHost;
+    use ratelimit_proto::{RateLimit, Unit};
+
+    struct Host;
+    impl AttributeHost for Host {
+        fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
+            match path.join(".").as_str() {
+                "request.path" => Some(b"/v1/chat/completions".to_vec()),
+                _ => None,
+            }
+        }
+        fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
+            vec![("x-user".into(), b"alice".to_vec())]
+        }
+    }
+
+    fn policy(mode: &str) -> Policy {
+        Policy::from_json(
+            format!(
+                r#"{{"rateLimitService": {{"cluster": "rl", "domain": "llm", "failureMode": "{mode}"}},
+                "limits": {{
+                  "per-user": {{"rates": [{{"limit": 100, "window": "1m"}}],
+                    "when": [{{"predicate": "request.path.startsWith(\"/v1/\")"}}],
+                    "counters": [{{"expression": "request.headers[\"x-user\"]"}}]}},
+                  "prompts": {{"rates": [{{"limit": 1000, "window": "1h"}}], "tokens": "prompt"}}
+                }}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn start(p: &Policy) -> (RequestFlow, RateLimitRequest) {
+        let d = p.evaluate(&mut Host);
+        let (flow, bytes) = RequestFlow::start(p, d);
+        (flow, RateLimitRequest::decode(bytes.unwrap().as_slice()).unwrap())
+    }
+
+    fn status(code: Code, remaining: u32, reset: i64, name: &str) -> DescriptorStatus {
+        DescriptorStatus {
+            code: code as i32,
+            current_limit: Some(RateLimit {
+                name: name.into(),
+                requests_per_unit: 100,
+                unit: Unit::Minute as i32,
+            }),
+            limit_remaining: remaining,
+            duration_until_reset: Some(prost_types::Duration { seconds: reset, nanos: 0 }),
+        }
+    }
+
+    #[test]
+    fn check_request_has_zero_hits_and_all_applied_limits() {
+        let p = policy("deny");
+        let (_, req) = start(&p);
+        assert_eq!(req.domain, "llm");
+        assert_eq!(req.hits_addend, 0);
+        let keys: Vec<&str> = req.descriptors[0].entries.iter().map(|e| e.key.as_str()).collect();
+        assert_eq!(keys, vec!["limit.per-user", "limit.prompts", "request.headers[\"x-user\"]"]);
+    }
+
+    #[test]
+    fn ok_continues_with_rate_limit_headers_then_reports_per_category() {
+        let p = policy("deny");
+        let (mut flow, _) = start(&p);
+        let reply = RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            statuses: vec![status(Code::Ok, 40, 30, "per-user")],
+            ..Default::default()
+        };
+        assert_eq!(flow.on_check_reply(&p, Ok(&reply.encode_to_vec())), Verdict::Allow);
+        assert_eq!(
+            flow.response_headers(),
+            &[
+                ("x-ratelimit-limit".to_string(), "100".to_string()),
+                ("x-ratelimit-remaining".to_string(), "40".to_string()),
+                ("x-ratelimit-reset".to_string(), "30".to_string()),
+            ]
+        );
+        flow.on_response_headers(Some("application/json"));
+        assert!(flow.wants_body());
+        flow.on_response_body(br#"{"usage":{"prompt_tokens":3,"#);
+        flow.on_response_body(br#""completion_tokens":4,"total_tokens":7}}"#);
+        let done = flow.finish(&p);
+        let got: Vec<(TokenCategory, u64, usize)> = done
+            .reports
+            .iter()
+            .map(|r| (r.category, r.tokens, r.descriptor.entries.len()))
+            .collect();
+        assert_eq!(got, vec![(TokenCategory::Total, 7, 2), (TokenCategory::Prompt, 3, 1)]);
+        assert_eq!(flow.finish(&p), Finished::default(), "finish reports once");
+    }
+
+    #[test]
+    fn over_limit_is_a_429_in_openai_error_shape_with_retry_after() {
+        let p = policy("allow");
+        let (mut flow, _) = start(&p);
+        let reply = RateLimitResponse {
+            overall_code: Code::OverLimit as i32,
+            statuses: vec![status(Code::OverLimit, 0, 42, "per-user")],
+            ..Default::default()
+        };
+        let Verdict::Limited { reply, limit } = flow.on_check_reply(&p, Ok(&reply.encode_to_vec())) else {
+            panic!("not limited");
+        };
+        assert_eq!(limit.as_deref(), Some("per-user"));
+        assert_eq!(reply.status, 429);
+        assert!(reply.headers.contains(&("retry-after".into(), "42".into())));
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+        assert_eq!(body["error"]["type"], "tokens");
+        // A denied request reports nothing.
+        flow.on_response_headers(Some("application/json"));
+        assert!(!flow.wants_body());
+        assert!(flow.finish(&p).reports.is_empty());
+    }
+
+    #[test]
+    fn failures_follow_the_failure_mode() {
+        for (mode, failure) in [
+            ("deny", Err(ServiceFailure::Grpc(14))),
+            ("deny", Ok(b"\xff\xff\xff".as_slice())),
+            ("allow", Err(ServiceFailure::Grpc(4))),
+        ] {
+            let p = policy(mode);
+            let (mut flow, _) = start(&p);
+            match (mode, flow.on_check_reply(&p, failure)) {
+                ("deny", Verdict::DenyOnFailure { reply, .. }) => assert_eq!(reply.status, 500),
+                ("allow", Verdict::AllowOnFailure(ServiceFailure::Grpc(4))) => {}
+                (m, v) => panic!("{m}: {v:?}"),
+            }
+        }
+        let p = policy("deny");
+        let (mut flow, _) = start(&p);
+        let unknown = RateLimitResponse::default().encode_to_vec();
+        assert!(matches!(
+            flow.on_check_reply(&p, Ok(&unknown)),
+            Verdict::DenyOnFailure { failure: ServiceFailure::UnknownCode, .. }
+        ));
+    }
+
+    #[test]
+    fn aborted_stream_reports_what_arrived_and_missing_usage_reports_nothing() {
+        let p = policy("deny");
+        let (mut flow, _) = start(&p);
+        flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
+        // Failure mode deny: nothing to report.
+        assert!(flow.finish(&p).reports.is_empty());
+
+        let p = policy("allow");
+        let (mut flow, _) = start(&p);
+        flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
+        flow.on_response_headers(Some("text/event-stream"));
+        flow.on_response_body(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":9,\"prompt_tokens\":2}}\n\ndata: [DO");
+        let done = flow.finish(&p);
+        assert_eq!(done.reports[0].tokens, 9);
+        assert_eq!(done.reports[1].tokens, 2);
+
+        let (mut flow, _) = start(&p);
+        flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
+        flow.on_response_headers(Some("text/plain"));
+        let done = flow.finish(&p);
+        assert!(done.counted && done.usage.is_none() && done.reports.is_empty());
+    }
+}

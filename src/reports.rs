@@ -1,0 +1,200 @@
+//! The root context's report queue: spent tokens waiting to be reported with `Report`.
+//!
+//! HTTP contexts hand their finished usage here (shared in-VM state); the root context drains it
+//! on every tick (DESIGN.md §1, "Reports belong to the root context"). Tokens for the same
+//! descriptor are summed into one report per tick; a report whose call fails is retried on later
+//! ticks up to `max_retries` times, then dropped and counted.
+
+use ratelimit_proto::RateLimitDescriptor;
+use std::collections::HashMap;
+
+/// One `Report` to send: `hits` tokens for `descriptor`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingReport {
+    pub descriptor: RateLimitDescriptor,
+    /// Tokens (the request's `hits_addend`), never 0.
+    pub hits: u32,
+    /// 0 for the first attempt.
+    pub attempt: u32,
+}
+
+/// What became of a report whose call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// The service accepted the tokens.
+    Delivered { hits: u32 },
+    /// The call failed; it will be retried on a later tick.
+    WillRetry { hits: u32, attempt: u32 },
+    /// The call failed and retries are exhausted: the tokens are lost.
+    Dropped { hits: u32 },
+    /// The token is not one of ours (already handled).
+    Unknown,
+}
+
+/// Aggregated, in-flight and retrying reports.
+#[derive(Debug, Default)]
+pub struct ReportQueue {
+    /// Tokens per descriptor not sent yet, in arrival order of descriptors.
+    pending: Vec<(RateLimitDescriptor, u64)>,
+    index: HashMap<RateLimitDescriptor, usize>,
+    retry: Vec<PendingReport>,
+    in_flight: HashMap<u32, PendingReport>,
+    max_retries: u32,
+}
+
+impl ReportQueue {
+    /// A queue that retries a failed report at most `max_retries` times.
+    pub fn new(max_retries: u32) -> Self {
+        ReportQueue {
+            max_retries,
+            ..Default::default()
+        }
+    }
+
+    /// Adds `tokens` spent on `descriptor`. 0 tokens are ignored (Limitador counts 0 as 1).
+    pub fn add(&mut self, descriptor: RateLimitDescriptor, tokens: u64) {
+        if tokens == 0 {
+            return;
+        }
+        match self.index.get(&descriptor) {
+            Some(&i) => {
+                if let Some(entry) = self.pending.get_mut(i) {
+                    entry.1 = entry.1.saturating_add(tokens);
+                }
+            }
+            None => {
+                self.index.insert(descriptor.clone(), self.pending.len());
+                self.pending.push((descriptor, tokens));
+            }
+        }
+    }
+
+    /// Whether nothing waits to be sent or retried.
+    pub fn is_idle(&self) -> bool {
+        self.pending.is_empty() && self.retry.is_empty()
+    }
+
+    /// Number of calls in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Takes everything to send now: aggregated tokens (split into `u32` reports when a sum
+    /// exceeds `u32::MAX`) and the reports due for a retry.
+    pub fn take_batch(&mut self) -> Vec<PendingReport> {
+        let mut out = std::mem::take(&mut self.retry);
+        self.index.clear();
+        for (descriptor, mut tokens) in self.pending.drain(..) {
+            while tokens > 0 {
+                let hits = tokens.min(u64::from(u32::MAX)) as u32;
+                tokens -= u64::from(hits);
+                out.push(PendingReport {
+                    descriptor: descriptor.clone(),
+                    hits,
+                    attempt: 0,
+                });
+            }
+        }
+        out
+    }
+
+    /// Records that `report` was dispatched as call `token`.
+    pub fn sent(&mut self, token: u32, report: PendingReport) {
+        self.in_flight.insert(token, report);
+    }
+
+    /// Records that `report` could not even be dispatched.
+    pub fn dispatch_failed(&mut self, report: PendingReport) -> ReportOutcome {
+        self.fail(report)
+    }
+
+    /// Records the end of call `token`: `ok` when the service answered `OK`.
+    pub fn reply(&mut self, token: u32, ok: bool) -> ReportOutcome {
+        let Some(report) = self.in_flight.remove(&token) else {
+            return ReportOutcome::Unknown;
+        };
+        if ok {
+            ReportOutcome::Delivered { hits: report.hits }
+        } else {
+            self.fail(report)
+        }
+    }
+
+    fn fail(&mut self, mut report: PendingReport) -> ReportOutcome {
+        if report.attempt >= self.max_retries {
+            return ReportOutcome::Dropped { hits: report.hits };
+        }
+        report.attempt += 1;
+        let outcome = ReportOutcome::WillRetry {
+            hits: report.hits,
+            attempt: report.attempt,
+        };
+        self.retry.push(report);
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ratelimit_proto::Entry;
+
+    fn desc(user: &str) -> RateLimitDescriptor {
+        RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "auth.identity.userid".into(),
+                value: user.into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn same_descriptor_is_aggregated_and_zero_ignored() {
+        let mut q = ReportQueue::new(1);
+        q.add(desc("a"), 10);
+        q.add(desc("b"), 5);
+        q.add(desc("a"), 7);
+        q.add(desc("c"), 0);
+        let batch = q.take_batch();
+        assert_eq!(batch.len(), 2);
+        assert_eq!((batch[0].descriptor.clone(), batch[0].hits), (desc("a"), 17));
+        assert_eq!(batch[1].hits, 5);
+        assert!(q.is_idle());
+        assert!(q.take_batch().is_empty());
+    }
+
+    #[test]
+    fn huge_sums_are_split_into_u32_reports() {
+        let mut q = ReportQueue::new(0);
+        q.add(desc("a"), u64::from(u32::MAX) + 5);
+        let hits: Vec<u32> = q.take_batch().iter().map(|r| r.hits).collect();
+        assert_eq!(hits, vec![u32::MAX, 5]);
+    }
+
+    #[test]
+    fn failed_reports_are_retried_then_dropped() {
+        let mut q = ReportQueue::new(2);
+        q.add(desc("a"), 9);
+        let r = q.take_batch().remove(0);
+        q.sent(1, r);
+        assert_eq!(q.reply(1, false), ReportOutcome::WillRetry { hits: 9, attempt: 1 });
+        assert_eq!(q.reply(1, false), ReportOutcome::Unknown);
+        let r = q.take_batch().remove(0);
+        assert_eq!(q.dispatch_failed(r), ReportOutcome::WillRetry { hits: 9, attempt: 2 });
+        let r = q.take_batch().remove(0);
+        q.sent(2, r);
+        assert_eq!(q.reply(2, false), ReportOutcome::Dropped { hits: 9 });
+        assert!(q.is_idle());
+    }
+
+    #[test]
+    fn delivered_reports_leave_the_queue() {
+        let mut q = ReportQueue::new(3);
+        q.add(desc("a"), 4);
+        let r = q.take_batch().remove(0);
+        q.sent(7, r);
+        assert_eq!(q.in_flight(), 1);
+        assert_eq!(q.reply(7, true), ReportOutcome::Delivered { hits: 4 });
+        assert_eq!(q.in_flight(), 0);
+    }
+}
