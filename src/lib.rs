@@ -11,3 +11,7 @@ pub mod policy;
 pub mod usage;
 pub mod reports;
 pub mod flow;
+pub mod limits;
+
+#[cfg(target_arch = "wasm32")]
+mod host;

@@ -98,6 +98,15 @@ impl ReportQueue {
         out
     }
 
+    /// Takes over everything `other` still owes (after a reconfiguration).
+    pub fn absorb(&mut self, mut other: ReportQueue) {
+        for (descriptor, tokens) in other.pending.drain(..) {
+            self.add(descriptor, tokens);
+        }
+        self.retry.append(&mut other.retry);
+        self.in_flight.extend(other.in_flight);
+    }
+
     /// Records that `report` was dispatched as call `token`.
     pub fn sent(&mut self, token: u32, report: PendingReport) {
         self.in_flight.insert(token, report);
