@@ -245,6 +245,54 @@ pub fn parse_json(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
     })
 }
 
+/// Parses the plugin configuration as Envoy hands it over: JSON (a `google.protobuf.StringValue`
+/// configuration, or what Istio makes of a `WasmPlugin`'s `pluginConfig`), or a serialized
+/// `google.protobuf.Struct` (what Envoy 1.40 passes for a configuration of `@type`
+/// `google.protobuf.Struct`). Whole numbers in a `Struct` (always doubles there) become integers.
+pub fn parse_plugin_config(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'{') || first.is_none() {
+        return parse_json(bytes);
+    }
+    let structure = <prost_types::Struct as prost::Message>::decode(bytes).map_err(|e| {
+        ConfigError::new(".", format!("neither JSON nor a google.protobuf.Struct: {e}"))
+    })?;
+    let json = struct_to_json(structure);
+    let text = serde_json::to_vec(&json).map_err(|e| ConfigError::new(".", e.to_string()))?;
+    parse_json(&text)
+}
+
+fn struct_to_json(s: prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        s.fields
+            .into_iter()
+            .map(|(k, v)| (k, value_to_json(v)))
+            .collect(),
+    )
+}
+
+fn value_to_json(v: prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n >= 0.0 && n <= u64::MAX as f64 {
+                serde_json::Value::from(n as u64)
+            } else if n.fract() == 0.0 && n < 0.0 && n >= i64::MIN as f64 {
+                serde_json::Value::from(n as i64)
+            } else {
+                serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, serde_json::Value::Number)
+            }
+        }
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::ListValue(l)) => {
+            serde_json::Value::Array(l.values.into_iter().map(value_to_json).collect())
+        }
+    }
+}
+
 /// Parses a duration such as `100ms`, `1s`, `1m`, `2h`, `1d` or a sum of those (`1h30m`).
 ///
 /// Errors name what is wrong; a duration of zero is refused.
@@ -329,6 +377,43 @@ mod tests {
         assert_eq!(cfg.rate_limit_service.timeout, "100ms");
         assert_eq!(cfg.auth.metadata_namespace, "envoy.filters.http.ext_authz");
         assert_eq!(cfg.reporting.max_retries, 3);
+    }
+
+    #[test]
+    fn a_serialized_struct_is_read_like_json() {
+        use prost::Message;
+        use prost_types::value::Kind;
+        fn v(kind: Kind) -> prost_types::Value {
+            prost_types::Value { kind: Some(kind) }
+        }
+        fn obj(fields: Vec<(&str, prost_types::Value)>) -> prost_types::Value {
+            v(Kind::StructValue(prost_types::Struct {
+                fields: fields.into_iter().map(|(k, x)| (k.to_string(), x)).collect(),
+            }))
+        }
+        let rate = obj(vec![
+            ("limit", v(Kind::NumberValue(50.0))),
+            ("window", v(Kind::StringValue("1m".into()))),
+        ]);
+        let limit = obj(vec![("rates", v(Kind::ListValue(prost_types::ListValue { values: vec![rate] })))]);
+        let Some(Kind::StructValue(root)) = obj(vec![
+            (
+                "rateLimitService",
+                obj(vec![
+                    ("cluster", v(Kind::StringValue("c".into()))),
+                    ("domain", v(Kind::StringValue("d".into()))),
+                ]),
+            ),
+            ("limits", obj(vec![("free", limit)])),
+        ])
+        .kind
+        else {
+            unreachable!()
+        };
+        let cfg = parse_plugin_config(&root.encode_to_vec()).unwrap();
+        assert_eq!(cfg.limits["free"].rates[0].limit, 50);
+        let err = parse_plugin_config(b"\xff\xff").unwrap_err();
+        assert!(err.reason.contains("neither JSON"), "{err}");
     }
 
     #[test]

@@ -123,7 +123,7 @@ impl RootContext for Root {
             self.shared.borrow_mut().metrics.inc(metric::CONFIG_ERRORS);
             return false;
         };
-        match Policy::from_json(&bytes) {
+        match Policy::from_plugin_config(&bytes) {
             Ok(policy) => {
                 info!(
                     "token-ratelimit: configured {} limit(s), domain `{}`, cluster `{}`",

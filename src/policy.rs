@@ -265,6 +265,12 @@ impl Policy {
         Policy::compile(&config::parse_json(bytes)?)
     }
 
+    /// Parses the configuration bytes Envoy hands the plugin (JSON or a serialized
+    /// `google.protobuf.Struct`, see [`config::parse_plugin_config`]) and compiles them.
+    pub fn from_plugin_config(bytes: &[u8]) -> Result<Policy, ConfigError> {
+        Policy::compile(&config::parse_plugin_config(bytes)?)
+    }
+
     /// Evaluates every limit for one request, reading attributes from `host` lazily.
     pub fn evaluate(&self, host: &mut dyn AttributeHost) -> Decision {
         let mut eval = Evaluation {
