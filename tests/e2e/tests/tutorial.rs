@@ -153,3 +153,47 @@ fn a_bad_plugin_configuration_is_refused_with_a_clear_log_line() {
         "no clear log line:\n{log}"
     );
 }
+
+#[test]
+fn an_unknown_rate_limit_cluster_is_a_service_failure() {
+    let stack = Stack::start(Options {
+        edits: vec![("cluster: ratelimit\n".into(), "cluster: no-such-cluster\n".into())],
+        ..Options::default()
+    });
+    let r = stack.chat(FREE, 2, 20);
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "rate_limit_service_unavailable");
+    assert_eq!(stack.upstream_requests(), 0);
+}
+
+#[test]
+fn several_workers_share_one_budget_and_report_every_token() {
+    let stack = Stack::start(Options {
+        concurrency: 4,
+        ..Options::default()
+    });
+    // Concurrent clients land on different workers (different wasm VMs, each with its own
+    // report queue); the service must still see every token once.
+    let served: u64 = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let stack = &stack;
+                s.spawn(move || {
+                    let mut ok = 0;
+                    for _ in 0..5 {
+                        let r = stack.chat(GOLD, 1 + i, 3);
+                        if r.status == 200 {
+                            ok += 1 + i as u64 + 3;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("client thread")).sum()
+    });
+    assert_eq!(stack.served_tokens(GOLD), served);
+    assert_eq!(stack.await_reported(served), served);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(stack.reported_tokens(), served, "a token was reported twice");
+}
