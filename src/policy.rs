@@ -15,7 +15,7 @@ use crate::config::{self, ConfigError, FailureMode, PluginConfig, TokenCategory}
 use cel_interpreter::extractors::This;
 use cel_interpreter::objects::{Key, Map};
 use cel_interpreter::{Context, ExecutionError, Value};
-use cel_parser::{Atom, Expression, Member};
+use cel_parser::{ArithmeticOp, Atom, Expression, Member};
 use ratelimit_proto::{Entry, RateLimitDescriptor};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -182,6 +182,7 @@ impl Policy {
             }
             let expr = cel_parser::parse(&source)
                 .map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
+            let expr = checked_arithmetic(expr);
             let mut paths = Vec::new();
             collect_paths(&expr, &mut paths);
             let mut indices = Vec::new();
@@ -410,16 +411,20 @@ impl Evaluation<'_, '_> {
             let Some(attr) = self.policy.attributes.get(i) else {
                 continue;
             };
-            let path = attr.cel_path.clone();
-            let root_pos = match roots.iter().position(|(r, _)| r == &path[0]) {
+            let Some((root, rest)) = attr.cel_path.split_first() else {
+                continue;
+            };
+            let (root, rest) = (root.clone(), rest.to_vec());
+            let value = self.value(i);
+            let pos = match roots.iter().position(|(r, _)| *r == root) {
                 Some(p) => p,
                 None => {
-                    roots.push((path[0].clone(), MapBuilder::default()));
+                    roots.push((root, MapBuilder::default()));
                     roots.len() - 1
                 }
             };
-            if let Some(v) = self.value(i) {
-                roots[root_pos].1.insert(&path[1..], v);
+            if let (Some(v), Some((_, builder))) = (value, roots.get_mut(pos)) {
+                builder.insert(&rest, v);
             }
         }
         let mut scope = self.policy.context.new_inner_scope();
@@ -572,6 +577,88 @@ fn attribute_path(e: &Expression) -> Option<Vec<String>> {
     }
 }
 
+/// Name of the function that replaces `/` (see [`checked_arithmetic`]).
+const CHECKED_DIV: &str = "__token_ratelimit_div";
+/// Name of the function that replaces `%`.
+const CHECKED_MOD: &str = "__token_ratelimit_mod";
+
+/// Rewrites `a / b` and `a % b` into calls of checked functions. The interpreter divides with
+/// Rust's `/` and `%`, which panic on a zero divisor and on `i64::MIN / -1` even in release
+/// builds; a request could choose such operands (e.g. from a header), and a panic would kill
+/// the wasm VM. The checked functions return an error instead: the limit does not apply.
+fn checked_arithmetic(e: Expression) -> Expression {
+    let b = |e: Box<Expression>| Box::new(checked_arithmetic(*e));
+    match e {
+        Expression::Arithmetic(l, op @ (ArithmeticOp::Divide | ArithmeticOp::Modulus), r) => {
+            let name = if op == ArithmeticOp::Divide { CHECKED_DIV } else { CHECKED_MOD };
+            Expression::FunctionCall(
+                Box::new(Expression::Ident(Arc::new(name.to_string()))),
+                None,
+                vec![checked_arithmetic(*l), checked_arithmetic(*r)],
+            )
+        }
+        Expression::Arithmetic(l, op, r) => Expression::Arithmetic(b(l), op, b(r)),
+        Expression::Relation(l, op, r) => Expression::Relation(b(l), op, b(r)),
+        Expression::Ternary(c, t, f) => Expression::Ternary(b(c), b(t), b(f)),
+        Expression::Or(l, r) => Expression::Or(b(l), b(r)),
+        Expression::And(l, r) => Expression::And(b(l), b(r)),
+        Expression::Unary(op, x) => Expression::Unary(op, b(x)),
+        Expression::Member(t, m) => {
+            let m = match *m {
+                Member::Index(i) => Member::Index(b(i)),
+                Member::Fields(fields) => Member::Fields(
+                    fields.into_iter().map(|(k, v)| (k, checked_arithmetic(v))).collect(),
+                ),
+                attr @ Member::Attribute(_) => attr,
+            };
+            Expression::Member(b(t), Box::new(m))
+        }
+        Expression::FunctionCall(f, t, args) => Expression::FunctionCall(
+            b(f),
+            t.map(b),
+            args.into_iter().map(checked_arithmetic).collect(),
+        ),
+        Expression::List(items) => Expression::List(items.into_iter().map(checked_arithmetic).collect()),
+        Expression::Map(entries) => Expression::Map(
+            entries
+                .into_iter()
+                .map(|(k, v)| (checked_arithmetic(k), checked_arithmetic(v)))
+                .collect(),
+        ),
+        leaf @ (Expression::Atom(_) | Expression::Ident(_)) => leaf,
+    }
+}
+
+fn numeric_pair(a: &Value, b: &Value) -> Option<(f64, f64)> {
+    let f = |v: &Value| match v {
+        Value::Int(i) => Some(*i as f64),
+        Value::UInt(u) => Some(*u as f64),
+        Value::Float(f) => Some(*f),
+        _ => None,
+    };
+    Some((f(a)?, f(b)?))
+}
+
+fn cel_div(a: Value, b: Value) -> cel_interpreter::ResolveResult {
+    let fail = |m: &str| ExecutionError::function_error("/", m);
+    match (&a, &b) {
+        (Value::Int(x), Value::Int(y)) => x.checked_div(*y).map(Value::Int).ok_or_else(|| fail("division by zero or overflow")),
+        (Value::UInt(x), Value::UInt(y)) => x.checked_div(*y).map(Value::UInt).ok_or_else(|| fail("division by zero")),
+        _ => numeric_pair(&a, &b)
+            .map(|(x, y)| Value::Float(x / y))
+            .ok_or_else(|| fail("operands must be numbers")),
+    }
+}
+
+fn cel_mod(a: Value, b: Value) -> cel_interpreter::ResolveResult {
+    let fail = |m: &str| ExecutionError::function_error("%", m);
+    match (&a, &b) {
+        (Value::Int(x), Value::Int(y)) => x.checked_rem(*y).map(Value::Int).ok_or_else(|| fail("modulus by zero or overflow")),
+        (Value::UInt(x), Value::UInt(y)) => x.checked_rem(*y).map(Value::UInt).ok_or_else(|| fail("modulus by zero")),
+        _ => Err(fail("operands must be integers of one type")),
+    }
+}
+
 /// The shared CEL context: the standard functions plus the string extensions Kuadrant's
 /// policies use (`split`, `lowerAscii`, `upperAscii`, `trim`, `replace`, `join`).
 fn root_context() -> Context<'static> {
@@ -582,6 +669,8 @@ fn root_context() -> Context<'static> {
     ctx.add_function("trim", cel_trim);
     ctx.add_function("replace", cel_replace);
     ctx.add_function("join", cel_join);
+    ctx.add_function(CHECKED_DIV, cel_div);
+    ctx.add_function(CHECKED_MOD, cel_mod);
     ctx
 }
 
@@ -775,6 +864,26 @@ mod tests {
         let d = p.evaluate(&mut h);
         assert!(d.applied.is_empty());
         assert!(d.errors[0].reason.contains("must be a bool"));
+    }
+
+    #[test]
+    fn division_by_zero_and_overflow_are_errors_not_panics() {
+        let cfg = r#"{"rateLimitService": {"cluster": "c", "domain": "d"},
+          "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}],
+            "when": [{"predicate": "int(request.headers['a']) / int(request.headers['b']) > 0 || int(request.headers['a']) % int(request.headers['b']) == 0"}],
+            "counters": [{"expression": "[1.0 / 2.0, 7 / 2, 7u % 4u][1]"}]}}}"#;
+        let p = Policy::from_json(cfg.as_bytes()).unwrap();
+        for (a, b, applies) in [("1", "0", false), ("-9223372036854775808", "-1", false), ("8", "2", true)] {
+            let mut h = MapHost::default();
+            h.headers = vec![("a".into(), a.as_bytes().to_vec()), ("b".into(), b.as_bytes().to_vec())];
+            let d = p.evaluate(&mut h);
+            assert_eq!(d.applied.len() == 1, applies, "{a} / {b}: {:?}", d.errors);
+            if applies {
+                assert_eq!(d.applied[0].counters[0].1, "3");
+            } else {
+                assert!(d.errors[0].reason.contains("by zero or overflow"), "{:?}", d.errors);
+            }
+        }
     }
 
     fn refused(cfg: &str) -> ConfigError {
