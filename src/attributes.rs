@@ -107,10 +107,7 @@ impl Attribute {
         };
         Some(Attribute {
             cel_path: cel_path.to_vec(),
-            source: Source::Property {
-                path,
-                kind,
-            },
+            source: Source::Property { path, kind },
         })
     }
 }
@@ -216,7 +213,10 @@ mod tests {
 
     #[test]
     fn decodes_envoy_encodings() {
-        assert_eq!(decode(&8080i64.to_le_bytes(), Kind::Int), Some(Value::Int(8080)));
+        assert_eq!(
+            decode(&8080i64.to_le_bytes(), Kind::Int),
+            Some(Value::Int(8080))
+        );
         assert_eq!(decode(&[1, 2, 3], Kind::Int), None);
         assert_eq!(decode(&[1], Kind::Bool), Some(Value::Bool(true)));
         assert_eq!(decode(&[], Kind::Bool), None);

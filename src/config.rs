@@ -52,7 +52,11 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration at `{}`: {}", self.field, self.reason)
+        write!(
+            f,
+            "invalid configuration at `{}`: {}",
+            self.field, self.reason
+        )
     }
 }
 
@@ -255,7 +259,10 @@ pub fn parse_plugin_config(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
         return parse_json(bytes);
     }
     let structure = <prost_types::Struct as prost::Message>::decode(bytes).map_err(|e| {
-        ConfigError::new(".", format!("neither JSON nor a google.protobuf.Struct: {e}"))
+        ConfigError::new(
+            ".",
+            format!("neither JSON nor a google.protobuf.Struct: {e}"),
+        )
     })?;
     let json = struct_to_json(structure);
     let text = serde_json::to_vec(&json).map_err(|e| ConfigError::new(".", e.to_string()))?;
@@ -283,7 +290,8 @@ fn value_to_json(v: prost_types::Value) -> serde_json::Value {
             } else if n.fract() == 0.0 && n < 0.0 && n >= i64::MIN as f64 {
                 serde_json::Value::from(n as i64)
             } else {
-                serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, serde_json::Value::Number)
+                serde_json::Number::from_f64(n)
+                    .map_or(serde_json::Value::Null, serde_json::Value::Number)
             }
         }
         Some(Kind::StructValue(s)) => struct_to_json(s),
@@ -310,7 +318,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             i += 1;
         }
         if start == i {
-            return Err(format!("`{text}` is not a duration (e.g. 100ms, 30s, 1m, 1h, 1d)"));
+            return Err(format!(
+                "`{text}` is not a duration (e.g. 100ms, 30s, 1m, 1h, 1d)"
+            ));
         }
         let number: u64 = s[start..i]
             .parse()
@@ -326,7 +336,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "h" => 3_600_000,
             "d" => 86_400_000,
             "" => return Err(format!("`{text}`: missing unit (ms, s, m, h or d)")),
-            other => return Err(format!("`{text}`: unknown unit `{other}` (ms, s, m, h or d)")),
+            other => {
+                return Err(format!(
+                    "`{text}`: unknown unit `{other}` (ms, s, m, h or d)"
+                ))
+            }
         };
         total_ms = number
             .checked_mul(unit_ms)
@@ -352,10 +366,16 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("10").unwrap_err().contains("missing unit"));
         assert!(parse_duration("1w").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration("0s").unwrap_err().contains("greater than zero"));
+        assert!(parse_duration("0s")
+            .unwrap_err()
+            .contains("greater than zero"));
         assert!(parse_duration("m").is_err());
-        assert!(parse_duration("99999999999999999999s").unwrap_err().contains("too large"));
-        assert!(parse_duration("99999999999999999s").unwrap_err().contains("too large"));
+        assert!(parse_duration("99999999999999999999s")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(parse_duration("99999999999999999s")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]
@@ -388,14 +408,22 @@ mod tests {
         }
         fn obj(fields: Vec<(&str, prost_types::Value)>) -> prost_types::Value {
             v(Kind::StructValue(prost_types::Struct {
-                fields: fields.into_iter().map(|(k, x)| (k.to_string(), x)).collect(),
+                fields: fields
+                    .into_iter()
+                    .map(|(k, x)| (k.to_string(), x))
+                    .collect(),
             }))
         }
         let rate = obj(vec![
             ("limit", v(Kind::NumberValue(50.0))),
             ("window", v(Kind::StringValue("1m".into()))),
         ]);
-        let limit = obj(vec![("rates", v(Kind::ListValue(prost_types::ListValue { values: vec![rate] })))]);
+        let limit = obj(vec![(
+            "rates",
+            v(Kind::ListValue(prost_types::ListValue {
+                values: vec![rate],
+            })),
+        )]);
         let Some(Kind::StructValue(root)) = obj(vec![
             (
                 "rateLimitService",

@@ -14,7 +14,9 @@ use crate::config::{FailureMode, TokenCategory};
 use crate::policy::{Applied, Decision, Policy};
 use crate::usage::{BodyFormat, Usage, UsageExtractor};
 use prost::Message;
-use ratelimit_proto::{Code, DescriptorStatus, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+use ratelimit_proto::{
+    Code, DescriptorStatus, RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
+};
 
 /// Most bytes of a response kept to find its usage (a whole JSON document, or one SSE event).
 pub const MAX_USAGE_BYTES: usize = 4 << 20;
@@ -61,9 +63,15 @@ pub enum Verdict {
     /// Let it through because the service failed and the failure mode is `allow`.
     AllowOnFailure(ServiceFailure),
     /// Over budget: reply 429 with the named limit.
-    Limited { reply: LocalReply, limit: Option<String> },
+    Limited {
+        reply: LocalReply,
+        limit: Option<String>,
+    },
     /// The service failed and the failure mode is `deny`.
-    DenyOnFailure { reply: LocalReply, failure: ServiceFailure },
+    DenyOnFailure {
+        reply: LocalReply,
+        failure: ServiceFailure,
+    },
 }
 
 /// One request's state.
@@ -107,7 +115,11 @@ impl RequestFlow {
     }
 
     /// Takes the check's result: the reply bytes, or why there are none.
-    pub fn on_check_reply(&mut self, policy: &Policy, reply: Result<&[u8], ServiceFailure>) -> Verdict {
+    pub fn on_check_reply(
+        &mut self,
+        policy: &Policy,
+        reply: Result<&[u8], ServiceFailure>,
+    ) -> Verdict {
         let response = reply.and_then(|bytes| {
             RateLimitResponse::decode(bytes).map_err(|e| ServiceFailure::Undecodable(e.to_string()))
         });
@@ -283,7 +295,10 @@ fn rate_limit_headers(response: &RateLimitResponse, limited: bool) -> Vec<(Strin
         if let Some(l) = &s.current_limit {
             headers.push(("x-ratelimit-limit".into(), l.requests_per_unit.to_string()));
         }
-        headers.push(("x-ratelimit-remaining".into(), s.limit_remaining.to_string()));
+        headers.push((
+            "x-ratelimit-remaining".into(),
+            s.limit_remaining.to_string(),
+        ));
         if let Some(d) = &s.duration_until_reset {
             // Round up: a client that waits this long finds the window reset.
             let secs = d.seconds.max(0) + i64::from(d.nanos > 0);
@@ -345,7 +360,10 @@ mod tests {
     fn start(p: &Policy) -> (RequestFlow, RateLimitRequest) {
         let d = p.evaluate(&mut Host);
         let (flow, bytes) = RequestFlow::start(p, d);
-        (flow, RateLimitRequest::decode(bytes.unwrap().as_slice()).unwrap())
+        (
+            flow,
+            RateLimitRequest::decode(bytes.unwrap().as_slice()).unwrap(),
+        )
     }
 
     fn status(code: Code, remaining: u32, reset: i64, name: &str) -> DescriptorStatus {
@@ -357,7 +375,10 @@ mod tests {
                 unit: Unit::Minute as i32,
             }),
             limit_remaining: remaining,
-            duration_until_reset: Some(prost_types::Duration { seconds: reset, nanos: 0 }),
+            duration_until_reset: Some(prost_types::Duration {
+                seconds: reset,
+                nanos: 0,
+            }),
         }
     }
 
@@ -367,8 +388,19 @@ mod tests {
         let (_, req) = start(&p);
         assert_eq!(req.domain, "llm");
         assert_eq!(req.hits_addend, 0);
-        let keys: Vec<&str> = req.descriptors[0].entries.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, vec!["limit.per-user", "limit.prompts", "request.headers[\"x-user\"]"]);
+        let keys: Vec<&str> = req.descriptors[0]
+            .entries
+            .iter()
+            .map(|e| e.key.as_str())
+            .collect();
+        assert_eq!(
+            keys,
+            vec![
+                "limit.per-user",
+                "limit.prompts",
+                "request.headers[\"x-user\"]"
+            ]
+        );
     }
 
     #[test]
@@ -380,7 +412,10 @@ mod tests {
             statuses: vec![status(Code::Ok, 40, 30, "per-user")],
             ..Default::default()
         };
-        assert_eq!(flow.on_check_reply(&p, Ok(&reply.encode_to_vec())), Verdict::Allow);
+        assert_eq!(
+            flow.on_check_reply(&p, Ok(&reply.encode_to_vec())),
+            Verdict::Allow
+        );
         assert_eq!(
             flow.response_headers(),
             &[
@@ -399,7 +434,10 @@ mod tests {
             .iter()
             .map(|r| (r.category, r.tokens, r.descriptor.entries.len()))
             .collect();
-        assert_eq!(got, vec![(TokenCategory::Total, 7, 2), (TokenCategory::Prompt, 3, 1)]);
+        assert_eq!(
+            got,
+            vec![(TokenCategory::Total, 7, 2), (TokenCategory::Prompt, 3, 1)]
+        );
         assert_eq!(flow.finish(&p), Finished::default(), "finish reports once");
     }
 
@@ -412,7 +450,8 @@ mod tests {
             statuses: vec![status(Code::OverLimit, 0, 42, "per-user")],
             ..Default::default()
         };
-        let Verdict::Limited { reply, limit } = flow.on_check_reply(&p, Ok(&reply.encode_to_vec())) else {
+        let Verdict::Limited { reply, limit } = flow.on_check_reply(&p, Ok(&reply.encode_to_vec()))
+        else {
             panic!("not limited");
         };
         assert_eq!(limit.as_deref(), Some("per-user"));
@@ -447,7 +486,10 @@ mod tests {
         let unknown = RateLimitResponse::default().encode_to_vec();
         assert!(matches!(
             flow.on_check_reply(&p, Ok(&unknown)),
-            Verdict::DenyOnFailure { failure: ServiceFailure::UnknownCode, .. }
+            Verdict::DenyOnFailure {
+                failure: ServiceFailure::UnknownCode,
+                ..
+            }
         ));
     }
 

@@ -15,7 +15,9 @@ use prost::Message;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType};
-use ratelimit_proto::{Code, RateLimitRequest, RateLimitResponse, CHECK_RATE_LIMIT, KUADRANT_SERVICE, REPORT};
+use ratelimit_proto::{
+    Code, RateLimitRequest, RateLimitResponse, CHECK_RATE_LIMIT, KUADRANT_SERVICE, REPORT,
+};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -228,7 +230,9 @@ impl Http {
                 None
             }
             Verdict::AllowOnFailure(failure) => {
-                warn!("rate-limit service failed ({failure}); failure mode allow: request continues");
+                warn!(
+                    "rate-limit service failed ({failure}); failure mode allow: request continues"
+                );
                 shared.metrics.inc(metric::SERVICE_ERRORS);
                 shared.metrics.inc(metric::FAILURE_ALLOWED);
                 None
@@ -255,8 +259,11 @@ impl Http {
             }
             None => Action::Continue,
             Some(reply) => {
-                let headers: Vec<(&str, &str)> =
-                    reply.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                let headers: Vec<(&str, &str)> = reply
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
                 self.send_http_response(reply.status, headers, Some(&reply.body));
                 Action::Pause
             }
@@ -277,9 +284,13 @@ impl Http {
             shared.metrics.inc(metric::USAGE_MISSING);
         }
         for r in done.reports {
-            shared
-                .metrics
-                .add(&format!("token_ratelimit.tokens_reported.{}", category_name(r.category)), r.tokens);
+            shared.metrics.add(
+                &format!(
+                    "token_ratelimit.tokens_reported.{}",
+                    category_name(r.category)
+                ),
+                r.tokens,
+            );
             shared.queue.add(r.descriptor, r.tokens);
         }
     }
@@ -303,7 +314,9 @@ impl Context for Http {
         let reply = if status_code != 0 {
             Err(ServiceFailure::Grpc(status_code))
         } else {
-            body = self.get_grpc_call_response_body(0, response_size).unwrap_or_default();
+            body = self
+                .get_grpc_call_response_body(0, response_size)
+                .unwrap_or_default();
             Ok(body.as_slice())
         };
         let verdict = self.flow.on_check_reply(&policy, reply);

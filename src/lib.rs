@@ -7,11 +7,11 @@
 
 pub mod attributes;
 pub mod config;
-pub mod policy;
-pub mod usage;
-pub mod reports;
 pub mod flow;
 pub mod limits;
+pub mod policy;
+pub mod reports;
+pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod host;

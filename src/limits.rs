@@ -90,8 +90,14 @@ mod tests {
         .unwrap();
         let limits = limitador_limits(&p);
         assert_eq!(limits.len(), 2);
-        assert_eq!(limits[0].conditions, vec!["descriptors[0]['limit.gold'] == '1'"]);
-        assert_eq!(limits[0].variables, vec![r"descriptors[0]['request.headers[\'x-user\']']"]);
+        assert_eq!(
+            limits[0].conditions,
+            vec!["descriptors[0]['limit.gold'] == '1'"]
+        );
+        assert_eq!(
+            limits[0].variables,
+            vec![r"descriptors[0]['request.headers[\'x-user\']']"]
+        );
         assert_eq!((limits[0].max_value, limits[0].seconds), (200, 60));
         assert_eq!((limits[1].max_value, limits[1].seconds), (5000, 86400));
         assert_eq!(limits[1].namespace, "llm");

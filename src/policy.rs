@@ -138,7 +138,10 @@ fn field(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 fn whole_seconds(text: &str, at: &str) -> Result<u64, ConfigError> {
     let d = config::parse_duration(text).map_err(|e| field(at, e))?;
     if d.subsec_nanos() != 0 {
-        return Err(field(at, format!("`{text}`: a window must be whole seconds")));
+        return Err(field(
+            at,
+            format!("`{text}`: a window must be whole seconds"),
+        ));
     }
     Ok(d.as_secs())
 }
@@ -160,7 +163,8 @@ impl Policy {
         if svc.domain.trim().is_empty() {
             return Err(field("rateLimitService.domain", "must not be empty"));
         }
-        let duration = |text: &str, at: &str| config::parse_duration(text).map_err(|e| field(at, e));
+        let duration =
+            |text: &str, at: &str| config::parse_duration(text).map_err(|e| field(at, e));
         let service = ServiceSettings {
             cluster: svc.cluster.clone(),
             domain: svc.domain.clone(),
@@ -190,7 +194,10 @@ impl Policy {
                 let Some(attr) = Attribute::resolve(&p, &cfg.auth.metadata_namespace) else {
                     return Err(field(
                         &at,
-                        format!("`{}` cannot be read as a whole; select a field of it", p.join(".")),
+                        format!(
+                            "`{}` cannot be read as a whole; select a field of it",
+                            p.join(".")
+                        ),
                     ));
                 };
                 let idx = match attributes.iter().position(|a| a == &attr) {
@@ -221,12 +228,18 @@ impl Policy {
                 ));
             }
             if limit.rates.is_empty() {
-                return Err(field(format!("{at}.rates"), "a limit needs at least one rate"));
+                return Err(field(
+                    format!("{at}.rates"),
+                    "a limit needs at least one rate",
+                ));
             }
             let mut rates = Vec::with_capacity(limit.rates.len());
             for (i, r) in limit.rates.iter().enumerate() {
                 if r.limit == 0 {
-                    return Err(field(format!("{at}.rates[{i}].limit"), "must be greater than 0"));
+                    return Err(field(
+                        format!("{at}.rates[{i}].limit"),
+                        "must be greater than 0",
+                    ));
                 }
                 rates.push(Rate {
                     limit: r.limit,
@@ -289,7 +302,10 @@ impl Policy {
                         decision.errors.push(EvalError {
                             limit: limit.name.clone(),
                             expression: pred.source.clone(),
-                            reason: format!("a predicate must be a bool, got {:?}", other.type_of()),
+                            reason: format!(
+                                "a predicate must be a bool, got {:?}",
+                                other.type_of()
+                            ),
                         });
                         continue 'limits;
                     }
@@ -391,10 +407,8 @@ struct Evaluation<'p, 'h> {
 
 impl Evaluation<'_, '_> {
     fn value(&mut self, index: usize) -> Option<Value> {
-        if let Some(slot) = self.cache.get(index) {
-            if let Some(v) = slot {
-                return v.clone();
-            }
+        if let Some(Some(cached)) = self.cache.get(index) {
+            return cached.clone();
         }
         let attr = self.policy.attributes.get(index)?;
         let v = attributes::fetch(attr, self.host);
@@ -590,7 +604,11 @@ fn checked_arithmetic(e: Expression) -> Expression {
     let b = |e: Box<Expression>| Box::new(checked_arithmetic(*e));
     match e {
         Expression::Arithmetic(l, op @ (ArithmeticOp::Divide | ArithmeticOp::Modulus), r) => {
-            let name = if op == ArithmeticOp::Divide { CHECKED_DIV } else { CHECKED_MOD };
+            let name = if op == ArithmeticOp::Divide {
+                CHECKED_DIV
+            } else {
+                CHECKED_MOD
+            };
             Expression::FunctionCall(
                 Box::new(Expression::Ident(Arc::new(name.to_string()))),
                 None,
@@ -607,7 +625,10 @@ fn checked_arithmetic(e: Expression) -> Expression {
             let m = match *m {
                 Member::Index(i) => Member::Index(b(i)),
                 Member::Fields(fields) => Member::Fields(
-                    fields.into_iter().map(|(k, v)| (k, checked_arithmetic(v))).collect(),
+                    fields
+                        .into_iter()
+                        .map(|(k, v)| (k, checked_arithmetic(v)))
+                        .collect(),
                 ),
                 attr @ Member::Attribute(_) => attr,
             };
@@ -618,7 +639,9 @@ fn checked_arithmetic(e: Expression) -> Expression {
             t.map(b),
             args.into_iter().map(checked_arithmetic).collect(),
         ),
-        Expression::List(items) => Expression::List(items.into_iter().map(checked_arithmetic).collect()),
+        Expression::List(items) => {
+            Expression::List(items.into_iter().map(checked_arithmetic).collect())
+        }
         Expression::Map(entries) => Expression::Map(
             entries
                 .into_iter()
@@ -642,8 +665,14 @@ fn numeric_pair(a: &Value, b: &Value) -> Option<(f64, f64)> {
 fn cel_div(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     let fail = |m: &str| ExecutionError::function_error("/", m);
     match (&a, &b) {
-        (Value::Int(x), Value::Int(y)) => x.checked_div(*y).map(Value::Int).ok_or_else(|| fail("division by zero or overflow")),
-        (Value::UInt(x), Value::UInt(y)) => x.checked_div(*y).map(Value::UInt).ok_or_else(|| fail("division by zero")),
+        (Value::Int(x), Value::Int(y)) => x
+            .checked_div(*y)
+            .map(Value::Int)
+            .ok_or_else(|| fail("division by zero or overflow")),
+        (Value::UInt(x), Value::UInt(y)) => x
+            .checked_div(*y)
+            .map(Value::UInt)
+            .ok_or_else(|| fail("division by zero")),
         _ => numeric_pair(&a, &b)
             .map(|(x, y)| Value::Float(x / y))
             .ok_or_else(|| fail("operands must be numbers")),
@@ -653,8 +682,14 @@ fn cel_div(a: Value, b: Value) -> cel_interpreter::ResolveResult {
 fn cel_mod(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     let fail = |m: &str| ExecutionError::function_error("%", m);
     match (&a, &b) {
-        (Value::Int(x), Value::Int(y)) => x.checked_rem(*y).map(Value::Int).ok_or_else(|| fail("modulus by zero or overflow")),
-        (Value::UInt(x), Value::UInt(y)) => x.checked_rem(*y).map(Value::UInt).ok_or_else(|| fail("modulus by zero")),
+        (Value::Int(x), Value::Int(y)) => x
+            .checked_rem(*y)
+            .map(Value::Int)
+            .ok_or_else(|| fail("modulus by zero or overflow")),
+        (Value::UInt(x), Value::UInt(y)) => x
+            .checked_rem(*y)
+            .map(Value::UInt)
+            .ok_or_else(|| fail("modulus by zero")),
         _ => Err(fail("operands must be integers of one type")),
     }
 }
@@ -768,7 +803,13 @@ mod tests {
     #[test]
     fn tutorial_policy_selects_the_group_limit_and_counter() {
         let p = Policy::from_json(TUTORIAL.as_bytes()).unwrap();
-        assert_eq!(p.limits[1].rates[1], Rate { limit: 5000, window_seconds: 86400 });
+        assert_eq!(
+            p.limits[1].rates[1],
+            Rate {
+                limit: 5000,
+                window_seconds: 86400
+            }
+        );
         let d = p.evaluate(&mut host("/v1/chat/completions", "user-1", "free"));
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         assert_eq!(d.applied.len(), 1);
@@ -778,7 +819,10 @@ mod tests {
             .iter()
             .map(|e| (e.key.as_str(), e.value.as_str()))
             .collect();
-        assert_eq!(pairs, vec![("limit.free", "1"), ("auth.identity.userid", "user-1")]);
+        assert_eq!(
+            pairs,
+            vec![("limit.free", "1"), ("auth.identity.userid", "user-1")]
+        );
     }
 
     #[test]
@@ -795,11 +839,16 @@ mod tests {
     fn missing_identity_means_the_limit_does_not_apply() {
         let p = Policy::from_json(TUTORIAL.as_bytes()).unwrap();
         let mut h = MapHost::default();
-        h.properties.insert("request.path".into(), b"/v1/chat/completions".to_vec());
+        h.properties
+            .insert("request.path".into(), b"/v1/chat/completions".to_vec());
         let d = p.evaluate(&mut h);
         assert!(d.applied.is_empty());
         assert_eq!(d.errors.len(), 2);
-        assert!(d.errors[0].reason.to_lowercase().contains("no such key"), "{:?}", d.errors);
+        assert!(
+            d.errors[0].reason.to_lowercase().contains("no such key"),
+            "{:?}",
+            d.errors
+        );
     }
 
     #[test]
@@ -816,16 +865,25 @@ mod tests {
             p.categories_in(&d.applied),
             vec![TokenCategory::Total, TokenCategory::Completion]
         );
-        let total = p.report_descriptor(&d.applied, TokenCategory::Total).unwrap();
+        let total = p
+            .report_descriptor(&d.applied, TokenCategory::Total)
+            .unwrap();
         assert_eq!(total.entries[0].key, "limit.free");
         assert_eq!(total.entries.len(), 2);
-        let completion = p.report_descriptor(&d.applied, TokenCategory::Completion).unwrap();
+        let completion = p
+            .report_descriptor(&d.applied, TokenCategory::Completion)
+            .unwrap();
         assert_eq!(completion.entries[0].key, "limit.gold");
-        assert!(p.report_descriptor(&d.applied, TokenCategory::Prompt).is_none());
+        assert!(p
+            .report_descriptor(&d.applied, TokenCategory::Prompt)
+            .is_none());
         // The check descriptor has both limits and one shared counter entry.
         let check = p.check_descriptor(&d.applied);
         let keys: Vec<&str> = check.entries.iter().map(|e| e.key.as_str()).collect();
-        assert_eq!(keys, vec!["limit.free", "limit.gold", "auth.identity.userid"]);
+        assert_eq!(
+            keys,
+            vec!["limit.free", "limit.gold", "auth.identity.userid"]
+        );
     }
 
     #[test]
@@ -835,18 +893,24 @@ mod tests {
             "when": [{"predicate": "request.headers[\"x-tier\"].lowerAscii() == \"basic\" && source.port > 1000 && has(request.headers.host)"}],
             "counters": [{"expression": "request.headers[\"x-tier\"]"}, {"expression": "source.port"}]}}}"#;
         let p = Policy::from_json(cfg.as_bytes()).unwrap();
-        let mut h = MapHost::default();
-        h.headers = vec![
-            ("x-tier".into(), b"BASIC".to_vec()),
-            ("host".into(), b"example".to_vec()),
-        ];
-        h.properties.insert("source.port".into(), 40000i64.to_le_bytes().to_vec());
+        let mut h = MapHost {
+            headers: vec![
+                ("x-tier".into(), b"BASIC".to_vec()),
+                ("host".into(), b"example".to_vec()),
+            ],
+            ..Default::default()
+        };
+        h.properties
+            .insert("source.port".into(), 40000i64.to_le_bytes().to_vec());
         let d = p.evaluate(&mut h);
         assert!(d.errors.is_empty(), "{:?}", d.errors);
         assert_eq!(
             d.applied[0].counters,
             vec![
-                ("request.headers[\"x-tier\"]".to_string(), "BASIC".to_string()),
+                (
+                    "request.headers[\"x-tier\"]".to_string(),
+                    "BASIC".to_string()
+                ),
                 ("source.port".to_string(), "40000".to_string())
             ]
         );
@@ -873,15 +937,28 @@ mod tests {
             "when": [{"predicate": "int(request.headers['a']) / int(request.headers['b']) > 0 || int(request.headers['a']) % int(request.headers['b']) == 0"}],
             "counters": [{"expression": "[1.0 / 2.0, 7 / 2, 7u % 4u][1]"}]}}}"#;
         let p = Policy::from_json(cfg.as_bytes()).unwrap();
-        for (a, b, applies) in [("1", "0", false), ("-9223372036854775808", "-1", false), ("8", "2", true)] {
-            let mut h = MapHost::default();
-            h.headers = vec![("a".into(), a.as_bytes().to_vec()), ("b".into(), b.as_bytes().to_vec())];
+        for (a, b, applies) in [
+            ("1", "0", false),
+            ("-9223372036854775808", "-1", false),
+            ("8", "2", true),
+        ] {
+            let mut h = MapHost {
+                headers: vec![
+                    ("a".into(), a.as_bytes().to_vec()),
+                    ("b".into(), b.as_bytes().to_vec()),
+                ],
+                ..Default::default()
+            };
             let d = p.evaluate(&mut h);
             assert_eq!(d.applied.len() == 1, applies, "{a} / {b}: {:?}", d.errors);
             if applies {
                 assert_eq!(d.applied[0].counters[0].1, "3");
             } else {
-                assert!(d.errors[0].reason.contains("by zero or overflow"), "{:?}", d.errors);
+                assert!(
+                    d.errors[0].reason.contains("by zero or overflow"),
+                    "{:?}",
+                    d.errors
+                );
             }
         }
     }
@@ -893,7 +970,9 @@ mod tests {
     #[test]
     fn bad_configurations_name_the_field() {
         let base = |limit: &str| {
-            format!(r#"{{"rateLimitService": {{"cluster": "c", "domain": "d"}}, "limits": {{"l": {limit}}}}}"#)
+            format!(
+                r#"{{"rateLimitService": {{"cluster": "c", "domain": "d"}}, "limits": {{"l": {limit}}}}}"#
+            )
         };
         let e = refused(&base(r#"{"rates": []}"#));
         assert_eq!(e.field, "limits.l.rates");
@@ -912,13 +991,19 @@ mod tests {
             r#"{"rates": [{"limit": 1, "window": "1s"}], "counters": [{"expression": "  "}]}"#,
         ));
         assert_eq!(e.field, "limits.l.counters[0].expression");
-        let e = refused(&base(r#"{"rates": [{"limit": 1, "window": "1s"}], "tokens": "cached"}"#));
+        let e = refused(&base(
+            r#"{"rates": [{"limit": 1, "window": "1s"}], "tokens": "cached"}"#,
+        ));
         assert_eq!(e.field, "limits.l.tokens");
         let e = refused(r#"{"rateLimitService": {"cluster": "", "domain": "d"}, "limits": {}}"#);
         assert_eq!(e.field, "rateLimitService.cluster");
-        let e = refused(r#"{"rateLimitService": {"cluster": "c", "domain": "d", "timeout": "soon"}, "limits": {}}"#);
+        let e = refused(
+            r#"{"rateLimitService": {"cluster": "c", "domain": "d", "timeout": "soon"}, "limits": {}}"#,
+        );
         assert_eq!(e.field, "rateLimitService.timeout");
-        let e = refused(r#"{"rateLimitService": {"cluster": "c", "domain": "d"}, "limits": {"a b": {"rates": [{"limit": 1, "window": "1s"}]}}}"#);
+        let e = refused(
+            r#"{"rateLimitService": {"cluster": "c", "domain": "d"}, "limits": {"a b": {"rates": [{"limit": 1, "window": "1s"}]}}}"#,
+        );
         assert_eq!(e.field, "limits.a b");
         let e = refused(r#"{"rateLimitService": {"cluster": "c", "domain": "d"}}"#);
         assert!(e.reason.contains("missing field `limits`"), "{e}");

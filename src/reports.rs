@@ -166,7 +166,10 @@ mod tests {
         q.add(desc("c"), 0);
         let batch = q.take_batch();
         assert_eq!(batch.len(), 2);
-        assert_eq!((batch[0].descriptor.clone(), batch[0].hits), (desc("a"), 17));
+        assert_eq!(
+            (batch[0].descriptor.clone(), batch[0].hits),
+            (desc("a"), 17)
+        );
         assert_eq!(batch[1].hits, 5);
         assert!(q.is_idle());
         assert!(q.take_batch().is_empty());
@@ -186,10 +189,22 @@ mod tests {
         q.add(desc("a"), 9);
         let r = q.take_batch().remove(0);
         q.sent(1, r);
-        assert_eq!(q.reply(1, false), ReportOutcome::WillRetry { hits: 9, attempt: 1 });
+        assert_eq!(
+            q.reply(1, false),
+            ReportOutcome::WillRetry {
+                hits: 9,
+                attempt: 1
+            }
+        );
         assert_eq!(q.reply(1, false), ReportOutcome::Unknown);
         let r = q.take_batch().remove(0);
-        assert_eq!(q.dispatch_failed(r), ReportOutcome::WillRetry { hits: 9, attempt: 2 });
+        assert_eq!(
+            q.dispatch_failed(r),
+            ReportOutcome::WillRetry {
+                hits: 9,
+                attempt: 2
+            }
+        );
         let r = q.take_batch().remove(0);
         q.sent(2, r);
         assert_eq!(q.reply(2, false), ReportOutcome::Dropped { hits: 9 });

@@ -254,8 +254,10 @@ mod tests {
 
     #[test]
     fn openai_usage_and_responses_api_usage() {
-        let u = from_json(br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#)
-            .unwrap();
+        let u = from_json(
+            br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+        )
+        .unwrap();
         assert_eq!(u.tokens(TokenCategory::Total), Some(7));
         assert_eq!(u.tokens(TokenCategory::Prompt), Some(3));
         let u = from_json(br#"{"usage":{"input_tokens":10,"output_tokens":5}}"#).unwrap();
@@ -266,7 +268,9 @@ mod tests {
     #[test]
     fn invalid_figures_and_fake_usage_are_ignored() {
         assert_eq!(
-            from_json(br#"{"usage":{"prompt_tokens":-5,"completion_tokens":1.5,"total_tokens":"9"}}"#),
+            from_json(
+                br#"{"usage":{"prompt_tokens":-5,"completion_tokens":1.5,"total_tokens":"9"}}"#
+            ),
             None
         );
         let fake = br#"{"choices":[{"message":{"content":"{\"usage\":{\"total_tokens\":0}}"}}],"usage":{"total_tokens":42}}"#;
@@ -328,15 +332,28 @@ mod tests {
         if let Some(body) = sample("llama-cpp-python/chat-stream.sse") {
             let mut x = UsageExtractor::new(BodyFormat::EventStream, 1 << 16);
             x.feed(&body);
-            assert_eq!(x.finish(), None, "this server sends no usage when streaming");
+            assert_eq!(
+                x.finish(),
+                None,
+                "this server sends no usage when streaming"
+            );
         }
     }
 
     #[test]
     fn content_types() {
-        assert_eq!(BodyFormat::from_content_type(Some("application/json; charset=utf-8")), BodyFormat::Json);
-        assert_eq!(BodyFormat::from_content_type(Some("text/event-stream")), BodyFormat::EventStream);
-        assert_eq!(BodyFormat::from_content_type(Some("text/plain")), BodyFormat::Other);
+        assert_eq!(
+            BodyFormat::from_content_type(Some("application/json; charset=utf-8")),
+            BodyFormat::Json
+        );
+        assert_eq!(
+            BodyFormat::from_content_type(Some("text/event-stream")),
+            BodyFormat::EventStream
+        );
+        assert_eq!(
+            BodyFormat::from_content_type(Some("text/plain")),
+            BodyFormat::Other
+        );
         assert_eq!(BodyFormat::from_content_type(None), BodyFormat::Other);
     }
 }

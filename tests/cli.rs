@@ -20,16 +20,23 @@ fn shipped_configurations_validate() {
     for file in ["envoy/envoy.yaml", "istio/wasmplugin.yaml"] {
         let (ok, stdout, stderr) = run(&["validate", file]);
         assert!(ok, "{file}: {stderr}");
-        assert!(stdout.starts_with("ok: 2 limit(s), 2 rate(s), domain `llm`"), "{stdout}");
+        assert!(
+            stdout.starts_with("ok: 2 limit(s), 2 rate(s), domain `llm`"),
+            "{stdout}"
+        );
     }
 }
 
 #[test]
 fn generated_limits_files_are_up_to_date() {
-    for (config, limits) in [("envoy/envoy.yaml", "envoy/limits.yaml"), ("istio/wasmplugin.yaml", "istio/limits.yaml")] {
+    for (config, limits) in [
+        ("envoy/envoy.yaml", "envoy/limits.yaml"),
+        ("istio/wasmplugin.yaml", "istio/limits.yaml"),
+    ] {
         let (ok, stdout, stderr) = run(&["limits", config]);
         assert!(ok, "{stderr}");
-        let shipped = std::fs::read_to_string(format!("{}/{limits}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        let shipped =
+            std::fs::read_to_string(format!("{}/{limits}", env!("CARGO_MANIFEST_DIR"))).unwrap();
         assert_eq!(stdout, shipped, "{limits} is stale: run `make limits`");
     }
 }
@@ -38,9 +45,18 @@ fn generated_limits_files_are_up_to_date() {
 fn limits_follow_the_policy() {
     let (ok, stdout, _) = run(&["limits", "envoy/envoy.yaml"]);
     assert!(ok);
-    assert!(stdout.contains("- namespace: llm\n  name: free\n  max_value: 50\n  seconds: 60\n"), "{stdout}");
-    assert!(stdout.contains("  - descriptors[0]['limit.gold'] == '1'\n"), "{stdout}");
-    assert!(stdout.contains("  - descriptors[0]['auth.identity.userid']\n"), "{stdout}");
+    assert!(
+        stdout.contains("- namespace: llm\n  name: free\n  max_value: 50\n  seconds: 60\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  - descriptors[0]['limit.gold'] == '1'\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  - descriptors[0]['auth.identity.userid']\n"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -54,7 +70,12 @@ fn a_bad_configuration_fails_with_the_field_named() {
     .unwrap();
     let (ok, _, stderr) = run(&["validate", bad.to_str().unwrap()]);
     assert!(!ok);
-    assert!(stderr.contains("invalid configuration at `limits.free.when[0].predicate`: CEL does not compile"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "invalid configuration at `limits.free.when[0].predicate`: CEL does not compile"
+        ),
+        "{stderr}"
+    );
 
     std::fs::write(&bad, "kind: Nothing\n").unwrap();
     let (ok, _, stderr) = run(&["limits", bad.to_str().unwrap()]);

