@@ -113,6 +113,8 @@ pub struct PluginConfig {
     pub auth: AuthConfig,
     #[serde(default)]
     pub reporting: ReportingConfig,
+    #[serde(default)]
+    pub usage: UsageConfig,
     /// Named limits; the names become descriptor entries `limit.<name>`.
     pub limits: BTreeMap<String, LimitConfig>,
 }
@@ -190,6 +192,65 @@ impl Default for ReportingConfig {
             flush_period: default_flush_period(),
             timeout: default_report_timeout(),
             max_retries: default_max_retries(),
+        }
+    }
+}
+
+/// What a response without usage is charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Fallback {
+    /// An estimate from the bytes exchanged: prompt = ceil(request body bytes / 4),
+    /// completion = ceil(response body bytes / 4) (decompressed), total = their sum.
+    #[default]
+    Estimate,
+    /// `fixedTokens` in every category.
+    Fixed,
+    /// Nothing (the response is counted in `usage_missing` only).
+    None,
+}
+
+/// Custom usage locations: JSON pointers per category, tried in order before the format's own.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UsagePathsConfig {
+    #[serde(default)]
+    pub prompt: Vec<String>,
+    #[serde(default)]
+    pub completion: Vec<String>,
+    #[serde(default)]
+    pub total: Vec<String>,
+}
+
+/// How usage is read from responses and what a response without usage costs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UsageConfig {
+    #[serde(default)]
+    pub paths: UsagePathsConfig,
+    /// What a response without usage is charged (default `estimate`).
+    #[serde(default)]
+    pub fallback: Fallback,
+    /// Tokens charged per category with `fallback: fixed`.
+    #[serde(default)]
+    pub fixed_tokens: u64,
+    /// Most bytes kept to find usage: a whole JSON document, or one event of a stream
+    /// (default 4 MiB).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+fn default_max_body_bytes() -> usize {
+    4 << 20
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            paths: UsagePathsConfig::default(),
+            fallback: Fallback::default(),
+            fixed_tokens: 0,
+            max_body_bytes: default_max_body_bytes(),
         }
     }
 }

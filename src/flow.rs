@@ -10,16 +10,13 @@
 //! end of stream or on_log ─▶ finish once ─▶ reports per token category ─▶ root queue
 //! ```
 
-use crate::config::{FailureMode, TokenCategory};
+use crate::config::{FailureMode, Fallback, TokenCategory};
 use crate::policy::{Applied, Decision, Policy};
-use crate::usage::{BodyFormat, Usage, UsageExtractor};
+use crate::usage::{BodyFormat, Encoding, Format, Usage, UsageExtractor};
 use prost::Message;
 use ratelimit_proto::{
     Code, DescriptorStatus, RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
 };
-
-/// Most bytes of a response kept to find its usage (a whole JSON document, or one SSE event).
-pub const MAX_USAGE_BYTES: usize = 4 << 20;
 
 /// A reply the filter sends instead of calling the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,9 +72,13 @@ pub enum Verdict {
 }
 
 /// One request's state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RequestFlow {
     applied: Vec<Applied>,
+    /// The API the request speaks (from its path).
+    format: Format,
+    /// Request body bytes seen (for the estimate).
+    request_bytes: u64,
     /// Headers to add to the client's response (`x-ratelimit-*`, the service's own).
     response_headers: Vec<(String, String)>,
     extractor: Option<UsageExtractor>,
@@ -85,12 +86,44 @@ pub struct RequestFlow {
     finished: bool,
 }
 
+impl Default for RequestFlow {
+    fn default() -> Self {
+        RequestFlow {
+            applied: Vec::new(),
+            format: Format::Unknown,
+            request_bytes: 0,
+            response_headers: Vec::new(),
+            extractor: None,
+            denied: false,
+            finished: false,
+        }
+    }
+}
+
+/// How a finished request was charged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Charge {
+    /// Nothing to charge (no limit applied, or the request was refused).
+    #[default]
+    Nothing,
+    /// The usage the response reported.
+    Reported,
+    /// No usage: the fallback estimate.
+    Estimated,
+    /// No usage: the fallback's fixed amount.
+    Fixed,
+    /// No usage, and the fallback is `none`.
+    Missing,
+}
+
 impl RequestFlow {
-    /// Starts a request from the policy's decision. Returns the encoded `CheckRateLimit`
-    /// request (hits_addend 0), or `None` when no limit applies and nothing is to be done.
-    pub fn start(policy: &Policy, decision: Decision) -> (RequestFlow, Option<Vec<u8>>) {
+    /// Starts a request to `path` from the policy's decision. Returns the encoded
+    /// `CheckRateLimit` request (hits_addend 0), or `None` when no limit applies and nothing
+    /// is to be done.
+    pub fn start(policy: &Policy, decision: Decision, path: &str) -> (RequestFlow, Option<Vec<u8>>) {
         let flow = RequestFlow {
             applied: decision.applied,
+            format: Format::from_path(path),
             ..Default::default()
         };
         if flow.applied.is_empty() {
@@ -184,28 +217,56 @@ impl RequestFlow {
         &self.response_headers
     }
 
-    /// The upstream's response headers arrived: choose how to read usage from the body.
-    pub fn on_response_headers(&mut self, content_type: Option<&str>) {
-        if !self.is_limited() || self.denied {
-            return;
-        }
-        let format = BodyFormat::from_content_type(content_type);
-        self.extractor = Some(UsageExtractor::new(format, MAX_USAGE_BYTES));
+    /// Counts request body bytes (for the fallback estimate).
+    pub fn on_request_body_len(&mut self, len: usize) {
+        self.request_bytes = self.request_bytes.saturating_add(len as u64);
     }
 
-    /// Whether response body chunks are wanted.
+    /// The upstream's response headers arrived: choose how to read usage from the body.
+    pub fn on_response_headers(&mut self, policy: &Policy, content_type: Option<&str>, content_encoding: Option<&str>) {
+        if !self.is_limited() || self.denied || self.finished {
+            return;
+        }
+        self.extractor = Some(UsageExtractor::new(
+            self.format,
+            BodyFormat::from_content_type(content_type),
+            Encoding::from_header(content_encoding),
+            policy.usage.paths.clone(),
+            policy.usage.max_body_bytes,
+        ));
+    }
+
+    /// Whether response body chunks are wanted (their bytes, to read usage).
     pub fn wants_body(&self) -> bool {
-        !self.finished
-            && self
-                .extractor
-                .as_ref()
-                .is_some_and(|_| self.is_limited() && !self.denied)
+        !self.finished && !self.denied && self.extractor.is_some()
     }
 
     /// Feeds one response body chunk (already on its way to the client).
     pub fn on_response_body(&mut self, chunk: &[u8]) {
         if let Some(x) = self.extractor.as_mut() {
             x.feed(chunk);
+        }
+    }
+
+    /// The fallback charge for a response without usage.
+    fn fallback(&self, policy: &Policy) -> (Charge, Option<Usage>) {
+        match policy.usage.fallback {
+            Fallback::None => (Charge::Missing, None),
+            Fallback::Fixed => {
+                let n = Some(policy.usage.fixed_tokens);
+                (Charge::Fixed, Some(Usage { prompt: n, completion: n, total: n }))
+            }
+            Fallback::Estimate => {
+                let response_bytes = self.extractor.as_ref().map_or(0, UsageExtractor::body_bytes);
+                let prompt = self.request_bytes.div_ceil(4);
+                let completion = response_bytes.div_ceil(4);
+                let usage = Usage {
+                    prompt: Some(prompt),
+                    completion: Some(completion),
+                    total: Some(prompt.saturating_add(completion)),
+                };
+                (Charge::Estimated, Some(usage))
+            }
         }
     }
 
@@ -218,7 +279,11 @@ impl RequestFlow {
             return Finished::default();
         }
         self.finished = true;
-        let usage = self.extractor.as_mut().and_then(UsageExtractor::finish);
+        let reported = self.extractor.as_mut().and_then(UsageExtractor::finish);
+        let (charge, usage) = match reported {
+            Some(u) => (Charge::Reported, Some(u)),
+            None => self.fallback(policy),
+        };
         let mut reports = Vec::new();
         if let Some(u) = usage {
             for category in policy.categories_in(&self.applied) {
@@ -236,7 +301,7 @@ impl RequestFlow {
             }
         }
         Finished {
-            counted: true,
+            charge,
             usage,
             reports,
         }
@@ -254,9 +319,9 @@ pub struct CategoryReport {
 /// What [`RequestFlow::finish`] found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Finished {
-    /// Whether this request was subject to limits and is now accounted.
-    pub counted: bool,
-    /// The usage the response reported, if any.
+    /// How the request was charged.
+    pub charge: Charge,
+    /// The usage charged: reported, or the fallback's.
     pub usage: Option<Usage>,
     pub reports: Vec<CategoryReport>,
 }
@@ -359,7 +424,7 @@ mod tests {
 
     fn start(p: &Policy) -> (RequestFlow, RateLimitRequest) {
         let d = p.evaluate(&mut Host);
-        let (flow, bytes) = RequestFlow::start(p, d);
+        let (flow, bytes) = RequestFlow::start(p, d, "/v1/chat/completions");
         (
             flow,
             RateLimitRequest::decode(bytes.unwrap().as_slice()).unwrap(),
@@ -424,7 +489,7 @@ mod tests {
                 ("x-ratelimit-reset".to_string(), "30".to_string()),
             ]
         );
-        flow.on_response_headers(Some("application/json"));
+        flow.on_response_headers(&p, Some("application/json"), None);
         assert!(flow.wants_body());
         flow.on_response_body(br#"{"usage":{"prompt_tokens":3,"#);
         flow.on_response_body(br#""completion_tokens":4,"total_tokens":7}}"#);
@@ -461,7 +526,7 @@ mod tests {
         assert_eq!(body["error"]["code"], "rate_limit_exceeded");
         assert_eq!(body["error"]["type"], "tokens");
         // A denied request reports nothing.
-        flow.on_response_headers(Some("application/json"));
+        flow.on_response_headers(&p, Some("application/json"), None);
         assert!(!flow.wants_body());
         assert!(flow.finish(&p).reports.is_empty());
     }
@@ -504,16 +569,47 @@ mod tests {
         let p = policy("allow");
         let (mut flow, _) = start(&p);
         flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
-        flow.on_response_headers(Some("text/event-stream"));
+        flow.on_response_headers(&p, Some("text/event-stream"), None);
         flow.on_response_body(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":9,\"prompt_tokens\":2}}\n\ndata: [DO");
         let done = flow.finish(&p);
         assert_eq!(done.reports[0].tokens, 9);
         assert_eq!(done.reports[1].tokens, 2);
 
+        // No usage: the estimate charges ceil(bytes / 4) per side.
         let (mut flow, _) = start(&p);
+        flow.on_request_body_len(10);
         flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
-        flow.on_response_headers(Some("text/plain"));
+        flow.on_response_headers(&p, Some("text/plain"), None);
+        assert!(flow.wants_body());
+        flow.on_response_body(&[b'x'; 21]);
         let done = flow.finish(&p);
-        assert!(done.counted && done.usage.is_none() && done.reports.is_empty());
+        assert_eq!(done.charge, Charge::Estimated);
+        let got: Vec<(TokenCategory, u64)> = done.reports.iter().map(|r| (r.category, r.tokens)).collect();
+        assert_eq!(got, vec![(TokenCategory::Total, 3 + 6), (TokenCategory::Prompt, 3)]);
+    }
+
+    #[test]
+    fn fallback_fixed_and_none() {
+        let fixed = Policy::from_json(
+            br#"{"rateLimitService": {"cluster": "rl", "domain": "llm"}, "usage": {"fallback": "fixed", "fixedTokens": 100},
+                 "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#,
+        )
+        .unwrap();
+        let (mut flow, _) = start(&fixed);
+        flow.on_check_reply(&fixed, Ok(&RateLimitResponse { overall_code: Code::Ok as i32, ..Default::default() }.encode_to_vec()));
+        let done = flow.finish(&fixed);
+        assert_eq!((done.charge, done.reports[0].tokens), (Charge::Fixed, 100));
+
+        let none = Policy::from_json(
+            br#"{"rateLimitService": {"cluster": "rl", "domain": "llm"}, "usage": {"fallback": "none"},
+                 "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#,
+        )
+        .unwrap();
+        let (mut flow, _) = start(&none);
+        flow.on_response_headers(&none, Some("application/json"), None);
+        flow.on_response_body(b"{}");
+        let done = flow.finish(&none);
+        assert_eq!(done.charge, Charge::Missing);
+        assert!(done.reports.is_empty());
     }
 }

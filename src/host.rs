@@ -7,7 +7,7 @@
 
 use crate::attributes::AttributeHost;
 use crate::config::TokenCategory;
-use crate::flow::{RequestFlow, ServiceFailure, Verdict};
+use crate::flow::{Charge, RequestFlow, ServiceFailure, Verdict};
 use crate::policy::Policy;
 use crate::reports::{ReportOutcome, ReportQueue};
 use log::{debug, error, info, warn};
@@ -37,6 +37,8 @@ mod metric {
     pub const SERVICE_ERRORS: &str = "token_ratelimit.service_errors";
     pub const EXPRESSION_ERRORS: &str = "token_ratelimit.expression_errors";
     pub const USAGE_MISSING: &str = "token_ratelimit.usage_missing";
+    pub const USAGE_ESTIMATED: &str = "token_ratelimit.usage_estimated";
+    pub const USAGE_FIXED: &str = "token_ratelimit.usage_fixed";
     pub const REPORTS_SENT: &str = "token_ratelimit.reports_sent";
     pub const REPORTS_RETRIED: &str = "token_ratelimit.reports_retried";
     pub const REPORTS_DROPPED: &str = "token_ratelimit.reports_dropped";
@@ -275,13 +277,19 @@ impl Http {
             return;
         };
         let done = self.flow.finish(&policy);
-        if !done.counted {
-            return;
-        }
         let mut shared = self.shared.borrow_mut();
-        if done.usage.is_none() {
-            debug!("response carried no usage");
-            shared.metrics.inc(metric::USAGE_MISSING);
+        match done.charge {
+            Charge::Nothing => return,
+            Charge::Reported => {}
+            Charge::Estimated | Charge::Fixed | Charge::Missing => {
+                debug!("response carried no usage; charged: {:?} {:?}", done.charge, done.usage);
+                shared.metrics.inc(metric::USAGE_MISSING);
+                match done.charge {
+                    Charge::Estimated => shared.metrics.inc(metric::USAGE_ESTIMATED),
+                    Charge::Fixed => shared.metrics.inc(metric::USAGE_FIXED),
+                    _ => {}
+                }
+            }
         }
         for r in done.reports {
             shared.metrics.add(
@@ -342,11 +350,21 @@ impl HttpContext for Http {
                 }
             }
         }
-        let (flow, check) = RequestFlow::start(&policy, decision);
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        let (flow, check) = RequestFlow::start(&policy, decision, &path);
         self.flow = flow;
         let Some(bytes) = check else {
             return Action::Continue;
         };
+        // Ask the upstream only for encodings whose usage can be read (a copy is decompressed;
+        // the client still gets the encoding it accepts).
+        if let Some(accept) = self.get_http_request_header("accept-encoding") {
+            match crate::usage::readable_accept_encoding(&accept) {
+                Some(kept) if kept == accept => {}
+                Some(kept) => self.set_http_request_header("accept-encoding", Some(&kept)),
+                None => self.set_http_request_header("accept-encoding", None),
+            }
+        }
         self.shared.borrow_mut().metrics.inc(metric::CHECKED);
         match self.dispatch_grpc_call(
             &policy.service.cluster,
@@ -372,8 +390,17 @@ impl HttpContext for Http {
         for (k, v) in self.flow.response_headers().to_vec() {
             self.add_http_response_header(&k, &v);
         }
-        let content_type = self.get_http_response_header("content-type");
-        self.flow.on_response_headers(content_type.as_deref());
+        if let Some(policy) = self.policy.clone() {
+            let content_type = self.get_http_response_header("content-type");
+            let encoding = self.get_http_response_header("content-encoding");
+            self.flow
+                .on_response_headers(&policy, content_type.as_deref(), encoding.as_deref());
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        self.flow.on_request_body_len(body_size);
         Action::Continue
     }
 

@@ -11,7 +11,8 @@
 //! expression text, valued by its result as a string.
 
 use crate::attributes::{self, Attribute, AttributeHost};
-use crate::config::{self, ConfigError, FailureMode, PluginConfig, TokenCategory};
+use crate::config::{self, ConfigError, FailureMode, Fallback, PluginConfig, TokenCategory};
+use crate::usage::UsagePaths;
 use cel_interpreter::extractors::This;
 use cel_interpreter::objects::{Key, Map};
 use cel_interpreter::{Context, ExecutionError, Value};
@@ -72,9 +73,19 @@ pub struct ServiceSettings {
     pub max_retries: u32,
 }
 
+/// Usage settings, validated.
+#[derive(Debug, Clone)]
+pub struct UsageSettings {
+    pub paths: UsagePaths,
+    pub fallback: Fallback,
+    pub fixed_tokens: u64,
+    pub max_body_bytes: usize,
+}
+
 /// The compiled plugin configuration.
 pub struct Policy {
     pub service: ServiceSettings,
+    pub usage: UsageSettings,
     /// Limits in name order.
     pub limits: Vec<Limit>,
     /// Every attribute any expression reads, deduplicated.
@@ -174,6 +185,20 @@ impl Policy {
             report_timeout: duration(&cfg.reporting.timeout, "reporting.timeout")?,
             max_retries: cfg.reporting.max_retries,
         };
+        let u = &cfg.usage;
+        let usage = UsageSettings {
+            paths: UsagePaths::new(u.paths.prompt.clone(), u.paths.completion.clone(), u.paths.total.clone())
+                .map_err(|e| field("usage.paths", e))?,
+            fallback: u.fallback,
+            fixed_tokens: u.fixed_tokens,
+            max_body_bytes: u.max_body_bytes,
+        };
+        if u.fallback == Fallback::Fixed && u.fixed_tokens == 0 {
+            return Err(field("usage.fixedTokens", "must be greater than 0 with `fallback: fixed`"));
+        }
+        if u.max_body_bytes == 0 {
+            return Err(field("usage.maxBodyBytes", "must be greater than 0"));
+        }
         if cfg.auth.metadata_namespace.trim().is_empty() {
             return Err(field("auth.metadataNamespace", "must not be empty"));
         }
@@ -268,6 +293,7 @@ impl Policy {
         }
         Ok(Policy {
             service,
+            usage,
             limits,
             attributes,
             context: root_context(),

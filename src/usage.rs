@@ -1,20 +1,30 @@
 //! Token usage in model responses, extracted incrementally from the response body as it passes.
 //!
-//! Formats (DESIGN.md §4):
-//! - OpenAI chat completions, completions and embeddings (`application/json`):
-//!   top-level `usage.{prompt_tokens, completion_tokens, total_tokens}`
-//!   (<https://platform.openai.com/docs/api-reference/chat/object>); the Responses API's
-//!   `usage.{input_tokens, output_tokens, total_tokens}` is read the same way.
-//! - OpenAI streaming (`text/event-stream`): `data:` events of JSON chunks; usage arrives in a
-//!   chunk (with `"choices": []`, or on the last chunk with choices) when the request set
-//!   `stream_options.include_usage`. The last usage seen wins.
+//! Which format applies is decided once per request from the request path ([`Format::from_path`])
+//! and the response's `content-type` / `content-encoding` ([`BodyFormat`], [`Encoding`]); the
+//! body is never guessed at per byte. Formats (DESIGN.md §4):
 //!
-//! Only the top-level `usage` object counts: a `"usage"` inside generated content is ignored.
-//! A figure counts only when it is a non-negative integer; negative numbers, floats and strings
-//! are ignored (never trusted as a discount).
+//! | format | non-streaming (`application/json`) | streaming (`text/event-stream`) |
+//! | --- | --- | --- |
+//! | OpenAI chat completions, completions, embeddings ([API](https://platform.openai.com/docs/api-reference/chat/object)) | `usage.{prompt_tokens, completion_tokens, total_tokens}` | the chunk with `usage` (`choices: []`, or the last chunk with choices), sent when `stream_options.include_usage` is set |
+//! | OpenAI Responses API | `usage.{input_tokens, output_tokens, total_tokens}` | `response.completed`: `response.usage` |
+//! | Anthropic Messages ([API](https://docs.anthropic.com/en/api/messages)) | `usage.{input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens}` | `message_start`: `message.usage` (input); `message_delta`: `usage.output_tokens` (cumulative) |
+//! | Gemini `generateContent` / `streamGenerateContent` | `usageMetadata.{promptTokenCount, candidatesTokenCount, thoughtsTokenCount, totalTokenCount}` | every chunk's `usageMetadata` (running totals); also a streamed JSON array |
+//!
+//! Anthropic's prompt tokens are `input_tokens + cache_creation_input_tokens +
+//! cache_read_input_tokens`; Gemini's completion tokens are `candidatesTokenCount +
+//! thoughtsTokenCount`. Custom JSON pointers ([`UsagePaths`]) are tried before the format's own
+//! fields. Only the documented locations count: a `"usage"` inside generated content is ignored.
+//! A figure counts only when it is a non-negative integer (negative numbers, floats and strings
+//! are ignored, never trusted as a discount).
+//!
+//! Memory is bounded by `max_bytes`: the whole document for JSON, the largest event for event
+//! streams; compressed bodies (`gzip`, `deflate`, `br`) are decompressed on a copy, with the
+//! decompressed size bounded the same way.
 
 use crate::config::TokenCategory;
-use serde::Deserialize;
+use serde_json::Value;
+use std::io::Write;
 
 /// Tokens a response reports, per category. A `None` figure was absent or invalid.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -43,45 +53,228 @@ impl Usage {
     fn is_empty(&self) -> bool {
         self.prompt.is_none() && self.completion.is_none() && self.total.is_none()
     }
+
+    /// Later figures replace earlier ones (streams report running totals). A total from an
+    /// earlier event is dropped when the new event updates prompt or completion without one.
+    fn merge(&mut self, new: Usage) {
+        if new.total.is_some() {
+            self.total = new.total;
+        } else if new.prompt.is_some() || new.completion.is_some() {
+            self.total = None;
+        }
+        if new.prompt.is_some() {
+            self.prompt = new.prompt;
+        }
+        if new.completion.is_some() {
+            self.completion = new.completion;
+        }
+    }
 }
 
-#[derive(Deserialize)]
-struct Envelope {
-    #[serde(default)]
-    usage: Option<serde_json::Value>,
+/// The API a request speaks, from its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `…/chat/completions`, `…/completions`, `…/embeddings`.
+    OpenAi,
+    /// `…/responses`.
+    Responses,
+    /// `…/messages` (Anthropic Messages).
+    Anthropic,
+    /// `…:generateContent`, `…:streamGenerateContent`.
+    Gemini,
+    /// Anything else: every known location is tried.
+    Unknown,
 }
 
-fn count(v: Option<&serde_json::Value>) -> Option<u64> {
-    v.and_then(serde_json::Value::as_u64)
+impl Format {
+    /// The format for a request path (query string ignored).
+    pub fn from_path(path: &str) -> Format {
+        let path = path.split(['?', '#']).next().unwrap_or("");
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/chat/completions") || path.ends_with("/completions") || path.ends_with("/embeddings") {
+            Format::OpenAi
+        } else if path.ends_with("/responses") {
+            Format::Responses
+        } else if path.ends_with("/messages") {
+            Format::Anthropic
+        } else if path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent") {
+            Format::Gemini
+        } else {
+            Format::Unknown
+        }
+    }
+
+    /// Whether requests of this format accept OpenAI's `stream_options.include_usage`.
+    pub fn is_openai_streaming(path: &str) -> bool {
+        let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/');
+        path.ends_with("/chat/completions") || path.ends_with("/completions")
+    }
+
+    /// Substrings one of which an event must contain to be worth parsing as JSON.
+    fn markers(self) -> &'static [&'static [u8]] {
+        match self {
+            Format::OpenAi | Format::Responses | Format::Anthropic => &[b"\"usage\""],
+            Format::Gemini => &[b"\"usageMetadata\""],
+            Format::Unknown => &[b"\"usage\"", b"\"usageMetadata\""],
+        }
+    }
 }
 
-/// Reads the top-level `usage` of one JSON document (a whole response or one streamed chunk).
-/// `None` when the document is not JSON, has no usage object, or none of its figures is valid.
-pub fn from_json(doc: &[u8]) -> Option<Usage> {
-    let env: Envelope = serde_json::from_slice(doc).ok()?;
-    let usage = env.usage?;
-    let obj = usage.as_object()?;
-    let u = Usage {
-        prompt: count(obj.get("prompt_tokens")).or(count(obj.get("input_tokens"))),
-        completion: count(obj.get("completion_tokens")).or(count(obj.get("output_tokens"))),
-        total: count(obj.get("total_tokens")),
+/// Custom locations of usage figures: JSON pointers (RFC 6901), tried in order, first match
+/// wins; tried before the format's own fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsagePaths {
+    pub prompt: Vec<String>,
+    pub completion: Vec<String>,
+    pub total: Vec<String>,
+    /// The last segment of every pointer, quoted (`"prompt_tokens"`): an event that contains
+    /// none of them is not parsed.
+    markers: Vec<Vec<u8>>,
+}
+
+impl UsagePaths {
+    /// Custom paths from lists of JSON pointers. Errors name a pointer that does not start
+    /// with `/`.
+    pub fn new(prompt: Vec<String>, completion: Vec<String>, total: Vec<String>) -> Result<UsagePaths, String> {
+        let mut markers = Vec::new();
+        for p in prompt.iter().chain(&completion).chain(&total) {
+            if !p.starts_with('/') {
+                return Err(format!("`{p}` is not a JSON pointer (it must start with `/`)"));
+            }
+            let last = p.rsplit('/').next().unwrap_or("").replace("~1", "/").replace("~0", "~");
+            let m = format!("\"{last}\"").into_bytes();
+            if !markers.contains(&m) {
+                markers.push(m);
+            }
+        }
+        Ok(UsagePaths {
+            prompt,
+            completion,
+            total,
+            markers,
+        })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.prompt.is_empty() && self.completion.is_empty() && self.total.is_empty()
+    }
+
+    fn read(&self, doc: &Value) -> Usage {
+        let first = |ptrs: &[String]| ptrs.iter().find_map(|p| count(doc.pointer(p)));
+        Usage {
+            prompt: first(&self.prompt),
+            completion: first(&self.completion),
+            total: first(&self.total),
+        }
+    }
+}
+
+fn count(v: Option<&Value>) -> Option<u64> {
+    v.and_then(Value::as_u64)
+}
+
+fn sum(values: &[Option<u64>]) -> Option<u64> {
+    if values.iter().all(Option::is_none) {
+        return None;
+    }
+    Some(values.iter().fold(0u64, |acc, v| acc.saturating_add(v.unwrap_or(0))))
+}
+
+fn openai(usage: Option<&Value>) -> Usage {
+    let Some(u) = usage.filter(|u| u.is_object()) else {
+        return Usage::default();
     };
+    Usage {
+        prompt: count(u.get("prompt_tokens")).or(count(u.get("input_tokens"))),
+        completion: count(u.get("completion_tokens")).or(count(u.get("output_tokens"))),
+        total: count(u.get("total_tokens")),
+    }
+}
+
+fn anthropic(usage: Option<&Value>) -> Usage {
+    let Some(u) = usage.filter(|u| u.is_object()) else {
+        return Usage::default();
+    };
+    let input = count(u.get("input_tokens"));
+    Usage {
+        // Cache fields only count next to input_tokens (a message_delta may carry output only).
+        prompt: input.and_then(|_| {
+            sum(&[
+                input,
+                count(u.get("cache_creation_input_tokens")),
+                count(u.get("cache_read_input_tokens")),
+            ])
+        }),
+        completion: count(u.get("output_tokens")),
+        total: None,
+    }
+}
+
+fn gemini(meta: Option<&Value>) -> Usage {
+    let Some(m) = meta.filter(|m| m.is_object()) else {
+        return Usage::default();
+    };
+    let candidates = count(m.get("candidatesTokenCount"));
+    let thoughts = count(m.get("thoughtsTokenCount"));
+    Usage {
+        prompt: count(m.get("promptTokenCount")),
+        completion: sum(&[candidates, thoughts]),
+        total: count(m.get("totalTokenCount")),
+    }
+}
+
+/// Reads the usage of one JSON document (a whole response, one streamed event, or one element
+/// of a streamed JSON array) in `format`.
+pub fn read_document(format: Format, paths: &UsagePaths, doc: &Value) -> Usage {
+    if !paths.is_empty() {
+        let u = paths.read(doc);
+        if !u.is_empty() {
+            return u;
+        }
+    }
+    let candidates: &[fn(&Value) -> Usage] = match format {
+        Format::OpenAi => &[|d| openai(d.get("usage"))],
+        Format::Responses => &[|d| openai(d.get("usage")), |d| openai(d.pointer("/response/usage"))],
+        Format::Anthropic => &[|d| anthropic(d.get("usage")), |d| anthropic(d.pointer("/message/usage"))],
+        Format::Gemini => &[|d| gemini(d.get("usageMetadata"))],
+        Format::Unknown => &[
+            |d| {
+                let u = d.get("usage");
+                // Anthropic's shape has input/output without a total and with cache fields.
+                if u.is_some_and(|u| u.get("cache_read_input_tokens").is_some() || u.get("cache_creation_input_tokens").is_some()) {
+                    anthropic(u)
+                } else {
+                    openai(u)
+                }
+            },
+            |d| openai(d.pointer("/response/usage")),
+            |d| anthropic(d.pointer("/message/usage")),
+            |d| gemini(d.get("usageMetadata")),
+        ],
+    };
+    candidates.iter().map(|f| f(doc)).find(|u| !u.is_empty()).unwrap_or_default()
+}
+
+/// Reads the top-level OpenAI-style `usage` of a JSON document; `None` when there is none.
+pub fn from_json(doc: &[u8]) -> Option<Usage> {
+    let v: Value = serde_json::from_slice(doc).ok()?;
+    let u = read_document(Format::OpenAi, &UsagePaths::default(), &v);
     (!u.is_empty()).then_some(u)
 }
 
-/// How a response body is read for usage.
+/// How a response body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
-    /// One JSON document.
+    /// One JSON document (or a JSON array streamed element by element).
     Json,
-    /// Server-sent events whose `data:` payloads are JSON chunks.
+    /// Server-sent events whose `data:` payloads are JSON.
     EventStream,
     /// Anything else: no usage can be read.
     Other,
 }
 
 impl BodyFormat {
-    /// The format for a `content-type` header value.
+    /// The framing for a `content-type` header value.
     pub fn from_content_type(content_type: Option<&str>) -> BodyFormat {
         let Some(ct) = content_type else {
             return BodyFormat::Other;
@@ -97,61 +290,194 @@ impl BodyFormat {
     }
 }
 
+/// A response `content-encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+    Deflate,
+    Brotli,
+    /// An encoding this filter cannot read: no usage.
+    Unsupported,
+}
+
+impl Encoding {
+    /// The encoding for a `content-encoding` header value (absent: identity).
+    pub fn from_header(value: Option<&str>) -> Encoding {
+        match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") | Some("identity") => Encoding::Identity,
+            Some("gzip") | Some("x-gzip") => Encoding::Gzip,
+            Some("deflate") => Encoding::Deflate,
+            Some("br") => Encoding::Brotli,
+            Some(_) => Encoding::Unsupported,
+        }
+    }
+}
+
+/// The `accept-encoding` to send upstream for a limited request: the client's codings that
+/// this filter can decompress (`gzip`, `x-gzip`, `deflate`, `br`, `identity`, with their
+/// q-values), or `None` when none is left (the header is then removed: identity).
+pub fn readable_accept_encoding(value: &str) -> Option<String> {
+    let kept: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|item| {
+            let coding = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            matches!(coding.as_str(), "gzip" | "x-gzip" | "deflate" | "br" | "identity")
+        })
+        .collect();
+    (!kept.is_empty()).then(|| kept.join(", "))
+}
+
+/// A sink that keeps what a decoder writes, for the extractor to take.
+#[derive(Default)]
+struct Sink(Vec<u8>);
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Decoder {
+    Identity,
+    Gzip(Box<flate2::write::MultiGzDecoder<Sink>>),
+    Deflate(Box<flate2::write::ZlibDecoder<Sink>>),
+    Brotli(Box<brotli_decompressor::DecompressorWriter<Sink>>),
+    /// Undecodable: everything is dropped.
+    Failed,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Decoder::Identity => "Identity",
+            Decoder::Gzip(_) => "Gzip",
+            Decoder::Deflate(_) => "Deflate",
+            Decoder::Brotli(_) => "Brotli",
+            Decoder::Failed => "Failed",
+        })
+    }
+}
+
+impl Decoder {
+    fn new(encoding: Encoding) -> Decoder {
+        match encoding {
+            Encoding::Identity => Decoder::Identity,
+            Encoding::Gzip => Decoder::Gzip(Box::new(flate2::write::MultiGzDecoder::new(Sink::default()))),
+            Encoding::Deflate => Decoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(Sink::default()))),
+            Encoding::Brotli => Decoder::Brotli(Box::new(brotli_decompressor::DecompressorWriter::new(
+                Sink::default(),
+                4096,
+            ))),
+            Encoding::Unsupported => Decoder::Failed,
+        }
+    }
+
+    /// Decodes `chunk`; returns the decoded bytes (empty when nothing came out or it failed).
+    fn decode(&mut self, chunk: &[u8]) -> Vec<u8> {
+        let result = match self {
+            Decoder::Identity => return chunk.to_vec(),
+            Decoder::Failed => return Vec::new(),
+            Decoder::Gzip(d) => d.write_all(chunk).and_then(|_| d.flush()).map(|_| std::mem::take(&mut d.get_mut().0)),
+            Decoder::Deflate(d) => d.write_all(chunk).and_then(|_| d.flush()).map(|_| std::mem::take(&mut d.get_mut().0)),
+            Decoder::Brotli(d) => d.write_all(chunk).and_then(|_| d.flush()).map(|_| std::mem::take(&mut d.get_mut().0)),
+        };
+        match result {
+            Ok(out) => out,
+            Err(_) => {
+                *self = Decoder::Failed;
+                Vec::new()
+            }
+        }
+    }
+}
+
 /// Incremental usage extraction: fed the body chunks as they pass, never holding the client's
-/// response. Memory is bounded by `max_bytes` (the whole document for JSON, the largest event
-/// for event streams).
+/// response.
 #[derive(Debug)]
 pub struct UsageExtractor {
-    format: BodyFormat,
+    format: Format,
+    framing: BodyFormat,
+    paths: UsagePaths,
     max_bytes: usize,
+    decoder: Decoder,
     /// JSON: the document so far; event stream: the incomplete line.
     buffer: Vec<u8>,
     /// Event stream: the `data` of the current event.
     event_data: Vec<u8>,
     /// Something exceeded `max_bytes` and was dropped.
     overflowed: bool,
-    found: Option<Usage>,
+    /// Decoded body bytes seen, for estimates.
+    body_bytes: u64,
+    found: Usage,
 }
 
 impl UsageExtractor {
-    /// A new extractor for a body of `format`, keeping at most `max_bytes` bytes.
-    pub fn new(format: BodyFormat, max_bytes: usize) -> Self {
+    /// A new extractor for a response in `format`, framed as `framing`, encoded as `encoding`;
+    /// keeps at most `max_bytes` bytes.
+    pub fn new(format: Format, framing: BodyFormat, encoding: Encoding, paths: UsagePaths, max_bytes: usize) -> Self {
         UsageExtractor {
             format,
+            framing,
+            paths,
             max_bytes,
+            decoder: Decoder::new(encoding),
             buffer: Vec::new(),
             event_data: Vec::new(),
             overflowed: false,
-            found: None,
+            body_bytes: 0,
+            found: Usage::default(),
         }
     }
 
-    /// Whether any bytes were dropped for exceeding the bound.
+    /// Whether any bytes were dropped for exceeding the bound (or failing to decode).
     pub fn overflowed(&self) -> bool {
-        self.overflowed
+        self.overflowed || matches!(self.decoder, Decoder::Failed)
     }
 
-    /// Feeds the next body chunk.
+    /// Decoded response body bytes seen so far.
+    pub fn body_bytes(&self) -> u64 {
+        self.body_bytes
+    }
+
+    /// Feeds the next body chunk (as it travels to the client, possibly compressed).
     pub fn feed(&mut self, chunk: &[u8]) {
-        match self.format {
+        if self.framing == BodyFormat::Other {
+            self.body_bytes += chunk.len() as u64;
+            return;
+        }
+        let decoded;
+        let data: &[u8] = if matches!(self.decoder, Decoder::Identity) {
+            chunk
+        } else {
+            decoded = self.decoder.decode(chunk);
+            &decoded
+        };
+        self.body_bytes += data.len() as u64;
+        match self.framing {
             BodyFormat::Other => {}
             BodyFormat::Json => {
                 if self.overflowed {
                     return;
                 }
-                if self.buffer.len() + chunk.len() > self.max_bytes {
+                if self.buffer.len() + data.len() > self.max_bytes {
                     self.overflowed = true;
                     self.buffer = Vec::new();
                 } else {
-                    self.buffer.extend_from_slice(chunk);
+                    self.buffer.extend_from_slice(data);
                 }
             }
-            BodyFormat::EventStream => self.feed_sse(chunk),
+            BodyFormat::EventStream => self.feed_sse(data),
         }
     }
 
     fn feed_sse(&mut self, mut chunk: &[u8]) {
-        while let Some(pos) = chunk.iter().position(|&b| b == b'\n') {
+        while let Some(pos) = memchr::memchr(b'\n', chunk) {
             let (head, rest) = chunk.split_at(pos);
             chunk = &rest[1..];
             if self.buffer.is_empty() {
@@ -198,32 +524,49 @@ impl UsageExtractor {
         // Other fields (event:, id:, retry:, comments) carry no usage.
     }
 
+    fn worth_parsing(&self, data: &[u8]) -> bool {
+        self.format
+            .markers()
+            .iter()
+            .chain(self.paths.markers.iter().map(|m| m.as_slice()).collect::<Vec<_>>().iter())
+            .any(|m| memchr::memmem::find(data, m).is_some())
+    }
+
     fn dispatch_event(&mut self) {
         if self.event_data.is_empty() {
             return;
         }
-        let data = std::mem::take(&mut self.event_data);
-        // Only chunks that mention usage are parsed as JSON.
-        if memchr_usage(&data) {
-            if let Some(u) = from_json(&data) {
-                self.found = Some(u);
+        let mut data = std::mem::take(&mut self.event_data);
+        if self.worth_parsing(&data) {
+            if let Ok(doc) = serde_json::from_slice::<Value>(&data) {
+                let u = read_document(self.format, &self.paths, &doc);
+                self.found.merge(u);
             }
         }
-        let mut data = data;
         data.clear();
         self.event_data = data;
     }
 
     /// Ends the body (end of stream, or an abort): returns the usage found, if any.
     pub fn finish(&mut self) -> Option<Usage> {
-        match self.format {
-            BodyFormat::Other => None,
+        match self.framing {
+            BodyFormat::Other => {}
             BodyFormat::Json => {
                 let doc = std::mem::take(&mut self.buffer);
-                if self.overflowed {
-                    return None;
+                if !self.overflowed {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&doc) {
+                        match &v {
+                            // A streamed JSON array (Gemini without alt=sse): running totals.
+                            Value::Array(items) => {
+                                for item in items {
+                                    let u = read_document(self.format, &self.paths, item);
+                                    self.found.merge(u);
+                                }
+                            }
+                            doc => self.found = read_document(self.format, &self.paths, doc),
+                        }
+                    }
                 }
-                from_json(&doc)
             }
             BodyFormat::EventStream => {
                 // A last line without its newline, then the event it ends.
@@ -232,14 +575,10 @@ impl UsageExtractor {
                     self.sse_line(&line);
                 }
                 self.dispatch_event();
-                self.found
             }
         }
+        (!self.found.is_empty()).then_some(self.found)
     }
-}
-
-fn memchr_usage(data: &[u8]) -> bool {
-    data.windows(7).any(|w| w == b"\"usage\"")
 }
 
 #[cfg(test)]
@@ -252,12 +591,36 @@ mod tests {
         std::fs::read(format!("{SAMPLES}/{path}")).ok()
     }
 
+    fn extract(format: Format, framing: BodyFormat, body: &[u8], cut: usize) -> Option<Usage> {
+        let mut x = UsageExtractor::new(format, framing, Encoding::Identity, UsagePaths::default(), 1 << 20);
+        x.feed(&body[..cut]);
+        x.feed(&body[cut..]);
+        x.finish()
+    }
+
+    fn u(p: u64, c: u64, t: Option<u64>) -> Option<Usage> {
+        Some(Usage {
+            prompt: Some(p),
+            completion: Some(c),
+            total: t,
+        })
+    }
+
+    #[test]
+    fn formats_from_paths() {
+        assert_eq!(Format::from_path("/v1/chat/completions?x=1"), Format::OpenAi);
+        assert_eq!(Format::from_path("/v1/embeddings"), Format::OpenAi);
+        assert_eq!(Format::from_path("/v1/responses"), Format::Responses);
+        assert_eq!(Format::from_path("/v1/messages"), Format::Anthropic);
+        assert_eq!(Format::from_path("/v1beta/models/gemini-pro:streamGenerateContent?alt=sse"), Format::Gemini);
+        assert_eq!(Format::from_path("/other"), Format::Unknown);
+        assert!(Format::is_openai_streaming("/v1/completions"));
+        assert!(!Format::is_openai_streaming("/v1/embeddings"));
+    }
+
     #[test]
     fn openai_usage_and_responses_api_usage() {
-        let u = from_json(
-            br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
-        )
-        .unwrap();
+        let u = from_json(br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#).unwrap();
         assert_eq!(u.tokens(TokenCategory::Total), Some(7));
         assert_eq!(u.tokens(TokenCategory::Prompt), Some(3));
         let u = from_json(br#"{"usage":{"input_tokens":10,"output_tokens":5}}"#).unwrap();
@@ -267,12 +630,7 @@ mod tests {
 
     #[test]
     fn invalid_figures_and_fake_usage_are_ignored() {
-        assert_eq!(
-            from_json(
-                br#"{"usage":{"prompt_tokens":-5,"completion_tokens":1.5,"total_tokens":"9"}}"#
-            ),
-            None
-        );
+        assert_eq!(from_json(br#"{"usage":{"prompt_tokens":-5,"completion_tokens":1.5,"total_tokens":"9"}}"#), None);
         let fake = br#"{"choices":[{"message":{"content":"{\"usage\":{\"total_tokens\":0}}"}}],"usage":{"total_tokens":42}}"#;
         assert_eq!(from_json(fake).unwrap().total, Some(42));
         assert_eq!(from_json(b"not json"), None);
@@ -283,16 +641,13 @@ mod tests {
     fn json_split_at_every_byte_boundary() {
         let body = br#"{"object":"chat.completion","usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
         for cut in 0..=body.len() {
-            let mut x = UsageExtractor::new(BodyFormat::Json, 1 << 20);
-            x.feed(&body[..cut]);
-            x.feed(&body[cut..]);
-            assert_eq!(x.finish().and_then(|u| u.total), Some(42), "cut at {cut}");
+            assert_eq!(extract(Format::OpenAi, BodyFormat::Json, body, cut), u(12, 30, Some(42)), "cut at {cut}");
         }
     }
 
     #[test]
     fn json_over_the_bound_yields_nothing() {
-        let mut x = UsageExtractor::new(BodyFormat::Json, 10);
+        let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::Json, Encoding::Identity, UsagePaths::default(), 10);
         x.feed(br#"{"usage":{"total_tokens":42}}"#);
         assert_eq!(x.finish(), None);
         assert!(x.overflowed());
@@ -304,12 +659,106 @@ mod tests {
         let crlf = lf.replace('\n', "\r\n");
         for body in [lf.as_bytes(), crlf.as_bytes()] {
             for cut in 0..=body.len() {
-                let mut x = UsageExtractor::new(BodyFormat::EventStream, 4096);
-                x.feed(&body[..cut]);
-                x.feed(&body[cut..]);
-                assert_eq!(x.finish().and_then(|u| u.total), Some(7), "cut at {cut}");
+                assert_eq!(extract(Format::OpenAi, BodyFormat::EventStream, body, cut), u(5, 2, Some(7)), "cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn responses_api_stream_reads_response_completed() {
+        let body = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":6,\"total_tokens\":10}}}\n\n";
+        for cut in [0, 17, 100, body.len()] {
+            assert_eq!(extract(Format::Responses, BodyFormat::EventStream, body, cut), u(4, 6, Some(10)));
+        }
+    }
+
+    #[test]
+    fn anthropic_non_streaming_and_streaming_with_cache_fields() {
+        let body = br#"{"type":"message","usage":{"input_tokens":10,"cache_creation_input_tokens":2,"cache_read_input_tokens":3,"output_tokens":7}}"#;
+        let got = extract(Format::Anthropic, BodyFormat::Json, body, 5).unwrap();
+        assert_eq!((got.tokens(TokenCategory::Prompt), got.tokens(TokenCategory::Completion)), (Some(15), Some(7)));
+        assert_eq!(got.tokens(TokenCategory::Total), Some(22));
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"cache_read_input_tokens\":5,\"output_tokens\":1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"text\":\"usage\"}}\n\n",
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":15}}\n\n",
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
+        );
+        for cut in 0..=stream.len() {
+            let got = extract(Format::Anthropic, BodyFormat::EventStream, stream.as_bytes(), cut).unwrap();
+            assert_eq!(got.tokens(TokenCategory::Prompt), Some(30), "cut {cut}");
+            assert_eq!(got.tokens(TokenCategory::Completion), Some(15));
+            assert_eq!(got.tokens(TokenCategory::Total), Some(45));
+        }
+    }
+
+    #[test]
+    fn gemini_json_sse_and_streamed_array() {
+        let one = br#"{"candidates":[],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":3,"thoughtsTokenCount":2,"totalTokenCount":13}}"#;
+        assert_eq!(extract(Format::Gemini, BodyFormat::Json, one, 9), u(8, 5, Some(13)));
+        let sse = "data: {\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":1,\"totalTokenCount\":9}}\r\n\r\ndata: {\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":4,\"totalTokenCount\":12}}\r\n\r\n";
+        assert_eq!(extract(Format::Gemini, BodyFormat::EventStream, sse.as_bytes(), 30), u(8, 4, Some(12)));
+        let array = "[{\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":1,\"totalTokenCount\":9}}\n,\r\n{\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":6,\"totalTokenCount\":14}}]";
+        assert_eq!(extract(Format::Gemini, BodyFormat::Json, array.as_bytes(), 40), u(8, 6, Some(14)));
+    }
+
+    #[test]
+    fn unknown_paths_try_every_known_location() {
+        assert_eq!(extract(Format::Unknown, BodyFormat::Json, br#"{"usageMetadata":{"promptTokenCount":1,"candidatesTokenCount":2,"totalTokenCount":3}}"#, 3), u(1, 2, Some(3)));
+        let a = extract(Format::Unknown, BodyFormat::Json, br#"{"usage":{"input_tokens":1,"cache_read_input_tokens":4,"output_tokens":2}}"#, 3).unwrap();
+        assert_eq!(a.tokens(TokenCategory::Prompt), Some(5));
+    }
+
+    #[test]
+    fn custom_pointers_come_first_and_filter_events() {
+        let paths = UsagePaths::new(vec!["/meta/in".into()], vec!["/meta/out".into(), "/usage/completion_tokens".into()], vec![]).unwrap();
+        let body = b"data: {\"meta\":{\"in\":7,\"out\":9}}\n\ndata: {\"other\":1}\n\n";
+        let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::EventStream, Encoding::Identity, paths.clone(), 1 << 16);
+        x.feed(body);
+        let got = x.finish().unwrap();
+        assert_eq!((got.prompt, got.completion, got.tokens(TokenCategory::Total)), (Some(7), Some(9), Some(16)));
+        assert!(UsagePaths::new(vec!["usage".into()], vec![], vec![]).is_err());
+    }
+
+    #[test]
+    fn compressed_bodies_are_read_from_a_decompressed_copy() {
+        use flate2::write::{GzEncoder, ZlibEncoder};
+        let body = br#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#;
+        let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gz.write_all(body).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut zl = ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zl.write_all(body).unwrap();
+        let zl = zl.finish().unwrap();
+        for (enc, bytes) in [(Encoding::Gzip, gz), (Encoding::Deflate, zl)] {
+            for cut in 0..=bytes.len() {
+                let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::Json, enc, UsagePaths::default(), 1 << 16);
+                x.feed(&bytes[..cut]);
+                x.feed(&bytes[cut..]);
+                assert_eq!(x.finish(), u(3, 4, Some(7)), "{enc:?} cut {cut}");
+                assert_eq!(x.body_bytes(), body.len() as u64);
+            }
+        }
+        // Garbage that claims to be gzip yields nothing, and never panics.
+        let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::Json, Encoding::Gzip, UsagePaths::default(), 1 << 16);
+        x.feed(b"\x1f\x8b\x08\x00garbage garbage");
+        assert_eq!(x.finish(), None);
+        assert!(x.overflowed());
+    }
+
+    #[test]
+    fn a_decompression_bomb_stays_bounded() {
+        use flate2::write::GzEncoder;
+        let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(&vec![b' '; 8 << 20]).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::Json, Encoding::Gzip, UsagePaths::default(), 1 << 20);
+        for chunk in gz.chunks(1024) {
+            x.feed(chunk);
+        }
+        assert_eq!(x.finish(), None);
+        assert!(x.overflowed());
+        assert!(x.buffer.capacity() <= 2 << 20);
     }
 
     #[test]
@@ -319,41 +768,35 @@ mod tests {
             assert!(from_json(&body).and_then(|u| u.total).is_some());
         }
         if let Some(body) = sample("llama-server/chat-stream-include-usage.sse") {
-            let mut x = UsageExtractor::new(BodyFormat::EventStream, 1 << 16);
+            let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::EventStream, Encoding::Identity, UsagePaths::default(), 1 << 16);
             for chunk in body.chunks(7) {
                 x.feed(chunk);
             }
             let u = x.finish().expect("usage in the include_usage stream");
-            assert_eq!(
-                u.total,
-                Some(u.prompt.unwrap_or(0) + u.completion.unwrap_or(0))
-            );
+            assert_eq!(u.total, Some(u.prompt.unwrap_or(0) + u.completion.unwrap_or(0)));
         }
         if let Some(body) = sample("llama-cpp-python/chat-stream.sse") {
-            let mut x = UsageExtractor::new(BodyFormat::EventStream, 1 << 16);
+            let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::EventStream, Encoding::Identity, UsagePaths::default(), 1 << 16);
             x.feed(&body);
-            assert_eq!(
-                x.finish(),
-                None,
-                "this server sends no usage when streaming"
-            );
+            assert_eq!(x.finish(), None, "this server sends no usage when streaming");
         }
     }
 
     #[test]
-    fn content_types() {
-        assert_eq!(
-            BodyFormat::from_content_type(Some("application/json; charset=utf-8")),
-            BodyFormat::Json
-        );
-        assert_eq!(
-            BodyFormat::from_content_type(Some("text/event-stream")),
-            BodyFormat::EventStream
-        );
-        assert_eq!(
-            BodyFormat::from_content_type(Some("text/plain")),
-            BodyFormat::Other
-        );
+    fn accept_encoding_keeps_only_readable_codings() {
+        assert_eq!(readable_accept_encoding("gzip, deflate, br, zstd"), Some("gzip, deflate, br".into()));
+        assert_eq!(readable_accept_encoding("zstd;q=1.0, gzip;q=0.5"), Some("gzip;q=0.5".into()));
+        assert_eq!(readable_accept_encoding("zstd, *"), None);
+    }
+
+    #[test]
+    fn content_types_and_encodings() {
+        assert_eq!(BodyFormat::from_content_type(Some("application/json; charset=utf-8")), BodyFormat::Json);
+        assert_eq!(BodyFormat::from_content_type(Some("text/event-stream")), BodyFormat::EventStream);
+        assert_eq!(BodyFormat::from_content_type(Some("text/plain")), BodyFormat::Other);
         assert_eq!(BodyFormat::from_content_type(None), BodyFormat::Other);
+        assert_eq!(Encoding::from_header(Some("GZIP")), Encoding::Gzip);
+        assert_eq!(Encoding::from_header(None), Encoding::Identity);
+        assert_eq!(Encoding::from_header(Some("zstd")), Encoding::Unsupported);
     }
 }
