@@ -16,8 +16,13 @@ use chrono::{DateTime, FixedOffset};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// The CEL function that reads the request body as JSON: `requestBodyJSON('/model')` (a
+/// constant JSON pointer) is compiled into an attribute of this name.
+pub const REQUEST_BODY_JSON: &str = "requestBodyJSON";
+
 /// Root variables of the attribute vocabulary; any other identifier is not an attribute.
-pub const ROOTS: [&str; 9] = [
+pub const ROOTS: [&str; 10] = [
+    REQUEST_BODY_JSON,
     "request",
     "source",
     "destination",
@@ -47,6 +52,8 @@ pub enum Source {
     RequestHeaders,
     /// `get_property(path)`, decoded as `kind`.
     Property { path: Vec<String>, kind: Kind },
+    /// The value at a JSON pointer in the request body (parsed once per request).
+    RequestBodyJson(String),
 }
 
 /// One attribute an expression reads: its CEL path (e.g. `["auth", "identity", "userid"]`)
@@ -78,6 +85,12 @@ impl Attribute {
         let root = cel_path.first()?.as_str();
         if cel_path.len() < 2 {
             return None;
+        }
+        if root == REQUEST_BODY_JSON {
+            return Some(Attribute {
+                cel_path: cel_path[..2].to_vec(),
+                source: Source::RequestBodyJson(cel_path[1].clone()),
+            });
         }
         if root == "request" && cel_path[1] == "headers" {
             return Some(Attribute {
@@ -119,6 +132,37 @@ pub trait AttributeHost {
     fn property(&mut self, path: &[&str]) -> Option<Vec<u8>>;
     /// All request headers (name lowercase, value as bytes).
     fn request_headers(&mut self) -> Vec<(String, Vec<u8>)>;
+    /// The value at `pointer` (RFC 6901) in the request body parsed as JSON; `None` when there
+    /// is no body, it is not JSON, or nothing is there.
+    fn request_body_json(&mut self, _pointer: &str) -> Option<serde_json::Value> {
+        None
+    }
+}
+
+/// A JSON value as a CEL value (objects become maps with string keys).
+pub fn json_to_cel(v: serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(b),
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Value::Int(i)
+            } else if let Some(u) = n.as_u64() {
+                Value::UInt(u)
+            } else {
+                Value::Float(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        serde_json::Value::String(s) => Value::String(Arc::new(s)),
+        serde_json::Value::Array(items) => Value::List(Arc::new(items.into_iter().map(json_to_cel).collect())),
+        serde_json::Value::Object(map) => {
+            let map: HashMap<Key, Value> = map
+                .into_iter()
+                .map(|(k, v)| (Key::String(Arc::new(k)), json_to_cel(v)))
+                .collect();
+            Value::Map(Map { map: Arc::new(map) })
+        }
+    }
 }
 
 /// Fetches an attribute's value from the host. `None` when the host has no value or its bytes
@@ -150,6 +194,7 @@ pub fn fetch(attr: &Attribute, host: &mut dyn AttributeHost) -> Option<Value> {
             let bytes = host.property(&segments)?;
             decode(&bytes, *kind)
         }
+        Source::RequestBodyJson(pointer) => host.request_body_json(pointer).map(json_to_cel),
     }
 }
 

@@ -115,6 +115,8 @@ pub struct PluginConfig {
     pub reporting: ReportingConfig,
     #[serde(default)]
     pub usage: UsageConfig,
+    #[serde(default)]
+    pub request_body: RequestBodyConfig,
     /// Named limits; the names become descriptor entries `limit.<name>`.
     pub limits: BTreeMap<String, LimitConfig>,
 }
@@ -238,6 +240,42 @@ pub struct UsageConfig {
     /// (default 4 MiB).
     #[serde(default = "default_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Add `stream_options.include_usage: true` to OpenAI streaming requests that lack it
+    /// (default true), so that streamed responses report usage.
+    #[serde(default = "default_true")]
+    pub inject_stream_usage: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// How the request body is read (for `requestBodyJSON()` and `include_usage` injection).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestBodyConfig {
+    /// Most request body bytes buffered (default 1 MiB, Envoy's default buffer limit). A larger
+    /// body passes unmodified, and `requestBodyJSON()` finds nothing in it.
+    #[serde(default = "default_max_request_body_bytes")]
+    pub max_bytes: usize,
+    /// Must mirror `allow_on_headers_stop_iteration: true` in Envoy's Wasm plugin configuration
+    /// (Envoy 1.35 and later): with it the filter can read the body before the request's headers
+    /// go upstream, which `requestBodyJSON()` needs. Default false.
+    #[serde(default)]
+    pub allow_on_headers_stop_iteration: bool,
+}
+
+fn default_max_request_body_bytes() -> usize {
+    1 << 20
+}
+
+impl Default for RequestBodyConfig {
+    fn default() -> Self {
+        RequestBodyConfig {
+            max_bytes: default_max_request_body_bytes(),
+            allow_on_headers_stop_iteration: false,
+        }
+    }
 }
 
 fn default_max_body_bytes() -> usize {
@@ -251,6 +289,7 @@ impl Default for UsageConfig {
             fallback: Fallback::default(),
             fixed_tokens: 0,
             max_body_bytes: default_max_body_bytes(),
+            inject_stream_usage: true,
         }
     }
 }

@@ -8,6 +8,7 @@
 use crate::attributes::AttributeHost;
 use crate::config::TokenCategory;
 use crate::flow::{Charge, RequestFlow, ServiceFailure, Verdict};
+use crate::usage::Format;
 use crate::policy::Policy;
 use crate::reports::{ReportOutcome, ReportQueue};
 use log::{debug, error, info, warn};
@@ -24,7 +25,9 @@ use std::rc::Rc;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root::default()) });
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root { context_id, ..Root::default() })
+    });
 }}
 
 /// Counter names, as they appear in Envoy's stats (Envoy may prefix them, e.g. `wasmcustom.`).
@@ -39,6 +42,8 @@ mod metric {
     pub const USAGE_MISSING: &str = "token_ratelimit.usage_missing";
     pub const USAGE_ESTIMATED: &str = "token_ratelimit.usage_estimated";
     pub const USAGE_FIXED: &str = "token_ratelimit.usage_fixed";
+    pub const USAGE_INJECTED: &str = "token_ratelimit.usage_requested";
+    pub const BODY_TIMEOUTS: &str = "token_ratelimit.request_body_timeouts";
     pub const REPORTS_SENT: &str = "token_ratelimit.reports_sent";
     pub const REPORTS_RETRIED: &str = "token_ratelimit.reports_retried";
     pub const REPORTS_DROPPED: &str = "token_ratelimit.reports_dropped";
@@ -82,12 +87,21 @@ struct Shared {
     metrics: Metrics,
     /// Expressions whose failure was already logged at warn level.
     warned: HashSet<String>,
+    /// HTTP contexts holding their headers for a body that has not shown up yet, with the
+    /// number of ticks waited.
+    awaiting_body: Vec<(u32, u32)>,
+    /// HTTP contexts whose headers the root context released after waiting too long.
+    released: HashSet<u32>,
 }
+
+/// How long a request may hold its headers waiting for its first body chunk (Evaluate mode).
+const BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 type SharedRef = Rc<RefCell<Shared>>;
 
 #[derive(Default)]
 struct Root {
+    context_id: u32,
     policy: Option<Rc<Policy>>,
     shared: SharedRef,
 }
@@ -117,6 +131,41 @@ fn record_report_outcome(shared: &mut Shared, outcome: ReportOutcome, status_cod
             shared.metrics.inc(metric::REPORTS_DROPPED);
             shared.metrics.add(metric::TOKENS_DROPPED, u64::from(hits));
         }
+    }
+}
+
+impl Root {
+    /// Requests that wait for a body Envoy does not deliver while their headers are held
+    /// (Envoy without allow_on_headers_stop_iteration) are released rather than left hanging.
+    fn release_stuck_requests(&mut self, policy: &Policy) {
+        let period = policy.service.flush_period.as_millis().max(1);
+        let limit = (BODY_WAIT.as_millis() / period).max(1) as u32;
+        let mut shared = self.shared.borrow_mut();
+        if shared.awaiting_body.is_empty() {
+            return;
+        }
+        let mut stuck = Vec::new();
+        shared.awaiting_body.retain_mut(|(id, ticks)| {
+            *ticks += 1;
+            if *ticks >= limit {
+                stuck.push(*id);
+                false
+            } else {
+                true
+            }
+        });
+        for id in stuck {
+            error!(
+                "request {id}: no body while its headers were held; is allow_on_headers_stop_iteration: true \
+                 set in Envoy's Wasm plugin configuration? Releasing it; it is checked when its body arrives"
+            );
+            shared.metrics.inc(metric::BODY_TIMEOUTS);
+            shared.released.insert(id);
+            if hostcalls::set_effective_context(id).is_ok() {
+                let _ = hostcalls::resume_http_request();
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
     }
 }
 
@@ -156,6 +205,7 @@ impl RootContext for Root {
         let Some(policy) = self.policy.clone() else {
             return;
         };
+        self.release_stuck_requests(&policy);
         let batch = self.shared.borrow_mut().queue.take_batch();
         for report in batch {
             let request = RateLimitRequest {
@@ -187,12 +237,19 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
+            context_id,
             policy: self.policy.clone(),
             shared: self.shared.clone(),
             flow: RequestFlow::default(),
             check_token: None,
+            path: String::new(),
+            body_mode: BodyMode::PassThrough,
+            buffered: 0,
+            headers_released: false,
+            resume_when_body_done: false,
+            body_json: None,
         }))
     }
 
@@ -201,23 +258,51 @@ impl RootContext for Root {
     }
 }
 
+/// What the filter does with the request body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyMode {
+    /// Count its bytes only.
+    PassThrough,
+    /// Hold it until complete, then evaluate the policy (`requestBodyJSON()`) and check.
+    Evaluate,
+    /// Hold it until complete, then add `stream_options.include_usage`.
+    Inject,
+}
+
 struct Http {
+    context_id: u32,
     policy: Option<Rc<Policy>>,
     shared: SharedRef,
     flow: RequestFlow,
     check_token: Option<u32>,
+    path: String,
+    body_mode: BodyMode,
+    /// Bytes Envoy holds for us (we paused body iteration).
+    buffered: usize,
+    /// The request's headers went on (returned Continue or resumed).
+    headers_released: bool,
+    /// The check allowed the request while its body was still being held.
+    resume_when_body_done: bool,
+    /// The request body parsed as JSON (for `requestBodyJSON()`).
+    body_json: Option<serde_json::Value>,
 }
 
-/// Attributes read through host calls.
-struct HostAttributes;
+/// Attributes read through host calls (and the parsed request body).
+struct HostAttributes<'a> {
+    body: Option<&'a serde_json::Value>,
+}
 
-impl AttributeHost for HostAttributes {
+impl AttributeHost for HostAttributes<'_> {
     fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
         hostcalls::get_property(path.to_vec()).ok().flatten()
     }
 
     fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
         hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+    }
+
+    fn request_body_json(&mut self, pointer: &str) -> Option<serde_json::Value> {
+        self.body?.pointer(pointer).cloned()
     }
 }
 
@@ -256,10 +341,19 @@ impl Http {
         drop(shared);
         match reply {
             None if paused => {
-                self.resume_http_request();
+                if self.body_mode != BodyMode::PassThrough && self.buffered > 0 && !self.headers_released {
+                    // The body is being held for a rewrite: let it all go at its end.
+                    self.resume_when_body_done = true;
+                } else {
+                    self.headers_released = true;
+                    self.resume_http_request();
+                }
                 Action::Continue
             }
-            None => Action::Continue,
+            None => {
+                self.headers_released = true;
+                Action::Continue
+            }
             Some(reply) => {
                 let headers: Vec<(&str, &str)> = reply
                     .headers
@@ -270,6 +364,101 @@ impl Http {
                 Action::Pause
             }
         }
+    }
+
+    /// Evaluates the policy and dispatches the check. `complete`: the request has no more
+    /// body to come; `body`: the complete body in hand (Evaluate mode), rewritten in place.
+    fn check(&mut self, policy: &Rc<Policy>, complete: bool, body: Option<&mut Vec<u8>>) -> Action {
+        let decision = policy.evaluate(&mut HostAttributes {
+            body: self.body_json.as_ref(),
+        });
+        if !decision.errors.is_empty() {
+            let mut shared = self.shared.borrow_mut();
+            for e in &decision.errors {
+                shared.metrics.inc(metric::EXPRESSION_ERRORS);
+                let key = format!("{}\u{0}{}", e.limit, e.expression);
+                if shared.warned.insert(key) {
+                    warn!("{e} (the limit does not apply; logged once, then at debug level)");
+                } else {
+                    debug!("{e}");
+                }
+            }
+        }
+        let (flow, check) = RequestFlow::start(policy, decision, &self.path);
+        self.flow = flow;
+        let Some(bytes) = check else {
+            return self.release_body();
+        };
+        // Ask the upstream only for encodings whose usage can be read (a copy is decompressed;
+        // the client still gets the encoding it accepts).
+        if let Some(accept) = self.get_http_request_header("accept-encoding") {
+            match crate::usage::readable_accept_encoding(&accept) {
+                Some(kept) if kept == accept => {}
+                Some(kept) => self.set_http_request_header("accept-encoding", Some(&kept)),
+                None => self.set_http_request_header("accept-encoding", None),
+            }
+        }
+        if policy.usage.inject_stream_usage && Format::is_openai_streaming(&self.path) && self.is_json_post() {
+            match body {
+                Some(body) => self.inject(body),
+                None if !complete => {
+                    // The body may change length: let Envoy frame it (chunked) instead of a
+                    // content-length that could turn stale.
+                    self.set_http_request_header("content-length", None);
+                    self.body_mode = BodyMode::Inject;
+                }
+                None => {}
+            }
+        }
+        self.shared.borrow_mut().metrics.inc(metric::CHECKED);
+        match self.dispatch_grpc_call(
+            &policy.service.cluster,
+            KUADRANT_SERVICE,
+            CHECK_RATE_LIMIT,
+            Vec::new(),
+            Some(&bytes),
+            policy.service.timeout,
+        ) {
+            Ok(token) => {
+                self.check_token = Some(token);
+                Action::Pause
+            }
+            Err(status) => {
+                let failure = ServiceFailure::Dispatch(format!("{status:?}"));
+                let verdict = self.flow.on_check_reply(policy, Err(failure));
+                self.apply(verdict, false)
+            }
+        }
+    }
+
+    fn is_json_post(&self) -> bool {
+        let method = self.get_http_request_header(":method").unwrap_or_default();
+        let content_type = self.get_http_request_header("content-type").unwrap_or_default();
+        method.eq_ignore_ascii_case("POST") && content_type.to_ascii_lowercase().contains("json")
+    }
+
+    /// Adds `stream_options.include_usage` to the complete request body in hand.
+    fn inject(&mut self, body: &mut Vec<u8>) {
+        if let Some(new) = crate::usage::inject_include_usage(body) {
+            debug!("added stream_options.include_usage to the request");
+            self.set_http_request_body(0, body.len(), &new);
+            if !self.headers_released {
+                self.set_http_request_header("content-length", Some(&new.len().to_string()));
+            }
+            self.shared.borrow_mut().metrics.inc(metric::USAGE_INJECTED);
+            *body = new;
+        }
+    }
+
+    /// The body may go on: continue now, unless the check is still pending (the reply resumes)
+    /// or was allowed while the body was held (continue it all now).
+    fn release_body(&mut self) -> Action {
+        if self.check_token.is_some() && !self.headers_released {
+            return Action::Pause;
+        }
+        self.resume_when_body_done = false;
+        self.headers_released = true;
+        Action::Continue
     }
 
     fn finish(&mut self) {
@@ -333,56 +522,68 @@ impl Context for Http {
 }
 
 impl HttpContext for Http {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
-        let decision = policy.evaluate(&mut HostAttributes);
-        if !decision.errors.is_empty() {
-            let mut shared = self.shared.borrow_mut();
-            for e in &decision.errors {
-                shared.metrics.inc(metric::EXPRESSION_ERRORS);
-                let key = format!("{}\u{0}{}", e.limit, e.expression);
-                if shared.warned.insert(key) {
-                    warn!("{e} (the limit does not apply; logged once, then at debug level)");
-                } else {
-                    debug!("{e}");
-                }
-            }
+        self.path = self.get_http_request_header(":path").unwrap_or_default();
+        if policy.needs_body && !end_of_stream {
+            // Evaluated when the body is complete (Envoy delivers it while the headers are held,
+            // with allow_on_headers_stop_iteration). The root context releases a request whose
+            // body never shows up, so that a misconfigured Envoy cannot hang it.
+            self.body_mode = BodyMode::Evaluate;
+            self.shared.borrow_mut().awaiting_body.push((self.context_id, 0));
+            return Action::Pause;
         }
-        let path = self.get_http_request_header(":path").unwrap_or_default();
-        let (flow, check) = RequestFlow::start(&policy, decision, &path);
-        self.flow = flow;
-        let Some(bytes) = check else {
+        self.check(&policy, end_of_stream, None)
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let new_bytes = body_size.saturating_sub(self.buffered);
+        self.flow.on_request_body_len(new_bytes);
+        let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
-        // Ask the upstream only for encodings whose usage can be read (a copy is decompressed;
-        // the client still gets the encoding it accepts).
-        if let Some(accept) = self.get_http_request_header("accept-encoding") {
-            match crate::usage::readable_accept_encoding(&accept) {
-                Some(kept) if kept == accept => {}
-                Some(kept) => self.set_http_request_header("accept-encoding", Some(&kept)),
-                None => self.set_http_request_header("accept-encoding", None),
+        if self.body_mode == BodyMode::PassThrough {
+            return Action::Continue;
+        }
+        {
+            let mut shared = self.shared.borrow_mut();
+            shared.awaiting_body.retain(|(id, _)| *id != self.context_id);
+            if shared.released.remove(&self.context_id) {
+                self.headers_released = true;
             }
         }
-        self.shared.borrow_mut().metrics.inc(metric::CHECKED);
-        match self.dispatch_grpc_call(
-            &policy.service.cluster,
-            KUADRANT_SERVICE,
-            CHECK_RATE_LIMIT,
-            Vec::new(),
-            Some(&bytes),
-            policy.service.timeout,
-        ) {
-            Ok(token) => {
-                self.check_token = Some(token);
-                Action::Pause
+        if !end_of_stream {
+            if self.body_mode == BodyMode::Inject && body_size > policy.usage.max_request_body_bytes {
+                debug!("request body over requestBody.maxBytes: include_usage not added");
+                self.body_mode = BodyMode::PassThrough;
+                self.buffered = 0;
+                return self.release_body();
             }
-            Err(status) => {
-                let failure = ServiceFailure::Dispatch(format!("{status:?}"));
-                let verdict = self.flow.on_check_reply(&policy, Err(failure));
-                self.apply(verdict, false)
+            // Hold it (Envoy buffers) until it is complete.
+            self.buffered = body_size;
+            return Action::Pause;
+        }
+        let mut body = self.get_http_request_body(0, body_size).unwrap_or_default();
+        self.buffered = 0;
+        match self.body_mode {
+            BodyMode::Evaluate => {
+                self.body_mode = BodyMode::PassThrough;
+                self.body_json = serde_json::from_slice(&body).ok();
+                // The whole request is here: inject now if the policy allows it.
+                let action = self.check(&policy, true, Some(&mut body));
+                if matches!(action, Action::Continue) {
+                    self.headers_released = true;
+                }
+                action
             }
+            BodyMode::Inject => {
+                self.body_mode = BodyMode::PassThrough;
+                self.inject(&mut body);
+                self.release_body()
+            }
+            BodyMode::PassThrough => Action::Continue,
         }
     }
 
@@ -399,10 +600,6 @@ impl HttpContext for Http {
         Action::Continue
     }
 
-    fn on_http_request_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
-        self.flow.on_request_body_len(body_size);
-        Action::Continue
-    }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if self.flow.wants_body() && body_size > 0 {
@@ -417,6 +614,11 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        {
+            let mut shared = self.shared.borrow_mut();
+            shared.awaiting_body.retain(|(id, _)| *id != self.context_id);
+            shared.released.remove(&self.context_id);
+        }
         // After an abort (client gone, upstream reset) the stream never reached its end: what
         // arrived is accounted here. `finish` is idempotent.
         self.finish();

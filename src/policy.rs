@@ -80,12 +80,20 @@ pub struct UsageSettings {
     pub fallback: Fallback,
     pub fixed_tokens: u64,
     pub max_body_bytes: usize,
+    pub inject_stream_usage: bool,
+    /// Most request body bytes buffered.
+    pub max_request_body_bytes: usize,
+    /// Envoy lets the filter read the body while the headers are held.
+    pub allow_on_headers_stop_iteration: bool,
 }
 
 /// The compiled plugin configuration.
 pub struct Policy {
     pub service: ServiceSettings,
     pub usage: UsageSettings,
+    /// Some expression reads the request body (`requestBodyJSON()`): the policy is evaluated
+    /// once the body is complete.
+    pub needs_body: bool,
     /// Limits in name order.
     pub limits: Vec<Limit>,
     /// Every attribute any expression reads, deduplicated.
@@ -192,6 +200,9 @@ impl Policy {
             fallback: u.fallback,
             fixed_tokens: u.fixed_tokens,
             max_body_bytes: u.max_body_bytes,
+            inject_stream_usage: u.inject_stream_usage,
+            max_request_body_bytes: cfg.request_body.max_bytes,
+            allow_on_headers_stop_iteration: cfg.request_body.allow_on_headers_stop_iteration,
         };
         if u.fallback == Fallback::Fixed && u.fixed_tokens == 0 {
             return Err(field("usage.fixedTokens", "must be greater than 0 with `fallback: fixed`"));
@@ -212,6 +223,7 @@ impl Policy {
             let expr = cel_parser::parse(&source)
                 .map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
             let expr = checked_arithmetic(expr);
+            let expr = body_json_as_attribute(expr).map_err(|e| field(&at, e))?;
             let mut paths = Vec::new();
             collect_paths(&expr, &mut paths);
             let mut indices = Vec::new();
@@ -291,9 +303,20 @@ impl Policy {
                 tokens: limit.tokens,
             });
         }
+        let needs_body = attributes
+            .iter()
+            .any(|a| matches!(a.source, attributes::Source::RequestBodyJson(_)));
+        if needs_body && !usage.allow_on_headers_stop_iteration {
+            return Err(field(
+                "requestBody.allowOnHeadersStopIteration",
+                "requestBodyJSON() reads the body before the request goes upstream: set it to true, \
+                 and set allow_on_headers_stop_iteration: true in Envoy's Wasm plugin configuration (Envoy 1.35+)",
+            ));
+        }
         Ok(Policy {
             service,
             usage,
+            needs_body,
             limits,
             attributes,
             context: root_context(),
@@ -615,6 +638,65 @@ fn attribute_path(e: &Expression) -> Option<Vec<String>> {
         }
         _ => None,
     }
+}
+
+/// Rewrites `requestBodyJSON('/pointer')` into the attribute `requestBodyJSON['/pointer']`, so
+/// that it is fetched (the body parsed once) like any other attribute. The argument must be a
+/// constant string holding a JSON pointer.
+fn body_json_as_attribute(e: Expression) -> Result<Expression, String> {
+    let rec = |e: Box<Expression>| body_json_as_attribute(*e).map(Box::new);
+    Ok(match e {
+        Expression::FunctionCall(f, None, args)
+            if matches!(f.as_ref(), Expression::Ident(n) if n.as_str() == attributes::REQUEST_BODY_JSON) =>
+        {
+            match args.as_slice() {
+                [Expression::Atom(Atom::String(p))] if p.is_empty() || p.starts_with('/') => Expression::Member(
+                    f,
+                    Box::new(Member::Index(Box::new(Expression::Atom(Atom::String(p.clone()))))),
+                ),
+                _ => {
+                    return Err(format!(
+                        "{}() takes one constant JSON pointer, e.g. requestBodyJSON('/model')",
+                        attributes::REQUEST_BODY_JSON
+                    ))
+                }
+            }
+        }
+        Expression::Arithmetic(l, op, r) => Expression::Arithmetic(rec(l)?, op, rec(r)?),
+        Expression::Relation(l, op, r) => Expression::Relation(rec(l)?, op, rec(r)?),
+        Expression::Ternary(c, t, f) => Expression::Ternary(rec(c)?, rec(t)?, rec(f)?),
+        Expression::Or(l, r) => Expression::Or(rec(l)?, rec(r)?),
+        Expression::And(l, r) => Expression::And(rec(l)?, rec(r)?),
+        Expression::Unary(op, x) => Expression::Unary(op, rec(x)?),
+        Expression::Member(t, m) => {
+            let m = match *m {
+                Member::Index(i) => Member::Index(rec(i)?),
+                Member::Fields(fields) => Member::Fields(
+                    fields
+                        .into_iter()
+                        .map(|(k, v)| body_json_as_attribute(v).map(|v| (k, v)))
+                        .collect::<Result<_, _>>()?,
+                ),
+                attr @ Member::Attribute(_) => attr,
+            };
+            Expression::Member(rec(t)?, Box::new(m))
+        }
+        Expression::FunctionCall(f, t, args) => Expression::FunctionCall(
+            rec(f)?,
+            t.map(rec).transpose()?,
+            args.into_iter().map(body_json_as_attribute).collect::<Result<_, _>>()?,
+        ),
+        Expression::List(items) => {
+            Expression::List(items.into_iter().map(body_json_as_attribute).collect::<Result<_, _>>()?)
+        }
+        Expression::Map(entries) => Expression::Map(
+            entries
+                .into_iter()
+                .map(|(k, v)| Ok((body_json_as_attribute(k)?, body_json_as_attribute(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        leaf @ (Expression::Atom(_) | Expression::Ident(_)) => leaf,
+    })
 }
 
 /// Name of the function that replaces `/` (see [`checked_arithmetic`]).
@@ -987,6 +1069,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn request_body_json_is_an_attribute() {
+        struct BodyHost(serde_json::Value);
+        impl AttributeHost for BodyHost {
+            fn property(&mut self, _: &[&str]) -> Option<Vec<u8>> {
+                None
+            }
+            fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
+                Vec::new()
+            }
+            fn request_body_json(&mut self, pointer: &str) -> Option<serde_json::Value> {
+                self.0.pointer(pointer).cloned()
+            }
+        }
+        let cfg = r#"{"rateLimitService": {"cluster": "c", "domain": "d"}, "requestBody": {"allowOnHeadersStopIteration": true},
+          "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}],
+            "when": [{"predicate": "requestBodyJSON('/model').startsWith('gpt-')"}],
+            "counters": [{"expression": "requestBodyJSON('/model')"}, {"expression": "requestBodyJSON('/n') + 1"}]}}}"#;
+        let p = Policy::from_json(cfg.as_bytes()).unwrap();
+        assert!(p.needs_body);
+        let d = p.evaluate(&mut BodyHost(serde_json::json!({"model": "gpt-4o", "n": 2})));
+        assert_eq!(d.errors, vec![]);
+        assert_eq!(d.applied[0].counters[0], ("requestBodyJSON('/model')".to_string(), "gpt-4o".to_string()));
+        assert_eq!(d.applied[0].counters[1].1, "3");
+        assert!(p.evaluate(&mut BodyHost(serde_json::json!({"model": "llama"}))).applied.is_empty());
+        // Without Envoy's knob the policy is refused; a non-constant pointer is refused.
+        let e = refused(&cfg.replace(r#""allowOnHeadersStopIteration": true"#, r#""maxBytes": 10"#));
+        assert_eq!(e.field, "requestBody.allowOnHeadersStopIteration");
+        let e = refused(&cfg.replace("requestBodyJSON('/model').startsWith", "requestBodyJSON(request.path).startsWith"));
+        assert_eq!(e.field, "limits.l.when[0].predicate");
     }
 
     fn refused(cfg: &str) -> ConfigError {

@@ -329,6 +329,29 @@ pub fn readable_accept_encoding(value: &str) -> Option<String> {
     (!kept.is_empty()).then(|| kept.join(", "))
 }
 
+/// Adds `stream_options.include_usage: true` to an OpenAI request body that asks for
+/// `"stream": true` without it. Returns the new body, or `None` when nothing is to change
+/// (not JSON, not streaming, usage already requested).
+pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let mut doc: Value = serde_json::from_slice(body).ok()?;
+    let obj = doc.as_object_mut()?;
+    if obj.get("stream") != Some(&Value::Bool(true)) {
+        return None;
+    }
+    let options = obj
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(serde_json::Map::new()));
+    if !options.is_object() {
+        *options = Value::Object(serde_json::Map::new());
+    }
+    let options = options.as_object_mut()?;
+    if options.get("include_usage") == Some(&Value::Bool(true)) {
+        return None;
+    }
+    options.insert("include_usage".into(), Value::Bool(true));
+    serde_json::to_vec(&doc).ok()
+}
+
 /// A sink that keeps what a decoder writes, for the extractor to take.
 #[derive(Default)]
 struct Sink(Vec<u8>);
@@ -780,6 +803,22 @@ mod tests {
             x.feed(&body);
             assert_eq!(x.finish(), None, "this server sends no usage when streaming");
         }
+    }
+
+    #[test]
+    fn include_usage_is_injected_only_into_streaming_requests_without_it() {
+        let out = inject_include_usage(br#"{"model":"m","stream":true,"messages":[]}"#).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        assert_eq!(v["model"], "m");
+        let out = inject_include_usage(br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#).unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
+        assert_eq!(inject_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#), None);
+        assert_eq!(inject_include_usage(br#"{"stream":false}"#), None);
+        assert_eq!(inject_include_usage(br#"{"model":"m"}"#), None);
+        assert_eq!(inject_include_usage(b"[1,2]"), None);
+        assert_eq!(inject_include_usage(b"\xff not json"), None);
     }
 
     #[test]
