@@ -9,7 +9,7 @@ use crate::attributes::AttributeHost;
 use crate::config::TokenCategory;
 use crate::flow::{Charge, RequestFlow, ServiceFailure, Verdict};
 use crate::usage::Format;
-use crate::policy::Policy;
+use crate::policy::{Decision, Policy};
 use crate::reports::{ReportOutcome, ReportQueue};
 use log::{debug, error, info, warn};
 use prost::Message;
@@ -90,8 +90,11 @@ struct Shared {
     /// HTTP contexts holding their headers for a body that has not shown up yet, with the
     /// number of ticks waited.
     awaiting_body: Vec<(u32, u32)>,
-    /// HTTP contexts whose headers the root context released after waiting too long.
+    /// HTTP contexts the root context released (or refused) after waiting too long for their
+    /// body; they stay out of the way for the rest of their life.
     released: HashSet<u32>,
+    /// Envoy was seen not to deliver bodies while headers are held.
+    body_unavailable: bool,
 }
 
 /// How long a request may hold its headers waiting for its first body chunk (Evaluate mode).
@@ -154,15 +157,33 @@ impl Root {
                 true
             }
         });
-        for id in stuck {
+        let deny = policy.service.failure_mode == crate::config::FailureMode::Deny;
+        for &id in &stuck {
             error!(
-                "request {id}: no body while its headers were held; is allow_on_headers_stop_iteration: true \
-                 set in Envoy's Wasm plugin configuration? Releasing it; it is checked when its body arrives"
+                "request {id}: no body while its headers were held: Envoy needs allow_on_headers_stop_iteration: true \
+                 in its Wasm plugin configuration for requestBodyJSON(); request {} (failure mode), \
+                 and later requests are evaluated without their body",
+                if deny { "refused" } else { "released unchecked" }
             );
             shared.metrics.inc(metric::BODY_TIMEOUTS);
             shared.released.insert(id);
+            shared.body_unavailable = true;
+        }
+        // Replying or resuming calls back into this VM (the stream's callbacks, which then do
+        // nothing): no borrow may be held.
+        drop(shared);
+        let reply = crate::flow::error_body(
+            "The token rate limiter could not read the request body (Envoy lacks allow_on_headers_stop_iteration).",
+            "server_error",
+            "rate_limit_body_unavailable",
+        );
+        for id in stuck {
             if hostcalls::set_effective_context(id).is_ok() {
-                let _ = hostcalls::resume_http_request();
+                if deny {
+                    let _ = hostcalls::send_http_response(500, vec![("content-type", "application/json")], Some(&reply));
+                } else {
+                    let _ = hostcalls::resume_http_request();
+                }
             }
         }
         let _ = hostcalls::set_effective_context(self.context_id);
@@ -250,6 +271,7 @@ impl RootContext for Root {
             headers_released: false,
             resume_when_body_done: false,
             body_json: None,
+            released: false,
         }))
     }
 
@@ -285,6 +307,8 @@ struct Http {
     resume_when_body_done: bool,
     /// The request body parsed as JSON (for `requestBodyJSON()`).
     body_json: Option<serde_json::Value>,
+    /// Released (or refused) by the root context: no more host calls for this stream.
+    released: bool,
 }
 
 /// Attributes read through host calls (and the parsed request body).
@@ -372,18 +396,7 @@ impl Http {
         let decision = policy.evaluate(&mut HostAttributes {
             body: self.body_json.as_ref(),
         });
-        if !decision.errors.is_empty() {
-            let mut shared = self.shared.borrow_mut();
-            for e in &decision.errors {
-                shared.metrics.inc(metric::EXPRESSION_ERRORS);
-                let key = format!("{}\u{0}{}", e.limit, e.expression);
-                if shared.warned.insert(key) {
-                    warn!("{e} (the limit does not apply; logged once, then at debug level)");
-                } else {
-                    debug!("{e}");
-                }
-            }
-        }
+        self.record_errors(&decision);
         let (flow, check) = RequestFlow::start(policy, decision, &self.path);
         self.flow = flow;
         let Some(bytes) = check else {
@@ -427,6 +440,32 @@ impl Http {
                 let failure = ServiceFailure::Dispatch(format!("{status:?}"));
                 let verdict = self.flow.on_check_reply(policy, Err(failure));
                 self.apply(verdict, false)
+            }
+        }
+    }
+
+    /// Whether the root context released this stream (see [`Shared::released`]).
+    fn is_released(&mut self) -> bool {
+        if !self.released {
+            let shared = self.shared.borrow();
+            self.released = !shared.released.is_empty() && shared.released.contains(&self.context_id);
+        }
+        self.released
+    }
+
+    /// Counts the expressions that failed, logging each at warn level once.
+    fn record_errors(&self, decision: &Decision) {
+        if decision.errors.is_empty() {
+            return;
+        }
+        let mut shared = self.shared.borrow_mut();
+        for e in &decision.errors {
+            shared.metrics.inc(metric::EXPRESSION_ERRORS);
+            let key = format!("{}\u{0}{}", e.limit, e.expression);
+            if shared.warned.insert(key) {
+                warn!("{e} (the limit does not apply; logged once, then at debug level)");
+            } else {
+                debug!("{e}");
             }
         }
     }
@@ -527,6 +566,20 @@ impl HttpContext for Http {
             return Action::Continue;
         };
         self.path = self.get_http_request_header(":path").unwrap_or_default();
+        if policy.needs_body && !end_of_stream && self.shared.borrow().body_unavailable {
+            // Envoy was seen not to deliver bodies while headers are held: the failure mode
+            // decides (allow: evaluate without the body, where requestBodyJSON() finds nothing).
+            if policy.service.failure_mode == crate::config::FailureMode::Deny {
+                let reply = crate::flow::error_body(
+                    "The token rate limiter cannot read the request body (Envoy lacks allow_on_headers_stop_iteration).",
+                    "server_error",
+                    "rate_limit_body_unavailable",
+                );
+                self.send_http_response(500, vec![("content-type", "application/json")], Some(&reply));
+                return Action::Pause;
+            }
+            return self.check(&policy, false, None);
+        }
         if policy.needs_body && !end_of_stream {
             // Evaluated when the body is complete (Envoy delivers it while the headers are held,
             // with allow_on_headers_stop_iteration). The root context releases a request whose
@@ -550,8 +603,14 @@ impl HttpContext for Http {
         {
             let mut shared = self.shared.borrow_mut();
             shared.awaiting_body.retain(|(id, _)| *id != self.context_id);
-            if shared.released.remove(&self.context_id) {
+            if shared.released.contains(&self.context_id) {
+                // Released by the root context: this callback runs inside its resume call,
+                // where Envoy answers no header or property call. The request goes on unchecked
+                // (logged and counted there).
+                self.released = true;
                 self.headers_released = true;
+                self.body_mode = BodyMode::PassThrough;
+                return Action::Continue;
             }
         }
         if !end_of_stream {
@@ -588,6 +647,9 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if self.is_released() {
+            return Action::Continue;
+        }
         for (k, v) in self.flow.response_headers().to_vec() {
             self.add_http_response_header(&k, &v);
         }
@@ -602,6 +664,9 @@ impl HttpContext for Http {
 
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.is_released() {
+            return Action::Continue;
+        }
         if self.flow.wants_body() && body_size > 0 {
             if let Some(chunk) = self.get_http_response_body(0, body_size) {
                 self.flow.on_response_body(&chunk);
@@ -617,7 +682,9 @@ impl HttpContext for Http {
         {
             let mut shared = self.shared.borrow_mut();
             shared.awaiting_body.retain(|(id, _)| *id != self.context_id);
-            shared.released.remove(&self.context_id);
+            if shared.released.remove(&self.context_id) {
+                return;
+            }
         }
         // After an abort (client gone, upstream reset) the stream never reached its end: what
         // arrived is accounted here. `finish` is idempotent.

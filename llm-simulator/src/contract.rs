@@ -108,20 +108,127 @@ pub fn embedding_inputs(body: &Value) -> Result<Vec<u64>, String> {
 /// (`null` counts as absent). `Ok(None)` when neither is given; `Err` when the value is not
 /// an integer in `0..=MAX_COMPLETION_TOKENS`.
 pub fn requested_completion_tokens(body: &Value) -> Result<Option<u64>, String> {
-    for field in ["max_completion_tokens", "max_tokens"] {
-        match body.get(field) {
+    requested_tokens(body, &["/max_completion_tokens", "/max_tokens"])
+}
+
+/// The completion length asked for by the first of `pointers` (JSON pointers into the body,
+/// e.g. `"/generationConfig/maxOutputTokens"`) that is present and not `null`. `Ok(None)`
+/// when none is; `Err` when the value is not an integer in `0..=MAX_COMPLETION_TOKENS`.
+pub fn requested_tokens(body: &Value, pointers: &[&str]) -> Result<Option<u64>, String> {
+    for pointer in pointers {
+        match body.pointer(pointer) {
             None | Some(Value::Null) => continue,
             Some(v) => {
                 return match v.as_u64() {
                     Some(n) if n <= MAX_COMPLETION_TOKENS => Ok(Some(n)),
                     _ => Err(format!(
-                        "'{field}' must be an integer between 0 and {MAX_COMPLETION_TOKENS}"
+                        "'{}' must be an integer between 0 and {MAX_COMPLETION_TOKENS}",
+                        pointer.trim_start_matches('/').replace('/', ".")
                     )),
                 }
             }
         }
     }
     Ok(None)
+}
+
+/// Where each format reads its completion length (JSON pointers, first present wins).
+pub mod max_tokens_fields {
+    /// `/v1/chat/completions` and `/v1/completions`.
+    pub const OPENAI: &[&str] = &["/max_completion_tokens", "/max_tokens"];
+    /// `/v1/responses`.
+    pub const RESPONSES: &[&str] = &["/max_output_tokens"];
+    /// `/v1/messages`.
+    pub const ANTHROPIC: &[&str] = &["/max_tokens"];
+    /// Gemini `generateContent` (camelCase, as documented, or the snake_case the API also accepts).
+    pub const GEMINI: &[&str] = &[
+        "/generationConfig/maxOutputTokens",
+        "/generation_config/max_output_tokens",
+    ];
+}
+
+/// Words of a string, or of the `text` strings of an array of parts / blocks: the same rule
+/// as a chat message `content`.
+fn text_or_parts_words(v: Option<&Value>) -> u64 {
+    v.map_or(0, content_words)
+}
+
+/// `prompt_tokens` (`input_tokens`) of a `/v1/responses` request, minimum 1: the words of
+/// `instructions` (a string) plus those of `input`. `input` is a string, or an array of
+/// items: a string item counts its words; an object item counts its `content` (a string, or
+/// the `text` of each part, e.g. `input_text`) and its `output` string (function call
+/// outputs). Anything else counts 0.
+pub fn responses_prompt_tokens(body: &Value) -> u64 {
+    let instructions = body
+        .get("instructions")
+        .and_then(Value::as_str)
+        .map_or(0, count_words);
+    let input = match body.get("input") {
+        Some(Value::String(s)) => count_words(s),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|item| match item {
+                Value::String(s) => count_words(s),
+                Value::Object(o) => {
+                    text_or_parts_words(o.get("content"))
+                        + o.get("output")
+                            .and_then(Value::as_str)
+                            .map_or(0, count_words)
+                }
+                _ => 0,
+            })
+            .sum(),
+        _ => 0,
+    };
+    prompt_tokens_from_words(instructions + input)
+}
+
+/// Words of a `/v1/messages` request, minimum 1: `system` (a string, or the `text` of each
+/// block) plus every message's `content` (a string, or the `text` of each block; image and
+/// tool blocks count 0). This is `input_tokens`; cache tokens forced by the
+/// `x-simulator-cache-*-tokens` headers come on top.
+pub fn anthropic_prompt_tokens(body: &Value) -> u64 {
+    let system = text_or_parts_words(body.get("system"));
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, |messages| {
+            messages
+                .iter()
+                .map(|m| text_or_parts_words(m.get("content")))
+                .sum()
+        });
+    prompt_tokens_from_words(system + messages)
+}
+
+/// Words of the `text` of each part of one Gemini `Content` object.
+fn gemini_content_words(content: &Value) -> u64 {
+    content
+        .get("parts")
+        .and_then(Value::as_array)
+        .map_or(0, |parts| {
+            parts
+                .iter()
+                .map(|p| p.get("text").and_then(Value::as_str).map_or(0, count_words))
+                .sum()
+        })
+}
+
+/// `promptTokenCount` of a Gemini `generateContent` request, minimum 1: the words of every
+/// `contents[].parts[].text` plus those of `systemInstruction.parts[].text` (also spelled
+/// `system_instruction`). Parts without `text` (inline data, function calls) count 0.
+pub fn gemini_prompt_tokens(body: &Value) -> u64 {
+    let system = body
+        .get("systemInstruction")
+        .or_else(|| body.get("system_instruction"))
+        .map_or(0, gemini_content_words);
+    let contents = body
+        .get("contents")
+        .and_then(Value::as_array)
+        .map_or(0, |contents| {
+            contents.iter().map(gemini_content_words).sum()
+        });
+    prompt_tokens_from_words(system + contents)
 }
 
 /// The `i`-th completion word (1-based): `tok1`, `tok2`, …
@@ -232,6 +339,88 @@ mod tests {
         assert!(requested_completion_tokens(&json!({"max_tokens": "3"})).is_err());
         assert!(requested_completion_tokens(&json!({"max_tokens": 1.5})).is_err());
         assert!(requested_completion_tokens(&json!({"max_tokens": 2_000_000})).is_err());
+    }
+
+    #[test]
+    fn other_formats_max_tokens_fields() {
+        assert_eq!(
+            requested_tokens(
+                &json!({"max_output_tokens": 4}),
+                max_tokens_fields::RESPONSES
+            ),
+            Ok(Some(4))
+        );
+        assert_eq!(
+            requested_tokens(
+                &json!({"generationConfig": {"maxOutputTokens": 9}}),
+                max_tokens_fields::GEMINI
+            ),
+            Ok(Some(9))
+        );
+        assert_eq!(
+            requested_tokens(
+                &json!({"generation_config": {"max_output_tokens": 2}}),
+                max_tokens_fields::GEMINI
+            ),
+            Ok(Some(2))
+        );
+        assert_eq!(
+            requested_tokens(&json!({}), max_tokens_fields::ANTHROPIC),
+            Ok(None)
+        );
+        let err = requested_tokens(
+            &json!({"generationConfig": {"maxOutputTokens": "x"}}),
+            max_tokens_fields::GEMINI,
+        );
+        assert!(err.is_err_and(|e| e.contains("generationConfig.maxOutputTokens")));
+    }
+
+    #[test]
+    fn other_formats_prompt_tokens() {
+        let responses = json!({
+            "instructions": "be brief",
+            "input": [
+                "plain string item",
+                {"role": "user", "content": "a b"},
+                {"role": "user", "content": [
+                    {"type": "input_text", "text": "c d e"},
+                    {"type": "input_image", "image_url": "http://x"}
+                ]},
+                {"type": "function_call_output", "call_id": "c1", "output": "f g"},
+                7
+            ]
+        });
+        assert_eq!(responses_prompt_tokens(&responses), 2 + 3 + 2 + 3 + 2);
+        assert_eq!(responses_prompt_tokens(&json!({"input": "x y z"})), 3);
+        assert_eq!(responses_prompt_tokens(&json!({})), 1);
+
+        let anthropic = json!({
+            "system": [{"type": "text", "text": "sys one"}],
+            "messages": [
+                {"role": "user", "content": "u1 u2 u3"},
+                {"role": "assistant", "content": [{"type": "text", "text": "a1"},
+                    {"type": "tool_use", "id": "t", "name": "n", "input": {}}]}
+            ]
+        });
+        assert_eq!(anthropic_prompt_tokens(&anthropic), 6);
+        assert_eq!(
+            anthropic_prompt_tokens(&json!({"system": "s t", "messages": []})),
+            2
+        );
+
+        let gemini = json!({
+            "systemInstruction": {"parts": [{"text": "sys tem"}]},
+            "contents": [
+                {"role": "user", "parts": [{"text": "p q r"}, {"inlineData": {}}]},
+                {"role": "model", "parts": [{"text": "m"}]}
+            ]
+        });
+        assert_eq!(gemini_prompt_tokens(&gemini), 6);
+        assert_eq!(
+            gemini_prompt_tokens(&json!({"system_instruction": {"parts": [{"text": "a"}]}})),
+            1
+        );
+        assert_eq!(gemini_prompt_tokens(&json!({"contents": "x"})), 1);
     }
 
     #[test]

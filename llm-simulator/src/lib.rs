@@ -1,111 +1,39 @@
-//! # llm-simulator
+#![doc = include_str!("../README.md")]
 //!
-//! An OpenAI-compatible LLM upstream simulator for end-to-end tests, load tests and the local
-//! stack. It answers instantly (or after configured delays) with **deterministic** token usage,
-//! and keeps a ledger of every token it served so a test can compare what was served with what
-//! a rate-limit service was told.
+//! ## The library
 //!
-//! Use [`app`] (or [`app_with_stats`]) to get the [`axum::Router`] and [`serve`] to run it on
-//! a listener; the `llm-simulator` binary is a thin CLI over them.
-//!
-//! ## Endpoints
-//!
-//! | method | path | answer |
-//! | --- | --- | --- |
-//! | POST | `/v1/chat/completions` | `chat.completion`, or `chat.completion.chunk` SSE when `"stream": true` |
-//! | POST | `/v1/completions` | `text_completion` (also as SSE when `"stream": true`) |
-//! | POST | `/v1/embeddings` | `list` of `embedding` objects, 8 floats each |
-//! | GET | `/v1/models` | `list` with one model, `llm-simulator` |
-//! | GET | `/healthz` | `200 ok` |
-//! | GET | `/_simulator/stats` | the token ledger (see below) |
-//! | POST | `/_simulator/reset` | zeroes the ledger, answers `204` |
-//!
-//! ## Usage contract
-//!
-//! Words are maximal runs of non-whitespace characters (Unicode whitespace, as Rust's
-//! `str::split_whitespace`).
-//!
-//! * **prompt_tokens** = number of words in the prompt text, no overhead, **minimum 1**:
-//!   * chat: the `content` of every message in `messages`, summed over messages; a string
-//!     content counts its words, an array content counts the words of each part's `text`
-//!     string (other parts, e.g. images, and `null` content count 0);
-//!   * completions: `prompt` as a string, or the sum over an array of strings
-//!     (token-id arrays count one token per id);
-//!   * embeddings: `input` as a string, or the sum over an array of strings (same token-id
-//!     rule); `input` missing, empty array or malformed → 400.
-//! * **completion_tokens** (chat and completions) = the `x-simulator-completion-tokens`
-//!   header if present, else `max_completion_tokens`, else `max_tokens`, else **16**
-//!   (at most 1,000,000; other values → 400). The completion text is exactly that many words,
-//!   `"tok1 tok2 … tokN"` (empty for 0). `finish_reason` is `"length"` when the count came from
-//!   `max_completion_tokens`/`max_tokens`, `"stop"` otherwise.
-//! * Embeddings: `usage` is `{"prompt_tokens": P, "total_tokens": P}` (no completion tokens);
-//!   one embedding of 8 floats per input.
-//! * **total_tokens** = prompt_tokens + completion_tokens.
-//! * `model` is echoed from the request (default `llm-simulator`). Only one choice is returned
-//!   (`n` is ignored).
-//!
-//! ### Request headers (test knobs)
-//!
-//! * `x-simulator-completion-tokens: N` forces the completion length (chat, completions).
-//! * `x-simulator-status: S` with S in 400..=599 answers status S with an OpenAI error body
-//!   (`{"error":{"message":..,"type":..,"param":null,"code":"simulated_error"}}`, type
-//!   `invalid_request_error` for 4xx and `server_error` for 5xx), no usage; counts 0 tokens.
-//! * `x-simulator-no-usage: true` (or `1`, `yes`) omits `usage` from the body and the usage
-//!   chunk from streams; the tokens are still served and counted.
-//! * `x-simulator-latency-ms: N` / `x-simulator-token-delay-ms: N` override the CLI delays
-//!   for one request.
-//! * `x-simulator-user: KEY` names the ledger key (else the `authorization` value, else
-//!   `anonymous`).
-//!
-//! A header value that does not parse is answered 400 (`invalid_request_error`).
-//!
-//! ### Errors
-//!
-//! A body that is not JSON, or JSON that is not an object, is answered 400 with
-//! `{"error":{"message":..,"type":"invalid_request_error","param":null,"code":null}}`.
-//!
-//! ## Streaming
-//!
-//! With `"stream": true` (the JSON boolean) the answer is `text/event-stream`, each event
-//! `data: <compact JSON>\n\n`:
-//! 1. chat only: a role chunk, `"delta":{"role":"assistant","content":null}`;
-//! 2. one chunk per completion word: chat `"delta":{"content":"tok1"}`, then `" tok2"`, …
-//!    (completions: `"text"` instead of `delta`), `finish_reason: null`;
-//! 3. a final chunk with an empty delta (completions: `"text":""`) and the `finish_reason`;
-//! 4. only when `stream_options.include_usage` is `true` (and `x-simulator-no-usage` is not
-//!    set): a chunk with `"choices":[]` and `usage`;
-//! 5. `data: [DONE]\n\n`.
-//!
-//! `--latency-ms` delays the response head; `--token-delay-ms` sleeps before each word chunk.
-//!
-//! ## Ledger
-//!
-//! `GET /_simulator/stats` →
-//! `{"requests":N,"prompt_tokens":N,"completion_tokens":N,"total_tokens":N,"by_user":{"<key>":{same four fields}}}`.
-//! `requests` counts every POST to the three LLM endpoints, errors included. Tokens are
-//! counted as served, whether or not usage was reported: non-streamed answers when the answer
-//! is built (before it is written, so a client that has read it sees it counted); streams count
-//! the prompt when the stream starts and each completion token as its chunk is produced (an
-//! aborted stream counts only what was produced). Errors (forced or 400) count 0 tokens.
+//! [`app`] (or [`app_with_stats`]) builds the [`axum::Router`] for a [`Config`] and [`serve`]
+//! runs it on a listener; the `llm-simulator` binary is a thin CLI over them. [`contract`]
+//! holds the pure functions of the usage contract (a test can compute the usage it expects
+//! from a request body), [`Stats`] / [`Snapshot`] the ledger behind `/_simulator/stats` with
+//! [`Format`] naming its `by_format` keys, and [`negotiate_encoding`] the `accept-encoding`
+//! choice of the compression. The `HEADER_*` constants name the test knobs.
 
 pub mod contract;
 pub mod stats;
 
-use std::convert::Infallible;
+mod anthropic;
+mod compress;
+mod gemini;
+mod openai;
+mod responses;
+mod stream;
+
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde_json::{json, Map, Value};
+use axum::{middleware, Json, Router};
+use serde_json::{json, Value};
 
-pub use stats::{Counters, Snapshot, Stats};
+pub use compress::{negotiate as negotiate_encoding, Encoding};
+pub use stats::{Counters, Format, Snapshot, Stats};
 
 /// Model name used when the request has no string `model`; also the one model listed.
 pub const DEFAULT_MODEL: &str = "llm-simulator";
@@ -125,14 +53,27 @@ pub const HEADER_LATENCY_MS: &str = "x-simulator-latency-ms";
 pub const HEADER_TOKEN_DELAY_MS: &str = "x-simulator-token-delay-ms";
 /// Header naming the ledger key.
 pub const HEADER_USER: &str = "x-simulator-user";
+/// Header putting the usage on the last OpenAI chunk that has choices (no `choices: []` chunk).
+pub const HEADER_USAGE_ON_LAST_CHOICE: &str = "x-simulator-usage-on-last-choice";
+/// Header making a stream drop the connection after N completion words.
+pub const HEADER_ABORT_AFTER: &str = "x-simulator-abort-after";
+/// Header forcing Anthropic's `cache_read_input_tokens`.
+pub const HEADER_CACHE_READ_TOKENS: &str = "x-simulator-cache-read-tokens";
+/// Header forcing Anthropic's `cache_creation_input_tokens`.
+pub const HEADER_CACHE_CREATION_TOKENS: &str = "x-simulator-cache-creation-tokens";
+/// Header turning response compression on (`true`) or off (`false`) for one request.
+pub const HEADER_COMPRESS: &str = "x-simulator-compress";
 
-/// Runtime configuration (the CLI's delays).
+/// Runtime configuration (the CLI's options).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
     /// Delay before each LLM endpoint answers (before the response head).
     pub latency: Duration,
     /// Delay before each streamed word chunk.
     pub token_delay: Duration,
+    /// Compress response bodies for clients whose `accept-encoding` allows gzip, br or
+    /// deflate (`--compress`). The `x-simulator-compress` header overrides it per request.
+    pub compress: bool,
 }
 
 #[derive(Clone)]
@@ -140,6 +81,12 @@ struct AppState {
     config: Config,
     stats: Stats,
     next_id: Arc<AtomicU64>,
+}
+
+impl AppState {
+    fn next_seq(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
 }
 
 /// The simulator's router with a fresh ledger.
@@ -155,15 +102,23 @@ pub fn app_with_stats(config: Config, stats: Stats) -> Router {
         next_id: Arc::new(AtomicU64::new(1)),
     };
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/embeddings", post(openai::embeddings))
+        .route("/v1/responses", post(responses::create))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1beta/models/{target}", post(gemini::generate))
+        .route("/v1/models/{target}", post(gemini::generate))
         .route("/v1/models", get(models))
         .route("/healthz", get(healthz))
         .route("/_simulator/stats", get(get_stats))
         .route("/_simulator/reset", post(reset_stats))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            config.compress,
+            compress::middleware,
+        ))
         .with_state(state)
 }
 
@@ -182,27 +137,98 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
-// Helpers
+// Errors, in each format's own shape
 
-/// An OpenAI-style error response.
-fn error_response(status: StatusCode, message: &str, kind: &str, code: Value) -> Response {
-    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+/// Why a request is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refusal {
+    /// A malformed request or header: 400.
+    BadRequest,
+    /// A status forced by `x-simulator-status`.
+    Simulated(StatusCode),
+    /// An unknown path or method: 404.
+    NotFound,
+}
+
+impl Refusal {
+    fn status(self) -> StatusCode {
+        match self {
+            Refusal::BadRequest => StatusCode::BAD_REQUEST,
+            Refusal::Simulated(s) => s,
+            Refusal::NotFound => StatusCode::NOT_FOUND,
+        }
+    }
+}
+
+/// The error body `format` uses:
+/// * OpenAI formats: `{"error":{"message","type","param":null,"code"}}`, type
+///   `invalid_request_error` (4xx) or `server_error` (5xx), code `simulated_error` for forced
+///   statuses, `not_found` for 404, else `null`;
+/// * Anthropic: `{"type":"error","error":{"type","message"}}`;
+/// * Gemini: `{"error":{"code","message","status"}}`.
+fn error_response(format: Format, refusal: Refusal, message: &str) -> Response {
+    let status = refusal.status();
+    let body = match format {
+        Format::Anthropic => {
+            let kind = match status.as_u16() {
+                400 => "invalid_request_error",
+                401 => "authentication_error",
+                403 => "permission_error",
+                404 => "not_found_error",
+                413 => "request_too_large",
+                429 => "rate_limit_error",
+                529 => "overloaded_error",
+                s if s >= 500 => "api_error",
+                _ => "invalid_request_error",
+            };
+            json!({"type": "error", "error": {"type": kind, "message": message}})
+        }
+        Format::Gemini => {
+            let kind = match status.as_u16() {
+                400 => "INVALID_ARGUMENT",
+                401 => "UNAUTHENTICATED",
+                403 => "PERMISSION_DENIED",
+                404 => "NOT_FOUND",
+                409 => "ABORTED",
+                429 => "RESOURCE_EXHAUSTED",
+                499 => "CANCELLED",
+                501 => "UNIMPLEMENTED",
+                503 => "UNAVAILABLE",
+                504 => "DEADLINE_EXCEEDED",
+                s if s >= 500 => "INTERNAL",
+                _ => "FAILED_PRECONDITION",
+            };
+            json!({"error": {"code": status.as_u16(), "message": message, "status": kind}})
+        }
+        _ => {
+            let kind = if status.is_server_error() {
+                "server_error"
+            } else {
+                "invalid_request_error"
+            };
+            let code = match refusal {
+                Refusal::BadRequest => Value::Null,
+                Refusal::Simulated(_) => json!("simulated_error"),
+                Refusal::NotFound => json!("not_found"),
+            };
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
+        }
+    };
     (status, Json(body)).into_response()
 }
 
-fn bad_request(message: &str) -> Response {
-    error_response(
-        StatusCode::BAD_REQUEST,
-        message,
-        "invalid_request_error",
-        Value::Null,
-    )
-}
+// ---------------------------------------------------------------------------------------------
+// Request plumbing shared by every LLM endpoint
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<std::borrow::Cow<'a, str>> {
     headers
         .get(name)
         .map(|v| String::from_utf8_lossy(v.as_bytes()))
+}
+
+fn header_flag(headers: &HeaderMap, name: &str) -> bool {
+    header_str(headers, name)
+        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
 }
 
 fn user_key(headers: &HeaderMap) -> String {
@@ -229,6 +255,10 @@ struct Overrides {
     no_usage: bool,
     latency: Duration,
     token_delay: Duration,
+    usage_on_last_choice: bool,
+    abort_after: Option<u64>,
+    cache_read: u64,
+    cache_creation: u64,
 }
 
 fn overrides(headers: &HeaderMap, config: &Config) -> Result<Overrides, String> {
@@ -255,8 +285,6 @@ fn overrides(headers: &HeaderMap, config: &Config) -> Result<Overrides, String> 
             ));
         }
     }
-    let no_usage = header_str(headers, HEADER_NO_USAGE)
-        .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes"));
     let latency =
         header_u64(headers, HEADER_LATENCY_MS)?.map_or(config.latency, Duration::from_millis);
     let token_delay = header_u64(headers, HEADER_TOKEN_DELAY_MS)?
@@ -264,9 +292,140 @@ fn overrides(headers: &HeaderMap, config: &Config) -> Result<Overrides, String> 
     Ok(Overrides {
         status,
         completion_tokens,
-        no_usage,
+        no_usage: header_flag(headers, HEADER_NO_USAGE),
         latency,
         token_delay,
+        usage_on_last_choice: header_flag(headers, HEADER_USAGE_ON_LAST_CHOICE),
+        abort_after: header_u64(headers, HEADER_ABORT_AFTER)?,
+        cache_read: header_u64(headers, HEADER_CACHE_READ_TOKENS)?.unwrap_or(0),
+        cache_creation: header_u64(headers, HEADER_CACHE_CREATION_TOKENS)?.unwrap_or(0),
+    })
+}
+
+/// Where a stream's tokens are recorded: one user key and one format of the ledger.
+#[derive(Clone)]
+struct Ledger {
+    stats: Stats,
+    user: String,
+    format: Format,
+}
+
+impl Ledger {
+    fn record(&self, prompt: u64, completion: u64) {
+        self.stats
+            .record(&self.user, self.format, prompt, completion);
+    }
+
+    fn add_completion(&self, completion: u64) {
+        self.stats
+            .add_completion_to(&self.user, self.format, completion);
+    }
+}
+
+/// A request that passed the common checks (headers, forced status, JSON object body).
+struct Accepted {
+    ledger: Ledger,
+    ov: Overrides,
+    req: Value,
+    created: u64,
+}
+
+impl Accepted {
+    /// The string `model` of the body, else [`DEFAULT_MODEL`].
+    fn model(&self) -> String {
+        self.req
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or(DEFAULT_MODEL)
+            .to_string()
+    }
+
+    /// Refuses the request: counts it with 0 tokens and answers the format's error body.
+    fn refuse(&self, refusal: Refusal, message: &str) -> Response {
+        self.ledger.record(0, 0);
+        error_response(self.ledger.format, refusal, message)
+    }
+
+    /// The completion length: the `x-simulator-completion-tokens` header, else the first
+    /// field of `fields` present in the body, else the default. The flag says whether it
+    /// came from the body (the "stopped by the length limit" reasons). `Err` is the
+    /// 400 answer (already counted) for a malformed field.
+    fn completion(&self, fields: &[&str]) -> Result<(u64, bool), Box<Response>> {
+        let requested = contract::requested_tokens(&self.req, fields)
+            .map_err(|msg| Box::new(self.refuse(Refusal::BadRequest, &msg)))?;
+        let from_body = self.ov.completion_tokens.is_none() && requested.is_some();
+        let n = self
+            .ov
+            .completion_tokens
+            .or(requested)
+            .unwrap_or(contract::DEFAULT_COMPLETION_TOKENS);
+        Ok((n, from_body))
+    }
+
+    /// `true` when the body has `"stream": true` (the JSON boolean).
+    fn wants_stream(&self) -> bool {
+        self.req.get("stream") == Some(&Value::Bool(true))
+    }
+
+    /// The stream pacing knobs for a completion of `completion` words.
+    fn pace(&self, completion: u64) -> stream::Pace {
+        stream::Pace {
+            completion,
+            token_delay: self.ov.token_delay,
+            abort_after: self.ov.abort_after,
+        }
+    }
+}
+
+/// The common first steps of every LLM endpoint: the user key, the `x-simulator-*` headers
+/// (400 when malformed), the latency, a forced status, and the JSON object body (400 when not).
+/// Every refusal is counted as a request with 0 tokens.
+async fn accept(
+    st: &AppState,
+    format: Format,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Accepted, Response> {
+    let ledger = Ledger {
+        stats: st.stats.clone(),
+        user: user_key(headers),
+        format,
+    };
+    let refuse = |refusal: Refusal, msg: &str| {
+        ledger.record(0, 0);
+        error_response(format, refusal, msg)
+    };
+    let ov = overrides(headers, &st.config).map_err(|msg| refuse(Refusal::BadRequest, &msg))?;
+    if !ov.latency.is_zero() {
+        tokio::time::sleep(ov.latency).await;
+    }
+    if let Some(status) = ov.status {
+        let msg = format!(
+            "simulated error (status {}) forced by {HEADER_STATUS}",
+            status.as_u16()
+        );
+        return Err(refuse(Refusal::Simulated(status), &msg));
+    }
+    let req = match serde_json::from_slice::<Value>(body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return Err(refuse(
+                Refusal::BadRequest,
+                "request body must be a JSON object",
+            ))
+        }
+        Err(e) => {
+            return Err(refuse(
+                Refusal::BadRequest,
+                &format!("invalid JSON body: {e}"),
+            ))
+        }
+    };
+    Ok(Accepted {
+        ledger,
+        ov,
+        req,
+        created: now_unix(),
     })
 }
 
@@ -274,323 +433,6 @@ fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn usage_json(prompt: u64, completion: u64) -> Value {
-    json!({
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt.saturating_add(completion),
-    })
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Endpoint {
-    Chat,
-    Completions,
-    Embeddings,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Handlers
-
-async fn chat_completions(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(st, Endpoint::Chat, headers, body).await
-}
-
-async fn completions(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(st, Endpoint::Completions, headers, body).await
-}
-
-async fn embeddings(State(st): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    handle(st, Endpoint::Embeddings, headers, body).await
-}
-
-async fn handle(st: AppState, endpoint: Endpoint, headers: HeaderMap, body: Bytes) -> Response {
-    let user = user_key(&headers);
-    let ov = match overrides(&headers, &st.config) {
-        Ok(ov) => ov,
-        Err(msg) => {
-            st.stats.record_request(&user, 0, 0);
-            return bad_request(&msg);
-        }
-    };
-    if !ov.latency.is_zero() {
-        tokio::time::sleep(ov.latency).await;
-    }
-    if let Some(status) = ov.status {
-        st.stats.record_request(&user, 0, 0);
-        let kind = if status.is_server_error() {
-            "server_error"
-        } else {
-            "invalid_request_error"
-        };
-        let msg = format!(
-            "simulated error (status {}) forced by {HEADER_STATUS}",
-            status.as_u16()
-        );
-        return error_response(status, &msg, kind, json!("simulated_error"));
-    }
-    let req: Map<String, Value> = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(m)) => m,
-        Ok(_) => {
-            st.stats.record_request(&user, 0, 0);
-            return bad_request("request body must be a JSON object");
-        }
-        Err(e) => {
-            st.stats.record_request(&user, 0, 0);
-            return bad_request(&format!("invalid JSON body: {e}"));
-        }
-    };
-    let req = Value::Object(req);
-    let model = req
-        .get("model")
-        .and_then(Value::as_str)
-        .unwrap_or(DEFAULT_MODEL)
-        .to_string();
-    let created = now_unix();
-
-    if endpoint == Endpoint::Embeddings {
-        let inputs = match contract::embedding_inputs(&req) {
-            Ok(v) => v,
-            Err(msg) => {
-                st.stats.record_request(&user, 0, 0);
-                return bad_request(&msg);
-            }
-        };
-        let prompt = contract::prompt_tokens_from_words(inputs.iter().sum());
-        st.stats.record_request(&user, prompt, 0);
-        let data: Vec<Value> = inputs
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| {
-                json!({"object": "embedding", "index": i, "embedding": contract::embedding_vector(i, t)})
-            })
-            .collect();
-        let mut resp = json!({"object": "list", "data": data, "model": model});
-        if !ov.no_usage {
-            resp["usage"] = json!({"prompt_tokens": prompt, "total_tokens": prompt});
-        }
-        return Json(resp).into_response();
-    }
-
-    let prompt = match endpoint {
-        Endpoint::Chat => contract::chat_prompt_tokens(&req),
-        _ => contract::completion_prompt_tokens(&req),
-    };
-    let requested = match contract::requested_completion_tokens(&req) {
-        Ok(r) => r,
-        Err(msg) => {
-            st.stats.record_request(&user, 0, 0);
-            return bad_request(&msg);
-        }
-    };
-    let completion = ov
-        .completion_tokens
-        .or(requested)
-        .unwrap_or(contract::DEFAULT_COMPLETION_TOKENS);
-    let finish_reason = if ov.completion_tokens.is_none() && requested.is_some() {
-        "length"
-    } else {
-        "stop"
-    };
-    let seq = st.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = match endpoint {
-        Endpoint::Chat => format!("chatcmpl-sim-{seq}"),
-        _ => format!("cmpl-sim-{seq}"),
-    };
-
-    if req.get("stream") == Some(&Value::Bool(true)) {
-        let include_usage = req.pointer("/stream_options/include_usage")
-            == Some(&Value::Bool(true))
-            && !ov.no_usage;
-        st.stats.record_request(&user, prompt, 0);
-        let plan = StreamPlan {
-            endpoint,
-            id,
-            created,
-            model,
-            prompt,
-            completion,
-            finish_reason,
-            include_usage,
-            token_delay: ov.token_delay,
-            user,
-            stats: st.stats.clone(),
-        };
-        return sse_response(plan);
-    }
-
-    st.stats.record_request(&user, prompt, completion);
-    let text = contract::completion_text(completion);
-    let mut resp = match endpoint {
-        Endpoint::Chat => json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": finish_reason,
-            }],
-        }),
-        _ => json!({
-            "id": id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{
-                "index": 0,
-                "text": text,
-                "logprobs": null,
-                "finish_reason": finish_reason,
-            }],
-        }),
-    };
-    if !ov.no_usage {
-        resp["usage"] = usage_json(prompt, completion);
-    }
-    Json(resp).into_response()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Streaming
-
-struct StreamPlan {
-    endpoint: Endpoint,
-    id: String,
-    created: u64,
-    model: String,
-    prompt: u64,
-    completion: u64,
-    finish_reason: &'static str,
-    include_usage: bool,
-    token_delay: Duration,
-    user: String,
-    stats: Stats,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Phase {
-    Role,
-    Word(u64),
-    Finish,
-    Usage,
-    Done,
-    End,
-}
-
-impl StreamPlan {
-    fn chunk(&self, choices: Value) -> Value {
-        let object = match self.endpoint {
-            Endpoint::Chat => "chat.completion.chunk",
-            _ => "text_completion",
-        };
-        json!({
-            "id": self.id,
-            "object": object,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        })
-    }
-
-    fn choice(&self, piece: Option<Value>, finish_reason: Value) -> Value {
-        match self.endpoint {
-            Endpoint::Chat => json!([{
-                "index": 0,
-                "delta": piece.unwrap_or_else(|| json!({})),
-                "logprobs": null,
-                "finish_reason": finish_reason,
-            }]),
-            _ => json!([{
-                "index": 0,
-                "text": piece.unwrap_or_else(|| json!("")),
-                "logprobs": null,
-                "finish_reason": finish_reason,
-            }]),
-        }
-    }
-
-    fn after_word(&self, i: u64) -> Phase {
-        if i < self.completion {
-            Phase::Word(i + 1)
-        } else {
-            Phase::Finish
-        }
-    }
-
-    /// Produces the event for `phase` and the next phase; `None` at the end.
-    async fn step(&self, phase: Phase) -> Option<(String, Phase)> {
-        let (event, next) = match phase {
-            Phase::Role => {
-                let c = self.chunk(self.choice(
-                    Some(json!({"role": "assistant", "content": null})),
-                    Value::Null,
-                ));
-                (c.to_string(), self.after_word(0))
-            }
-            Phase::Word(i) => {
-                if !self.token_delay.is_zero() {
-                    tokio::time::sleep(self.token_delay).await;
-                }
-                let word = contract::completion_word(i);
-                let piece = if i == 1 { word } else { format!(" {word}") };
-                let piece = match self.endpoint {
-                    Endpoint::Chat => json!({"content": piece}),
-                    _ => json!(piece),
-                };
-                let c = self.chunk(self.choice(Some(piece), Value::Null));
-                self.stats.add_completion(&self.user, 1);
-                (c.to_string(), self.after_word(i))
-            }
-            Phase::Finish => {
-                let c = self.chunk(self.choice(None, json!(self.finish_reason)));
-                let next = if self.include_usage {
-                    Phase::Usage
-                } else {
-                    Phase::Done
-                };
-                (c.to_string(), next)
-            }
-            Phase::Usage => {
-                let mut c = self.chunk(json!([]));
-                c["usage"] = usage_json(self.prompt, self.completion);
-                (c.to_string(), Phase::Done)
-            }
-            Phase::Done => ("[DONE]".to_string(), Phase::End),
-            Phase::End => return None,
-        };
-        Some((format!("data: {event}\n\n"), next))
-    }
-}
-
-fn sse_response(plan: StreamPlan) -> Response {
-    let first = match plan.endpoint {
-        Endpoint::Chat => Phase::Role,
-        _ => plan.after_word(0),
-    };
-    let plan = Arc::new(plan);
-    let stream = futures_util::stream::unfold(first, move |phase| {
-        let plan = Arc::clone(&plan);
-        async move {
-            plan.step(phase)
-                .await
-                .map(|(event, next)| (Ok::<Bytes, Infallible>(Bytes::from(event)), next))
-        }
-    });
-    (
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, "text/event-stream"),
-            (header::CACHE_CONTROL, "no-cache"),
-            (header::HeaderName::from_static("x-accel-buffering"), "no"),
-        ],
-        Body::from_stream(stream),
-    )
-        .into_response()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -618,10 +460,5 @@ async fn reset_stats(State(st): State<AppState>) -> StatusCode {
 }
 
 async fn not_found() -> Response {
-    error_response(
-        StatusCode::NOT_FOUND,
-        "unknown path",
-        "invalid_request_error",
-        json!("not_found"),
-    )
+    error_response(Format::OpenAiChat, Refusal::NotFound, "unknown path")
 }

@@ -1,4 +1,4 @@
-//! `llm-simulator`: an OpenAI-compatible LLM upstream with deterministic token usage.
+//! `llm-simulator`: an LLM upstream (OpenAI, Anthropic and Gemini formats) with deterministic token usage.
 //! See the `llm_simulator` library docs (or README.md) for the endpoints and the usage contract.
 
 use std::process::ExitCode;
@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use llm_simulator::{app, serve, Config};
 
-/// OpenAI-compatible LLM upstream simulator with deterministic token usage.
+/// LLM upstream simulator (OpenAI, Anthropic and Gemini formats) with deterministic token usage.
 #[derive(Parser, Debug)]
 #[command(name = "llm-simulator", version, about)]
 struct Cli {
@@ -20,6 +20,10 @@ struct Cli {
     /// Delay in milliseconds before each streamed word chunk.
     #[arg(long, default_value_t = 0)]
     token_delay_ms: u64,
+    /// Compress response bodies (gzip, br or deflate, from the request's accept-encoding);
+    /// the x-simulator-compress header overrides it per request.
+    #[arg(long)]
+    compress: bool,
 }
 
 /// Resolves on SIGINT (Ctrl-C) or, on Unix, SIGTERM.
@@ -57,6 +61,7 @@ async fn main() -> ExitCode {
     let config = Config {
         latency: Duration::from_millis(cli.latency_ms),
         token_delay: Duration::from_millis(cli.token_delay_ms),
+        compress: cli.compress,
     };
     let listener = match tokio::net::TcpListener::bind(&cli.listen).await {
         Ok(l) => l,

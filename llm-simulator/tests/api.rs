@@ -530,6 +530,10 @@ async fn stats_by_user_and_reset() {
                 "alice": {"requests": 2, "prompt_tokens": 4, "completion_tokens": 8, "total_tokens": 12},
                 "Bearer sk-bob": {"requests": 2, "prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
                 "anonymous": {"requests": 1, "prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}
+            },
+            "by_format": {
+                "openai-chat": {"requests": 4, "prompt_tokens": 8, "completion_tokens": 9, "total_tokens": 17},
+                "openai-completions": {"requests": 1, "prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}
             }
         })
     );
@@ -542,7 +546,7 @@ async fn stats_by_user_and_reset() {
     assert!(resp.status().is_success());
     assert_eq!(
         stats(&base).await,
-        json!({"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "by_user": {}})
+        json!({"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "by_user": {}, "by_format": {}})
     );
     post(&base, "/v1/chat/completions", chat("a", 1), &[]).await;
     assert_eq!(stats(&base).await["total_tokens"], 2);
@@ -614,6 +618,7 @@ async fn delays_apply() {
     let base = start(Config {
         latency: Duration::from_millis(150),
         token_delay: Duration::from_millis(40),
+        ..Config::default()
     })
     .await;
     let t = Instant::now();
@@ -666,6 +671,7 @@ async fn aborted_stream_counts_only_produced_tokens() {
     let base = start(Config {
         latency: Duration::ZERO,
         token_delay: Duration::from_millis(20),
+        ..Config::default()
     })
     .await;
     let body = json!({"stream": true, "max_tokens": 500, "messages": [{"role": "user", "content": "a b c"}]});

@@ -182,7 +182,10 @@ pub struct Stack {
 pub struct Reply {
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
+    /// The body, lossily as text.
     pub body: String,
+    /// The body's bytes as received (still compressed when the server compressed it).
+    pub raw: Vec<u8>,
 }
 
 impl Reply {
@@ -384,6 +387,11 @@ impl Stack {
     /// `POST` a JSON body to `path` on the listener, with `Authorization: APIKEY <key>` when
     /// `api_key` is given.
     pub fn post(&self, path: &str, api_key: Option<&str>, body: &serde_json::Value) -> Reply {
+        self.post_with(path, api_key, body, &[])
+    }
+
+    /// [`Stack::post`] with extra request headers.
+    pub fn post_with(&self, path: &str, api_key: Option<&str>, body: &serde_json::Value, headers: &[(&str, &str)]) -> Reply {
         let mut req = self
             .client
             .post(format!("http://127.0.0.1:{}{}", self.ports.listener, path))
@@ -391,11 +399,18 @@ impl Stack {
         if let Some(key) = api_key {
             req = req.header("authorization", format!("APIKEY {key}"));
         }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
         let resp = req.send().expect("request through envoy");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let raw = resp.bytes().map(|b| b.to_vec()).unwrap_or_default();
         Reply {
-            status: resp.status().as_u16(),
-            headers: resp.headers().clone(),
-            body: resp.text().unwrap_or_default(),
+            status,
+            headers,
+            body: String::from_utf8_lossy(&raw).into_owned(),
+            raw,
         }
     }
 

@@ -1,0 +1,241 @@
+//! OpenAI `/v1/chat/completions`, `/v1/completions` and `/v1/embeddings`.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::contract::{self, max_tokens_fields};
+use crate::stream::{self, data_event, Script};
+use crate::{accept, AppState, Format, Refusal};
+
+fn usage_json(prompt: u64, completion: u64) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt.saturating_add(completion),
+    })
+}
+
+pub(crate) async fn chat_completions(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(st, Format::OpenAiChat, headers, body).await
+}
+
+pub(crate) async fn completions(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(st, Format::OpenAiCompletions, headers, body).await
+}
+
+pub(crate) async fn embeddings(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    handle(st, Format::OpenAiEmbeddings, headers, body).await
+}
+
+async fn handle(st: AppState, format: Format, headers: HeaderMap, body: Bytes) -> Response {
+    let a = match accept(&st, format, &headers, &body).await {
+        Ok(a) => a,
+        Err(resp) => return resp,
+    };
+    let model = a.model();
+
+    if format == Format::OpenAiEmbeddings {
+        let inputs = match contract::embedding_inputs(&a.req) {
+            Ok(v) => v,
+            Err(msg) => return a.refuse(Refusal::BadRequest, &msg),
+        };
+        let prompt = contract::prompt_tokens_from_words(inputs.iter().sum());
+        a.ledger.record(prompt, 0);
+        let data: Vec<Value> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                json!({"object": "embedding", "index": i, "embedding": contract::embedding_vector(i, t)})
+            })
+            .collect();
+        let mut resp = json!({"object": "list", "data": data, "model": model});
+        if !a.ov.no_usage {
+            resp["usage"] = json!({"prompt_tokens": prompt, "total_tokens": prompt});
+        }
+        return Json(resp).into_response();
+    }
+
+    let chat = format == Format::OpenAiChat;
+    let prompt = if chat {
+        contract::chat_prompt_tokens(&a.req)
+    } else {
+        contract::completion_prompt_tokens(&a.req)
+    };
+    let (completion, from_body) = match a.completion(max_tokens_fields::OPENAI) {
+        Ok(c) => c,
+        Err(resp) => return *resp,
+    };
+    let finish_reason = if from_body { "length" } else { "stop" };
+    let seq = st.next_seq();
+    let id = if chat {
+        format!("chatcmpl-sim-{seq}")
+    } else {
+        format!("cmpl-sim-{seq}")
+    };
+
+    if a.wants_stream() {
+        let include_usage =
+            a.req.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+        a.ledger.record(prompt, 0);
+        let script = OpenAiStream {
+            chat,
+            id,
+            created: a.created,
+            model,
+            prompt,
+            completion,
+            finish_reason,
+            usage_chunk: include_usage && !a.ov.usage_on_last_choice && !a.ov.no_usage,
+            usage_on_finish: a.ov.usage_on_last_choice && !a.ov.no_usage,
+        };
+        return stream::response(script, a.pace(completion), a.ledger, "text/event-stream");
+    }
+
+    a.ledger.record(prompt, completion);
+    let text = contract::completion_text(completion);
+    let mut resp = if chat {
+        json!({
+            "id": id,
+            "object": "chat.completion",
+            "created": a.created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }],
+        })
+    } else {
+        json!({
+            "id": id,
+            "object": "text_completion",
+            "created": a.created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "text": text,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }],
+        })
+    };
+    if !a.ov.no_usage {
+        resp["usage"] = usage_json(prompt, completion);
+    }
+    Json(resp).into_response()
+}
+
+/// An OpenAI chat or completions stream.
+struct OpenAiStream {
+    chat: bool,
+    id: String,
+    created: u64,
+    model: String,
+    prompt: u64,
+    completion: u64,
+    finish_reason: &'static str,
+    /// Send `{"choices": [], "usage": ..}` before `[DONE]`.
+    usage_chunk: bool,
+    /// Put `usage` on the finish chunk (the last one with choices).
+    usage_on_finish: bool,
+}
+
+impl OpenAiStream {
+    fn chunk(&self, choices: Value) -> Value {
+        let object = if self.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        };
+        json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        })
+    }
+
+    fn choice(&self, piece: Option<Value>, finish_reason: Value) -> Value {
+        if self.chat {
+            json!([{
+                "index": 0,
+                "delta": piece.unwrap_or_else(|| json!({})),
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }])
+        } else {
+            json!([{
+                "index": 0,
+                "text": piece.unwrap_or_else(|| json!("")),
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }])
+        }
+    }
+}
+
+/// A word as streamed: `tok1`, then ` tok2`, ` tok3`, …
+pub(crate) fn word_piece(i: u64) -> String {
+    let word = contract::completion_word(i);
+    if i == 1 {
+        word
+    } else {
+        format!(" {word}")
+    }
+}
+
+impl Script for OpenAiStream {
+    fn head(&self) -> Vec<String> {
+        if self.chat {
+            let role = json!({"role": "assistant", "content": null});
+            vec![data_event(
+                &self.chunk(self.choice(Some(role), Value::Null)),
+            )]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn word(&self, i: u64) -> String {
+        let piece = word_piece(i);
+        let piece = if self.chat {
+            json!({"content": piece})
+        } else {
+            json!(piece)
+        };
+        data_event(&self.chunk(self.choice(Some(piece), Value::Null)))
+    }
+
+    fn tail(&self) -> Vec<String> {
+        let mut finish = self.chunk(self.choice(None, json!(self.finish_reason)));
+        if self.usage_on_finish {
+            finish["usage"] = usage_json(self.prompt, self.completion);
+        }
+        let mut events = vec![data_event(&finish)];
+        if self.usage_chunk {
+            let mut c = self.chunk(json!([]));
+            c["usage"] = usage_json(self.prompt, self.completion);
+            events.push(data_event(&c));
+        }
+        events.push("data: [DONE]\n\n".to_string());
+        events
+    }
+}
