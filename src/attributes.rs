@@ -154,7 +154,9 @@ pub fn json_to_cel(v: serde_json::Value) -> Value {
             }
         }
         serde_json::Value::String(s) => Value::String(Arc::new(s)),
-        serde_json::Value::Array(items) => Value::List(Arc::new(items.into_iter().map(json_to_cel).collect())),
+        serde_json::Value::Array(items) => {
+            Value::List(Arc::new(items.into_iter().map(json_to_cel).collect()))
+        }
         serde_json::Value::Object(map) => {
             let map: HashMap<Key, Value> = map
                 .into_iter()

@@ -244,6 +244,14 @@ pub struct UsageConfig {
     /// (default true), so that streamed responses report usage.
     #[serde(default = "default_true")]
     pub inject_stream_usage: bool,
+    /// Largest figure (tokens) believed of one response; larger ones are cut to it and
+    /// counted (default 100,000,000). An upstream cannot flood the service with reports.
+    #[serde(default = "default_max_tokens_per_response")]
+    pub max_tokens_per_response: u64,
+}
+
+fn default_max_tokens_per_response() -> u64 {
+    100_000_000
 }
 
 fn default_true() -> bool {
@@ -290,6 +298,7 @@ impl Default for UsageConfig {
             fixed_tokens: 0,
             max_body_bytes: default_max_body_bytes(),
             inject_stream_usage: true,
+            max_tokens_per_response: default_max_tokens_per_response(),
         }
     }
 }

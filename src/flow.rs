@@ -83,6 +83,8 @@ pub struct RequestFlow {
     response_headers: Vec<(String, String)>,
     extractor: Option<UsageExtractor>,
     denied: bool,
+    /// The request was let through (the check allowed it, or the failure mode did).
+    allowed: bool,
     finished: bool,
 }
 
@@ -95,6 +97,7 @@ impl Default for RequestFlow {
             response_headers: Vec::new(),
             extractor: None,
             denied: false,
+            allowed: false,
             finished: false,
         }
     }
@@ -120,7 +123,11 @@ impl RequestFlow {
     /// Starts a request to `path` from the policy's decision. Returns the encoded
     /// `CheckRateLimit` request (hits_addend 0), or `None` when no limit applies and nothing
     /// is to be done.
-    pub fn start(policy: &Policy, decision: Decision, path: &str) -> (RequestFlow, Option<Vec<u8>>) {
+    pub fn start(
+        policy: &Policy,
+        decision: Decision,
+        path: &str,
+    ) -> (RequestFlow, Option<Vec<u8>>) {
         let flow = RequestFlow {
             applied: decision.applied,
             format: Format::from_path(path),
@@ -163,6 +170,7 @@ impl RequestFlow {
         match Code::try_from(response.overall_code) {
             Ok(Code::Ok) => {
                 self.response_headers = rate_limit_headers(&response, false);
+                self.allowed = true;
                 Verdict::Allow
             }
             Ok(Code::OverLimit) => {
@@ -193,7 +201,10 @@ impl RequestFlow {
 
     fn failure(&mut self, mode: FailureMode, failure: ServiceFailure) -> Verdict {
         match mode {
-            FailureMode::Allow => Verdict::AllowOnFailure(failure),
+            FailureMode::Allow => {
+                self.allowed = true;
+                Verdict::AllowOnFailure(failure)
+            }
             FailureMode::Deny => {
                 self.denied = true;
                 Verdict::DenyOnFailure {
@@ -223,7 +234,12 @@ impl RequestFlow {
     }
 
     /// The upstream's response headers arrived: choose how to read usage from the body.
-    pub fn on_response_headers(&mut self, policy: &Policy, content_type: Option<&str>, content_encoding: Option<&str>) {
+    pub fn on_response_headers(
+        &mut self,
+        policy: &Policy,
+        content_type: Option<&str>,
+        content_encoding: Option<&str>,
+    ) {
         if !self.is_limited() || self.denied || self.finished {
             return;
         }
@@ -254,10 +270,20 @@ impl RequestFlow {
             Fallback::None => (Charge::Missing, None),
             Fallback::Fixed => {
                 let n = Some(policy.usage.fixed_tokens);
-                (Charge::Fixed, Some(Usage { prompt: n, completion: n, total: n }))
+                (
+                    Charge::Fixed,
+                    Some(Usage {
+                        prompt: n,
+                        completion: n,
+                        total: n,
+                    }),
+                )
             }
             Fallback::Estimate => {
-                let response_bytes = self.extractor.as_ref().map_or(0, UsageExtractor::body_bytes);
+                let response_bytes = self
+                    .extractor
+                    .as_ref()
+                    .map_or(0, UsageExtractor::body_bytes);
                 let prompt = self.request_bytes.div_ceil(4);
                 let completion = response_bytes.div_ceil(4);
                 let usage = Usage {
@@ -274,7 +300,9 @@ impl RequestFlow {
     /// queue, `(descriptor, tokens)` per token category with tokens > 0, and the usage found.
     /// Only the first call returns anything.
     pub fn finish(&mut self, policy: &Policy) -> Finished {
-        if self.finished || !self.is_limited() || self.denied {
+        // A request that never went upstream (refused, or abandoned while its check was
+        // pending) costs nothing.
+        if self.finished || !self.is_limited() || self.denied || !self.allowed {
             self.finished = true;
             return Finished::default();
         }
@@ -284,6 +312,21 @@ impl RequestFlow {
             Some(u) => (Charge::Reported, Some(u)),
             None => self.fallback(policy),
         };
+        let cap = policy.usage.max_tokens_per_response;
+        let mut clamped = false;
+        let usage = usage.map(|u| {
+            let mut clamp = |v: Option<u64>| {
+                v.map(|n| {
+                    clamped |= n > cap;
+                    n.min(cap)
+                })
+            };
+            Usage {
+                prompt: clamp(u.prompt),
+                completion: clamp(u.completion),
+                total: clamp(u.total),
+            }
+        });
         let mut reports = Vec::new();
         if let Some(u) = usage {
             for category in policy.categories_in(&self.applied) {
@@ -304,6 +347,7 @@ impl RequestFlow {
             charge,
             usage,
             reports,
+            clamped,
         }
     }
 }
@@ -323,6 +367,8 @@ pub struct Finished {
     pub charge: Charge,
     /// The usage charged: reported, or the fallback's.
     pub usage: Option<Usage>,
+    /// A figure exceeded `usage.maxTokensPerResponse` and was cut to it.
+    pub clamped: bool,
     pub reports: Vec<CategoryReport>,
 }
 
@@ -584,8 +630,54 @@ mod tests {
         flow.on_response_body(&[b'x'; 21]);
         let done = flow.finish(&p);
         assert_eq!(done.charge, Charge::Estimated);
-        let got: Vec<(TokenCategory, u64)> = done.reports.iter().map(|r| (r.category, r.tokens)).collect();
-        assert_eq!(got, vec![(TokenCategory::Total, 3 + 6), (TokenCategory::Prompt, 3)]);
+        let got: Vec<(TokenCategory, u64)> = done
+            .reports
+            .iter()
+            .map(|r| (r.category, r.tokens))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(TokenCategory::Total, 3 + 6), (TokenCategory::Prompt, 3)]
+        );
+    }
+
+    #[test]
+    fn a_request_abandoned_during_its_check_costs_nothing() {
+        let p = Policy::from_json(
+            br#"{"rateLimitService": {"cluster": "rl", "domain": "llm"}, "usage": {"fallback": "fixed", "fixedTokens": 100},
+                 "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#,
+        )
+        .unwrap();
+        let (mut flow, _) = start(&p);
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Nothing);
+        assert!(done.reports.is_empty());
+    }
+
+    #[test]
+    fn absurd_figures_are_clamped() {
+        let p = policy("deny");
+        let (mut flow, _) = start(&p);
+        flow.on_check_reply(
+            &p,
+            Ok(&RateLimitResponse {
+                overall_code: Code::Ok as i32,
+                ..Default::default()
+            }
+            .encode_to_vec()),
+        );
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_body(
+            format!(
+                r#"{{"usage":{{"total_tokens":{},"prompt_tokens":5}}}}"#,
+                u64::MAX
+            )
+            .as_bytes(),
+        );
+        let done = flow.finish(&p);
+        assert!(done.clamped);
+        assert_eq!(done.reports[0].tokens, p.usage.max_tokens_per_response);
+        assert_eq!(done.reports[1].tokens, 5);
     }
 
     #[test]
@@ -596,7 +688,14 @@ mod tests {
         )
         .unwrap();
         let (mut flow, _) = start(&fixed);
-        flow.on_check_reply(&fixed, Ok(&RateLimitResponse { overall_code: Code::Ok as i32, ..Default::default() }.encode_to_vec()));
+        flow.on_check_reply(
+            &fixed,
+            Ok(&RateLimitResponse {
+                overall_code: Code::Ok as i32,
+                ..Default::default()
+            }
+            .encode_to_vec()),
+        );
         let done = flow.finish(&fixed);
         assert_eq!((done.charge, done.reports[0].tokens), (Charge::Fixed, 100));
 
@@ -606,6 +705,14 @@ mod tests {
         )
         .unwrap();
         let (mut flow, _) = start(&none);
+        flow.on_check_reply(
+            &none,
+            Ok(&RateLimitResponse {
+                overall_code: Code::Ok as i32,
+                ..Default::default()
+            }
+            .encode_to_vec()),
+        );
         flow.on_response_headers(&none, Some("application/json"), None);
         flow.on_response_body(b"{}");
         let done = flow.finish(&none);

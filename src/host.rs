@@ -8,9 +8,9 @@
 use crate::attributes::AttributeHost;
 use crate::config::TokenCategory;
 use crate::flow::{Charge, RequestFlow, ServiceFailure, Verdict};
-use crate::usage::Format;
 use crate::policy::{Decision, Policy};
 use crate::reports::{ReportOutcome, ReportQueue};
+use crate::usage::Format;
 use log::{debug, error, info, warn};
 use prost::Message;
 use proxy_wasm::hostcalls;
@@ -42,6 +42,7 @@ mod metric {
     pub const USAGE_MISSING: &str = "token_ratelimit.usage_missing";
     pub const USAGE_ESTIMATED: &str = "token_ratelimit.usage_estimated";
     pub const USAGE_FIXED: &str = "token_ratelimit.usage_fixed";
+    pub const USAGE_CLAMPED: &str = "token_ratelimit.usage_clamped";
     pub const USAGE_INJECTED: &str = "token_ratelimit.usage_requested";
     pub const BODY_TIMEOUTS: &str = "token_ratelimit.request_body_timeouts";
     pub const REPORTS_SENT: &str = "token_ratelimit.reports_sent";
@@ -180,7 +181,11 @@ impl Root {
         for id in stuck {
             if hostcalls::set_effective_context(id).is_ok() {
                 if deny {
-                    let _ = hostcalls::send_http_response(500, vec![("content-type", "application/json")], Some(&reply));
+                    let _ = hostcalls::send_http_response(
+                        500,
+                        vec![("content-type", "application/json")],
+                        Some(&reply),
+                    );
                 } else {
                     let _ = hostcalls::resume_http_request();
                 }
@@ -365,7 +370,10 @@ impl Http {
         drop(shared);
         match reply {
             None if paused => {
-                if self.body_mode != BodyMode::PassThrough && self.buffered > 0 && !self.headers_released {
+                if self.body_mode != BodyMode::PassThrough
+                    && self.buffered > 0
+                    && !self.headers_released
+                {
                     // The body is being held for a rewrite: let it all go at its end.
                     self.resume_when_body_done = true;
                 } else {
@@ -404,14 +412,17 @@ impl Http {
         };
         // Ask the upstream only for encodings whose usage can be read (a copy is decompressed;
         // the client still gets the encoding it accepts).
-        if let Some(accept) = self.get_http_request_header("accept-encoding") {
+        if let Some(accept) = self.request_header("accept-encoding") {
             match crate::usage::readable_accept_encoding(&accept) {
                 Some(kept) if kept == accept => {}
                 Some(kept) => self.set_http_request_header("accept-encoding", Some(&kept)),
                 None => self.set_http_request_header("accept-encoding", None),
             }
         }
-        if policy.usage.inject_stream_usage && Format::is_openai_streaming(&self.path) && self.is_json_post() {
+        if policy.usage.inject_stream_usage
+            && Format::is_openai_streaming(&self.path)
+            && self.is_json_post()
+        {
             match body {
                 Some(body) => self.inject(body),
                 None if !complete => {
@@ -444,11 +455,25 @@ impl Http {
         }
     }
 
+    /// A request header's value. Read as bytes: the SDK's string variant panics on a value
+    /// that is not UTF-8, which a client can send; invalid bytes become U+FFFD here.
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.get_http_request_header_bytes(name)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    /// A response header's value (see [`Http::request_header`]).
+    fn response_header(&self, name: &str) -> Option<String> {
+        self.get_http_response_header_bytes(name)
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
     /// Whether the root context released this stream (see [`Shared::released`]).
     fn is_released(&mut self) -> bool {
         if !self.released {
             let shared = self.shared.borrow();
-            self.released = !shared.released.is_empty() && shared.released.contains(&self.context_id);
+            self.released =
+                !shared.released.is_empty() && shared.released.contains(&self.context_id);
         }
         self.released
     }
@@ -471,8 +496,8 @@ impl Http {
     }
 
     fn is_json_post(&self) -> bool {
-        let method = self.get_http_request_header(":method").unwrap_or_default();
-        let content_type = self.get_http_request_header("content-type").unwrap_or_default();
+        let method = self.request_header(":method").unwrap_or_default();
+        let content_type = self.request_header("content-type").unwrap_or_default();
         method.eq_ignore_ascii_case("POST") && content_type.to_ascii_lowercase().contains("json")
     }
 
@@ -506,11 +531,21 @@ impl Http {
         };
         let done = self.flow.finish(&policy);
         let mut shared = self.shared.borrow_mut();
+        if done.clamped {
+            warn!(
+                "a response reported more than usage.maxTokensPerResponse ({}) tokens; charged that many",
+                policy.usage.max_tokens_per_response
+            );
+            shared.metrics.inc(metric::USAGE_CLAMPED);
+        }
         match done.charge {
             Charge::Nothing => return,
             Charge::Reported => {}
             Charge::Estimated | Charge::Fixed | Charge::Missing => {
-                debug!("response carried no usage; charged: {:?} {:?}", done.charge, done.usage);
+                debug!(
+                    "response carried no usage; charged: {:?} {:?}",
+                    done.charge, done.usage
+                );
                 shared.metrics.inc(metric::USAGE_MISSING);
                 match done.charge {
                     Charge::Estimated => shared.metrics.inc(metric::USAGE_ESTIMATED),
@@ -565,7 +600,7 @@ impl HttpContext for Http {
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
-        self.path = self.get_http_request_header(":path").unwrap_or_default();
+        self.path = self.request_header(":path").unwrap_or_default();
         if policy.needs_body && !end_of_stream && self.shared.borrow().body_unavailable {
             // Envoy was seen not to deliver bodies while headers are held: the failure mode
             // decides (allow: evaluate without the body, where requestBodyJSON() finds nothing).
@@ -575,7 +610,11 @@ impl HttpContext for Http {
                     "server_error",
                     "rate_limit_body_unavailable",
                 );
-                self.send_http_response(500, vec![("content-type", "application/json")], Some(&reply));
+                self.send_http_response(
+                    500,
+                    vec![("content-type", "application/json")],
+                    Some(&reply),
+                );
                 return Action::Pause;
             }
             return self.check(&policy, false, None);
@@ -585,7 +624,10 @@ impl HttpContext for Http {
             // with allow_on_headers_stop_iteration). The root context releases a request whose
             // body never shows up, so that a misconfigured Envoy cannot hang it.
             self.body_mode = BodyMode::Evaluate;
-            self.shared.borrow_mut().awaiting_body.push((self.context_id, 0));
+            self.shared
+                .borrow_mut()
+                .awaiting_body
+                .push((self.context_id, 0));
             return Action::Pause;
         }
         self.check(&policy, end_of_stream, None)
@@ -602,7 +644,9 @@ impl HttpContext for Http {
         }
         {
             let mut shared = self.shared.borrow_mut();
-            shared.awaiting_body.retain(|(id, _)| *id != self.context_id);
+            shared
+                .awaiting_body
+                .retain(|(id, _)| *id != self.context_id);
             if shared.released.contains(&self.context_id) {
                 // Released by the root context: this callback runs inside its resume call,
                 // where Envoy answers no header or property call. The request goes on unchecked
@@ -614,7 +658,8 @@ impl HttpContext for Http {
             }
         }
         if !end_of_stream {
-            if self.body_mode == BodyMode::Inject && body_size > policy.usage.max_request_body_bytes {
+            if self.body_mode == BodyMode::Inject && body_size > policy.usage.max_request_body_bytes
+            {
                 debug!("request body over requestBody.maxBytes: include_usage not added");
                 self.body_mode = BodyMode::PassThrough;
                 self.buffered = 0;
@@ -654,14 +699,13 @@ impl HttpContext for Http {
             self.add_http_response_header(&k, &v);
         }
         if let Some(policy) = self.policy.clone() {
-            let content_type = self.get_http_response_header("content-type");
-            let encoding = self.get_http_response_header("content-encoding");
+            let content_type = self.response_header("content-type");
+            let encoding = self.response_header("content-encoding");
             self.flow
                 .on_response_headers(&policy, content_type.as_deref(), encoding.as_deref());
         }
         Action::Continue
     }
-
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         if self.is_released() {
@@ -681,7 +725,9 @@ impl HttpContext for Http {
     fn on_log(&mut self) {
         {
             let mut shared = self.shared.borrow_mut();
-            shared.awaiting_body.retain(|(id, _)| *id != self.context_id);
+            shared
+                .awaiting_body
+                .retain(|(id, _)| *id != self.context_id);
             if shared.released.remove(&self.context_id) {
                 return;
             }

@@ -81,6 +81,8 @@ pub struct UsageSettings {
     pub fixed_tokens: u64,
     pub max_body_bytes: usize,
     pub inject_stream_usage: bool,
+    /// Largest figure believed of one response (tokens).
+    pub max_tokens_per_response: u64,
     /// Most request body bytes buffered.
     pub max_request_body_bytes: usize,
     /// Envoy lets the filter read the body while the headers are held.
@@ -195,17 +197,31 @@ impl Policy {
         };
         let u = &cfg.usage;
         let usage = UsageSettings {
-            paths: UsagePaths::new(u.paths.prompt.clone(), u.paths.completion.clone(), u.paths.total.clone())
-                .map_err(|e| field("usage.paths", e))?,
+            paths: UsagePaths::new(
+                u.paths.prompt.clone(),
+                u.paths.completion.clone(),
+                u.paths.total.clone(),
+            )
+            .map_err(|e| field("usage.paths", e))?,
             fallback: u.fallback,
             fixed_tokens: u.fixed_tokens,
             max_body_bytes: u.max_body_bytes,
             inject_stream_usage: u.inject_stream_usage,
+            max_tokens_per_response: u.max_tokens_per_response,
             max_request_body_bytes: cfg.request_body.max_bytes,
             allow_on_headers_stop_iteration: cfg.request_body.allow_on_headers_stop_iteration,
         };
         if u.fallback == Fallback::Fixed && u.fixed_tokens == 0 {
-            return Err(field("usage.fixedTokens", "must be greater than 0 with `fallback: fixed`"));
+            return Err(field(
+                "usage.fixedTokens",
+                "must be greater than 0 with `fallback: fixed`",
+            ));
+        }
+        if u.max_tokens_per_response == 0 {
+            return Err(field(
+                "usage.maxTokensPerResponse",
+                "must be greater than 0",
+            ));
         }
         if u.max_body_bytes == 0 {
             return Err(field("usage.maxBodyBytes", "must be greater than 0"));
@@ -646,14 +662,16 @@ fn attribute_path(e: &Expression) -> Option<Vec<String>> {
 fn body_json_as_attribute(e: Expression) -> Result<Expression, String> {
     let rec = |e: Box<Expression>| body_json_as_attribute(*e).map(Box::new);
     Ok(match e {
-        Expression::FunctionCall(f, None, args)
-            if matches!(f.as_ref(), Expression::Ident(n) if n.as_str() == attributes::REQUEST_BODY_JSON) =>
-        {
+        Expression::FunctionCall(f, None, args) if matches!(f.as_ref(), Expression::Ident(n) if n.as_str() == attributes::REQUEST_BODY_JSON) => {
             match args.as_slice() {
-                [Expression::Atom(Atom::String(p))] if p.is_empty() || p.starts_with('/') => Expression::Member(
-                    f,
-                    Box::new(Member::Index(Box::new(Expression::Atom(Atom::String(p.clone()))))),
-                ),
+                [Expression::Atom(Atom::String(p))] if p.is_empty() || p.starts_with('/') => {
+                    Expression::Member(
+                        f,
+                        Box::new(Member::Index(Box::new(Expression::Atom(Atom::String(
+                            p.clone(),
+                        ))))),
+                    )
+                }
                 _ => {
                     return Err(format!(
                         "{}() takes one constant JSON pointer, e.g. requestBodyJSON('/model')",
@@ -684,11 +702,16 @@ fn body_json_as_attribute(e: Expression) -> Result<Expression, String> {
         Expression::FunctionCall(f, t, args) => Expression::FunctionCall(
             rec(f)?,
             t.map(rec).transpose()?,
-            args.into_iter().map(body_json_as_attribute).collect::<Result<_, _>>()?,
+            args.into_iter()
+                .map(body_json_as_attribute)
+                .collect::<Result<_, _>>()?,
         ),
-        Expression::List(items) => {
-            Expression::List(items.into_iter().map(body_json_as_attribute).collect::<Result<_, _>>()?)
-        }
+        Expression::List(items) => Expression::List(
+            items
+                .into_iter()
+                .map(body_json_as_attribute)
+                .collect::<Result<_, _>>()?,
+        ),
         Expression::Map(entries) => Expression::Map(
             entries
                 .into_iter()
@@ -1091,15 +1114,32 @@ mod tests {
             "counters": [{"expression": "requestBodyJSON('/model')"}, {"expression": "requestBodyJSON('/n') + 1"}]}}}"#;
         let p = Policy::from_json(cfg.as_bytes()).unwrap();
         assert!(p.needs_body);
-        let d = p.evaluate(&mut BodyHost(serde_json::json!({"model": "gpt-4o", "n": 2})));
+        let d = p.evaluate(&mut BodyHost(
+            serde_json::json!({"model": "gpt-4o", "n": 2}),
+        ));
         assert_eq!(d.errors, vec![]);
-        assert_eq!(d.applied[0].counters[0], ("requestBodyJSON('/model')".to_string(), "gpt-4o".to_string()));
+        assert_eq!(
+            d.applied[0].counters[0],
+            (
+                "requestBodyJSON('/model')".to_string(),
+                "gpt-4o".to_string()
+            )
+        );
         assert_eq!(d.applied[0].counters[1].1, "3");
-        assert!(p.evaluate(&mut BodyHost(serde_json::json!({"model": "llama"}))).applied.is_empty());
+        assert!(p
+            .evaluate(&mut BodyHost(serde_json::json!({"model": "llama"})))
+            .applied
+            .is_empty());
         // Without Envoy's knob the policy is refused; a non-constant pointer is refused.
-        let e = refused(&cfg.replace(r#""allowOnHeadersStopIteration": true"#, r#""maxBytes": 10"#));
+        let e = refused(&cfg.replace(
+            r#""allowOnHeadersStopIteration": true"#,
+            r#""maxBytes": 10"#,
+        ));
         assert_eq!(e.field, "requestBody.allowOnHeadersStopIteration");
-        let e = refused(&cfg.replace("requestBodyJSON('/model').startsWith", "requestBodyJSON(request.path).startsWith"));
+        let e = refused(&cfg.replace(
+            "requestBodyJSON('/model').startsWith",
+            "requestBodyJSON(request.path).startsWith",
+        ));
         assert_eq!(e.field, "limits.l.when[0].predicate");
     }
 

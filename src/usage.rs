@@ -91,7 +91,10 @@ impl Format {
     pub fn from_path(path: &str) -> Format {
         let path = path.split(['?', '#']).next().unwrap_or("");
         let path = path.trim_end_matches('/');
-        if path.ends_with("/chat/completions") || path.ends_with("/completions") || path.ends_with("/embeddings") {
+        if path.ends_with("/chat/completions")
+            || path.ends_with("/completions")
+            || path.ends_with("/embeddings")
+        {
             Format::OpenAi
         } else if path.ends_with("/responses") {
             Format::Responses
@@ -106,7 +109,11 @@ impl Format {
 
     /// Whether requests of this format accept OpenAI's `stream_options.include_usage`.
     pub fn is_openai_streaming(path: &str) -> bool {
-        let path = path.split(['?', '#']).next().unwrap_or("").trim_end_matches('/');
+        let path = path
+            .split(['?', '#'])
+            .next()
+            .unwrap_or("")
+            .trim_end_matches('/');
         path.ends_with("/chat/completions") || path.ends_with("/completions")
     }
 
@@ -135,13 +142,24 @@ pub struct UsagePaths {
 impl UsagePaths {
     /// Custom paths from lists of JSON pointers. Errors name a pointer that does not start
     /// with `/`.
-    pub fn new(prompt: Vec<String>, completion: Vec<String>, total: Vec<String>) -> Result<UsagePaths, String> {
+    pub fn new(
+        prompt: Vec<String>,
+        completion: Vec<String>,
+        total: Vec<String>,
+    ) -> Result<UsagePaths, String> {
         let mut markers = Vec::new();
         for p in prompt.iter().chain(&completion).chain(&total) {
             if !p.starts_with('/') {
-                return Err(format!("`{p}` is not a JSON pointer (it must start with `/`)"));
+                return Err(format!(
+                    "`{p}` is not a JSON pointer (it must start with `/`)"
+                ));
             }
-            let last = p.rsplit('/').next().unwrap_or("").replace("~1", "/").replace("~0", "~");
+            let last = p
+                .rsplit('/')
+                .next()
+                .unwrap_or("")
+                .replace("~1", "/")
+                .replace("~0", "~");
             let m = format!("\"{last}\"").into_bytes();
             if !markers.contains(&m) {
                 markers.push(m);
@@ -177,7 +195,11 @@ fn sum(values: &[Option<u64>]) -> Option<u64> {
     if values.iter().all(Option::is_none) {
         return None;
     }
-    Some(values.iter().fold(0u64, |acc, v| acc.saturating_add(v.unwrap_or(0))))
+    Some(
+        values
+            .iter()
+            .fold(0u64, |acc, v| acc.saturating_add(v.unwrap_or(0))),
+    )
 }
 
 fn openai(usage: Option<&Value>) -> Usage {
@@ -234,14 +256,23 @@ pub fn read_document(format: Format, paths: &UsagePaths, doc: &Value) -> Usage {
     }
     let candidates: &[fn(&Value) -> Usage] = match format {
         Format::OpenAi => &[|d| openai(d.get("usage"))],
-        Format::Responses => &[|d| openai(d.get("usage")), |d| openai(d.pointer("/response/usage"))],
-        Format::Anthropic => &[|d| anthropic(d.get("usage")), |d| anthropic(d.pointer("/message/usage"))],
+        Format::Responses => &[
+            |d| openai(d.get("usage")),
+            |d| openai(d.pointer("/response/usage")),
+        ],
+        Format::Anthropic => &[
+            |d| anthropic(d.get("usage")),
+            |d| anthropic(d.pointer("/message/usage")),
+        ],
         Format::Gemini => &[|d| gemini(d.get("usageMetadata"))],
         Format::Unknown => &[
             |d| {
                 let u = d.get("usage");
                 // Anthropic's shape has input/output without a total and with cache fields.
-                if u.is_some_and(|u| u.get("cache_read_input_tokens").is_some() || u.get("cache_creation_input_tokens").is_some()) {
+                if u.is_some_and(|u| {
+                    u.get("cache_read_input_tokens").is_some()
+                        || u.get("cache_creation_input_tokens").is_some()
+                }) {
                     anthropic(u)
                 } else {
                     openai(u)
@@ -252,7 +283,11 @@ pub fn read_document(format: Format, paths: &UsagePaths, doc: &Value) -> Usage {
             |d| gemini(d.get("usageMetadata")),
         ],
     };
-    candidates.iter().map(|f| f(doc)).find(|u| !u.is_empty()).unwrap_or_default()
+    candidates
+        .iter()
+        .map(|f| f(doc))
+        .find(|u| !u.is_empty())
+        .unwrap_or_default()
 }
 
 /// Reads the top-level OpenAI-style `usage` of a JSON document; `None` when there is none.
@@ -322,8 +357,16 @@ pub fn readable_accept_encoding(value: &str) -> Option<String> {
         .split(',')
         .map(str::trim)
         .filter(|item| {
-            let coding = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
-            matches!(coding.as_str(), "gzip" | "x-gzip" | "deflate" | "br" | "identity")
+            let coding = item
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            matches!(
+                coding.as_str(),
+                "gzip" | "x-gzip" | "deflate" | "br" | "identity"
+            )
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join(", "))
@@ -391,12 +434,15 @@ impl Decoder {
     fn new(encoding: Encoding) -> Decoder {
         match encoding {
             Encoding::Identity => Decoder::Identity,
-            Encoding::Gzip => Decoder::Gzip(Box::new(flate2::write::MultiGzDecoder::new(Sink::default()))),
-            Encoding::Deflate => Decoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(Sink::default()))),
-            Encoding::Brotli => Decoder::Brotli(Box::new(brotli_decompressor::DecompressorWriter::new(
+            Encoding::Gzip => Decoder::Gzip(Box::new(flate2::write::MultiGzDecoder::new(
                 Sink::default(),
-                4096,
             ))),
+            Encoding::Deflate => {
+                Decoder::Deflate(Box::new(flate2::write::ZlibDecoder::new(Sink::default())))
+            }
+            Encoding::Brotli => Decoder::Brotli(Box::new(
+                brotli_decompressor::DecompressorWriter::new(Sink::default(), 4096),
+            )),
             Encoding::Unsupported => Decoder::Failed,
         }
     }
@@ -406,9 +452,18 @@ impl Decoder {
         let result = match self {
             Decoder::Identity => return chunk.to_vec(),
             Decoder::Failed => return Vec::new(),
-            Decoder::Gzip(d) => d.write_all(chunk).and_then(|_| d.flush()).map(|_| std::mem::take(&mut d.get_mut().0)),
-            Decoder::Deflate(d) => d.write_all(chunk).and_then(|_| d.flush()).map(|_| std::mem::take(&mut d.get_mut().0)),
-            Decoder::Brotli(d) => d.write_all(chunk).and_then(|_| d.flush()).map(|_| std::mem::take(&mut d.get_mut().0)),
+            Decoder::Gzip(d) => d
+                .write_all(chunk)
+                .and_then(|_| d.flush())
+                .map(|_| std::mem::take(&mut d.get_mut().0)),
+            Decoder::Deflate(d) => d
+                .write_all(chunk)
+                .and_then(|_| d.flush())
+                .map(|_| std::mem::take(&mut d.get_mut().0)),
+            Decoder::Brotli(d) => d
+                .write_all(chunk)
+                .and_then(|_| d.flush())
+                .map(|_| std::mem::take(&mut d.get_mut().0)),
         };
         match result {
             Ok(out) => out,
@@ -443,7 +498,13 @@ pub struct UsageExtractor {
 impl UsageExtractor {
     /// A new extractor for a response in `format`, framed as `framing`, encoded as `encoding`;
     /// keeps at most `max_bytes` bytes.
-    pub fn new(format: Format, framing: BodyFormat, encoding: Encoding, paths: UsagePaths, max_bytes: usize) -> Self {
+    pub fn new(
+        format: Format,
+        framing: BodyFormat,
+        encoding: Encoding,
+        paths: UsagePaths,
+        max_bytes: usize,
+    ) -> Self {
         UsageExtractor {
             format,
             framing,
@@ -551,7 +612,14 @@ impl UsageExtractor {
         self.format
             .markers()
             .iter()
-            .chain(self.paths.markers.iter().map(|m| m.as_slice()).collect::<Vec<_>>().iter())
+            .chain(
+                self.paths
+                    .markers
+                    .iter()
+                    .map(|m| m.as_slice())
+                    .collect::<Vec<_>>()
+                    .iter(),
+            )
             .any(|m| memchr::memmem::find(data, m).is_some())
     }
 
@@ -615,7 +683,13 @@ mod tests {
     }
 
     fn extract(format: Format, framing: BodyFormat, body: &[u8], cut: usize) -> Option<Usage> {
-        let mut x = UsageExtractor::new(format, framing, Encoding::Identity, UsagePaths::default(), 1 << 20);
+        let mut x = UsageExtractor::new(
+            format,
+            framing,
+            Encoding::Identity,
+            UsagePaths::default(),
+            1 << 20,
+        );
         x.feed(&body[..cut]);
         x.feed(&body[cut..]);
         x.finish()
@@ -631,11 +705,17 @@ mod tests {
 
     #[test]
     fn formats_from_paths() {
-        assert_eq!(Format::from_path("/v1/chat/completions?x=1"), Format::OpenAi);
+        assert_eq!(
+            Format::from_path("/v1/chat/completions?x=1"),
+            Format::OpenAi
+        );
         assert_eq!(Format::from_path("/v1/embeddings"), Format::OpenAi);
         assert_eq!(Format::from_path("/v1/responses"), Format::Responses);
         assert_eq!(Format::from_path("/v1/messages"), Format::Anthropic);
-        assert_eq!(Format::from_path("/v1beta/models/gemini-pro:streamGenerateContent?alt=sse"), Format::Gemini);
+        assert_eq!(
+            Format::from_path("/v1beta/models/gemini-pro:streamGenerateContent?alt=sse"),
+            Format::Gemini
+        );
         assert_eq!(Format::from_path("/other"), Format::Unknown);
         assert!(Format::is_openai_streaming("/v1/completions"));
         assert!(!Format::is_openai_streaming("/v1/embeddings"));
@@ -643,7 +723,10 @@ mod tests {
 
     #[test]
     fn openai_usage_and_responses_api_usage() {
-        let u = from_json(br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#).unwrap();
+        let u = from_json(
+            br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+        )
+        .unwrap();
         assert_eq!(u.tokens(TokenCategory::Total), Some(7));
         assert_eq!(u.tokens(TokenCategory::Prompt), Some(3));
         let u = from_json(br#"{"usage":{"input_tokens":10,"output_tokens":5}}"#).unwrap();
@@ -653,7 +736,12 @@ mod tests {
 
     #[test]
     fn invalid_figures_and_fake_usage_are_ignored() {
-        assert_eq!(from_json(br#"{"usage":{"prompt_tokens":-5,"completion_tokens":1.5,"total_tokens":"9"}}"#), None);
+        assert_eq!(
+            from_json(
+                br#"{"usage":{"prompt_tokens":-5,"completion_tokens":1.5,"total_tokens":"9"}}"#
+            ),
+            None
+        );
         let fake = br#"{"choices":[{"message":{"content":"{\"usage\":{\"total_tokens\":0}}"}}],"usage":{"total_tokens":42}}"#;
         assert_eq!(from_json(fake).unwrap().total, Some(42));
         assert_eq!(from_json(b"not json"), None);
@@ -664,13 +752,23 @@ mod tests {
     fn json_split_at_every_byte_boundary() {
         let body = br#"{"object":"chat.completion","usage":{"prompt_tokens":12,"completion_tokens":30,"total_tokens":42}}"#;
         for cut in 0..=body.len() {
-            assert_eq!(extract(Format::OpenAi, BodyFormat::Json, body, cut), u(12, 30, Some(42)), "cut at {cut}");
+            assert_eq!(
+                extract(Format::OpenAi, BodyFormat::Json, body, cut),
+                u(12, 30, Some(42)),
+                "cut at {cut}"
+            );
         }
     }
 
     #[test]
     fn json_over_the_bound_yields_nothing() {
-        let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::Json, Encoding::Identity, UsagePaths::default(), 10);
+        let mut x = UsageExtractor::new(
+            Format::OpenAi,
+            BodyFormat::Json,
+            Encoding::Identity,
+            UsagePaths::default(),
+            10,
+        );
         x.feed(br#"{"usage":{"total_tokens":42}}"#);
         assert_eq!(x.finish(), None);
         assert!(x.overflowed());
@@ -682,7 +780,11 @@ mod tests {
         let crlf = lf.replace('\n', "\r\n");
         for body in [lf.as_bytes(), crlf.as_bytes()] {
             for cut in 0..=body.len() {
-                assert_eq!(extract(Format::OpenAi, BodyFormat::EventStream, body, cut), u(5, 2, Some(7)), "cut at {cut}");
+                assert_eq!(
+                    extract(Format::OpenAi, BodyFormat::EventStream, body, cut),
+                    u(5, 2, Some(7)),
+                    "cut at {cut}"
+                );
             }
         }
     }
@@ -691,7 +793,10 @@ mod tests {
     fn responses_api_stream_reads_response_completed() {
         let body = b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\nevent: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"hi\"}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":4,\"output_tokens\":6,\"total_tokens\":10}}}\n\n";
         for cut in [0, 17, 100, body.len()] {
-            assert_eq!(extract(Format::Responses, BodyFormat::EventStream, body, cut), u(4, 6, Some(10)));
+            assert_eq!(
+                extract(Format::Responses, BodyFormat::EventStream, body, cut),
+                u(4, 6, Some(10))
+            );
         }
     }
 
@@ -699,7 +804,13 @@ mod tests {
     fn anthropic_non_streaming_and_streaming_with_cache_fields() {
         let body = br#"{"type":"message","usage":{"input_tokens":10,"cache_creation_input_tokens":2,"cache_read_input_tokens":3,"output_tokens":7}}"#;
         let got = extract(Format::Anthropic, BodyFormat::Json, body, 5).unwrap();
-        assert_eq!((got.tokens(TokenCategory::Prompt), got.tokens(TokenCategory::Completion)), (Some(15), Some(7)));
+        assert_eq!(
+            (
+                got.tokens(TokenCategory::Prompt),
+                got.tokens(TokenCategory::Completion)
+            ),
+            (Some(15), Some(7))
+        );
         assert_eq!(got.tokens(TokenCategory::Total), Some(22));
         let stream = concat!(
             "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":25,\"cache_read_input_tokens\":5,\"output_tokens\":1}}}\n\n",
@@ -708,7 +819,13 @@ mod tests {
             "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"
         );
         for cut in 0..=stream.len() {
-            let got = extract(Format::Anthropic, BodyFormat::EventStream, stream.as_bytes(), cut).unwrap();
+            let got = extract(
+                Format::Anthropic,
+                BodyFormat::EventStream,
+                stream.as_bytes(),
+                cut,
+            )
+            .unwrap();
             assert_eq!(got.tokens(TokenCategory::Prompt), Some(30), "cut {cut}");
             assert_eq!(got.tokens(TokenCategory::Completion), Some(15));
             assert_eq!(got.tokens(TokenCategory::Total), Some(45));
@@ -718,28 +835,57 @@ mod tests {
     #[test]
     fn gemini_json_sse_and_streamed_array() {
         let one = br#"{"candidates":[],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":3,"thoughtsTokenCount":2,"totalTokenCount":13}}"#;
-        assert_eq!(extract(Format::Gemini, BodyFormat::Json, one, 9), u(8, 5, Some(13)));
+        assert_eq!(
+            extract(Format::Gemini, BodyFormat::Json, one, 9),
+            u(8, 5, Some(13))
+        );
         let sse = "data: {\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":1,\"totalTokenCount\":9}}\r\n\r\ndata: {\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":4,\"totalTokenCount\":12}}\r\n\r\n";
-        assert_eq!(extract(Format::Gemini, BodyFormat::EventStream, sse.as_bytes(), 30), u(8, 4, Some(12)));
+        assert_eq!(
+            extract(Format::Gemini, BodyFormat::EventStream, sse.as_bytes(), 30),
+            u(8, 4, Some(12))
+        );
         let array = "[{\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":1,\"totalTokenCount\":9}}\n,\r\n{\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":6,\"totalTokenCount\":14}}]";
-        assert_eq!(extract(Format::Gemini, BodyFormat::Json, array.as_bytes(), 40), u(8, 6, Some(14)));
+        assert_eq!(
+            extract(Format::Gemini, BodyFormat::Json, array.as_bytes(), 40),
+            u(8, 6, Some(14))
+        );
     }
 
     #[test]
     fn unknown_paths_try_every_known_location() {
         assert_eq!(extract(Format::Unknown, BodyFormat::Json, br#"{"usageMetadata":{"promptTokenCount":1,"candidatesTokenCount":2,"totalTokenCount":3}}"#, 3), u(1, 2, Some(3)));
-        let a = extract(Format::Unknown, BodyFormat::Json, br#"{"usage":{"input_tokens":1,"cache_read_input_tokens":4,"output_tokens":2}}"#, 3).unwrap();
+        let a = extract(
+            Format::Unknown,
+            BodyFormat::Json,
+            br#"{"usage":{"input_tokens":1,"cache_read_input_tokens":4,"output_tokens":2}}"#,
+            3,
+        )
+        .unwrap();
         assert_eq!(a.tokens(TokenCategory::Prompt), Some(5));
     }
 
     #[test]
     fn custom_pointers_come_first_and_filter_events() {
-        let paths = UsagePaths::new(vec!["/meta/in".into()], vec!["/meta/out".into(), "/usage/completion_tokens".into()], vec![]).unwrap();
+        let paths = UsagePaths::new(
+            vec!["/meta/in".into()],
+            vec!["/meta/out".into(), "/usage/completion_tokens".into()],
+            vec![],
+        )
+        .unwrap();
         let body = b"data: {\"meta\":{\"in\":7,\"out\":9}}\n\ndata: {\"other\":1}\n\n";
-        let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::EventStream, Encoding::Identity, paths.clone(), 1 << 16);
+        let mut x = UsageExtractor::new(
+            Format::OpenAi,
+            BodyFormat::EventStream,
+            Encoding::Identity,
+            paths.clone(),
+            1 << 16,
+        );
         x.feed(body);
         let got = x.finish().unwrap();
-        assert_eq!((got.prompt, got.completion, got.tokens(TokenCategory::Total)), (Some(7), Some(9), Some(16)));
+        assert_eq!(
+            (got.prompt, got.completion, got.tokens(TokenCategory::Total)),
+            (Some(7), Some(9), Some(16))
+        );
         assert!(UsagePaths::new(vec!["usage".into()], vec![], vec![]).is_err());
     }
 
@@ -755,7 +901,13 @@ mod tests {
         let zl = zl.finish().unwrap();
         for (enc, bytes) in [(Encoding::Gzip, gz), (Encoding::Deflate, zl)] {
             for cut in 0..=bytes.len() {
-                let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::Json, enc, UsagePaths::default(), 1 << 16);
+                let mut x = UsageExtractor::new(
+                    Format::OpenAi,
+                    BodyFormat::Json,
+                    enc,
+                    UsagePaths::default(),
+                    1 << 16,
+                );
                 x.feed(&bytes[..cut]);
                 x.feed(&bytes[cut..]);
                 assert_eq!(x.finish(), u(3, 4, Some(7)), "{enc:?} cut {cut}");
@@ -763,7 +915,13 @@ mod tests {
             }
         }
         // Garbage that claims to be gzip yields nothing, and never panics.
-        let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::Json, Encoding::Gzip, UsagePaths::default(), 1 << 16);
+        let mut x = UsageExtractor::new(
+            Format::OpenAi,
+            BodyFormat::Json,
+            Encoding::Gzip,
+            UsagePaths::default(),
+            1 << 16,
+        );
         x.feed(b"\x1f\x8b\x08\x00garbage garbage");
         assert_eq!(x.finish(), None);
         assert!(x.overflowed());
@@ -775,7 +933,13 @@ mod tests {
         let mut gz = GzEncoder::new(Vec::new(), flate2::Compression::best());
         gz.write_all(&vec![b' '; 8 << 20]).unwrap();
         let gz = gz.finish().unwrap();
-        let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::Json, Encoding::Gzip, UsagePaths::default(), 1 << 20);
+        let mut x = UsageExtractor::new(
+            Format::OpenAi,
+            BodyFormat::Json,
+            Encoding::Gzip,
+            UsagePaths::default(),
+            1 << 20,
+        );
         for chunk in gz.chunks(1024) {
             x.feed(chunk);
         }
@@ -791,17 +955,36 @@ mod tests {
             assert!(from_json(&body).and_then(|u| u.total).is_some());
         }
         if let Some(body) = sample("llama-server/chat-stream-include-usage.sse") {
-            let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::EventStream, Encoding::Identity, UsagePaths::default(), 1 << 16);
+            let mut x = UsageExtractor::new(
+                Format::OpenAi,
+                BodyFormat::EventStream,
+                Encoding::Identity,
+                UsagePaths::default(),
+                1 << 16,
+            );
             for chunk in body.chunks(7) {
                 x.feed(chunk);
             }
             let u = x.finish().expect("usage in the include_usage stream");
-            assert_eq!(u.total, Some(u.prompt.unwrap_or(0) + u.completion.unwrap_or(0)));
+            assert_eq!(
+                u.total,
+                Some(u.prompt.unwrap_or(0) + u.completion.unwrap_or(0))
+            );
         }
         if let Some(body) = sample("llama-cpp-python/chat-stream.sse") {
-            let mut x = UsageExtractor::new(Format::OpenAi, BodyFormat::EventStream, Encoding::Identity, UsagePaths::default(), 1 << 16);
+            let mut x = UsageExtractor::new(
+                Format::OpenAi,
+                BodyFormat::EventStream,
+                Encoding::Identity,
+                UsagePaths::default(),
+                1 << 16,
+            );
             x.feed(&body);
-            assert_eq!(x.finish(), None, "this server sends no usage when streaming");
+            assert_eq!(
+                x.finish(),
+                None,
+                "this server sends no usage when streaming"
+            );
         }
     }
 
@@ -811,10 +994,19 @@ mod tests {
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["model"], "m");
-        let out = inject_include_usage(br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#).unwrap();
+        let out = inject_include_usage(
+            br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(v["stream_options"], serde_json::json!({"include_usage": true, "x": 1}));
-        assert_eq!(inject_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#), None);
+        assert_eq!(
+            v["stream_options"],
+            serde_json::json!({"include_usage": true, "x": 1})
+        );
+        assert_eq!(
+            inject_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#),
+            None
+        );
         assert_eq!(inject_include_usage(br#"{"stream":false}"#), None);
         assert_eq!(inject_include_usage(br#"{"model":"m"}"#), None);
         assert_eq!(inject_include_usage(b"[1,2]"), None);
@@ -823,16 +1015,31 @@ mod tests {
 
     #[test]
     fn accept_encoding_keeps_only_readable_codings() {
-        assert_eq!(readable_accept_encoding("gzip, deflate, br, zstd"), Some("gzip, deflate, br".into()));
-        assert_eq!(readable_accept_encoding("zstd;q=1.0, gzip;q=0.5"), Some("gzip;q=0.5".into()));
+        assert_eq!(
+            readable_accept_encoding("gzip, deflate, br, zstd"),
+            Some("gzip, deflate, br".into())
+        );
+        assert_eq!(
+            readable_accept_encoding("zstd;q=1.0, gzip;q=0.5"),
+            Some("gzip;q=0.5".into())
+        );
         assert_eq!(readable_accept_encoding("zstd, *"), None);
     }
 
     #[test]
     fn content_types_and_encodings() {
-        assert_eq!(BodyFormat::from_content_type(Some("application/json; charset=utf-8")), BodyFormat::Json);
-        assert_eq!(BodyFormat::from_content_type(Some("text/event-stream")), BodyFormat::EventStream);
-        assert_eq!(BodyFormat::from_content_type(Some("text/plain")), BodyFormat::Other);
+        assert_eq!(
+            BodyFormat::from_content_type(Some("application/json; charset=utf-8")),
+            BodyFormat::Json
+        );
+        assert_eq!(
+            BodyFormat::from_content_type(Some("text/event-stream")),
+            BodyFormat::EventStream
+        );
+        assert_eq!(
+            BodyFormat::from_content_type(Some("text/plain")),
+            BodyFormat::Other
+        );
         assert_eq!(BodyFormat::from_content_type(None), BodyFormat::Other);
         assert_eq!(Encoding::from_header(Some("GZIP")), Encoding::Gzip);
         assert_eq!(Encoding::from_header(None), Encoding::Identity);

@@ -138,6 +138,9 @@ pub struct Options {
     pub service: bool,
     /// Replace `failureMode: deny` in the shipped configuration.
     pub failure_mode: &'static str,
+    /// Replace the check timeout (`timeout: 100ms`): tests run many stacks at once on a small
+    /// machine, where a debug-built service can take longer than 100 ms to answer.
+    pub check_timeout: &'static str,
     /// Further `(from, to)` text replacements in `envoy/envoy.yaml`, each must match once.
     pub edits: Vec<(String, String)>,
     /// Envoy worker threads.
@@ -149,6 +152,7 @@ impl Default for Options {
         Options {
             service: true,
             failure_mode: "deny",
+            check_timeout: "2s",
             edits: Vec::new(),
             concurrency: 1,
         }
@@ -391,7 +395,13 @@ impl Stack {
     }
 
     /// [`Stack::post`] with extra request headers.
-    pub fn post_with(&self, path: &str, api_key: Option<&str>, body: &serde_json::Value, headers: &[(&str, &str)]) -> Reply {
+    pub fn post_with(
+        &self,
+        path: &str,
+        api_key: Option<&str>,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> Reply {
         let mut req = self
             .client
             .post(format!("http://127.0.0.1:{}{}", self.ports.listener, path))

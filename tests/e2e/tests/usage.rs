@@ -42,13 +42,30 @@ fn estimate(request: &Value, reply: &Reply) -> u64 {
 
 /// Sends `body` to `path` as `key` and asserts that the service received exactly `expected`
 /// more tokens; returns the reply.
-fn assert_charged(stack: &Stack, key: &str, path: &str, body: &Value, headers: &[(&str, &str)], expected: impl Fn(&Reply) -> u64) -> Reply {
+fn assert_charged(
+    stack: &Stack,
+    key: &str,
+    path: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+    expected: impl Fn(&Reply) -> u64,
+) -> Reply {
     let before = stack.reported_tokens();
     let reply = stack.post_with(path, Some(key), body, headers);
     let want = before + expected(&reply);
-    assert_eq!(stack.await_reported(want), want, "{path}: reported tokens (reply {}: {})", reply.status, reply.body);
+    assert_eq!(
+        stack.await_reported(want),
+        want,
+        "{path}: reported tokens (reply {}: {})",
+        reply.status,
+        reply.body
+    );
     std::thread::sleep(std::time::Duration::from_millis(300));
-    assert_eq!(stack.reported_tokens(), want, "{path}: tokens reported more than once");
+    assert_eq!(
+        stack.reported_tokens(),
+        want,
+        "{path}: tokens reported more than once"
+    );
     reply
 }
 
@@ -65,8 +82,15 @@ fn streaming_without_include_usage_is_counted_by_asking_for_usage() {
                       "messages": [{"role": "user", "content": "three words here"}]});
     let r = assert_charged(&stack, GOLD, "/v1/chat/completions", &body, &[], |_| 3 + 5);
     assert_eq!(r.status, 200);
-    assert!(r.body.contains("\"usage\""), "the injected usage chunk reaches the client: {}", r.body);
-    assert_eq!(stack.envoy_stat("wasmcustom.token_ratelimit.usage_requested"), 1);
+    assert!(
+        r.body.contains("\"usage\""),
+        "the injected usage chunk reaches the client: {}",
+        r.body
+    );
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.token_ratelimit.usage_requested"),
+        1
+    );
     assert_eq!(stack.served_tokens(GOLD), 8);
 }
 
@@ -75,7 +99,14 @@ fn usage_on_the_last_chunk_with_choices_is_counted() {
     let stack = stack();
     let body = json!({"model": "sim", "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 4,
                       "messages": [{"role": "user", "content": "two words"}]});
-    let r = assert_charged(&stack, GOLD, "/v1/chat/completions", &body, &[("x-simulator-usage-on-last-choice", "true")], |_| 2 + 4);
+    let r = assert_charged(
+        &stack,
+        GOLD,
+        "/v1/chat/completions",
+        &body,
+        &[("x-simulator-usage-on-last-choice", "true")],
+        |_| 2 + 4,
+    );
     assert!(!r.body.contains("\"choices\":[]"), "{}", r.body);
 }
 
@@ -84,17 +115,34 @@ fn a_server_that_ignores_include_usage_is_charged_the_estimate() {
     let stack = stack();
     let body = json!({"model": "sim", "stream": true, "max_tokens": 7,
                       "messages": [{"role": "user", "content": "a b c"}]});
-    let r = assert_charged(&stack, GOLD, "/v1/chat/completions", &body, &[("x-simulator-no-usage", "true")], |r| estimate(&body, r));
+    let r = assert_charged(
+        &stack,
+        GOLD,
+        "/v1/chat/completions",
+        &body,
+        &[("x-simulator-no-usage", "true")],
+        |r| estimate(&body, r),
+    );
     assert_eq!(r.status, 200);
     assert!(!r.body.contains("\"usage\""));
-    assert_eq!(stack.envoy_stat("wasmcustom.token_ratelimit.usage_estimated"), 1);
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.token_ratelimit.usage_estimated"),
+        1
+    );
 }
 
 #[test]
 fn an_upstream_error_without_usage_completes_and_is_charged_the_estimate() {
     let stack = stack();
     let body = json!({"model": "sim", "max_tokens": 7, "messages": [{"role": "user", "content": "a b c"}]});
-    let r = assert_charged(&stack, GOLD, "/v1/chat/completions", &body, &[("x-simulator-status", "503")], |r| estimate(&body, r));
+    let r = assert_charged(
+        &stack,
+        GOLD,
+        "/v1/chat/completions",
+        &body,
+        &[("x-simulator-status", "503")],
+        |r| estimate(&body, r),
+    );
     assert_eq!(r.status, 503);
 }
 
@@ -102,21 +150,51 @@ fn an_upstream_error_without_usage_completes_and_is_charged_the_estimate() {
 fn every_format_reports_what_was_served() {
     let stack = stack();
     let cases: Vec<(&str, Value)> = vec![
-        ("/v1/completions", json!({"model": "sim", "prompt": "one two", "max_tokens": 3})),
-        ("/v1/completions", json!({"model": "sim", "prompt": "one two", "max_tokens": 3, "stream": true})),
-        ("/v1/embeddings", json!({"model": "sim", "input": ["one two three", "four"]})),
-        ("/v1/responses", json!({"model": "sim", "input": "one two three", "max_output_tokens": 6})),
-        ("/v1/responses", json!({"model": "sim", "input": "one two three", "max_output_tokens": 6, "stream": true})),
-        ("/v1/messages", json!({"model": "sim", "max_tokens": 9, "system": "be brief",
-                                "messages": [{"role": "user", "content": "hello there"}]})),
-        ("/v1/messages", json!({"model": "sim", "max_tokens": 9, "stream": true,
-                                "messages": [{"role": "user", "content": "hello there"}]})),
-        ("/v1beta/models/sim:generateContent", json!({"contents": [{"parts": [{"text": "one two three"}]}],
-                                                      "generationConfig": {"maxOutputTokens": 5}})),
-        ("/v1beta/models/sim:streamGenerateContent?alt=sse", json!({"contents": [{"parts": [{"text": "one two"}]}],
-                                                                     "generationConfig": {"maxOutputTokens": 5}})),
-        ("/v1beta/models/sim:streamGenerateContent", json!({"contents": [{"parts": [{"text": "one two"}]}],
-                                                              "generationConfig": {"maxOutputTokens": 5}})),
+        (
+            "/v1/completions",
+            json!({"model": "sim", "prompt": "one two", "max_tokens": 3}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "sim", "prompt": "one two", "max_tokens": 3, "stream": true}),
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "sim", "input": ["one two three", "four"]}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "sim", "input": "one two three", "max_output_tokens": 6}),
+        ),
+        (
+            "/v1/responses",
+            json!({"model": "sim", "input": "one two three", "max_output_tokens": 6, "stream": true}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "sim", "max_tokens": 9, "system": "be brief",
+                                "messages": [{"role": "user", "content": "hello there"}]}),
+        ),
+        (
+            "/v1/messages",
+            json!({"model": "sim", "max_tokens": 9, "stream": true,
+                                "messages": [{"role": "user", "content": "hello there"}]}),
+        ),
+        (
+            "/v1beta/models/sim:generateContent",
+            json!({"contents": [{"parts": [{"text": "one two three"}]}],
+                                                      "generationConfig": {"maxOutputTokens": 5}}),
+        ),
+        (
+            "/v1beta/models/sim:streamGenerateContent?alt=sse",
+            json!({"contents": [{"parts": [{"text": "one two"}]}],
+                                                                     "generationConfig": {"maxOutputTokens": 5}}),
+        ),
+        (
+            "/v1beta/models/sim:streamGenerateContent",
+            json!({"contents": [{"parts": [{"text": "one two"}]}],
+                                                              "generationConfig": {"maxOutputTokens": 5}}),
+        ),
     ];
     for (path, body) in cases {
         let (reply, served) = served_delta(&stack, USER3, || stack.post(path, Some(USER3), &body));
@@ -125,14 +203,24 @@ fn every_format_reports_what_was_served() {
         let want = stack.served_tokens(USER3);
         assert_eq!(stack.await_reported(want), want, "{path}: {}", reply.body);
     }
-    assert_eq!(stack.envoy_stat("wasmcustom.token_ratelimit.usage_missing"), 0);
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.token_ratelimit.usage_missing"),
+        0
+    );
 }
 
 #[test]
 fn anthropic_cache_tokens_count_as_prompt_tokens() {
     let stack = stack();
     let body = json!({"model": "sim", "max_tokens": 4, "stream": true, "messages": [{"role": "user", "content": "x y"}]});
-    let (r, served) = served_delta(&stack, USER3, || stack.post_with("/v1/messages", Some(USER3), &body, &[("x-simulator-cache-read-tokens", "10")]));
+    let (r, served) = served_delta(&stack, USER3, || {
+        stack.post_with(
+            "/v1/messages",
+            Some(USER3),
+            &body,
+            &[("x-simulator-cache-read-tokens", "10")],
+        )
+    });
     assert_eq!(r.status, 200);
     assert_eq!(served, 2 + 10 + 4);
     assert_eq!(stack.await_reported(served), served);
@@ -146,11 +234,27 @@ fn compressed_responses_are_counted_and_reach_the_client_compressed() {
         let mut body = body.clone();
         body["stream"] = json!(stream);
         let (r, served) = served_delta(&stack, GOLD, || {
-            stack.post_with("/v1/chat/completions", Some(GOLD), &body, &[("accept-encoding", "gzip"), ("x-simulator-compress", "true")])
+            stack.post_with(
+                "/v1/chat/completions",
+                Some(GOLD),
+                &body,
+                &[
+                    ("accept-encoding", "gzip"),
+                    ("x-simulator-compress", "true"),
+                ],
+            )
         });
         assert_eq!(r.status, 200);
-        assert_eq!(r.header("content-encoding"), Some("gzip"), "stream {stream}");
-        assert_eq!(&r.raw[..2], b"\x1f\x8b", "the client gets the gzip bytes it accepted");
+        assert_eq!(
+            r.header("content-encoding"),
+            Some("gzip"),
+            "stream {stream}"
+        );
+        assert_eq!(
+            &r.raw[..2],
+            b"\x1f\x8b",
+            "the client gets the gzip bytes it accepted"
+        );
         assert_eq!(served, 2 + 6);
     }
     let want = stack.served_tokens(GOLD);
@@ -158,7 +262,15 @@ fn compressed_responses_are_counted_and_reach_the_client_compressed() {
 
     // A coding the filter cannot read is not asked for: the upstream answers identity.
     let (r, _) = served_delta(&stack, GOLD, || {
-        stack.post_with("/v1/chat/completions", Some(GOLD), &body, &[("accept-encoding", "zstd"), ("x-simulator-compress", "true")])
+        stack.post_with(
+            "/v1/chat/completions",
+            Some(GOLD),
+            &body,
+            &[
+                ("accept-encoding", "zstd"),
+                ("x-simulator-compress", "true"),
+            ],
+        )
     });
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-encoding"), None);
@@ -215,7 +327,10 @@ fn per_model_limits_read_the_request_body() {
     assert!(r.body.contains("'big-model'"), "{}", r.body);
     // Another model is not limited by it (the gold budget still applies).
     assert_eq!(chat("small").status, 200);
-    assert_eq!(stack.envoy_stat("wasmcustom.token_ratelimit.request_body_timeouts"), 0);
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.token_ratelimit.request_body_timeouts"),
+        0
+    );
 }
 
 #[test]
@@ -240,13 +355,20 @@ fn a_body_envoy_does_not_deliver_is_refused_not_hung() {
         )],
         ..Options::default()
     });
-    let body = json!({"model": "big", "max_tokens": 2, "messages": [{"role": "user", "content": "a"}]});
+    let body =
+        json!({"model": "big", "max_tokens": 2, "messages": [{"role": "user", "content": "a"}]});
     for _ in 0..2 {
         let r = stack.post("/v1/chat/completions", Some(GOLD), &body);
         assert_eq!(r.status, 500, "{}", r.body);
         assert_eq!(r.json()["error"]["code"], "rate_limit_body_unavailable");
     }
-    assert_eq!(stack.envoy_stat("wasmcustom.token_ratelimit.request_body_timeouts"), 1);
-    assert!(stack.envoy.output().contains("Envoy needs allow_on_headers_stop_iteration: true"));
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.token_ratelimit.request_body_timeouts"),
+        1
+    );
+    assert!(stack
+        .envoy
+        .output()
+        .contains("Envoy needs allow_on_headers_stop_iteration: true"));
     assert_eq!(stack.upstream_requests(), 0);
 }

@@ -866,6 +866,13 @@ fn pairs_of(headers: &[(&str, &str)]) -> Pairs {
         .collect()
 }
 
+fn raw_pairs_of(headers: &[(&str, &[u8])]) -> Pairs {
+    headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_vec()))
+        .collect()
+}
+
 fn strings(pairs: &Pairs) -> Vec<(String, String)> {
     pairs
         .iter()
@@ -1468,8 +1475,17 @@ impl Stream {
         headers: &[(&str, &str)],
         eos: bool,
     ) -> Result<Action, Trap> {
+        self.header_pairs(dir, trailers, pairs_of(headers), eos)
+    }
+
+    fn header_pairs(
+        &self,
+        dir: Dir,
+        trailers: bool,
+        map: Pairs,
+        eos: bool,
+    ) -> Result<Action, Trap> {
         self.alive();
-        let map = pairs_of(headers);
         let state = self.with_mut(|s| {
             let side = dir.side(s);
             if side.over {
@@ -1529,6 +1545,19 @@ impl Stream {
         end_of_stream: bool,
     ) -> Result<Action, Trap> {
         self.headers(Dir::Request, false, headers, end_of_stream)
+    }
+
+    /// [`Stream::request_headers`] with raw header values: Envoy passes bytes that are not
+    /// UTF-8 in header values, and a filter must survive them.
+    pub fn request_headers_bytes(&self, headers: &[(&str, &[u8])], end_of_stream: bool) -> Action {
+        self.header_pairs(Dir::Request, false, raw_pairs_of(headers), end_of_stream)
+            .unwrap_or_else(|t| trap_panic(t))
+    }
+
+    /// [`Stream::response_headers`] with raw header values.
+    pub fn response_headers_bytes(&self, headers: &[(&str, &[u8])], end_of_stream: bool) -> Action {
+        self.header_pairs(Dir::Response, false, raw_pairs_of(headers), end_of_stream)
+            .unwrap_or_else(|t| trap_panic(t))
     }
 
     /// Delivers a request body chunk (`proxy_on_request_body`). While the filter answers
