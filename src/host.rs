@@ -38,6 +38,7 @@ mod metric {
     pub const FAILURE_ALLOWED: &str = "token_ratelimit.failure_mode_allowed";
     pub const FAILURE_DENIED: &str = "token_ratelimit.failure_mode_denied";
     pub const SERVICE_ERRORS: &str = "token_ratelimit.service_errors";
+    pub const SERVICE_TIMEOUTS: &str = "token_ratelimit.service_timeouts";
     pub const EXPRESSION_ERRORS: &str = "token_ratelimit.expression_errors";
     pub const USAGE_MISSING: &str = "token_ratelimit.usage_missing";
     pub const USAGE_ESTIMATED: &str = "token_ratelimit.usage_estimated";
@@ -97,6 +98,9 @@ struct Shared {
     /// Envoy was seen not to deliver bodies while headers are held.
     body_unavailable: bool,
 }
+
+/// gRPC status of a call that timed out.
+const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 
 /// How long a request may hold its headers waiting for its first body chunk (Evaluate mode).
 const BODY_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -363,6 +367,9 @@ impl Http {
             Verdict::DenyOnFailure { reply, failure } => {
                 warn!("rate-limit service failed ({failure}); failure mode deny: request refused");
                 shared.metrics.inc(metric::SERVICE_ERRORS);
+                if failure == ServiceFailure::Grpc(GRPC_DEADLINE_EXCEEDED) {
+                    shared.metrics.inc(metric::SERVICE_TIMEOUTS);
+                }
                 shared.metrics.inc(metric::FAILURE_DENIED);
                 Some(reply)
             }
