@@ -278,7 +278,6 @@ impl RootContext for Root {
             body_mode: BodyMode::PassThrough,
             buffered: 0,
             headers_released: false,
-            resume_when_body_done: false,
             body_json: None,
             released: false,
         }))
@@ -312,8 +311,6 @@ struct Http {
     buffered: usize,
     /// The request's headers went on (returned Continue or resumed).
     headers_released: bool,
-    /// The check allowed the request while its body was still being held.
-    resume_when_body_done: bool,
     /// The request body parsed as JSON (for `requestBodyJSON()`).
     body_json: Option<serde_json::Value>,
     /// Released (or refused) by the root context: no more host calls for this stream.
@@ -339,6 +336,13 @@ impl AttributeHost for HostAttributes<'_> {
     }
 }
 
+fn record_service_failure(shared: &mut Shared, failure: &ServiceFailure) {
+    shared.metrics.inc(metric::SERVICE_ERRORS);
+    if *failure == ServiceFailure::Grpc(GRPC_DEADLINE_EXCEEDED) {
+        shared.metrics.inc(metric::SERVICE_TIMEOUTS);
+    }
+}
+
 impl Http {
     /// Carries out a verdict. `paused`: the request waits for the check reply (resume it to let
     /// it through); otherwise the returned action lets it through or stops it.
@@ -353,7 +357,7 @@ impl Http {
                 warn!(
                     "rate-limit service failed ({failure}); failure mode allow: request continues"
                 );
-                shared.metrics.inc(metric::SERVICE_ERRORS);
+                record_service_failure(&mut shared, &failure);
                 shared.metrics.inc(metric::FAILURE_ALLOWED);
                 None
             }
@@ -366,10 +370,7 @@ impl Http {
             }
             Verdict::DenyOnFailure { reply, failure } => {
                 warn!("rate-limit service failed ({failure}); failure mode deny: request refused");
-                shared.metrics.inc(metric::SERVICE_ERRORS);
-                if failure == ServiceFailure::Grpc(GRPC_DEADLINE_EXCEEDED) {
-                    shared.metrics.inc(metric::SERVICE_TIMEOUTS);
-                }
+                record_service_failure(&mut shared, &failure);
                 shared.metrics.inc(metric::FAILURE_DENIED);
                 Some(reply)
             }
@@ -381,8 +382,8 @@ impl Http {
                     && self.buffered > 0
                     && !self.headers_released
                 {
-                    // The body is being held for a rewrite: let it all go at its end.
-                    self.resume_when_body_done = true;
+                    // The body is being held for a rewrite: it all goes on at its end
+                    // (`release_body`).
                 } else {
                     self.headers_released = true;
                     self.resume_http_request();
@@ -521,13 +522,12 @@ impl Http {
         }
     }
 
-    /// The body may go on: continue now, unless the check is still pending (the reply resumes)
-    /// or was allowed while the body was held (continue it all now).
+    /// The body may go on: continue now (headers and body, if the check allowed the request
+    /// while its body was held), unless the check is still pending (its reply resumes).
     fn release_body(&mut self) -> Action {
         if self.check_token.is_some() && !self.headers_released {
             return Action::Pause;
         }
-        self.resume_when_body_done = false;
         self.headers_released = true;
         Action::Continue
     }
