@@ -8,8 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::contract::{self, max_tokens_fields};
-use crate::openai::word_piece;
-use crate::stream::{self, named_event, Script};
+use crate::stream::{self, named_event, Script, ERROR_MESSAGE};
 use crate::{accept, AppState, Format};
 
 pub(crate) async fn messages(
@@ -35,6 +34,7 @@ pub(crate) async fn messages(
         completion,
         stop_reason: if from_body { "max_tokens" } else { "end_turn" },
         usage: !a.ov.no_usage,
+        usage_override: a.ov.usage_override.clone(),
     };
     // The ledger's prompt tokens are everything the model read: input plus cache tokens.
     let prompt = input
@@ -46,7 +46,7 @@ pub(crate) async fn messages(
     }
     a.ledger.record(prompt, completion);
     let mut body = msg.message(
-        json!([{"type": "text", "text": contract::completion_text(completion)}]),
+        json!([{"type": "text", "text": a.text(completion)}]),
         json!(msg.stop_reason),
     );
     if msg.usage {
@@ -66,10 +66,15 @@ struct MessageStream {
     stop_reason: &'static str,
     /// Report usage (false under `x-simulator-no-usage`).
     usage: bool,
+    /// `x-simulator-usage-override`: every `usage` object sent.
+    usage_override: Option<Value>,
 }
 
 impl MessageStream {
     fn usage_json(&self, output: u64) -> Value {
+        if let Some(o) = &self.usage_override {
+            return o.clone();
+        }
         json!({
             "input_tokens": self.input,
             "cache_creation_input_tokens": self.cache_creation,
@@ -115,12 +120,19 @@ impl Script for MessageStream {
         ]
     }
 
-    fn word(&self, i: u64) -> String {
+    fn word(&self, _i: u64, piece: &str) -> String {
         named_event(
             "content_block_delta",
             &json!({"type": "content_block_delta", "index": 0,
-                    "delta": {"type": "text_delta", "text": word_piece(i)}}),
+                    "delta": {"type": "text_delta", "text": piece}}),
         )
+    }
+
+    fn error(&self, _words: u64) -> Vec<String> {
+        vec![named_event(
+            "error",
+            &json!({"type": "error", "error": {"type": "api_error", "message": ERROR_MESSAGE}}),
+        )]
     }
 
     fn tail(&self) -> Vec<String> {
@@ -129,7 +141,10 @@ impl Script for MessageStream {
             "delta": {"stop_reason": self.stop_reason, "stop_sequence": null},
         });
         if self.usage {
-            delta["usage"] = json!({"output_tokens": self.completion});
+            delta["usage"] = match &self.usage_override {
+                Some(o) => o.clone(),
+                None => json!({"output_tokens": self.completion}),
+            };
         }
         vec![
             named_event(

@@ -9,8 +9,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::contract::{self, max_tokens_fields};
-use crate::openai::word_piece;
-use crate::stream::{self, Script};
+use crate::stream::{self, Script, ERROR_MESSAGE};
 use crate::{accept, error_response, AppState, Format, Refusal};
 
 /// `true` when the raw query string has `alt=sse`.
@@ -57,6 +56,7 @@ pub(crate) async fn generate(
         completion,
         finish_reason: if from_body { "MAX_TOKENS" } else { "STOP" },
         usage: !a.ov.no_usage,
+        usage_override: a.ov.usage_override.clone(),
         sse: alt_is_sse(query.as_deref()),
     };
     if streaming {
@@ -69,7 +69,7 @@ pub(crate) async fn generate(
         return stream::response(g, a.pace(completion), a.ledger, content_type);
     }
     a.ledger.record(prompt, completion);
-    Json(g.chunk(&contract::completion_text(completion), completion, true)).into_response()
+    Json(g.chunk(&a.text(completion), completion, true)).into_response()
 }
 
 /// One `generateContent` answer, whole or streamed.
@@ -81,6 +81,8 @@ struct GeminiStream {
     finish_reason: &'static str,
     /// Report usage (false under `x-simulator-no-usage`).
     usage: bool,
+    /// `x-simulator-usage-override`: every `usageMetadata` sent.
+    usage_override: Option<Value>,
     /// `?alt=sse`: SSE events; else one JSON array streamed element by element.
     sse: bool,
 }
@@ -98,11 +100,14 @@ impl GeminiStream {
         }
         let mut c = json!({"candidates": [candidate]});
         if self.usage {
-            c["usageMetadata"] = json!({
-                "promptTokenCount": self.prompt,
-                "candidatesTokenCount": produced,
-                "totalTokenCount": self.prompt.saturating_add(produced),
-            });
+            c["usageMetadata"] = match &self.usage_override {
+                Some(o) => o.clone(),
+                None => json!({
+                    "promptTokenCount": self.prompt,
+                    "candidatesTokenCount": produced,
+                    "totalTokenCount": self.prompt.saturating_add(produced),
+                }),
+            };
         }
         c["modelVersion"] = json!(self.model);
         c["responseId"] = json!(self.response_id);
@@ -138,9 +143,21 @@ impl Script for GeminiStream {
         }
     }
 
-    fn word(&self, i: u64) -> String {
-        let c = self.chunk(&word_piece(i), i, i == self.completion);
+    fn word(&self, i: u64, piece: &str) -> String {
+        let c = self.chunk(piece, i, i == self.completion);
         self.frame(&c, i - 1)
+    }
+
+    /// An error object in the stream, as Google sends on a failure mid-stream:
+    /// `{"error":{"code":500,"message":..,"status":"INTERNAL"}}` as an SSE event, or as the
+    /// array's last element (then `]`).
+    fn error(&self, words: u64) -> Vec<String> {
+        let e = json!({"error": {"code": 500, "message": ERROR_MESSAGE, "status": "INTERNAL"}});
+        if self.sse {
+            vec![self.frame(&e, words)]
+        } else {
+            vec![self.frame(&e, words), "]".to_string()]
+        }
     }
 
     fn tail(&self) -> Vec<String> {

@@ -25,12 +25,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::uri::PathAndQuery;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{middleware, Json, Router};
 use serde_json::{json, Value};
+use tower::ServiceExt;
 
 pub use compress::{negotiate as negotiate_encoding, Encoding};
 pub use stats::{Counters, Format, Snapshot, Stats};
@@ -63,6 +65,12 @@ pub const HEADER_CACHE_READ_TOKENS: &str = "x-simulator-cache-read-tokens";
 pub const HEADER_CACHE_CREATION_TOKENS: &str = "x-simulator-cache-creation-tokens";
 /// Header turning response compression on (`true`) or off (`false`) for one request.
 pub const HEADER_COMPRESS: &str = "x-simulator-compress";
+/// Header replacing the completion text (the token counts are unchanged).
+pub const HEADER_CONTENT: &str = "x-simulator-content";
+/// Header replacing the usage object (a JSON object) wherever the format reports usage.
+pub const HEADER_USAGE_OVERRIDE: &str = "x-simulator-usage-override";
+/// Header ending a stream with the format's in-stream error after N completion words.
+pub const HEADER_ERROR_AFTER: &str = "x-simulator-error-after";
 
 /// Runtime configuration (the CLI's options).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -101,6 +109,77 @@ pub fn app_with_stats(config: Config, stats: Stats) -> Router {
         stats,
         next_id: Arc::new(AtomicU64::new(1)),
     };
+    let routes = routes(config, state);
+    // Routing happens on the lenient path (see `lenient_path`): the outer router only
+    // rewrites the URI and hands the request to the real one.
+    Router::new().fallback(move |req: Request| {
+        let routes = routes.clone();
+        async move {
+            match routes.oneshot(lenient_path(req)).await {
+                Ok(resp) => resp,
+                Err(never) => match never {},
+            }
+        }
+    })
+}
+
+/// The path as a lenient upstream routes it: percent-decoded (`%63` is `c`, `%2F` is `/`, as
+/// uvicorn/Starlette decode it before routing; `%3F` and `%23` stay encoded) and with runs of `/` merged (as nginx does in
+/// front of many servers). The query string is kept (and ignored by routing). Paths that
+/// do not decode to UTF-8 or to a valid URI are left alone. Case and trailing slashes are
+/// not touched: `/V1/...` and `/v1/chat/completions/` are unknown paths (`404`).
+fn lenient_path(mut req: Request) -> Request {
+    let uri = req.uri();
+    let path = uri.path();
+    let mut bytes = Vec::with_capacity(path.len());
+    let raw = path.as_bytes();
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if raw[i] == b'%' && i + 2 < raw.len() {
+            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                // An encoded `?` or `#` stays part of the path, as in uvicorn (which decodes
+                // the path after splitting off the query).
+                if c != b'?' && c != b'#' {
+                    bytes.push(c);
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        bytes.push(raw[i]);
+        i += 1;
+    }
+    let Ok(decoded) = String::from_utf8(bytes) else {
+        return req;
+    };
+    let mut lenient = String::with_capacity(decoded.len());
+    for c in decoded.chars() {
+        if !(c == '/' && lenient.ends_with('/')) {
+            lenient.push(c);
+        }
+    }
+    if lenient == path {
+        return req;
+    }
+    let target = match uri.query() {
+        Some(q) => format!("{lenient}?{q}"),
+        None => lenient,
+    };
+    let mut parts = uri.clone().into_parts();
+    match target.parse::<PathAndQuery>() {
+        Ok(pq) => parts.path_and_query = Some(pq),
+        Err(_) => return req,
+    }
+    if let Ok(new) = Uri::from_parts(parts) {
+        *req.uri_mut() = new;
+    }
+    req
+}
+
+/// The simulator's routes.
+fn routes(config: Config, state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
@@ -259,6 +338,9 @@ struct Overrides {
     abort_after: Option<u64>,
     cache_read: u64,
     cache_creation: u64,
+    content: Option<String>,
+    usage_override: Option<Value>,
+    error_after: Option<u64>,
 }
 
 fn overrides(headers: &HeaderMap, config: &Config) -> Result<Overrides, String> {
@@ -299,6 +381,19 @@ fn overrides(headers: &HeaderMap, config: &Config) -> Result<Overrides, String> 
         abort_after: header_u64(headers, HEADER_ABORT_AFTER)?,
         cache_read: header_u64(headers, HEADER_CACHE_READ_TOKENS)?.unwrap_or(0),
         cache_creation: header_u64(headers, HEADER_CACHE_CREATION_TOKENS)?.unwrap_or(0),
+        content: header_str(headers, HEADER_CONTENT).map(|v| v.into_owned()),
+        usage_override: match header_str(headers, HEADER_USAGE_OVERRIDE) {
+            None => None,
+            Some(v) => match serde_json::from_str::<Value>(&v) {
+                Ok(o @ Value::Object(_)) => Some(o),
+                _ => {
+                    return Err(format!(
+                        "header {HEADER_USAGE_OVERRIDE} must be a JSON object, got {v:?}"
+                    ))
+                }
+            },
+        },
+        error_after: header_u64(headers, HEADER_ERROR_AFTER)?,
     })
 }
 
@@ -373,6 +468,26 @@ impl Accepted {
             completion,
             token_delay: self.ov.token_delay,
             abort_after: self.ov.abort_after,
+            error_after: self.ov.error_after,
+            content: self.ov.content.clone(),
+        }
+    }
+
+    /// The completion text of `completion` words: `tok1 … tokN`, or `x-simulator-content`.
+    fn text(&self, completion: u64) -> String {
+        self.ov
+            .content
+            .clone()
+            .unwrap_or_else(|| contract::completion_text(completion))
+    }
+
+    /// The usage object to send: `None` under `x-simulator-no-usage`, else the
+    /// `x-simulator-usage-override` object, else `usage`.
+    fn usage(&self, usage: Value) -> Option<Value> {
+        if self.ov.no_usage {
+            None
+        } else {
+            Some(self.ov.usage_override.clone().unwrap_or(usage))
         }
     }
 }

@@ -65,8 +65,8 @@ async fn handle(st: AppState, format: Format, headers: HeaderMap, body: Bytes) -
             })
             .collect();
         let mut resp = json!({"object": "list", "data": data, "model": model});
-        if !a.ov.no_usage {
-            resp["usage"] = json!({"prompt_tokens": prompt, "total_tokens": prompt});
+        if let Some(usage) = a.usage(json!({"prompt_tokens": prompt, "total_tokens": prompt})) {
+            resp["usage"] = usage;
         }
         return Json(resp).into_response();
     }
@@ -93,22 +93,22 @@ async fn handle(st: AppState, format: Format, headers: HeaderMap, body: Bytes) -
         let include_usage =
             a.req.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
         a.ledger.record(prompt, 0);
+        let usage = a.usage(usage_json(prompt, completion));
         let script = OpenAiStream {
             chat,
             id,
             created: a.created,
             model,
-            prompt,
-            completion,
             finish_reason,
-            usage_chunk: include_usage && !a.ov.usage_on_last_choice && !a.ov.no_usage,
-            usage_on_finish: a.ov.usage_on_last_choice && !a.ov.no_usage,
+            usage_chunk: include_usage && !a.ov.usage_on_last_choice && usage.is_some(),
+            usage_on_finish: a.ov.usage_on_last_choice && usage.is_some(),
+            usage: usage.unwrap_or(Value::Null),
         };
         return stream::response(script, a.pace(completion), a.ledger, "text/event-stream");
     }
 
     a.ledger.record(prompt, completion);
-    let text = contract::completion_text(completion);
+    let text = a.text(completion);
     let mut resp = if chat {
         json!({
             "id": id,
@@ -136,8 +136,8 @@ async fn handle(st: AppState, format: Format, headers: HeaderMap, body: Bytes) -
             }],
         })
     };
-    if !a.ov.no_usage {
-        resp["usage"] = usage_json(prompt, completion);
+    if let Some(usage) = a.usage(usage_json(prompt, completion)) {
+        resp["usage"] = usage;
     }
     Json(resp).into_response()
 }
@@ -148,13 +148,13 @@ struct OpenAiStream {
     id: String,
     created: u64,
     model: String,
-    prompt: u64,
-    completion: u64,
     finish_reason: &'static str,
     /// Send `{"choices": [], "usage": ..}` before `[DONE]`.
     usage_chunk: bool,
     /// Put `usage` on the finish chunk (the last one with choices).
     usage_on_finish: bool,
+    /// The usage object (the contract's, or `x-simulator-usage-override`).
+    usage: Value,
 }
 
 impl OpenAiStream {
@@ -192,16 +192,6 @@ impl OpenAiStream {
     }
 }
 
-/// A word as streamed: `tok1`, then ` tok2`, ` tok3`, …
-pub(crate) fn word_piece(i: u64) -> String {
-    let word = contract::completion_word(i);
-    if i == 1 {
-        word
-    } else {
-        format!(" {word}")
-    }
-}
-
 impl Script for OpenAiStream {
     fn head(&self) -> Vec<String> {
         if self.chat {
@@ -214,8 +204,7 @@ impl Script for OpenAiStream {
         }
     }
 
-    fn word(&self, i: u64) -> String {
-        let piece = word_piece(i);
+    fn word(&self, _i: u64, piece: &str) -> String {
         let piece = if self.chat {
             json!({"content": piece})
         } else {
@@ -227,12 +216,12 @@ impl Script for OpenAiStream {
     fn tail(&self) -> Vec<String> {
         let mut finish = self.chunk(self.choice(None, json!(self.finish_reason)));
         if self.usage_on_finish {
-            finish["usage"] = usage_json(self.prompt, self.completion);
+            finish["usage"] = self.usage.clone();
         }
         let mut events = vec![data_event(&finish)];
         if self.usage_chunk {
             let mut c = self.chunk(json!([]));
-            c["usage"] = usage_json(self.prompt, self.completion);
+            c["usage"] = self.usage.clone();
             events.push(data_event(&c));
         }
         events.push("data: [DONE]\n\n".to_string());

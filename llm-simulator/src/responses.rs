@@ -8,8 +8,7 @@ use axum::Json;
 use serde_json::{json, Value};
 
 use crate::contract::{self, max_tokens_fields};
-use crate::openai::word_piece;
-use crate::stream::{self, named_event, Script};
+use crate::stream::{self, named_event, Script, ERROR_MESSAGE};
 use crate::{accept, AppState, Format};
 
 pub(crate) async fn create(
@@ -40,7 +39,8 @@ pub(crate) async fn create(
             .unwrap_or(Value::Null),
         prompt,
         completion,
-        usage: !a.ov.no_usage,
+        usage: (!a.ov.no_usage).then(|| a.ov.usage_override.clone()),
+        text: a.text(completion),
     };
     if a.wants_stream() {
         a.ledger.record(prompt, 0);
@@ -60,12 +60,18 @@ struct ResponsesStream {
     max_output_tokens: Value,
     prompt: u64,
     completion: u64,
-    /// Report usage (false under `x-simulator-no-usage`).
-    usage: bool,
+    /// Report usage: `None` under `x-simulator-no-usage`, `Some(Some(o))` with
+    /// `x-simulator-usage-override`.
+    usage: Option<Option<Value>>,
+    /// The completion text.
+    text: String,
 }
 
 impl ResponsesStream {
     fn usage_json(&self) -> Value {
+        if let Some(Some(o)) = &self.usage {
+            return o.clone();
+        }
         json!({
             "input_tokens": self.prompt,
             "input_tokens_details": {"cached_tokens": 0},
@@ -83,10 +89,9 @@ impl ResponsesStream {
     /// `response.output_item.added` announces.
     fn item(&self, done: bool) -> Value {
         if done {
-            let text = contract::completion_text(self.completion);
             json!({
                 "id": self.item_id, "type": "message", "status": "completed", "role": "assistant",
-                "content": [Self::text_part(&text)],
+                "content": [Self::text_part(&self.text)],
             })
         } else {
             json!({
@@ -125,7 +130,7 @@ impl ResponsesStream {
         });
         if !done {
             r["usage"] = Value::Null;
-        } else if self.usage {
+        } else if self.usage.is_some() {
             r["usage"] = self.usage_json();
         }
         r
@@ -169,17 +174,25 @@ impl Script for ResponsesStream {
         ]
     }
 
-    fn word(&self, i: u64) -> String {
+    fn word(&self, i: u64, piece: &str) -> String {
         self.event(
             3 + i,
             "response.output_text.delta",
             json!({"item_id": self.item_id, "output_index": 0, "content_index": 0,
-                   "delta": word_piece(i), "logprobs": []}),
+                   "delta": piece, "logprobs": []}),
         )
     }
 
+    /// An `error` event (as the Responses API sends on a failure mid-stream).
+    fn error(&self, _words: u64) -> Vec<String> {
+        vec![named_event(
+            "error",
+            &json!({"type": "error", "code": "server_error", "message": ERROR_MESSAGE, "param": null}),
+        )]
+    }
+
     fn tail(&self) -> Vec<String> {
-        let text = contract::completion_text(self.completion);
+        let text = self.text.clone();
         let seq = 4 + self.completion;
         vec![
             self.event(

@@ -1,6 +1,6 @@
 //! The streaming engine shared by every format: a [`Script`] says what each event is, the
 //! engine paces the words, counts them in the ledger as they are produced and carries out
-//! the `x-simulator-abort-after` knob.
+//! the `x-simulator-abort-after`, `x-simulator-error-after` and `x-simulator-content` knobs.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,10 +20,34 @@ pub(crate) const ABORT_GRACE: Duration = Duration::from_millis(50);
 pub(crate) trait Script: Send + Sync + 'static {
     /// Events sent before the first word.
     fn head(&self) -> Vec<String>;
-    /// The event carrying completion word `i` (1-based).
-    fn word(&self, i: u64) -> String;
+    /// The event carrying completion word `i` (1-based), whose text is `piece` (see
+    /// [`Pace::piece`]).
+    fn word(&self, i: u64, piece: &str) -> String;
     /// Events sent after the last word.
     fn tail(&self) -> Vec<String>;
+    /// Events that end the stream instead of the tail under `x-simulator-error-after`: the
+    /// format's in-stream error (OpenAI: a `data: {"error": ..}` chunk, then `[DONE]`).
+    /// `words`: the number of words sent before it.
+    fn error(&self, _words: u64) -> Vec<String> {
+        vec![
+            data_event(&serde_json::json!({"error": {
+                "message": ERROR_MESSAGE, "type": "server_error", "param": null, "code": "simulated_error"}})),
+            "data: [DONE]\n\n".to_string(),
+        ]
+    }
+}
+
+/// The message of in-stream errors (`x-simulator-error-after`).
+pub(crate) const ERROR_MESSAGE: &str = "simulated error in the stream (x-simulator-error-after)";
+
+/// A word as streamed: `tok1`, then ` tok2`, ` tok3`, …
+pub(crate) fn word_piece(i: u64) -> String {
+    let word = crate::contract::completion_word(i);
+    if i == 1 {
+        word
+    } else {
+        format!(" {word}")
+    }
 }
 
 /// Pacing of a stream.
@@ -34,6 +58,24 @@ pub(crate) struct Pace {
     pub(crate) token_delay: Duration,
     /// Drop the connection after this many words (only when fewer than `completion`).
     pub(crate) abort_after: Option<u64>,
+    /// End the stream with the format's in-stream error after this many words (only when
+    /// fewer than `completion`; `abort_after` wins at the same word).
+    pub(crate) error_after: Option<u64>,
+    /// The completion text (`x-simulator-content`): word 1 carries it all, later words are
+    /// empty.
+    pub(crate) content: Option<String>,
+}
+
+impl Pace {
+    /// The text of word `i`: `tok1`, ` tok2`, … or, with `content`, the content for word 1
+    /// and nothing for the others.
+    pub(crate) fn piece(&self, i: u64) -> String {
+        match &self.content {
+            Some(text) if i == 1 => text.clone(),
+            Some(_) => String::new(),
+            None => word_piece(i),
+        }
+    }
 }
 
 /// `data: <json>\n\n`: OpenAI chat/completions chunks.
@@ -53,6 +95,7 @@ enum Phase {
     Word(u64),
     Tail(usize),
     Abort,
+    Error(usize),
     End,
 }
 
@@ -62,6 +105,7 @@ struct Run<S> {
     ledger: Ledger,
     head: Vec<String>,
     tail: Vec<String>,
+    error: Vec<String>,
 }
 
 impl<S: Script> Run<S> {
@@ -71,6 +115,8 @@ impl<S: Script> Run<S> {
             Phase::Tail(0)
         } else if self.pace.abort_after == Some(i) {
             Phase::Abort
+        } else if self.pace.error_after == Some(i) {
+            Phase::Error(0)
         } else {
             Phase::Word(i + 1)
         }
@@ -89,7 +135,7 @@ impl<S: Script> Run<S> {
                     if !self.pace.token_delay.is_zero() {
                         tokio::time::sleep(self.pace.token_delay).await;
                     }
-                    let event = self.script.word(i);
+                    let event = self.script.word(i, &self.pace.piece(i));
                     self.ledger.add_completion(1);
                     return Some((Ok(Bytes::from(event)), self.after_word(i)));
                 }
@@ -97,6 +143,10 @@ impl<S: Script> Run<S> {
                     return Some((Ok(Bytes::from(self.tail[k].clone())), Phase::Tail(k + 1)))
                 }
                 Phase::Tail(_) | Phase::End => return None,
+                Phase::Error(k) if k < self.error.len() => {
+                    return Some((Ok(Bytes::from(self.error[k].clone())), Phase::Error(k + 1)))
+                }
+                Phase::Error(_) => return None,
                 Phase::Abort => {
                     tokio::time::sleep(ABORT_GRACE).await;
                     let err = std::io::Error::new(
@@ -120,6 +170,7 @@ pub(crate) fn response<S: Script>(
     let run = Arc::new(Run {
         head: script.head(),
         tail: script.tail(),
+        error: script.error(pace.error_after.unwrap_or(0)),
         script,
         pace,
         ledger,

