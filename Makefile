@@ -49,3 +49,30 @@ limits: tools
 clean:
 	cargo clean
 	rm -rf .run
+
+## load: load test on loopback, bounded in time: 100 connections for 60 s through a real Envoy
+## (mixed streaming and non-streaming requests of every format from 1000 users), then the token
+## accounting (reported = served + estimated). Options: LOAD_ARGS, e.g.
+## `make load LOAD_ARGS="--duration 10 --connections 20"` (see `target/release/loadtest --help`).
+.PHONY: load
+LOAD_ARGS ?=
+load: build
+	cargo build --release -p loadtest
+	target/release/loadtest $(LOAD_ARGS)
+
+## fuzz: cargo-fuzz (libFuzzer) on the configuration parser, CEL evaluation, the JSON usage
+## extractor, the SSE parser and the rate-limit service's replies: each target runs FUZZ_SECONDS
+## (default 60) from the seed corpus in fuzz/corpus, then executions per target are printed.
+## Installs cargo-fuzz if missing; runs on the stable toolchain (see fuzz/run.sh, docs/RELIABILITY.md).
+## `make fuzz FUZZ_SECONDS=300 FUZZ_TARGETS="config sse" FUZZ_SANITIZER=address`
+.PHONY: fuzz
+FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
+
+## bench: token-ratelimit side by side with Envoy alone and Envoy's native rate-limit filter, on
+## loopback with a real Envoy (scripts/bench.sh; installs wrk, builds what it needs). Knobs:
+## BENCH_DURATION, BENCH_WARMUP, BENCH_CONNECTIONS, BENCH_VARIANTS (see the script).
+.PHONY: bench
+bench: envoy
+	scripts/bench.sh

@@ -20,6 +20,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Streams a client may reset before they are answered, per connection, before the connection
+/// is closed (h2's default is 20). See the comment where the gRPC server is built.
+const MAX_PENDING_RESET_STREAMS: usize = 100_000;
+
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -275,11 +279,18 @@ pub async fn start(config: &Config) -> Result<RunningService, Error> {
 
     let (shutdown, rx) = watch::channel(false);
 
+
     let grpc = {
         let mut rx = rx.clone();
         let incoming =
             tonic::transport::server::TcpIncoming::from(rls_listener).with_nodelay(Some(true));
+        // Envoy resets the stream of every call whose deadline passes (a slow check). h2's
+        // "rapid reset" guard closes the whole connection after 20 such resets, failing every
+        // call in flight on it, Reports the service already applied among them: the filter then
+        // retries those and the tokens count twice. One Envoy connection carries all calls of a
+        // worker, so allow many resets on it.
         let router = tonic::transport::Server::builder()
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
             .add_service(
                 proto::kuadrant::rate_limit_service_server::RateLimitServiceServer::new(
                     KuadrantRls(core.clone()),
