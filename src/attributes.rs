@@ -171,26 +171,7 @@ pub fn json_to_cel(v: serde_json::Value) -> Value {
 /// do not decode as the attribute's kind.
 pub fn fetch(attr: &Attribute, host: &mut dyn AttributeHost) -> Option<Value> {
     match &attr.source {
-        Source::RequestHeaders => {
-            let headers = host.request_headers();
-            let mut map: HashMap<Key, Value> = HashMap::with_capacity(headers.len());
-            for (name, value) in headers {
-                let value = String::from_utf8_lossy(&value).into_owned();
-                // Repeated headers are joined with ',' as Envoy's own CEL does.
-                match map.entry(Key::String(Arc::new(name))) {
-                    std::collections::hash_map::Entry::Occupied(mut e) => {
-                        if let Value::String(prev) = e.get() {
-                            let joined = format!("{prev},{value}");
-                            e.insert(Value::String(Arc::new(joined)));
-                        }
-                    }
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(Value::String(Arc::new(value)));
-                    }
-                }
-            }
-            Some(Value::Map(Map { map: Arc::new(map) }))
-        }
+        Source::RequestHeaders => Some(fetch_headers(host, None)),
         Source::Property { path, kind } => {
             let segments: Vec<&str> = path.iter().map(String::as_str).collect();
             let bytes = host.property(&segments)?;
@@ -198,6 +179,33 @@ pub fn fetch(attr: &Attribute, host: &mut dyn AttributeHost) -> Option<Value> {
         }
         Source::RequestBodyJson(pointer) => host.request_body_json(pointer).map(json_to_cel),
     }
+}
+
+/// The request headers as a CEL `map(string, string)`. With `names`, only those headers are
+/// put in the map: the policy reads no other (the rest are never converted).
+pub fn fetch_headers(host: &mut dyn AttributeHost, names: Option<&[String]>) -> Value {
+    let headers = host.request_headers();
+    let capacity = names.map_or(headers.len(), <[String]>::len);
+    let mut map: HashMap<Key, Value> = HashMap::with_capacity(capacity);
+    for (name, value) in headers {
+        if names.is_some_and(|names| !names.contains(&name)) {
+            continue;
+        }
+        let value = String::from_utf8_lossy(&value).into_owned();
+        // Repeated headers are joined with ',' as Envoy's own CEL does.
+        match map.entry(Key::String(Arc::new(name))) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                if let Value::String(prev) = e.get() {
+                    let joined = format!("{prev},{value}");
+                    e.insert(Value::String(Arc::new(joined)));
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(Value::String(Arc::new(value)));
+            }
+        }
+    }
+    Value::Map(Map { map: Arc::new(map) })
 }
 
 fn le_i64(bytes: &[u8]) -> Option<i64> {

@@ -14,9 +14,7 @@ use crate::config::{FailureMode, Fallback, TokenCategory};
 use crate::policy::{Applied, Decision, Policy};
 use crate::usage::{BodyFormat, Encoding, Format, Usage, UsageExtractor};
 use prost::Message;
-use ratelimit_proto::{
-    Code, DescriptorStatus, RateLimitDescriptor, RateLimitRequest, RateLimitResponse,
-};
+use ratelimit_proto::{Code, DescriptorStatus, RateLimitDescriptor, RateLimitResponse};
 
 /// A reply the filter sends instead of calling the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,12 +134,8 @@ impl RequestFlow {
         if flow.applied.is_empty() {
             return (flow, None);
         }
-        let request = RateLimitRequest {
-            domain: policy.service.domain.clone(),
-            descriptors: vec![policy.check_descriptor(&flow.applied)],
-            hits_addend: 0,
-        };
-        (flow, Some(request.encode_to_vec()))
+        let request = policy.encode_check_request(&flow.applied);
+        (flow, Some(request))
     }
 
     /// Whether any limit applies to this request.
@@ -233,6 +227,12 @@ impl RequestFlow {
         self.request_bytes = self.request_bytes.saturating_add(len as u64);
     }
 
+    /// Whether the response is to be read (its headers, then its body): the request was
+    /// checked and let through.
+    pub fn reads_response(&self) -> bool {
+        self.is_limited() && !self.denied && !self.finished
+    }
+
     /// The upstream's response headers arrived: choose how to read usage from the body.
     pub fn on_response_headers(
         &mut self,
@@ -240,7 +240,7 @@ impl RequestFlow {
         content_type: Option<&str>,
         content_encoding: Option<&str>,
     ) {
-        if !self.is_limited() || self.denied || self.finished {
+        if !self.reads_response() {
             return;
         }
         self.extractor = Some(UsageExtractor::new(
@@ -261,6 +261,14 @@ impl RequestFlow {
     pub fn on_response_body(&mut self, chunk: &[u8]) {
         if let Some(x) = self.extractor.as_mut() {
             x.feed(chunk);
+        }
+    }
+
+    /// Like [`RequestFlow::on_response_body`], handing over the chunk (kept without a copy
+    /// when it is a whole JSON document).
+    pub fn on_response_body_vec(&mut self, chunk: Vec<u8>) {
+        if let Some(x) = self.extractor.as_mut() {
+            x.feed_vec(chunk);
         }
     }
 
@@ -437,7 +445,7 @@ fn rate_limit_headers(response: &RateLimitResponse, limited: bool) -> Vec<(Strin
 mod tests {
     use super::*;
     use crate::attributes::AttributeHost;
-    use ratelimit_proto::{RateLimit, Unit};
+    use ratelimit_proto::{RateLimit, RateLimitRequest, Unit};
 
     struct Host;
     impl AttributeHost for Host {

@@ -30,6 +30,15 @@ proxy_wasm::main! {{
     });
 }}
 
+/// Follows Envoy's log level for wasm, so that a `debug!` Envoy would drop costs nothing (no
+/// formatting, no host call). Read at configure time and on every tick (it can change at run
+/// time through Envoy's admin API).
+fn sync_log_level() {
+    if let Ok(level) = hostcalls::get_log_level() {
+        proxy_wasm::set_log_level(level);
+    }
+}
+
 /// Counter names, as they appear in Envoy's stats (Envoy may prefix them, e.g. `wasmcustom.`).
 mod metric {
     pub const CHECKED: &str = "token_ratelimit.requests_checked";
@@ -201,6 +210,7 @@ impl Root {
 
 impl RootContext for Root {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        sync_log_level();
         let Some(bytes) = self.get_plugin_configuration() else {
             error!("token-ratelimit: no plugin configuration");
             self.shared.borrow_mut().metrics.inc(metric::CONFIG_ERRORS);
@@ -232,6 +242,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        sync_log_level();
         let Some(policy) = self.policy.clone() else {
             return;
         };
@@ -280,6 +291,10 @@ impl RootContext for Root {
             headers_released: false,
             body_json: None,
             released: false,
+            headers: None,
+            method: String::new(),
+            content_type: String::new(),
+            accept_encoding: None,
         }))
     }
 
@@ -315,20 +330,37 @@ struct Http {
     body_json: Option<serde_json::Value>,
     /// Released (or refused) by the root context: no more host calls for this stream.
     released: bool,
+    /// The request headers, read once (one host call) in `on_http_request_headers`; handed
+    /// to the policy's evaluation (`request.headers`).
+    headers: Option<Vec<(String, Vec<u8>)>>,
+    /// Headers the filter itself needs, taken from that map.
+    method: String,
+    content_type: String,
+    accept_encoding: Option<String>,
 }
 
 /// Attributes read through host calls (and the parsed request body).
 struct HostAttributes<'a> {
     body: Option<&'a serde_json::Value>,
+    /// The `:path` header, already read: `request.path` without another host call.
+    path: &'a str,
+    /// The request headers, already read (taken by the first use).
+    headers: Option<Vec<(String, Vec<u8>)>>,
 }
 
 impl AttributeHost for HostAttributes<'_> {
     fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
+        if path == ["request", "path"] && !self.path.is_empty() {
+            return Some(self.path.as_bytes().to_vec());
+        }
         hostcalls::get_property(path.to_vec()).ok().flatten()
     }
 
     fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default()
+        match self.headers.take() {
+            Some(headers) => headers,
+            None => hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default(),
+        }
     }
 
     fn request_body_json(&mut self, pointer: &str) -> Option<serde_json::Value> {
@@ -411,6 +443,8 @@ impl Http {
     fn check(&mut self, policy: &Rc<Policy>, complete: bool, body: Option<&mut Vec<u8>>) -> Action {
         let decision = policy.evaluate(&mut HostAttributes {
             body: self.body_json.as_ref(),
+            path: &self.path,
+            headers: self.headers.take(),
         });
         self.record_errors(&decision);
         let (flow, check) = RequestFlow::start(policy, decision, &self.path);
@@ -420,7 +454,7 @@ impl Http {
         };
         // Ask the upstream only for encodings whose usage can be read (a copy is decompressed;
         // the client still gets the encoding it accepts).
-        if let Some(accept) = self.request_header("accept-encoding") {
+        if let Some(accept) = self.accept_encoding.take() {
             match crate::usage::readable_accept_encoding(&accept) {
                 Some(kept) if kept == accept => {}
                 Some(kept) => self.set_http_request_header("accept-encoding", Some(&kept)),
@@ -435,7 +469,8 @@ impl Http {
                 Some(body) => self.inject(body),
                 None if !complete => {
                     // The body may change length: let Envoy frame it (chunked) instead of a
-                    // content-length that could turn stale.
+                    // content-length that could turn stale. (The headers cannot wait for the
+                    // body: Envoy delivers no body while a plugin holds the headers.)
                     self.set_http_request_header("content-length", None);
                     self.body_mode = BodyMode::Inject;
                 }
@@ -461,19 +496,6 @@ impl Http {
                 self.apply(verdict, false)
             }
         }
-    }
-
-    /// A request header's value. Read as bytes: the SDK's string variant panics on a value
-    /// that is not UTF-8, which a client can send; invalid bytes become U+FFFD here.
-    fn request_header(&self, name: &str) -> Option<String> {
-        self.get_http_request_header_bytes(name)
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-    }
-
-    /// A response header's value (see [`Http::request_header`]).
-    fn response_header(&self, name: &str) -> Option<String> {
-        self.get_http_response_header_bytes(name)
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
     }
 
     /// Whether the root context released this stream (see [`Shared::released`]).
@@ -504,8 +526,7 @@ impl Http {
     }
 
     fn is_json_post(&self) -> bool {
-        let method = self.request_header(":method").unwrap_or_default();
-        let content_type = self.request_header("content-type").unwrap_or_default();
+        let (method, content_type) = (&self.method, &self.content_type);
         method.eq_ignore_ascii_case("POST") && content_type.to_ascii_lowercase().contains("json")
     }
 
@@ -562,20 +583,28 @@ impl Http {
             }
         }
         for r in done.reports {
-            shared.metrics.add(
-                &format!(
-                    "token_ratelimit.tokens_reported.{}",
-                    category_name(r.category)
-                ),
-                r.tokens,
-            );
+            shared.metrics.add(tokens_reported(r.category), r.tokens);
             shared.queue.add(r.descriptor, r.tokens);
         }
     }
 }
 
-fn category_name(c: TokenCategory) -> &'static str {
-    c.as_str()
+/// The first value of a header in a header map (as Envoy's single-header read answers).
+/// Invalid UTF-8 becomes U+FFFD: the SDK's string variants panic on it, which a client can send.
+fn header_value(headers: &[(String, Vec<u8>)], name: &str) -> Option<String> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
+
+/// `token_ratelimit.tokens_reported.<category>` (no name built per request).
+fn tokens_reported(c: TokenCategory) -> &'static str {
+    match c {
+        TokenCategory::Total => "token_ratelimit.tokens_reported.total",
+        TokenCategory::Prompt => "token_ratelimit.tokens_reported.prompt",
+        TokenCategory::Completion => "token_ratelimit.tokens_reported.completion",
+    }
 }
 
 impl Context for Http {
@@ -607,7 +636,13 @@ impl HttpContext for Http {
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
-        self.path = self.request_header(":path").unwrap_or_default();
+        // One host call for every header the filter and the policy read.
+        let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).unwrap_or_default();
+        self.path = header_value(&headers, ":path").unwrap_or_default();
+        self.method = header_value(&headers, ":method").unwrap_or_default();
+        self.content_type = header_value(&headers, "content-type").unwrap_or_default();
+        self.accept_encoding = header_value(&headers, "accept-encoding");
+        self.headers = Some(headers);
         if policy.needs_body && !end_of_stream && self.shared.borrow().body_unavailable {
             // Envoy was seen not to deliver bodies while headers are held: the failure mode
             // decides (allow: evaluate without the body, where requestBodyJSON() finds nothing).
@@ -702,12 +737,14 @@ impl HttpContext for Http {
         if self.is_released() {
             return Action::Continue;
         }
-        for (k, v) in self.flow.response_headers().to_vec() {
-            self.add_http_response_header(&k, &v);
+        for (k, v) in self.flow.response_headers() {
+            self.add_http_response_header(k, v);
         }
-        if let Some(policy) = self.policy.clone() {
-            let content_type = self.response_header("content-type");
-            let encoding = self.response_header("content-encoding");
+        if let (true, Some(policy)) = (self.flow.reads_response(), self.policy.clone()) {
+            let headers =
+                hostcalls::get_map_bytes(MapType::HttpResponseHeaders).unwrap_or_default();
+            let content_type = header_value(&headers, "content-type");
+            let encoding = header_value(&headers, "content-encoding");
             self.flow
                 .on_response_headers(&policy, content_type.as_deref(), encoding.as_deref());
         }
@@ -720,7 +757,7 @@ impl HttpContext for Http {
         }
         if self.flow.wants_body() && body_size > 0 {
             if let Some(chunk) = self.get_http_response_body(0, body_size) {
-                self.flow.on_response_body(&chunk);
+                self.flow.on_response_body_vec(chunk);
             }
         }
         if end_of_stream {

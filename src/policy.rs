@@ -16,7 +16,7 @@ use crate::usage::UsagePaths;
 use cel_interpreter::extractors::This;
 use cel_interpreter::objects::{Key, Map};
 use cel_interpreter::{Context, ExecutionError, Value};
-use cel_parser::{ArithmeticOp, Atom, Expression, Member};
+use cel_parser::{ArithmeticOp, Atom, Expression, Member, UnaryOp};
 use ratelimit_proto::{Entry, RateLimitDescriptor};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,6 +41,8 @@ pub struct CompiledExpr {
     expr: Expression,
     /// Indices into [`Policy::attributes`].
     attributes: Vec<usize>,
+    /// Indices into [`Policy::bindings`]: the root variables this expression sees.
+    bindings: Vec<usize>,
 }
 
 impl std::fmt::Debug for CompiledExpr {
@@ -55,6 +57,8 @@ impl std::fmt::Debug for CompiledExpr {
 #[derive(Debug)]
 pub struct Limit {
     pub name: String,
+    /// `limit.<name>`: the key of its descriptor entry.
+    entry_key: String,
     pub rates: Vec<Rate>,
     pub when: Vec<CompiledExpr>,
     pub counters: Vec<CompiledExpr>,
@@ -100,6 +104,13 @@ pub struct Policy {
     pub limits: Vec<Limit>,
     /// Every attribute any expression reads, deduplicated.
     pub attributes: Vec<Attribute>,
+    /// The request headers the policy reads, when it reads them by name only: the others are
+    /// not converted for CEL (`None`: the whole map).
+    header_names: Option<Vec<String>>,
+    /// How each root variable an expression sees is built from attributes, deduplicated.
+    bindings: Vec<Binding>,
+    /// The `domain` field of every request to the service, encoded once.
+    encoded_domain: Vec<u8>,
     context: Context<'static>,
 }
 
@@ -231,19 +242,39 @@ impl Policy {
         }
 
         let mut attributes: Vec<Attribute> = Vec::new();
+        // The request headers the policy reads by name; `None` once an expression needs the
+        // whole map (`request.headers` itself, a computed name).
+        let mut header_names: Option<Vec<String>> = Some(Vec::new());
         let mut compile_expr = |text: &str, at: String| -> Result<CompiledExpr, ConfigError> {
             let source = text.trim().to_string();
             if source.is_empty() {
                 return Err(field(at, "empty CEL expression"));
             }
+            if source.len() > MAX_EXPRESSION_BYTES {
+                return Err(field(at, format!("a CEL expression may be at most {MAX_EXPRESSION_BYTES} bytes long")));
+            }
+            check_literals(&source).map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
             let expr = cel_parser::parse(&source)
                 .map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
+            if nested_deeper_than(&expr, MAX_EXPRESSION_DEPTH) {
+                return Err(field(at, format!("a CEL expression may nest at most {MAX_EXPRESSION_DEPTH} levels deep")));
+            }
+            check_macro_arguments(&expr).map_err(|e| field(&at, e))?;
             let expr = checked_arithmetic(expr);
             let expr = body_json_as_attribute(expr).map_err(|e| field(&at, e))?;
             let mut paths = Vec::new();
             collect_paths(&expr, &mut paths);
             let mut indices = Vec::new();
             for p in paths {
+                if let ([root, headers, rest @ ..], Some(names)) = (p.as_slice(), &mut header_names) {
+                    if root == "request" && headers == "headers" {
+                        match rest.first() {
+                            Some(name) if !names.contains(name) => names.push(name.clone()),
+                            Some(_) => {}
+                            None => header_names = None,
+                        }
+                    }
+                }
                 let Some(attr) = Attribute::resolve(&p, &cfg.auth.metadata_namespace) else {
                     return Err(field(
                         &at,
@@ -268,6 +299,7 @@ impl Policy {
                 source,
                 expr,
                 attributes: indices,
+                bindings: Vec::new(),
             })
         };
 
@@ -312,6 +344,7 @@ impl Policy {
                 .map(|(i, c)| compile_expr(&c.expression, format!("{at}.counters[{i}].expression")))
                 .collect::<Result<Vec<_>, _>>()?;
             limits.push(Limit {
+                entry_key: format!("{LIMIT_ENTRY_PREFIX}{name}"),
                 name: name.clone(),
                 rates,
                 when,
@@ -329,12 +362,36 @@ impl Policy {
                  and set allow_on_headers_stop_iteration: true in Envoy's Wasm plugin configuration (Envoy 1.35+)",
             ));
         }
+        // The root variables of each expression, built per request from pre-allocated keys
+        // (and shared by the expressions that see the same ones).
+        let mut bindings: Vec<Binding> = Vec::new();
+        for limit in &mut limits {
+            for e in limit.when.iter_mut().chain(limit.counters.iter_mut()) {
+                for b in Binding::for_expression(&e.attributes, &attributes) {
+                    let idx = match bindings.iter().position(|x| *x == b) {
+                        Some(i) => i,
+                        None => {
+                            bindings.push(b);
+                            bindings.len() - 1
+                        }
+                    };
+                    e.bindings.push(idx);
+                }
+            }
+        }
+        let mut encoded_domain = Vec::new();
+        if !service.domain.is_empty() {
+            prost::encoding::string::encode(1, &service.domain, &mut encoded_domain);
+        }
         Ok(Policy {
             service,
             usage,
             needs_body,
             limits,
             attributes,
+            header_names,
+            bindings,
+            encoded_domain,
             context: root_context(),
         })
     }
@@ -356,6 +413,7 @@ impl Policy {
             policy: self,
             host,
             cache: vec![None; self.attributes.len()],
+            roots: vec![None; self.bindings.len()],
         };
         let mut decision = Decision::default();
         'limits: for (index, limit) in self.limits.iter().enumerate() {
@@ -434,7 +492,7 @@ impl Policy {
                 continue;
             };
             entries.push(Entry {
-                key: format!("{LIMIT_ENTRY_PREFIX}{}", limit.name),
+                key: limit.entry_key.clone(),
                 value: "1".into(),
             });
             for (key, value) in &a.counters {
@@ -450,6 +508,61 @@ impl Policy {
         RateLimitDescriptor { entries }
     }
 
+    /// The encoded `CheckRateLimit` request (hits_addend 0) for the applied limits: the bytes
+    /// of a `RateLimitRequest` with the domain and [`Policy::check_descriptor`], written
+    /// directly (the domain encoded once, no entry built).
+    pub fn encode_check_request(&self, applied: &[Applied]) -> Vec<u8> {
+        use prost::encoding::{encode_key, encode_varint, encoded_len_varint, WireType};
+        // (key, value) pairs of the descriptor, as `descriptor` orders them: the limit entries,
+        // then each counter entry once.
+        let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(applied.len() * 2);
+        let mut counter_pairs: Vec<(&str, &str)> = Vec::new();
+        for a in applied {
+            if let Some(limit) = self.limits.get(a.limit) {
+                pairs.push((limit.entry_key.as_str(), "1"));
+                for (key, value) in &a.counters {
+                    if !counter_pairs.iter().any(|(k, _)| k == key) {
+                        counter_pairs.push((key.as_str(), value.as_str()));
+                    }
+                }
+            }
+        }
+        pairs.append(&mut counter_pairs);
+        let field_len = |s: &str| {
+            if s.is_empty() {
+                0
+            } else {
+                1 + encoded_len_varint(s.len() as u64) + s.len()
+            }
+        };
+        let entry_len = |(k, v): &(&str, &str)| field_len(k) + field_len(v);
+        let descriptor_len: usize = pairs
+            .iter()
+            .map(|p| {
+                let n = entry_len(p);
+                1 + encoded_len_varint(n as u64) + n
+            })
+            .sum();
+        let mut out = Vec::with_capacity(
+            self.encoded_domain.len() + 1 + encoded_len_varint(descriptor_len as u64) + descriptor_len,
+        );
+        out.extend_from_slice(&self.encoded_domain);
+        encode_key(2, WireType::LengthDelimited, &mut out);
+        encode_varint(descriptor_len as u64, &mut out);
+        for p in &pairs {
+            encode_key(1, WireType::LengthDelimited, &mut out);
+            encode_varint(entry_len(p) as u64, &mut out);
+            for (tag, s) in [(1, p.0), (2, p.1)] {
+                if !s.is_empty() {
+                    encode_key(tag, WireType::LengthDelimited, &mut out);
+                    encode_varint(s.len() as u64, &mut out);
+                    out.extend_from_slice(s.as_bytes());
+                }
+            }
+        }
+        out
+    }
+
     /// The limits that spend tokens of `category`.
     pub fn categories_in(&self, applied: &[Applied]) -> Vec<TokenCategory> {
         let mut cats: Vec<TokenCategory> = applied
@@ -462,53 +575,153 @@ impl Policy {
     }
 }
 
-/// Per-request evaluation state: the attribute cache (each attribute fetched at most once).
+/// How one root variable (`request`, `auth`, ...) of an expression is built from the
+/// attributes it reads: a tree of map keys, allocated once at configure time, with attribute
+/// indices at its nodes.
+#[derive(Debug, Clone, PartialEq)]
+struct Binding {
+    name: String,
+    node: BindNode,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+struct BindNode {
+    /// The attribute whose value this node holds, if any.
+    attribute: Option<usize>,
+    /// Map entries, when the node is a map.
+    children: Vec<(Arc<String>, BindNode)>,
+}
+
+impl BindNode {
+    fn insert(&mut self, path: &[String], attribute: usize) {
+        let Some((first, rest)) = path.split_first() else {
+            self.attribute = Some(attribute);
+            return;
+        };
+        let pos = match self.children.iter().position(|(k, _)| **k == *first) {
+            Some(p) => p,
+            None => {
+                self.children
+                    .push((Arc::new(first.clone()), BindNode::default()));
+                self.children.len() - 1
+            }
+        };
+        if let Some((_, child)) = self.children.get_mut(pos) {
+            child.insert(rest, attribute);
+        }
+    }
+
+    /// The node's value: a map of the entries whose values are there, or, when none is, the
+    /// attribute's own value (a longer path wins over a shorter one).
+    fn build(&self, values: &[Option<Option<Value>>]) -> Option<Value> {
+        if !self.children.is_empty() {
+            let map = self.map(values);
+            if !map.is_empty() {
+                return Some(Value::Map(Map { map: Arc::new(map) }));
+            }
+        }
+        self.attribute
+            .and_then(|i| values.get(i).cloned().flatten().flatten())
+    }
+
+    fn map(&self, values: &[Option<Option<Value>>]) -> HashMap<Key, Value> {
+        let mut map = HashMap::with_capacity(self.children.len());
+        for (key, child) in &self.children {
+            if let Some(v) = child.build(values) {
+                map.insert(Key::String(key.clone()), v);
+            }
+        }
+        map
+    }
+}
+
+impl Binding {
+    /// The root variables an expression reading `indices` sees, in order of first use.
+    fn for_expression(indices: &[usize], attributes: &[Attribute]) -> Vec<Binding> {
+        let mut out: Vec<Binding> = Vec::new();
+        for &i in indices {
+            let Some((root, rest)) = attributes.get(i).and_then(|a| a.cel_path.split_first())
+            else {
+                continue;
+            };
+            let pos = match out.iter().position(|b| b.name == *root) {
+                Some(p) => p,
+                None => {
+                    out.push(Binding {
+                        name: root.clone(),
+                        node: BindNode::default(),
+                    });
+                    out.len() - 1
+                }
+            };
+            if let Some(b) = out.get_mut(pos) {
+                b.node.insert(rest, i);
+            }
+        }
+        out
+    }
+
+    /// The root variable's value: always a map (empty when no attribute is there).
+    fn build(&self, values: &[Option<Option<Value>>]) -> Value {
+        Value::Map(Map {
+            map: Arc::new(self.node.map(values)),
+        })
+    }
+}
+
+/// Per-request evaluation state: the attribute cache (each attribute fetched at most once)
+/// and the root variables built from it (each built at most once).
 struct Evaluation<'p, 'h> {
     policy: &'p Policy,
     host: &'h mut dyn AttributeHost,
     /// `None`: not fetched yet; `Some(None)`: absent on this request.
     cache: Vec<Option<Option<Value>>>,
+    /// Per [`Policy::bindings`]: `None` until built.
+    roots: Vec<Option<Value>>,
 }
 
 impl Evaluation<'_, '_> {
-    fn value(&mut self, index: usize) -> Option<Value> {
-        if let Some(Some(cached)) = self.cache.get(index) {
-            return cached.clone();
+    fn fetch(&mut self, index: usize) {
+        if let Some(Some(_)) = self.cache.get(index) {
+            return;
         }
-        let attr = self.policy.attributes.get(index)?;
-        let v = attributes::fetch(attr, self.host);
+        let Some(attr) = self.policy.attributes.get(index) else {
+            return;
+        };
+        let v = match (&attr.source, &self.policy.header_names) {
+            (attributes::Source::RequestHeaders, Some(names)) => {
+                Some(attributes::fetch_headers(self.host, Some(names)))
+            }
+            _ => attributes::fetch(attr, self.host),
+        };
         if let Some(slot) = self.cache.get_mut(index) {
-            *slot = Some(v.clone());
+            *slot = Some(v);
         }
-        v
     }
 
     fn run(&mut self, expr: &CompiledExpr) -> Result<Value, String> {
-        // Build the root variables this expression uses, from the attributes it reads.
-        let mut roots: Vec<(String, MapBuilder)> = Vec::new();
+        // Fetch what this expression reads (in order, each attribute once per request), then
+        // bind its root variables, each built once per request.
         for &i in &expr.attributes {
-            let Some(attr) = self.policy.attributes.get(i) else {
+            self.fetch(i);
+        }
+        let policy = self.policy;
+        let mut scope = policy.context.new_inner_scope();
+        for &b in &expr.bindings {
+            let Some(binding) = policy.bindings.get(b) else {
                 continue;
             };
-            let Some((root, rest)) = attr.cel_path.split_first() else {
-                continue;
-            };
-            let (root, rest) = (root.clone(), rest.to_vec());
-            let value = self.value(i);
-            let pos = match roots.iter().position(|(r, _)| *r == root) {
-                Some(p) => p,
-                None => {
-                    roots.push((root, MapBuilder::default()));
-                    roots.len() - 1
+            let value = match self.roots.get(b) {
+                Some(Some(v)) => v.clone(),
+                _ => {
+                    let v = binding.build(&self.cache);
+                    if let Some(slot) = self.roots.get_mut(b) {
+                        *slot = Some(v.clone());
+                    }
+                    v
                 }
             };
-            if let (Some(v), Some((_, builder))) = (value, roots.get_mut(pos)) {
-                builder.insert(&rest, v);
-            }
-        }
-        let mut scope = self.policy.context.new_inner_scope();
-        for (name, builder) in roots {
-            scope.add_variable_from_value(name, builder.build());
+            scope.add_variable_from_value(binding.name.as_str(), value);
         }
         scope.resolve(&expr.expr).map_err(|e| describe(&e))
     }
@@ -516,57 +729,6 @@ impl Evaluation<'_, '_> {
 
 fn describe(e: &ExecutionError) -> String {
     e.to_string()
-}
-
-/// Nested maps built from attribute paths.
-#[derive(Default)]
-struct MapBuilder {
-    entries: HashMap<String, Node>,
-}
-
-enum Node {
-    Leaf(Value),
-    Branch(MapBuilder),
-}
-
-impl MapBuilder {
-    fn insert(&mut self, path: &[String], value: Value) {
-        let Some((first, rest)) = path.split_first() else {
-            return;
-        };
-        if rest.is_empty() {
-            // A longer path already made this a map: keep the map.
-            if !matches!(self.entries.get(first), Some(Node::Branch(_))) {
-                self.entries.insert(first.clone(), Node::Leaf(value));
-            }
-            return;
-        }
-        let node = self
-            .entries
-            .entry(first.clone())
-            .or_insert_with(|| Node::Branch(MapBuilder::default()));
-        if let Node::Leaf(_) = node {
-            *node = Node::Branch(MapBuilder::default());
-        }
-        if let Node::Branch(b) = node {
-            b.insert(rest, value);
-        }
-    }
-
-    fn build(self) -> Value {
-        let map: HashMap<Key, Value> = self
-            .entries
-            .into_iter()
-            .map(|(k, n)| {
-                let v = match n {
-                    Node::Leaf(v) => v,
-                    Node::Branch(b) => b.build(),
-                };
-                (Key::String(Arc::new(k)), v)
-            })
-            .collect();
-        Value::Map(Map { map: Arc::new(map) })
-    }
 }
 
 /// The string form of a counter value (the descriptor entry's value).
@@ -722,36 +884,333 @@ fn body_json_as_attribute(e: Expression) -> Result<Expression, String> {
     })
 }
 
-/// Name of the function that replaces `/` (see [`checked_arithmetic`]).
+/// The longest CEL expression accepted. Parsing is iterative, but dropping the syntax tree and
+/// every later pass recurse once per level, and a tree is at most about half as deep as its
+/// source is long: with this bound even a refused tree is dropped well within the wasm
+/// module's 1 MiB stack.
+const MAX_EXPRESSION_BYTES: usize = 16 * 1024;
+
+/// The deepest CEL syntax tree accepted. Compiling and evaluating recurse once per level, and
+/// the wasm module's stack is 1 MiB: about 1,600 levels (`[[[...]]]`, `1 + 1 + ...`) overflow
+/// it, which traps the VM. Real predicates and counters nest less than 20 deep.
+const MAX_EXPRESSION_DEPTH: usize = 100;
+
+/// Whether `e` nests deeper than `limit` levels (recursing at most `limit` deep).
+fn nested_deeper_than(e: &Expression, limit: usize) -> bool {
+    let Some(l) = limit.checked_sub(1) else {
+        return true;
+    };
+    match e {
+        Expression::Arithmetic(a, _, b)
+        | Expression::Relation(a, _, b)
+        | Expression::Or(a, b)
+        | Expression::And(a, b) => nested_deeper_than(a, l) || nested_deeper_than(b, l),
+        Expression::Ternary(a, b, c) => {
+            nested_deeper_than(a, l) || nested_deeper_than(b, l) || nested_deeper_than(c, l)
+        }
+        Expression::Unary(_, a) => nested_deeper_than(a, l),
+        Expression::Member(t, m) => {
+            nested_deeper_than(t, l)
+                || match m.as_ref() {
+                    Member::Index(i) => nested_deeper_than(i, l),
+                    Member::Fields(fields) => fields.iter().any(|(_, v)| nested_deeper_than(v, l)),
+                    Member::Attribute(_) => false,
+                }
+        }
+        Expression::FunctionCall(f, t, args) => {
+            nested_deeper_than(f, l)
+                || t.as_ref().is_some_and(|t| nested_deeper_than(t, l))
+                || args.iter().any(|a| nested_deeper_than(a, l))
+        }
+        Expression::List(items) => items.iter().any(|x| nested_deeper_than(x, l)),
+        Expression::Map(entries) => entries
+            .iter()
+            .any(|(k, v)| nested_deeper_than(k, l) || nested_deeper_than(v, l)),
+        Expression::Atom(_) | Expression::Ident(_) => false,
+    }
+}
+
+/// The interpreter's macros: they take a variable and an expression (`list.exists(x, x > 1)`).
+const MACROS: [&str; 5] = ["map", "filter", "all", "exists", "exists_one"];
+
+/// Refuses a macro call without its variable and expression (`list.map(x)`): the interpreter
+/// reads a macro's arguments by position without checking their number, so such a call
+/// compiles but panics, killing the wasm VM, on every request that evaluates it.
+fn check_macro_arguments(e: &Expression) -> Result<(), String> {
+    let rec = check_macro_arguments;
+    match e {
+        Expression::FunctionCall(f, target, args) => {
+            if let Expression::Ident(name) = f.as_ref() {
+                // Without a target, the list is the first argument.
+                let needed = if target.is_some() { 2 } else { 3 };
+                if MACROS.contains(&name.as_str()) && args.len() < needed {
+                    return Err(format!(
+                        "`{name}` takes a variable and an expression, e.g. `list.{name}(x, x == \"a\")`"
+                    ));
+                }
+            }
+            rec(f)?;
+            if let Some(t) = target {
+                rec(t)?;
+            }
+            args.iter().try_for_each(rec)
+        }
+        Expression::Arithmetic(a, _, b)
+        | Expression::Relation(a, _, b)
+        | Expression::Or(a, b)
+        | Expression::And(a, b) => rec(a).and_then(|_| rec(b)),
+        Expression::Ternary(a, b, c) => rec(a).and_then(|_| rec(b)).and_then(|_| rec(c)),
+        Expression::Unary(_, a) => rec(a),
+        Expression::Member(t, m) => {
+            rec(t)?;
+            match m.as_ref() {
+                Member::Index(i) => rec(i),
+                Member::Fields(fields) => fields.iter().try_for_each(|(_, v)| rec(v)),
+                Member::Attribute(_) => Ok(()),
+            }
+        }
+        Expression::List(items) => items.iter().try_for_each(rec),
+        Expression::Map(entries) => entries.iter().try_for_each(|(k, v)| rec(k).and_then(|_| rec(v))),
+        Expression::Atom(_) | Expression::Ident(_) => Ok(()),
+    }
+}
+
+/// Refuses the literals that `cel-parser` 0.8 cannot convert. Its grammar converts literal
+/// tokens with `unwrap()`, so an integer literal out of range (`9223372036854775808`,
+/// `18446744073709551616u`, `0x1_0000_0000_0000_0000`), a negative hex uint (`-0x1u`), or a string or
+/// bytes literal with a bad escape (`"\o"`, `'\x4'`) panics inside the parser, which kills the
+/// wasm VM, instead of failing. This walks the expression as the parser's lexer does
+/// (longest match at each position; whitespace and `//` comments skipped) and converts each
+/// literal token with the grammar's own conversion first.
+fn check_literals(src: &str) -> Result<(), String> {
+    let bytes = src.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c == b'/' && bytes.get(i + 1) == Some(&b'/') {
+            // `//[^\n\r]*[\n\r]*`
+            while i < bytes.len() && !matches!(bytes[i], b'\n' | b'\r') {
+                i += 1;
+            }
+            continue;
+        }
+        let quote_at = match c {
+            b'"' | b'\'' => Some(i),
+            b'r' | b'R' | b'b' | b'B' if matches!(bytes.get(i + 1), Some(b'"' | b'\'')) => Some(i + 1),
+            _ => None,
+        };
+        if let Some(q) = quote_at {
+            let is_bytes = matches!(c, b'b' | b'B');
+            if let Some(end) = quoted_literal_end(bytes, q, is_bytes) {
+                let token = &src[i..end];
+                let ok = if is_bytes {
+                    cel_parser::parse_bytes(&token[2..token.len() - 1]).is_ok()
+                } else {
+                    cel_parser::parse_string(token).is_ok()
+                };
+                if !ok {
+                    return Err(format!("invalid escape sequence in the literal {token}"));
+                }
+                i = end;
+                continue;
+            }
+        }
+        if c.is_ascii_alphabetic() || c == b'_' {
+            while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+                i += 1;
+            }
+            continue;
+        }
+        if c.is_ascii_digit() || matches!(c, b'-' | b'+' | b'.') {
+            if let Some(end) = number_literal_end(bytes, i) {
+                let token = &src[i..end];
+                if !number_literal_converts(token) {
+                    return Err(format!("the number {token} is out of range"));
+                }
+                i = end;
+                continue;
+            }
+            // `--` is one token: the second `-` does not start a number.
+            i += if c == b'-' && bytes.get(i + 1) == Some(&b'-') { 2 } else { 1 };
+            continue;
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The end (exclusive) of the longest string (`is_bytes`: bytes) literal whose opening quote is
+/// at `q`: strings are `"([^"\\]*(?:\\.[^"\\]*)*)"`, bytes `b"(\\.|[^"\n])*"` (or with `'`).
+fn quoted_literal_end(bytes: &[u8], q: usize, is_bytes: bool) -> Option<usize> {
+    let quote = bytes[q];
+    let mut end = None;
+    let mut k = q + 1;
+    while k < bytes.len() {
+        let c = bytes[k];
+        if is_bytes {
+            // Any byte but a newline or the quote is content; a backslash may also escape the
+            // next character, which lets the match go on past a quote it escapes.
+            if c == b'\n' {
+                break;
+            }
+            if c == quote {
+                end = Some(k + 1);
+                if k == q + 1 || bytes[k - 1] != b'\\' {
+                    break;
+                }
+            }
+            k += 1;
+        } else {
+            // A backslash always escapes the next character (not a newline); a string ends at
+            // its first unescaped quote.
+            match c {
+                _ if c == quote => return Some(k + 1),
+                b'\\' if k + 1 < bytes.len() && bytes[k + 1] != b'\n' => k += 1 + src_char_len(bytes, k + 1),
+                b'\\' => return None,
+                _ => k += 1,
+            }
+        }
+    }
+    end
+}
+
+/// The length of the UTF-8 character that starts at `at`.
+fn src_char_len(bytes: &[u8], at: usize) -> usize {
+    match bytes[at] {
+        b if b < 0x80 => 1,
+        b if b >= 0xf0 => 4,
+        b if b >= 0xe0 => 3,
+        _ => 2,
+    }
+}
+
+/// The end (exclusive) of the longest number literal at `i`, if any: `-?[0-9]+`,
+/// `-?0[xX][0-9a-fA-F]+`, `[0-9]+[uU]`, `-?0[xX][0-9a-fA-F]+[uU]`,
+/// `[-+]?[0-9]*\.[0-9]+([eE][-+]?[0-9]+)?`, `[-+]?[0-9]+[eE][-+]?[0-9]+`.
+fn number_literal_end(b: &[u8], i: usize) -> Option<usize> {
+    let digits = |mut k: usize, hex: bool| {
+        while k < b.len() && (if hex { b[k].is_ascii_hexdigit() } else { b[k].is_ascii_digit() }) {
+            k += 1;
+        }
+        k
+    };
+    let exponent = |k: usize| -> Option<usize> {
+        if !matches!(b.get(k), Some(b'e' | b'E')) {
+            return None;
+        }
+        let k = if matches!(b.get(k + 1), Some(b'-' | b'+')) { k + 2 } else { k + 1 };
+        let e = digits(k, false);
+        (e > k).then_some(e)
+    };
+    let mut best: Option<usize> = None;
+    let mut consider = |end: Option<usize>| {
+        if let Some(e) = end {
+            best = Some(best.map_or(e, |b: usize| b.max(e)));
+        }
+    };
+    let minus = usize::from(b[i] == b'-');
+    let sign = usize::from(matches!(b[i], b'-' | b'+'));
+    // Integers (decimal, then uint) and hex.
+    if b[i] != b'+' {
+        let start = i + minus;
+        let end = digits(start, false);
+        if end > start {
+            consider(Some(end));
+            if b[i] != b'-' && matches!(b.get(end), Some(b'u' | b'U')) {
+                consider(Some(end + 1));
+            }
+        }
+        if b.get(start) == Some(&b'0') && matches!(b.get(start + 1), Some(b'x' | b'X')) {
+            let end = digits(start + 2, true);
+            if end > start + 2 {
+                consider(Some(end));
+                if matches!(b.get(end), Some(b'u' | b'U')) {
+                    consider(Some(end + 1));
+                }
+            }
+        }
+    }
+    // Floats.
+    let start = i + sign;
+    let int_end = digits(start, false);
+    if b.get(int_end) == Some(&b'.') {
+        let frac_end = digits(int_end + 1, false);
+        if frac_end > int_end + 1 {
+            consider(Some(exponent(frac_end).unwrap_or(frac_end)));
+        }
+    }
+    if int_end > start {
+        consider(exponent(int_end));
+    }
+    best
+}
+
+/// Whether a number token converts as the grammar converts it.
+fn number_literal_converts(t: &str) -> bool {
+    let hex = t.contains(['x', 'X']);
+    let unsigned = t.ends_with(['u', 'U']);
+    let float = !hex && t.contains(['.', 'e', 'E']);
+    let strip = |s: &str, drop: &[char]| s.chars().filter(|c| !drop.contains(c)).collect::<String>();
+    match (float, hex, unsigned) {
+        (true, _, _) => t.parse::<f64>().is_ok(),
+        (false, false, false) => t.parse::<i64>().is_ok(),
+        (false, false, true) => t[..t.len() - 1].parse::<u64>().is_ok(),
+        (false, true, false) => i64::from_str_radix(&strip(t, &['x', 'X']), 16).is_ok(),
+        (false, true, true) => u64::from_str_radix(&strip(t, &['x', 'X', 'u', 'U']), 16).is_ok(),
+    }
+}
+
+/// Name of the function that replaces `+` (see [`checked_arithmetic`]).
+const CHECKED_ADD: &str = "__token_ratelimit_add";
+/// Name of the function that replaces binary `-`.
+const CHECKED_SUB: &str = "__token_ratelimit_sub";
+/// Name of the function that replaces `*`.
+const CHECKED_MUL: &str = "__token_ratelimit_mul";
+/// Name of the function that replaces `/`.
 const CHECKED_DIV: &str = "__token_ratelimit_div";
 /// Name of the function that replaces `%`.
 const CHECKED_MOD: &str = "__token_ratelimit_mod";
+/// Name of the function that replaces unary `-`.
+const CHECKED_NEG: &str = "__token_ratelimit_neg";
+/// Name of the function that replaces `x[i]` (unless `i` is a constant string).
+const CHECKED_INDEX: &str = "__token_ratelimit_index";
 
-/// Rewrites `a / b` and `a % b` into calls of checked functions. The interpreter divides with
-/// Rust's `/` and `%`, which panic on a zero divisor and on `i64::MIN / -1` even in release
-/// builds; a request could choose such operands (e.g. from a header), and a panic would kill
-/// the wasm VM. The checked functions return an error instead: the limit does not apply.
+/// Rewrites the arithmetic operators (`+`, `-`, `*`, `/`, `%`, unary `-`) and indexing with a
+/// computed or numeric index into calls of checked functions. The interpreter computes with Rust's operators: `/` and `%` panic on a zero
+/// divisor and on `i64::MIN / -1` even in release builds, `+`, `-`, `*` and negation overflow
+/// (a panic with overflow checks, a silently wrapped value without: `int(h) * 1000 > 5000`
+/// would be false for a huge `h`), and timestamp and duration arithmetic panics in chrono on
+/// overflow; `string[i]` overflows for `i = 2^63 - 1`. A request could choose such operands
+/// (e.g. from a header), and a panic would kill the wasm VM. The checked functions return an error instead, as CEL specifies: the limit
+/// does not apply.
 fn checked_arithmetic(e: Expression) -> Expression {
     let b = |e: Box<Expression>| Box::new(checked_arithmetic(*e));
+    let call = |name: &str, args: Vec<Expression>| {
+        Expression::FunctionCall(Box::new(Expression::Ident(Arc::new(name.to_string()))), None, args)
+    };
     match e {
-        Expression::Arithmetic(l, op @ (ArithmeticOp::Divide | ArithmeticOp::Modulus), r) => {
-            let name = if op == ArithmeticOp::Divide {
-                CHECKED_DIV
-            } else {
-                CHECKED_MOD
+        Expression::Arithmetic(l, op, r) => {
+            let name = match op {
+                ArithmeticOp::Add => CHECKED_ADD,
+                ArithmeticOp::Subtract => CHECKED_SUB,
+                ArithmeticOp::Multiply => CHECKED_MUL,
+                ArithmeticOp::Divide => CHECKED_DIV,
+                ArithmeticOp::Modulus => CHECKED_MOD,
             };
-            Expression::FunctionCall(
-                Box::new(Expression::Ident(Arc::new(name.to_string()))),
-                None,
-                vec![checked_arithmetic(*l), checked_arithmetic(*r)],
-            )
+            call(name, vec![checked_arithmetic(*l), checked_arithmetic(*r)])
         }
-        Expression::Arithmetic(l, op, r) => Expression::Arithmetic(b(l), op, b(r)),
+        Expression::Unary(UnaryOp::Minus, x) => call(CHECKED_NEG, vec![checked_arithmetic(*x)]),
         Expression::Relation(l, op, r) => Expression::Relation(b(l), op, b(r)),
         Expression::Ternary(c, t, f) => Expression::Ternary(b(c), b(t), b(f)),
         Expression::Or(l, r) => Expression::Or(b(l), b(r)),
         Expression::And(l, r) => Expression::And(b(l), b(r)),
         Expression::Unary(op, x) => Expression::Unary(op, b(x)),
+        // `x[i]` with an index other than a constant string (those name attributes and map
+        // keys): the interpreter computes `i + 1` unchecked for a string `x`.
+        Expression::Member(t, m) if matches!(m.as_ref(), Member::Index(i) if !matches!(i.as_ref(), Expression::Atom(Atom::String(_)))) => {
+            let Member::Index(i) = *m else { unreachable!() };
+            call(CHECKED_INDEX, vec![checked_arithmetic(*t), checked_arithmetic(*i)])
+        }
         Expression::Member(t, m) => {
             let m = match *m {
                 Member::Index(i) => Member::Index(b(i)),
@@ -791,6 +1250,69 @@ fn numeric_pair(a: &Value, b: &Value) -> Option<(f64, f64)> {
         _ => None,
     };
     Some((f(a)?, f(b)?))
+}
+
+fn cel_add(a: Value, b: Value) -> cel_interpreter::ResolveResult {
+    let fail = || ExecutionError::function_error("+", "overflow");
+    match (&a, &b) {
+        (Value::Int(x), Value::Int(y)) => x.checked_add(*y).map(Value::Int).ok_or_else(fail),
+        (Value::UInt(x), Value::UInt(y)) => x.checked_add(*y).map(Value::UInt).ok_or_else(fail),
+        (Value::Duration(x), Value::Duration(y)) => x.checked_add(y).map(Value::Duration).ok_or_else(fail),
+        (Value::Timestamp(t), Value::Duration(d)) | (Value::Duration(d), Value::Timestamp(t)) => {
+            t.checked_add_signed(*d).map(Value::Timestamp).ok_or_else(fail)
+        }
+        _ => a + b,
+    }
+}
+
+fn cel_sub(a: Value, b: Value) -> cel_interpreter::ResolveResult {
+    let fail = || ExecutionError::function_error("-", "overflow");
+    match (&a, &b) {
+        (Value::Int(x), Value::Int(y)) => x.checked_sub(*y).map(Value::Int).ok_or_else(fail),
+        (Value::UInt(x), Value::UInt(y)) => x.checked_sub(*y).map(Value::UInt).ok_or_else(fail),
+        (Value::Duration(x), Value::Duration(y)) => x.checked_sub(y).map(Value::Duration).ok_or_else(fail),
+        (Value::Timestamp(t), Value::Duration(d)) => t.checked_sub_signed(*d).map(Value::Timestamp).ok_or_else(fail),
+        _ => a - b,
+    }
+}
+
+fn cel_mul(a: Value, b: Value) -> cel_interpreter::ResolveResult {
+    let fail = || ExecutionError::function_error("*", "overflow");
+    match (&a, &b) {
+        (Value::Int(x), Value::Int(y)) => x.checked_mul(*y).map(Value::Int).ok_or_else(fail),
+        (Value::UInt(x), Value::UInt(y)) => x.checked_mul(*y).map(Value::UInt).ok_or_else(fail),
+        _ => a * b,
+    }
+}
+
+fn cel_neg(a: Value) -> cel_interpreter::ResolveResult {
+    match a {
+        Value::Int(x) => x
+            .checked_neg()
+            .map(Value::Int)
+            .ok_or_else(|| ExecutionError::function_error("-", "overflow")),
+        Value::Float(x) => Ok(Value::Float(-x)),
+        other => Err(ExecutionError::UnsupportedUnaryOperator("minus", other)),
+    }
+}
+
+/// `target[index]` as the interpreter computes it, without its unchecked `index + 1`.
+fn cel_index(target: Value, index: Value) -> cel_interpreter::ResolveResult {
+    let found = |v: Option<&Value>| Ok(v.cloned().unwrap_or(Value::Null));
+    match (target, index) {
+        (Value::List(items), Value::Int(i)) => found(usize::try_from(i).ok().and_then(|i| items.get(i))),
+        (Value::String(s), Value::Int(i)) => Ok(usize::try_from(i)
+            .ok()
+            .and_then(|i| s.get(i..i.checked_add(1)?))
+            .map_or(Value::Null, |c| Value::String(Arc::new(c.to_string())))),
+        (Value::Map(map), Value::String(k)) => found(map.get(&k.into())),
+        (Value::Map(map), Value::Bool(k)) => found(map.get(&k.into())),
+        (Value::Map(map), Value::Int(k)) => found(map.get(&k.into())),
+        (Value::Map(map), Value::UInt(k)) => found(map.get(&k.into())),
+        (Value::Map(_), index) => Err(ExecutionError::UnsupportedMapIndex(index)),
+        (Value::List(_), index) => Err(ExecutionError::UnsupportedListIndex(index)),
+        (value, index) => Err(ExecutionError::UnsupportedIndex(value, index)),
+    }
 }
 
 fn cel_div(a: Value, b: Value) -> cel_interpreter::ResolveResult {
@@ -835,8 +1357,13 @@ fn root_context() -> Context<'static> {
     ctx.add_function("trim", cel_trim);
     ctx.add_function("replace", cel_replace);
     ctx.add_function("join", cel_join);
+    ctx.add_function(CHECKED_ADD, cel_add);
+    ctx.add_function(CHECKED_SUB, cel_sub);
+    ctx.add_function(CHECKED_MUL, cel_mul);
     ctx.add_function(CHECKED_DIV, cel_div);
     ctx.add_function(CHECKED_MOD, cel_mod);
+    ctx.add_function(CHECKED_NEG, cel_neg);
+    ctx.add_function(CHECKED_INDEX, cel_index);
     ctx
 }
 
@@ -1141,6 +1668,248 @@ mod tests {
             "requestBodyJSON(request.path).startsWith",
         ));
         assert_eq!(e.field, "limits.l.when[0].predicate");
+    }
+
+    #[test]
+    fn headers_are_read_by_name_or_as_a_whole() {
+        let cfg = |when: &str| {
+            format!(
+                r#"{{"rateLimitService": {{"cluster": "c", "domain": "d"}},
+                  "limits": {{"l": {{"rates": [{{"limit": 1, "window": "1s"}}],
+                    "when": [{{"predicate": {}}}],
+                    "counters": [{{"expression": "request.headers[\"x-b\"]"}}]}}}}}}"#,
+                serde_json::to_string(when).unwrap()
+            )
+        };
+        let host = || MapHost {
+            headers: vec![
+                ("x-a".into(), b"1".to_vec()),
+                ("x-b".into(), b"B".to_vec()),
+                ("x-a".into(), b"2".to_vec()),
+                ("x-c".into(), b"C".to_vec()),
+            ],
+            ..Default::default()
+        };
+        // By name: only x-a and x-b are converted; repeated headers are joined.
+        let p = Policy::from_json(cfg(r#"request.headers["x-a"] == "1,2" && !has(request.headers.xz)"#).as_bytes()).unwrap();
+        assert_eq!(p.header_names, Some(vec!["x-a".to_string(), "xz".to_string(), "x-b".to_string()]));
+        let d = p.evaluate(&mut host());
+        assert_eq!(d.errors, vec![]);
+        assert_eq!(d.applied[0].counters[0].1, "B");
+        // As a whole: every header is there.
+        for when in [r#"request.headers.exists(k, k == "x-c")"#, r#"size(request.headers) == 3"#] {
+            let p = Policy::from_json(cfg(when).as_bytes()).unwrap();
+            assert_eq!(p.header_names, None, "{when}");
+            let d = p.evaluate(&mut host());
+            assert_eq!((d.applied.len(), d.errors), (1, vec![]), "{when}");
+        }
+    }
+
+    #[test]
+    fn the_encoded_check_request_is_the_prost_encoding() {
+        use prost::Message;
+        let p = Policy::from_json(
+            TUTORIAL
+                .replace(r#"exists(g, g == \"gold\")"#, r#"exists(g, g == \"free\")"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        for (user, groups) in [("user-1", "free"), ("", "free"), ("u", "gold"), ("ü", "free")] {
+            let d = p.evaluate(&mut host("/v1/chat/completions", user, groups));
+            let want = ratelimit_proto::RateLimitRequest {
+                domain: p.service.domain.clone(),
+                descriptors: vec![p.check_descriptor(&d.applied)],
+                hits_addend: 0,
+            }
+            .encode_to_vec();
+            assert_eq!(p.encode_check_request(&d.applied), want, "{user} {groups}");
+        }
+        let long = "x".repeat(300);
+        let applied = vec![Applied {
+            limit: 0,
+            counters: vec![("k".into(), long.clone()), ("k".into(), "dup".into())],
+        }];
+        let want = ratelimit_proto::RateLimitRequest {
+            domain: "llm".into(),
+            descriptors: vec![p.check_descriptor(&applied)],
+            hits_addend: 0,
+        }
+        .encode_to_vec();
+        assert_eq!(p.encode_check_request(&applied), want);
+    }
+
+    /// A policy with one limit whose only counter is `expr`, evaluated over headers `a` and
+    /// `b`: the counter's value, or the error.
+    fn counter_of(expr: &str, a: &str, b: &str) -> Result<String, String> {
+        let cfg = serde_json::json!({"rateLimitService": {"cluster": "c", "domain": "d"},
+            "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "counters": [{"expression": expr}]}}});
+        let p = Policy::from_json(cfg.to_string().as_bytes()).unwrap();
+        let mut h = MapHost {
+            headers: vec![("a".into(), a.as_bytes().to_vec()), ("b".into(), b.as_bytes().to_vec())],
+            ..Default::default()
+        };
+        h.properties.insert("request.time".into(), 1_700_000_000_000_000_000i64.to_le_bytes().to_vec());
+        let d = p.evaluate(&mut h);
+        match (d.applied.first(), d.errors.first()) {
+            (Some(a), _) => Ok(a.counters[0].1.clone()),
+            (None, Some(e)) => Err(e.reason.clone()),
+            (None, None) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn overflowing_arithmetic_is_an_error_not_a_panic_or_a_wrapped_value() {
+        // Found by the `cel_eval` fuzz target: `*` overflowed inside the interpreter (a panic
+        // with overflow checks, a wrapped value in the wasm module).
+        let i = "int(request.headers['a'])";
+        let u = "uint(request.headers['a'])";
+        for (expr, a, b) in [
+            (format!("{i} * int(request.headers['b'])"), "9223372036854775807", "2"),
+            (format!("{i} + int(request.headers['b'])"), "9223372036854775807", "1"),
+            (format!("{i} - int(request.headers['b'])"), "-9223372036854775808", "1"),
+            (format!("-{i}"), "-9223372036854775808", ""),
+            (format!("{u} * 2u"), "18446744073709551615", ""),
+            (format!("{u} + 1u"), "18446744073709551615", ""),
+            (format!("{u} - 1u"), "0", ""),
+        ] {
+            let got = counter_of(&expr, a, b);
+            assert!(matches!(&got, Err(e) if e.contains("overflow")), "{expr} with {a}, {b}: {got:?}");
+        }
+        // Indexing a string at 2^63 - 1 overflowed (`i + 1`) inside the interpreter.
+        // Found by the `cel_eval` fuzz target.
+        let at = "request.headers['a'][int(request.headers['b'])]";
+        for i in ["9223372036854775807", "-1", "3"] {
+            let got = counter_of(at, "abc", i);
+            assert!(matches!(&got, Err(e) if e.contains("got Null")), "{i}: {got:?}");
+        }
+        assert_eq!(counter_of(at, "abc", "1"), Ok("b".into()));
+        assert_eq!(counter_of("'abc'[0] + string([1, 2, 3][int(request.headers['b'])])", "", "2"), Ok("a3".into()));
+        assert_eq!(counter_of("{'k': 'v'}[request.headers['a']] + {1: 'one'}[int(request.headers['b'])]", "k", "1"), Ok("vone".into()));
+        assert!(counter_of("[1][request.headers['a']]", "k", "").unwrap_err().contains("index"));
+        // In range, the operators compute as before, for every type they take.
+        assert_eq!(counter_of(&format!("{i} * int(request.headers['b']) - 1 + -{i}"), "6", "7"), Ok("35".into()));
+        assert_eq!(counter_of(&format!("{u} * 2u + 1u - 3u"), "6", ""), Ok("10".into()));
+        assert_eq!(counter_of("1.5 * 2.0 - 0.5 + -1.0", "", ""), Ok("1.5".into()));
+        assert_eq!(counter_of("request.headers['a'] + '-' + request.headers['b']", "x", "y"), Ok("x-y".into()));
+        assert_eq!(counter_of("size([1] + [2, 3])", "", ""), Ok("3".into()));
+        assert_eq!(
+            counter_of("string(request.time + duration('1h') - duration('30m'))", "", ""),
+            Ok("2023-11-14T22:43:20+00:00".into())
+        );
+        assert_eq!(counter_of("(request.time - timestamp('2023-11-14T22:13:10Z')) == duration('10s')", "", ""), Ok("true".into()));
+    }
+
+    #[test]
+    fn literals_the_parser_would_panic_on_are_refused() {
+        // Found by the `config` fuzz target: cel-parser 0.8 converts literals with unwrap().
+        for expr in [
+            "request.path == 9223372036854775808",
+            "99999999999999999999999 > 1",
+            "18446744073709551616u",
+            "0x8000000000000000 == 1",
+            "0x10000000000000000u",
+            "-0x1u",
+            r#"auth.identity.groups == "gold\ons""#,
+            r#"'\x4'"#,
+            r#""\u12""#,
+            r#"r"x" + "\q""#,
+            r#"b"\z""#,
+            r#"b'\400'"#,
+        ] {
+            let cfg = format!(
+                r#"{{"rateLimitService": {{"cluster": "c", "domain": "d"}},
+                  "limits": {{"l": {{"rates": [{{"limit": 1, "window": "1s"}}], "when": [{{"predicate": {}}}]}}}}}}"#,
+                serde_json::to_string(expr).unwrap()
+            );
+            let e = refused(&cfg);
+            assert_eq!(e.field, "limits.l.when[0].predicate", "{expr}");
+            assert!(e.reason.starts_with("CEL does not compile: "), "{expr}: {e}");
+        }
+        // Their valid neighbours still compile, including text that only looks like them
+        // inside strings and comments.
+        for expr in [
+            "request.size == 9223372036854775807 || request.size == -9223372036854775808",
+            "18446744073709551615u > 0u && 0x7fffffffffffffff > -0x8000000000000000 && 0xffffffffffffffffu > 0u",
+            "1e999 > 1.5 && .5 < +1.5e3 && -.5 < 2E-3",
+            r#"request.path == "99999999999999999999 \\o \"" || request.path == '\x41\u0042\101\n\'"' || request.path == r'\q'"#,
+            "b\"\\x41\\101\" != b'' // 99999999999999999999 \"\\o\n && true",
+            "request.path--99999999999999999999.5 > 1.0 || x99999999999999999999 == 1",
+        ] {
+            let cfg = format!(
+                r#"{{"rateLimitService": {{"cluster": "c", "domain": "d"}},
+                  "limits": {{"l": {{"rates": [{{"limit": 1, "window": "1s"}}], "when": [{{"predicate": {}}}]}}}}}}"#,
+                serde_json::to_string(expr).unwrap()
+            );
+            if let Err(e) = Policy::from_json(cfg.as_bytes()) {
+                assert!(!e.reason.contains("out of range") && !e.reason.contains("invalid escape"), "{expr}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn macros_without_their_variable_and_expression_are_refused() {
+        // Found by the `config` fuzz target: `.map(m,)` compiled, and every evaluation then
+        // panicked in the interpreter (index out of bounds), killing the VM.
+        for expr in [
+            "requestBodyJSON('/messages').map(m,).size() > 0",
+            "auth.identity.groups.split(',').exists(g)",
+            "[1].all()",
+            "exists_one([1], x)",
+            "size([1].filter(x, x > 0).map(y)) > 0",
+        ] {
+            let cfg = serde_json::json!({"rateLimitService": {"cluster": "c", "domain": "d"}, "requestBody": {"allowOnHeadersStopIteration": true},
+                "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "when": [{"predicate": expr}]}}});
+            let e = refused(&cfg.to_string());
+            assert_eq!(e.field, "limits.l.when[0].predicate", "{expr}");
+            assert!(e.reason.contains("takes a variable and an expression"), "{expr}: {e}");
+        }
+        let cfg = serde_json::json!({"rateLimitService": {"cluster": "c", "domain": "d"},
+            "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}],
+              "when": [{"predicate": "[1, 2].map(x, x * 2).filter(x, x > 2).all(x, x == 4) && [1].exists(x, x == 1) && exists_one([1], x, x == 1)"}]}}});
+        let p = Policy::from_json(cfg.to_string().as_bytes()).unwrap();
+        assert_eq!(p.evaluate(&mut MapHost::default()).applied.len(), 1);
+    }
+
+    #[test]
+    fn expressions_too_deep_or_too_long_for_the_wasm_stack_are_refused() {
+        // Found while fuzzing `config`, whose target works on the module's 1 MiB stack, by a
+        // probe with inputs longer than the fuzzer reached: `[[[...1...]]]` or `1 + 1 + ...`
+        // about 1,600 deep overflowed that stack (compiling or evaluating), which traps the VM.
+        std::thread::Builder::new()
+            .stack_size(1 << 20)
+            .spawn(|| {
+                let policy = |expr: &str| {
+                    let cfg = serde_json::json!({"rateLimitService": {"cluster": "c", "domain": "d"},
+                        "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "counters": [{"expression": expr}]}}});
+                    Policy::from_json(cfg.to_string().as_bytes())
+                };
+                let nested = |n: usize| format!("size({}1{})", "[".repeat(n), "]".repeat(n));
+                for expr in [nested(2000), vec!["1"; 2000].join(" + "), vec!["1"; 3000].join(" + ")] {
+                    let e = policy(&expr).unwrap_err();
+                    assert!(e.reason.contains("nest at most 100 levels"), "{e}");
+                }
+                let huge = vec!["1"; 20_000].join("+");
+                assert!(policy(&huge).unwrap_err().reason.contains("at most 16384 bytes"));
+                // Long but flat lists are fine, and so is nesting up to the bound.
+                let users: Vec<String> = (0..1000).map(|i| format!("'user-{i}'")).collect();
+                let p = policy(&format!("request.headers['x-user'] in [{}] ? 1 : 0", users.join(", "))).unwrap();
+                assert_eq!(p.evaluate(&mut MapHost::default()).applied[0].counters[0].1, "0");
+                policy(&nested(95)).unwrap()
+            })
+            .unwrap()
+            .join()
+            .map(|p| {
+                // Evaluated on a larger stack: this unoptimized build of the interpreter takes
+                // over ten times the stack per level that the release module does.
+                std::thread::Builder::new()
+                    .stack_size(16 << 20)
+                    .spawn(move || p.evaluate(&mut MapHost::default()).applied[0].counters[0].1.clone())
+                    .unwrap()
+                    .join()
+                    .unwrap()
+            })
+            .map(|v| assert_eq!(v, "1"))
+            .unwrap();
     }
 
     fn refused(cfg: &str) -> ConfigError {

@@ -116,15 +116,6 @@ impl Format {
             .trim_end_matches('/');
         path.ends_with("/chat/completions") || path.ends_with("/completions")
     }
-
-    /// Substrings one of which an event must contain to be worth parsing as JSON.
-    fn markers(self) -> &'static [&'static [u8]] {
-        match self {
-            Format::OpenAi | Format::Responses | Format::Anthropic => &[b"\"usage\""],
-            Format::Gemini => &[b"\"usageMetadata\""],
-            Format::Unknown => &[b"\"usage\"", b"\"usageMetadata\""],
-        }
-    }
 }
 
 /// Custom locations of usage figures: JSON pointers (RFC 6901), tried in order, first match
@@ -178,17 +169,16 @@ impl UsagePaths {
     }
 
     fn read(&self, doc: &Value) -> Usage {
-        let first = |ptrs: &[String]| ptrs.iter().find_map(|p| count(doc.pointer(p)));
+        let first = |ptrs: &[String]| {
+            ptrs.iter()
+                .find_map(|p| doc.pointer(p).and_then(Value::as_u64))
+        };
         Usage {
             prompt: first(&self.prompt),
             completion: first(&self.completion),
             total: first(&self.total),
         }
     }
-}
-
-fn count(v: Option<&Value>) -> Option<u64> {
-    v.and_then(Value::as_u64)
 }
 
 fn sum(values: &[Option<u64>]) -> Option<u64> {
@@ -202,46 +192,463 @@ fn sum(values: &[Option<u64>]) -> Option<u64> {
     )
 }
 
-fn openai(usage: Option<&Value>) -> Usage {
-    let Some(u) = usage.filter(|u| u.is_object()) else {
-        return Usage::default();
-    };
-    Usage {
-        prompt: count(u.get("prompt_tokens")).or(count(u.get("input_tokens"))),
-        completion: count(u.get("completion_tokens")).or(count(u.get("output_tokens"))),
-        total: count(u.get("total_tokens")),
+/// The figures of one usage object, under any of the formats' names. A figure is `Some` only
+/// when it is a non-negative integer.
+#[derive(Debug, Default, Clone, Copy)]
+struct Figures {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    cache_creation_input_tokens: Option<u64>,
+    cache_read_input_tokens: Option<u64>,
+    /// `cache_creation_input_tokens` or `cache_read_input_tokens` is there (whatever its value).
+    has_cache_fields: bool,
+    prompt_token_count: Option<u64>,
+    candidates_token_count: Option<u64>,
+    thoughts_token_count: Option<u64>,
+    total_token_count: Option<u64>,
+}
+
+impl Figures {
+    /// Where the figure named `key` goes (`None`: not a figure).
+    fn slot(&mut self, key: typed::Key) -> Option<&mut Option<u64>> {
+        use typed::Key;
+        Some(match key {
+            Key::PromptTokens => &mut self.prompt_tokens,
+            Key::CompletionTokens => &mut self.completion_tokens,
+            Key::TotalTokens => &mut self.total_tokens,
+            Key::InputTokens => &mut self.input_tokens,
+            Key::OutputTokens => &mut self.output_tokens,
+            Key::CacheCreationInputTokens => {
+                self.has_cache_fields = true;
+                &mut self.cache_creation_input_tokens
+            }
+            Key::CacheReadInputTokens => {
+                self.has_cache_fields = true;
+                &mut self.cache_read_input_tokens
+            }
+            Key::PromptTokenCount => &mut self.prompt_token_count,
+            Key::CandidatesTokenCount => &mut self.candidates_token_count,
+            Key::ThoughtsTokenCount => &mut self.thoughts_token_count,
+            Key::TotalTokenCount => &mut self.total_token_count,
+            _ => return None,
+        })
+    }
+
+    /// The figures of a usage object (`None`: not an object).
+    fn of(v: &Value) -> Option<Figures> {
+        let mut f = Figures::default();
+        for (k, v) in v.as_object()? {
+            if let Some(slot) = f.slot(typed::key(k)) {
+                *slot = v.as_u64();
+            }
+        }
+        Some(f)
     }
 }
 
-fn anthropic(usage: Option<&Value>) -> Usage {
-    let Some(u) = usage.filter(|u| u.is_object()) else {
+fn openai(usage: Option<&Figures>) -> Usage {
+    let Some(u) = usage else {
         return Usage::default();
     };
-    let input = count(u.get("input_tokens"));
+    Usage {
+        prompt: u.prompt_tokens.or(u.input_tokens),
+        completion: u.completion_tokens.or(u.output_tokens),
+        total: u.total_tokens,
+    }
+}
+
+fn anthropic(usage: Option<&Figures>) -> Usage {
+    let Some(u) = usage else {
+        return Usage::default();
+    };
+    let input = u.input_tokens;
     Usage {
         // Cache fields only count next to input_tokens (a message_delta may carry output only).
         prompt: input.and_then(|_| {
             sum(&[
                 input,
-                count(u.get("cache_creation_input_tokens")),
-                count(u.get("cache_read_input_tokens")),
+                u.cache_creation_input_tokens,
+                u.cache_read_input_tokens,
             ])
         }),
-        completion: count(u.get("output_tokens")),
+        completion: u.output_tokens,
         total: None,
     }
 }
 
-fn gemini(meta: Option<&Value>) -> Usage {
-    let Some(m) = meta.filter(|m| m.is_object()) else {
+fn gemini(meta: Option<&Figures>) -> Usage {
+    let Some(m) = meta else {
         return Usage::default();
     };
-    let candidates = count(m.get("candidatesTokenCount"));
-    let thoughts = count(m.get("thoughtsTokenCount"));
     Usage {
-        prompt: count(m.get("promptTokenCount")),
-        completion: sum(&[candidates, thoughts]),
-        total: count(m.get("totalTokenCount")),
+        prompt: m.prompt_token_count,
+        completion: sum(&[m.candidates_token_count, m.thoughts_token_count]),
+        total: m.total_token_count,
+    }
+}
+
+/// The documented usage locations of one JSON document (`None`: absent, or not an object).
+#[derive(Debug, Default)]
+struct Locations {
+    /// `/usage`
+    usage: Option<Figures>,
+    /// `/usageMetadata`
+    usage_metadata: Option<Figures>,
+    /// `/response/usage`
+    response_usage: Option<Figures>,
+    /// `/message/usage`
+    message_usage: Option<Figures>,
+}
+
+impl Locations {
+    fn usage(&self, format: Format) -> Usage {
+        let candidates: &[fn(&Locations) -> Usage] = match format {
+            Format::OpenAi => &[|d| openai(d.usage.as_ref())],
+            Format::Responses => &[
+                |d| openai(d.usage.as_ref()),
+                |d| openai(d.response_usage.as_ref()),
+            ],
+            Format::Anthropic => &[
+                |d| anthropic(d.usage.as_ref()),
+                |d| anthropic(d.message_usage.as_ref()),
+            ],
+            Format::Gemini => &[|d| gemini(d.usage_metadata.as_ref())],
+            Format::Unknown => &[
+                |d| {
+                    // Anthropic's shape has input/output without a total and with cache fields.
+                    if d.usage.as_ref().is_some_and(|u| u.has_cache_fields) {
+                        anthropic(d.usage.as_ref())
+                    } else {
+                        openai(d.usage.as_ref())
+                    }
+                },
+                |d| openai(d.response_usage.as_ref()),
+                |d| anthropic(d.message_usage.as_ref()),
+                |d| gemini(d.usage_metadata.as_ref()),
+            ],
+        };
+        candidates
+            .iter()
+            .map(|f| f(self))
+            .find(|u| !u.is_empty())
+            .unwrap_or_default()
+    }
+}
+
+/// Typed reading of the usage locations: everything else in a document is skipped by the
+/// parser without being built (no `serde_json::Value` of a whole response, no copy of its
+/// content). Semantics are those of reading a `Value`: the last of duplicate keys wins, a
+/// location that is not an object holds nothing, a figure counts only as a non-negative integer,
+/// a document that is not UTF-8 is refused (the callers check). One leniency: a lone surrogate
+/// escape (`"\ud800"`) in a skipped string does not make the document unreadable.
+mod typed {
+    use super::{Figures, Format, Locations, Usage};
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use std::fmt;
+
+    /// A map key, as one of the names this module reads.
+    #[derive(Clone, Copy)]
+    pub(super) enum Key {
+        PromptTokens,
+        CompletionTokens,
+        TotalTokens,
+        InputTokens,
+        OutputTokens,
+        CacheCreationInputTokens,
+        CacheReadInputTokens,
+        PromptTokenCount,
+        CandidatesTokenCount,
+        ThoughtsTokenCount,
+        TotalTokenCount,
+        Usage,
+        UsageMetadata,
+        Response,
+        Message,
+        Stream,
+        StreamOptions,
+        IncludeUsage,
+        Other,
+    }
+
+    /// The name this module reads that `v` is, if any.
+    pub(super) fn key(v: &str) -> Key {
+        match v {
+            "prompt_tokens" => Key::PromptTokens,
+            "completion_tokens" => Key::CompletionTokens,
+            "total_tokens" => Key::TotalTokens,
+            "input_tokens" => Key::InputTokens,
+            "output_tokens" => Key::OutputTokens,
+            "cache_creation_input_tokens" => Key::CacheCreationInputTokens,
+            "cache_read_input_tokens" => Key::CacheReadInputTokens,
+            "promptTokenCount" => Key::PromptTokenCount,
+            "candidatesTokenCount" => Key::CandidatesTokenCount,
+            "thoughtsTokenCount" => Key::ThoughtsTokenCount,
+            "totalTokenCount" => Key::TotalTokenCount,
+            "usage" => Key::Usage,
+            "usageMetadata" => Key::UsageMetadata,
+            "response" => Key::Response,
+            "message" => Key::Message,
+            "stream" => Key::Stream,
+            "stream_options" => Key::StreamOptions,
+            "include_usage" => Key::IncludeUsage,
+            _ => Key::Other,
+        }
+    }
+
+    struct KeyVisitor;
+
+    impl<'de> Visitor<'de> for KeyVisitor {
+        type Value = Key;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a key")
+        }
+        fn visit_str<E>(self, v: &str) -> Result<Key, E> {
+            Ok(key(v))
+        }
+        fn visit_bytes<E>(self, _: &[u8]) -> Result<Key, E> {
+            Ok(Key::Other)
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for KeyVisitor {
+        type Value = Key;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Key, D::Error> {
+            d.deserialize_identifier(self)
+        }
+    }
+
+    /// What a request body asks for (see [`Read::StreamRequest`]).
+    #[derive(Debug, Default)]
+    pub(super) struct Streaming {
+        /// An object with `"stream": true` without `stream_options.include_usage: true`.
+        pub wants_usage: bool,
+        /// It has a `stream_options` key.
+        pub has_options: bool,
+    }
+
+    /// What to read from a JSON value. One visitor type for every shape, so that the parser is
+    /// instantiated once (module size).
+    #[derive(Clone, Copy)]
+    pub(super) enum Read {
+        /// A document: the usage it reports in `format`. With `arrays`, a top-level array is a
+        /// streamed JSON array (each element a document, later figures win); otherwise an
+        /// array holds no usage.
+        Document { format: Format, arrays: bool },
+        /// A usage object's figures (`None`: not an object).
+        Object,
+        /// An object whose `usage` is read (`/response`, `/message`).
+        Wrapper,
+        /// A figure: `Some` for a non-negative integer.
+        Figure,
+        /// Whether the value is `true`.
+        True,
+        /// `stream_options`: whether `include_usage` is `true`.
+        StreamOptions,
+        /// A request body (`None`: not an object).
+        StreamRequest,
+    }
+
+    /// What was read, per [`Read`].
+    pub(super) enum Out {
+        Usage(Usage),
+        Figures(Option<Figures>),
+        Figure(Option<u64>),
+        Bool(bool),
+        Streaming(Option<Streaming>),
+    }
+
+    impl Out {
+        fn usage(self) -> Usage {
+            match self {
+                Out::Usage(u) => u,
+                _ => Usage::default(),
+            }
+        }
+        fn figures(self) -> Option<Figures> {
+            match self {
+                Out::Figures(f) => f,
+                _ => None,
+            }
+        }
+        fn figure(self) -> Option<u64> {
+            match self {
+                Out::Figure(f) => f,
+                _ => None,
+            }
+        }
+        fn bool(self) -> bool {
+            matches!(self, Out::Bool(true))
+        }
+        pub(super) fn streaming(self) -> Option<Streaming> {
+            match self {
+                Out::Streaming(s) => s,
+                _ => None,
+            }
+        }
+    }
+
+    impl Read {
+        /// The result for a value that holds nothing of what is read (a scalar, or a container
+        /// of the wrong kind, drained).
+        fn nothing(self) -> Out {
+            match self {
+                Read::Document { .. } => Out::Usage(Usage::default()),
+                Read::Object | Read::Wrapper => Out::Figures(None),
+                Read::Figure => Out::Figure(None),
+                Read::True | Read::StreamOptions => Out::Bool(false),
+                Read::StreamRequest => Out::Streaming(None),
+            }
+        }
+    }
+
+    impl<'de> Visitor<'de> for Read {
+        type Value = Out;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+        fn visit_bool<E>(self, v: bool) -> Result<Out, E> {
+            Ok(match self {
+                Read::True => Out::Bool(v),
+                other => other.nothing(),
+            })
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Out, E> {
+            Ok(match self {
+                Read::Figure => Out::Figure(Some(v)),
+                other => other.nothing(),
+            })
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Out, E> {
+            Ok(match self {
+                Read::Figure => Out::Figure(u64::try_from(v).ok()),
+                other => other.nothing(),
+            })
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Out, E> {
+            Ok(self.nothing())
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Out, E> {
+            Ok(self.nothing())
+        }
+        fn visit_bytes<E>(self, _: &[u8]) -> Result<Out, E> {
+            Ok(self.nothing())
+        }
+        fn visit_unit<E>(self) -> Result<Out, E> {
+            Ok(self.nothing())
+        }
+        fn visit_none<E>(self) -> Result<Out, E> {
+            Ok(self.nothing())
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Out, A::Error> {
+            if let Read::Document {
+                format,
+                arrays: true,
+            } = self
+            {
+                let mut found = Usage::default();
+                let element = Read::Document {
+                    format,
+                    arrays: false,
+                };
+                while let Some(u) = seq.next_element_seed(element)? {
+                    found.merge(u.usage());
+                }
+                return Ok(Out::Usage(found));
+            }
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(self.nothing())
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Out, A::Error> {
+            let mut loc = Locations::default();
+            let mut figures = Figures::default();
+            let mut wrapped = None;
+            let mut flag = false;
+            let mut streaming = Streaming::default();
+            let mut stream = false;
+            while let Some(key) = map.next_key_seed(KeyVisitor)? {
+                let read = match (self, key) {
+                    (Read::Document { .. }, Key::Usage) => {
+                        loc.usage = map.next_value_seed(Read::Object)?.figures();
+                        continue;
+                    }
+                    (Read::Document { .. }, Key::UsageMetadata) => {
+                        loc.usage_metadata = map.next_value_seed(Read::Object)?.figures();
+                        continue;
+                    }
+                    (Read::Document { .. }, Key::Response) => {
+                        loc.response_usage = map.next_value_seed(Read::Wrapper)?.figures();
+                        continue;
+                    }
+                    (Read::Document { .. }, Key::Message) => {
+                        loc.message_usage = map.next_value_seed(Read::Wrapper)?.figures();
+                        continue;
+                    }
+                    (Read::Object, key) => match figures.slot(key) {
+                        Some(slot) => {
+                            *slot = map.next_value_seed(Read::Figure)?.figure();
+                            continue;
+                        }
+                        None => None,
+                    },
+                    (Read::Wrapper, Key::Usage) => Some(Read::Object),
+                    (Read::StreamOptions, Key::IncludeUsage) => Some(Read::True),
+                    (Read::StreamRequest, Key::Stream) => {
+                        stream = map.next_value_seed(Read::True)?.bool();
+                        continue;
+                    }
+                    (Read::StreamRequest, Key::StreamOptions) => {
+                        streaming.has_options = true;
+                        flag = map.next_value_seed(Read::StreamOptions)?.bool();
+                        continue;
+                    }
+                    _ => None,
+                };
+                match read {
+                    Some(Read::Object) => wrapped = map.next_value_seed(Read::Object)?.figures(),
+                    Some(r) => flag = map.next_value_seed(r)?.bool(),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(match self {
+                Read::Document { format, .. } => Out::Usage(loc.usage(format)),
+                Read::Object => Out::Figures(Some(figures)),
+                Read::Wrapper => Out::Figures(wrapped),
+                Read::Figure => Out::Figure(None),
+                Read::True => Out::Bool(false),
+                Read::StreamOptions => Out::Bool(flag),
+                Read::StreamRequest => {
+                    streaming.wants_usage = stream && !flag;
+                    Out::Streaming(Some(streaming))
+                }
+            })
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Read {
+        type Value = Out;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Out, D::Error> {
+            d.deserialize_any(self)
+        }
+    }
+
+    /// Reads `text` (one JSON document, nothing after it) as `read` says.
+    pub(super) fn read(text: &str, read: Read) -> Option<Out> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        let out = read.deserialize(&mut de).ok()?;
+        de.end().ok()?;
+        Some(out)
+    }
+
+    /// The usage of the document `text` (see [`Read::Document`]).
+    pub(super) fn document(text: &str, format: Format, arrays: bool) -> Option<Usage> {
+        read(text, Read::Document { format, arrays }).map(Out::usage)
     }
 }
 
@@ -254,46 +661,45 @@ pub fn read_document(format: Format, paths: &UsagePaths, doc: &Value) -> Usage {
             return u;
         }
     }
-    let candidates: &[fn(&Value) -> Usage] = match format {
-        Format::OpenAi => &[|d| openai(d.get("usage"))],
-        Format::Responses => &[
-            |d| openai(d.get("usage")),
-            |d| openai(d.pointer("/response/usage")),
-        ],
-        Format::Anthropic => &[
-            |d| anthropic(d.get("usage")),
-            |d| anthropic(d.pointer("/message/usage")),
-        ],
-        Format::Gemini => &[|d| gemini(d.get("usageMetadata"))],
-        Format::Unknown => &[
-            |d| {
-                let u = d.get("usage");
-                // Anthropic's shape has input/output without a total and with cache fields.
-                if u.is_some_and(|u| {
-                    u.get("cache_read_input_tokens").is_some()
-                        || u.get("cache_creation_input_tokens").is_some()
-                }) {
-                    anthropic(u)
-                } else {
-                    openai(u)
-                }
-            },
-            |d| openai(d.pointer("/response/usage")),
-            |d| anthropic(d.pointer("/message/usage")),
-            |d| gemini(d.get("usageMetadata")),
-        ],
+    let Some(map) = doc.as_object() else {
+        return Usage::default();
     };
-    candidates
-        .iter()
-        .map(|f| f(doc))
-        .find(|u| !u.is_empty())
-        .unwrap_or_default()
+    let wrapped = |v: &Value| v.as_object()?.get("usage").and_then(Figures::of);
+    Locations {
+        usage: map.get("usage").and_then(Figures::of),
+        usage_metadata: map.get("usageMetadata").and_then(Figures::of),
+        response_usage: map.get("response").and_then(wrapped),
+        message_usage: map.get("message").and_then(wrapped),
+    }
+    .usage(format)
+}
+
+/// Reads the usage of the JSON document in `bytes`; `None` when they are not one JSON document.
+/// `arrays`: a top-level array is a streamed JSON array (each element a document, later
+/// figures win). Without custom paths the document is never built as a `Value`.
+fn read_bytes(format: Format, paths: &UsagePaths, bytes: &[u8], arrays: bool) -> Option<Usage> {
+    if paths.is_empty() {
+        // Skipped strings are not checked for UTF-8 by the parser: check the whole document,
+        // so that it is refused as a `Value` would be.
+        let text = std::str::from_utf8(bytes).ok()?;
+        return typed::document(text, format, arrays);
+    }
+    let doc: Value = serde_json::from_slice(bytes).ok()?;
+    Some(match &doc {
+        Value::Array(items) if arrays => {
+            let mut found = Usage::default();
+            for item in items {
+                found.merge(read_document(format, paths, item));
+            }
+            found
+        }
+        doc => read_document(format, paths, doc),
+    })
 }
 
 /// Reads the top-level OpenAI-style `usage` of a JSON document; `None` when there is none.
 pub fn from_json(doc: &[u8]) -> Option<Usage> {
-    let v: Value = serde_json::from_slice(doc).ok()?;
-    let u = read_document(Format::OpenAi, &UsagePaths::default(), &v);
+    let u = read_bytes(Format::OpenAi, &UsagePaths::default(), doc, false)?;
     (!u.is_empty()).then_some(u)
 }
 
@@ -376,6 +782,25 @@ pub fn readable_accept_encoding(value: &str) -> Option<String> {
 /// `"stream": true` without it. Returns the new body, or `None` when nothing is to change
 /// (not JSON, not streaming, usage already requested).
 pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    // Most bodies need no rewrite: find out without building the document (its messages).
+    let text = std::str::from_utf8(body).ok()?;
+    let streaming = typed::read(text, typed::Read::StreamRequest)?.streaming()?;
+    if !streaming.wants_usage {
+        return None;
+    }
+    if !streaming.has_options {
+        // The usual case: the member goes first, the client's bytes stay as they are.
+        let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
+        if body.get(open) != Some(&b'{') {
+            return None;
+        }
+        let member = br#""stream_options":{"include_usage":true},"#;
+        let mut out = Vec::with_capacity(body.len() + member.len());
+        out.extend_from_slice(body.get(..=open)?);
+        out.extend_from_slice(member);
+        out.extend_from_slice(body.get(open + 1..)?);
+        return Some(out);
+    }
     let mut doc: Value = serde_json::from_slice(body).ok()?;
     let obj = doc.as_object_mut()?;
     if obj.get("stream") != Some(&Value::Bool(true)) {
@@ -475,6 +900,39 @@ impl Decoder {
     }
 }
 
+/// The value of a `data:` line (one leading space removed; a trailing `\r` too), or `None` for
+/// another field.
+fn data_field(line: &[u8]) -> Option<&[u8]> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let data = line.strip_prefix(b"data:")?;
+    Some(data.strip_prefix(b" ").unwrap_or(data))
+}
+
+/// The rest after a blank line (`\n` or `\r\n`) at the start of `bytes`.
+fn blank_line(bytes: &[u8]) -> Option<&[u8]> {
+    bytes
+        .strip_prefix(b"\n")
+        .or_else(|| bytes.strip_prefix(b"\r\n"))
+}
+
+/// Prebuilt searchers for [`Format::markers`] (built once per VM, not per event).
+fn markers(format: Format) -> &'static [memchr::memmem::Finder<'static>] {
+    use memchr::memmem::Finder;
+    use std::sync::OnceLock;
+    static USAGE: OnceLock<[Finder<'static>; 1]> = OnceLock::new();
+    static METADATA: OnceLock<[Finder<'static>; 1]> = OnceLock::new();
+    static BOTH: OnceLock<[Finder<'static>; 2]> = OnceLock::new();
+    match format {
+        Format::OpenAi | Format::Responses | Format::Anthropic => {
+            USAGE.get_or_init(|| [Finder::new(b"\"usage\"")])
+        }
+        Format::Gemini => METADATA.get_or_init(|| [Finder::new(b"\"usageMetadata\"")]),
+        Format::Unknown => {
+            BOTH.get_or_init(|| [Finder::new(b"\"usage\""), Finder::new(b"\"usageMetadata\"")])
+        }
+    }
+}
+
 /// Incremental usage extraction: fed the body chunks as they pass, never holding the client's
 /// response.
 #[derive(Debug)]
@@ -560,11 +1018,36 @@ impl UsageExtractor {
         }
     }
 
+    /// Like [`UsageExtractor::feed`], taking the chunk: a JSON document that arrives in one
+    /// chunk is kept as it is, without a copy.
+    pub fn feed_vec(&mut self, chunk: Vec<u8>) {
+        if self.framing == BodyFormat::Json
+            && matches!(self.decoder, Decoder::Identity)
+            && self.buffer.is_empty()
+            && !self.overflowed
+            && chunk.len() <= self.max_bytes
+        {
+            self.body_bytes += chunk.len() as u64;
+            self.buffer = chunk;
+            return;
+        }
+        self.feed(&chunk);
+    }
+
     fn feed_sse(&mut self, mut chunk: &[u8]) {
         while let Some(pos) = memchr::memchr(b'\n', chunk) {
             let (head, rest) = chunk.split_at(pos);
-            chunk = &rest[1..];
+            chunk = rest.get(1..).unwrap_or_default();
             if self.buffer.is_empty() {
+                // The common case, `data: {...}` and the blank line that ends the event both in
+                // this chunk: the payload is read where it lies, without a copy.
+                if self.event_data.is_empty() {
+                    if let (Some(data), Some(after)) = (data_field(head), blank_line(chunk)) {
+                        self.event(data);
+                        chunk = after;
+                        continue;
+                    }
+                }
                 self.sse_line(head);
             } else {
                 let mut line = std::mem::take(&mut self.buffer);
@@ -593,8 +1076,7 @@ impl UsageExtractor {
             self.dispatch_event();
             return;
         }
-        if let Some(data) = line.strip_prefix(b"data:") {
-            let data = data.strip_prefix(b" ").unwrap_or(data);
+        if let Some(data) = data_field(line) {
             if !self.event_data.is_empty() {
                 self.event_data.push(b'\n');
             }
@@ -609,33 +1091,36 @@ impl UsageExtractor {
     }
 
     fn worth_parsing(&self, data: &[u8]) -> bool {
-        self.format
-            .markers()
-            .iter()
-            .chain(
-                self.paths
-                    .markers
-                    .iter()
-                    .map(|m| m.as_slice())
-                    .collect::<Vec<_>>()
-                    .iter(),
-            )
-            .any(|m| memchr::memmem::find(data, m).is_some())
+        markers(self.format).iter().any(|m| m.find(data).is_some())
+            || self
+                .paths
+                .markers
+                .iter()
+                .any(|m| memchr::memmem::find(data, m).is_some())
     }
 
     fn dispatch_event(&mut self) {
-        if self.event_data.is_empty() {
+        let data = std::mem::take(&mut self.event_data);
+        self.event(&data);
+        let mut data = data;
+        data.clear();
+        self.event_data = data;
+    }
+
+    /// One event's complete `data`.
+    fn event(&mut self, data: &[u8]) {
+        if data.is_empty() {
             return;
         }
-        let mut data = std::mem::take(&mut self.event_data);
-        if self.worth_parsing(&data) {
-            if let Ok(doc) = serde_json::from_slice::<Value>(&data) {
-                let u = read_document(self.format, &self.paths, &doc);
+        if data.len() > self.max_bytes {
+            self.overflowed = true;
+            return;
+        }
+        if self.worth_parsing(data) {
+            if let Some(u) = read_bytes(self.format, &self.paths, data, false) {
                 self.found.merge(u);
             }
         }
-        data.clear();
-        self.event_data = data;
     }
 
     /// Ends the body (end of stream, or an abort): returns the usage found, if any.
@@ -645,17 +1130,9 @@ impl UsageExtractor {
             BodyFormat::Json => {
                 let doc = std::mem::take(&mut self.buffer);
                 if !self.overflowed {
-                    if let Ok(v) = serde_json::from_slice::<Value>(&doc) {
-                        match &v {
-                            // A streamed JSON array (Gemini without alt=sse): running totals.
-                            Value::Array(items) => {
-                                for item in items {
-                                    let u = read_document(self.format, &self.paths, item);
-                                    self.found.merge(u);
-                                }
-                            }
-                            doc => self.found = read_document(self.format, &self.paths, doc),
-                        }
+                    // A streamed JSON array (Gemini without alt=sse) carries running totals.
+                    if let Some(u) = read_bytes(self.format, &self.paths, &doc, true) {
+                        self.found.merge(u);
                     }
                 }
             }
@@ -746,6 +1223,175 @@ mod tests {
         assert_eq!(from_json(fake).unwrap().total, Some(42));
         assert_eq!(from_json(b"not json"), None);
         assert_eq!(from_json(br#"{"usage":null}"#), None);
+    }
+
+    /// The reading of the documented locations before it was typed (a `serde_json::Value` per
+    /// document), kept as the oracle of the typed reading.
+    mod value_oracle {
+        use super::super::{Format, Usage, UsagePaths};
+        use serde_json::Value;
+
+        fn count(v: Option<&Value>) -> Option<u64> {
+            v.and_then(Value::as_u64)
+        }
+
+        fn old_sum(values: &[Option<u64>]) -> Option<u64> {
+            if values.iter().all(Option::is_none) {
+                return None;
+            }
+            Some(
+                values
+                    .iter()
+                    .fold(0u64, |acc, v| acc.saturating_add(v.unwrap_or(0))),
+            )
+        }
+
+        fn openai(usage: Option<&Value>) -> Usage {
+            let Some(u) = usage.filter(|u| u.is_object()) else {
+                return Usage::default();
+            };
+            Usage {
+                prompt: count(u.get("prompt_tokens")).or(count(u.get("input_tokens"))),
+                completion: count(u.get("completion_tokens")).or(count(u.get("output_tokens"))),
+                total: count(u.get("total_tokens")),
+            }
+        }
+
+        fn anthropic(usage: Option<&Value>) -> Usage {
+            let Some(u) = usage.filter(|u| u.is_object()) else {
+                return Usage::default();
+            };
+            let input = count(u.get("input_tokens"));
+            Usage {
+                // Cache fields only count next to input_tokens (a message_delta may carry output only).
+                prompt: input.and_then(|_| {
+                    old_sum(&[
+                        input,
+                        count(u.get("cache_creation_input_tokens")),
+                        count(u.get("cache_read_input_tokens")),
+                    ])
+                }),
+                completion: count(u.get("output_tokens")),
+                total: None,
+            }
+        }
+
+        fn gemini(meta: Option<&Value>) -> Usage {
+            let Some(m) = meta.filter(|m| m.is_object()) else {
+                return Usage::default();
+            };
+            let candidates = count(m.get("candidatesTokenCount"));
+            let thoughts = count(m.get("thoughtsTokenCount"));
+            Usage {
+                prompt: count(m.get("promptTokenCount")),
+                completion: old_sum(&[candidates, thoughts]),
+                total: count(m.get("totalTokenCount")),
+            }
+        }
+
+        /// Reads the usage of one JSON document (a whole response, one streamed event, or one element
+        /// of a streamed JSON array) in `format`.
+        pub fn read_document(format: Format, paths: &UsagePaths, doc: &Value) -> Usage {
+            if !paths.is_empty() {
+                let u = paths.read(doc);
+                if !u.is_empty() {
+                    return u;
+                }
+            }
+            let candidates: &[fn(&Value) -> Usage] = match format {
+                Format::OpenAi => &[|d| openai(d.get("usage"))],
+                Format::Responses => &[
+                    |d| openai(d.get("usage")),
+                    |d| openai(d.pointer("/response/usage")),
+                ],
+                Format::Anthropic => &[
+                    |d| anthropic(d.get("usage")),
+                    |d| anthropic(d.pointer("/message/usage")),
+                ],
+                Format::Gemini => &[|d| gemini(d.get("usageMetadata"))],
+                Format::Unknown => &[
+                    |d| {
+                        let u = d.get("usage");
+                        // Anthropic's shape has input/output without a total and with cache fields.
+                        if u.is_some_and(|u| {
+                            u.get("cache_read_input_tokens").is_some()
+                                || u.get("cache_creation_input_tokens").is_some()
+                        }) {
+                            anthropic(u)
+                        } else {
+                            openai(u)
+                        }
+                    },
+                    |d| openai(d.pointer("/response/usage")),
+                    |d| anthropic(d.pointer("/message/usage")),
+                    |d| gemini(d.get("usageMetadata")),
+                ],
+            };
+            candidates
+                .iter()
+                .map(|f| f(doc))
+                .find(|u| !u.is_empty())
+                .unwrap_or_default()
+        }
+    }
+
+    #[test]
+    fn typed_reading_matches_reading_a_value() {
+        let docs = [
+            r#"{"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+            r#"{"usage":{"input_tokens":10,"output_tokens":5}}"#,
+            r#"{"usage":{"input_tokens":10,"cache_read_input_tokens":2,"cache_creation_input_tokens":null,"output_tokens":5}}"#,
+            r#"{"usage":{"input_tokens":1,"cache_read_input_tokens":"x"}}"#,
+            r#"{"usage":{"prompt_tokens":-5,"completion_tokens":1.5,"total_tokens":"9"}}"#,
+            r#"{"usage":{"prompt_tokens":1e2,"completion_tokens":18446744073709551615,"total_tokens":18446744073709551616}}"#,
+            r#"{"usage":{"total_tokens":-0,"prompt_tokens":0}}"#,
+            r#"{"usage":null}"#,
+            r#"{"usage":[1,2]}"#,
+            r#"{"usage":5,"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":3,"thoughtsTokenCount":2,"totalTokenCount":13}}"#,
+            r#"{"usage":{"total_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            r#"{"usage":{"total_tokens":1,"total_tokens":[3]}}"#,
+            r#"{"response":{"usage":{"input_tokens":4,"output_tokens":6,"total_tokens":10}}}"#,
+            r#"{"response":{"usage":{"input_tokens":4}},"response":7}"#,
+            r#"{"response":[{"usage":{"input_tokens":4}}]}"#,
+            r#"{"message":{"usage":{"input_tokens":25,"cache_read_input_tokens":5,"output_tokens":1}}}"#,
+            r#"{"type":"message_delta","usage":{"output_tokens":15}}"#,
+            r#"{"choices":[{"message":{"content":"{\"usage\":{\"total_tokens\":0}}"}}],"usage":{"total_tokens":42}}"#,
+            r#"{"u\u0073age":{"total_tokens":9}}"#,
+            r#"{"nested":{"usage":{"total_tokens":9}},"usageMetadata":{"candidatesTokenCount":1}}"#,
+            r#"[{"usage":{"total_tokens":1}}]"#,
+            r#""usage""#,
+            r#"7"#,
+            r#"{}"#,
+        ];
+        let formats = [
+            Format::OpenAi,
+            Format::Responses,
+            Format::Anthropic,
+            Format::Gemini,
+            Format::Unknown,
+        ];
+        let none = UsagePaths::default();
+        for doc in docs {
+            let value: Value = serde_json::from_str(doc).unwrap();
+            for f in formats {
+                let want = value_oracle::read_document(f, &none, &value);
+                assert_eq!(read_document(f, &none, &value), want, "{f:?} {doc}");
+                assert_eq!(
+                    read_bytes(f, &none, doc.as_bytes(), false),
+                    Some(want),
+                    "{f:?} {doc}"
+                );
+            }
+        }
+        // Not JSON, trailing bytes, invalid UTF-8: nothing, as a Value would give.
+        for bad in [
+            &b"{\"usage\":{\"total_tokens\":1}} x"[..],
+            b"{",
+            b"{\"a\":\"\xff\",\"usage\":{\"total_tokens\":1}}",
+        ] {
+            assert!(serde_json::from_slice::<Value>(bad).is_err());
+            assert_eq!(read_bytes(Format::OpenAi, &none, bad, false), None);
+        }
     }
 
     #[test]
@@ -990,6 +1636,15 @@ mod tests {
 
     #[test]
     fn include_usage_is_injected_only_into_streaming_requests_without_it() {
+        // Without stream_options, the member is added first and the client's bytes are kept.
+        assert_eq!(
+            inject_include_usage(b" \n{ \"messages\": [{\"content\": \"stream\"}], \"stream\" : true }")
+                .as_deref(),
+            Some(&b" \n{\"stream_options\":{\"include_usage\":true}, \"messages\": [{\"content\": \"stream\"}], \"stream\" : true }"[..])
+        );
+        // Duplicate keys: the last one counts, as when the body is read as a `Value`.
+        assert!(inject_include_usage(br#"{"stream":true,"stream":false}"#).is_none());
+        assert!(inject_include_usage(br#"{"stream":false,"stream":true}"#).is_some());
         let out = inject_include_usage(br#"{"model":"m","stream":true,"messages":[]}"#).unwrap();
         let v: Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);

@@ -1,0 +1,219 @@
+//! Microbenchmarks of the pure core (`cargo bench`): the per-request work of the filter, run
+//! natively. Each byte-oriented benchmark has a plain `memchr` pass over the same bytes beside
+//! it, as the practical limit of anything that reads every byte.
+//!
+//! - `policy/*`: CEL evaluation of a policy for one request (attributes served from memory);
+//! - `descriptor/*`: the check descriptor and the encoded `CheckRateLimit` request;
+//! - `json/*`: usage extraction from a non-streamed response of 1 KB and 1 MB;
+//! - `sse/*`: usage extraction from a streamed response (1 MB of OpenAI chunks) in MB/s;
+//! - `request/*`: the `stream_options.include_usage` decision on a 1 KB chat request body.
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use token_ratelimit::attributes::AttributeHost;
+use token_ratelimit::flow::RequestFlow;
+use token_ratelimit::policy::Policy;
+use token_ratelimit::usage::{BodyFormat, Encoding, Format, UsageExtractor, UsagePaths};
+
+/// Kuadrant's tutorial policy (as in `envoy/envoy.yaml`): a path predicate, a group predicate
+/// with `split().exists()`, a per-user counter from the auth identity.
+const TUTORIAL: &str = r#"{
+  "rateLimitService": {"cluster": "ratelimit", "domain": "llm"},
+  "limits": {
+    "free": {"rates": [{"limit": 50, "window": "1m"}],
+      "when": [{"predicate": "request.path == \"/v1/chat/completions\""},
+               {"predicate": "auth.identity.groups.split(\",\").exists(g, g == \"free\")"}],
+      "counters": [{"expression": "auth.identity.userid"}]},
+    "gold": {"rates": [{"limit": 200, "window": "1m"}],
+      "when": [{"predicate": "request.path == \"/v1/chat/completions\""},
+               {"predicate": "auth.identity.groups.split(\",\").exists(g, g == \"gold\")"}],
+      "counters": [{"expression": "auth.identity.userid"}]}
+  }
+}"#;
+
+/// The policy of `make bench`: a path predicate and a per-user counter from a header.
+const HEADER: &str = r#"{
+  "rateLimitService": {"cluster": "ratelimit", "domain": "llm"},
+  "limits": {
+    "per-user": {"rates": [{"limit": 1000000000, "window": "1h"}],
+      "when": [{"predicate": "request.path == \"/v1/chat/completions\""}],
+      "counters": [{"expression": "request.headers[\"x-user\"]"}]}
+  }
+}"#;
+
+/// A host that serves a request's attributes from memory, as Envoy would hand them.
+struct Host;
+
+impl AttributeHost for Host {
+    fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
+        match path {
+            ["request", "path"] => Some(b"/v1/chat/completions".to_vec()),
+            [.., "identity", "userid"] => Some(b"user-1".to_vec()),
+            [.., "identity", "groups"] => Some(b"free".to_vec()),
+            _ => None,
+        }
+    }
+
+    fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
+        [
+            (":authority", "127.0.0.1:8080"),
+            (":path", "/v1/chat/completions"),
+            (":method", "POST"),
+            (":scheme", "http"),
+            ("content-type", "application/json"),
+            ("content-length", "85"),
+            ("x-user", "bench-user"),
+            ("x-forwarded-proto", "http"),
+            ("x-request-id", "1a2b3c4d-0000-4000-8000-0123456789ab"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+        .collect()
+    }
+}
+
+fn policy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("policy");
+    for (name, json) in [("tutorial", TUTORIAL), ("header-counter", HEADER)] {
+        let p = Policy::from_json(json.as_bytes()).expect("policy");
+        assert_eq!(p.evaluate(&mut Host).applied.len(), 1, "{name}");
+        g.bench_function(BenchmarkId::new("evaluate", name), |b| {
+            b.iter(|| black_box(p.evaluate(black_box(&mut Host))))
+        });
+    }
+    g.finish();
+}
+
+fn descriptor(c: &mut Criterion) {
+    let mut g = c.benchmark_group("descriptor");
+    let p = Policy::from_json(TUTORIAL.as_bytes()).expect("policy");
+    let d = p.evaluate(&mut Host);
+    g.bench_function("check_descriptor", |b| {
+        b.iter(|| black_box(p.check_descriptor(black_box(&d.applied))))
+    });
+    g.bench_function("check_request_encoded", |b| {
+        b.iter(|| {
+            let d = token_ratelimit::policy::Decision {
+                applied: d.applied.clone(),
+                errors: Vec::new(),
+            };
+            black_box(RequestFlow::start(&p, d, "/v1/chat/completions"))
+        })
+    });
+    g.finish();
+}
+
+/// An OpenAI chat completion of about `size` bytes (the content padded), usage at the end.
+fn completion(size: usize) -> Vec<u8> {
+    let head = r#"{"id":"chatcmpl-1","object":"chat.completion","created":1700000000,"model":"sim","choices":[{"index":0,"message":{"role":"assistant","content":""#;
+    let tail = r#""},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":300,"total_tokens":312}}"#;
+    let mut out = head.as_bytes().to_vec();
+    let words = ["tok ", "word ", "\\n", "\\\"quoted\\\" ", "caf\u{e9} "];
+    let mut i = 0;
+    while out.len() + tail.len() < size {
+        out.extend_from_slice(words[i % words.len()].as_bytes());
+        i += 1;
+    }
+    out.extend_from_slice(tail.as_bytes());
+    out
+}
+
+/// About `size` bytes of an OpenAI chat stream: word chunks, the finish chunk, the usage chunk.
+fn stream(size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(size + 512);
+    let mut i = 0;
+    while out.len() < size {
+        out.extend_from_slice(format!(
+            "data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"sim\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\" tok{i}\"}},\"finish_reason\":null}}]}}\n\n"
+        ).as_bytes());
+        i += 1;
+    }
+    out.extend_from_slice(b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"sim\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n");
+    out.extend_from_slice(b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1700000000,\"model\":\"sim\",\"choices\":[],\"usage\":{\"prompt_tokens\":12,\"completion_tokens\":300,\"total_tokens\":312}}\n\ndata: [DONE]\n\n");
+    out
+}
+
+fn extract(framing: BodyFormat, body: &[u8], chunk: usize) -> Option<u64> {
+    let mut x = UsageExtractor::new(
+        Format::OpenAi,
+        framing,
+        Encoding::Identity,
+        UsagePaths::default(),
+        4 << 20,
+    );
+    for c in body.chunks(chunk) {
+        x.feed(c);
+    }
+    x.finish().and_then(|u| u.total)
+}
+
+fn json(c: &mut Criterion) {
+    let mut g = c.benchmark_group("json");
+    for (name, size) in [("1KB", 1 << 10), ("1MB", 1 << 20)] {
+        let body = completion(size);
+        assert_eq!(extract(BodyFormat::Json, &body, 16 << 10), Some(312));
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_function(BenchmarkId::new("usage", name), |b| {
+            b.iter(|| black_box(extract(BodyFormat::Json, black_box(&body), 16 << 10)))
+        });
+        g.bench_function(BenchmarkId::new("memchr", name), |b| {
+            b.iter(|| black_box(memchr::memchr(0xff, black_box(&body))))
+        });
+    }
+    g.finish();
+}
+
+fn sse(c: &mut Criterion) {
+    let mut g = c.benchmark_group("sse");
+    let body = stream(1 << 20);
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    for chunk in [256usize, 16 << 10] {
+        assert_eq!(extract(BodyFormat::EventStream, &body, chunk), Some(312));
+        g.bench_function(
+            BenchmarkId::new("usage", format!("1MB/{chunk}B-chunks")),
+            |b| b.iter(|| black_box(extract(BodyFormat::EventStream, black_box(&body), chunk))),
+        );
+    }
+    g.bench_function(BenchmarkId::new("memchr-lines", "1MB"), |b| {
+        b.iter(|| black_box(memchr::memchr_iter(b'\n', black_box(&body)).count()))
+    });
+    g.finish();
+}
+
+/// A chat request of about 1 KB, streaming or not.
+fn chat_request(stream: bool) -> Vec<u8> {
+    let content = "word ".repeat(180);
+    format!(
+        r#"{{"model":"sim","messages":[{{"role":"system","content":"You are terse."}},{{"role":"user","content":"{content}"}}],"max_tokens":20,"stream":{stream}}}"#
+    )
+    .into_bytes()
+}
+
+fn request(c: &mut Criterion) {
+    let mut g = c.benchmark_group("request");
+    for stream in [false, true] {
+        let body = chat_request(stream);
+        assert_eq!(
+            token_ratelimit::usage::inject_include_usage(&body).is_some(),
+            stream
+        );
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        let name = if stream { "streaming" } else { "non-streaming" };
+        g.bench_function(BenchmarkId::new("inject_include_usage", name), |b| {
+            b.iter(|| {
+                black_box(token_ratelimit::usage::inject_include_usage(black_box(
+                    &body,
+                )))
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(std::time::Duration::from_millis(500))
+        .measurement_time(std::time::Duration::from_secs(2));
+    targets = policy, descriptor, json, sse, request
+}
+criterion_main!(benches);

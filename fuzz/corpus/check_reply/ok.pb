@@ -1,0 +1,3 @@
+
+2free"*2prompts†"ê
+X-Served-By	limitador

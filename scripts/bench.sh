@@ -1,0 +1,320 @@
+#!/usr/bin/env bash
+# `make bench`: token-ratelimit side by side with the alternatives, in one run, on loopback.
+#
+# One Envoy (--concurrency 1) with four listeners, the same upstream (llm-simulator, no
+# latency) and the same rate-limit service (ratelimit-service), measured one after the other
+# while the others are idle:
+#   (a) Envoy, no rate limiting
+#   (b) Envoy's native envoy.filters.http.ratelimit calling ShouldRateLimit (one call per request)
+#   (c) token-ratelimit (CheckRateLimit per request, Report aggregated per tick), non-streaming
+#   (d) token-ratelimit, streaming ("stream": true; the filter adds include_usage)
+#   (e) Envoy, no rate limiting, the streaming requests of (d): (d)'s baseline
+#   (n) on request only (BENCH_VARIANTS): token-ratelimit where no limit applies (no check call)
+# Load: wrk (Debian package, installed when missing) POSTing a chat completion, bounded in time.
+# Envoy's CPU time per request: utime+stime of the Envoy process (/proc/PID/stat) over the
+# measured interval, divided by the requests wrk completed in it.
+#
+# Knobs (environment): BENCH_DURATION (s, default 10), BENCH_WARMUP (s, 2), BENCH_CONNECTIONS
+# (32), BENCH_PORT_BASE (19000), BENCH_PIN (1: Envoy on CPU 0, the rest on the other CPUs,
+# when there are at least 2), BENCH_VARIANTS (default "a b c d e"), ENVOY (default .venv/bin/envoy),
+# BENCH_WASM (a module to measure instead of building target/wasm32-wasip1/release/token_ratelimit.wasm),
+# BENCH_PERF (1: `perf record` Envoy during each measured run, into .run/bench/perf-<variant>.data;
+# its CPU figures then include perf's overhead).
+# Builds what it needs; the last line of its output is `ratio c/b: X.XX`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+
+DURATION=${BENCH_DURATION:-10}
+WARMUP=${BENCH_WARMUP:-2}
+CONNECTIONS=${BENCH_CONNECTIONS:-32}
+BASE=${BENCH_PORT_BASE:-19000}
+PIN=${BENCH_PIN:-1}
+VARIANTS=${BENCH_VARIANTS:-a b c d e}
+ENVOY=${ENVOY:-.venv/bin/envoy}
+PROFILE=bench-tools
+OUT=.run/bench
+mkdir -p "$OUT"
+
+PORT_A=$((BASE + 80)) PORT_B=$((BASE + 81)) PORT_C=$((BASE + 82)) PORT_D=$((BASE + 83)) PORT_N=$((BASE + 84))
+ADMIN=$((BASE + 901)) RLS_GRPC=$((BASE + 181)) RLS_HTTP=$((BASE + 182)) SIM=$((BASE + 190))
+
+log() { echo "bench: $*" >&2; }
+
+# --- prerequisites ------------------------------------------------------------------------
+if ! command -v wrk >/dev/null 2>&1; then
+  log "installing wrk (Debian package)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get install -y wrk >/dev/null 2>&1 || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y wrk >/dev/null; }
+fi
+command -v curl >/dev/null || { log "curl is needed"; exit 1; }
+[ -x "$ENVOY" ] || make --no-print-directory envoy >&2
+rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1 >&2
+log "building the wasm module (release) and the services (profile $PROFILE)"
+[ -n "${BENCH_WASM:-}" ] || cargo build --quiet --release --target wasm32-wasip1 --lib >&2
+cargo build --quiet --profile "$PROFILE" -p ratelimit-service -p llm-simulator --bins >&2
+cargo build --quiet -p token-ratelimit --bin token-ratelimit >&2
+WASM=$(realpath "${BENCH_WASM:-$ROOT/target/wasm32-wasip1/release/token_ratelimit.wasm}")
+BIN=$ROOT/target/$PROFILE
+
+for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $ADMIN $RLS_GRPC $RLS_HTTP $SIM; do
+  if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
+    log "port $port on 127.0.0.1 is in use (set BENCH_PORT_BASE)"; exit 1
+  fi
+done
+
+# --- configuration ------------------------------------------------------------------------
+# The plugin configuration of (c) and (d): a typical policy (a path predicate, a per-user
+# counter from a header), with a budget no run can spend.
+cat > "$OUT/plugin.yaml" <<EOF
+rateLimitService: {cluster: ratelimit, domain: llm, timeout: 1s, failureMode: deny}
+limits:
+  per-user:
+    rates: [{limit: 1000000000000000, window: 1h}]
+    when:
+    - predicate: request.path == "/v1/chat/completions"
+    counters:
+    - expression: request.headers["x-user"]
+EOF
+target/debug/token-ratelimit limits "$OUT/plugin.yaml" | grep -v '^#' > "$OUT/limits.yaml"
+# (b)'s descriptor: generic_key "bench" + the x-user header, the same per-user counter.
+cat >> "$OUT/limits.yaml" <<EOF
+- namespace: llm
+  name: native
+  max_value: 1000000000000000
+  seconds: 3600
+  conditions: ["descriptors[0]['generic_key'] == 'bench'"]
+  variables: ["descriptors[0]['user']"]
+EOF
+PLUGIN_JSON=$(target/debug/token-ratelimit json "$OUT/plugin.yaml" | tr -d '\n')
+# (n), a diagnostic: the same filter where no limit applies (no check call).
+sed 's|request.path == "/v1/chat/completions"|request.path == "/nothing"|' "$OUT/plugin.yaml" > "$OUT/plugin-none.yaml"
+PLUGIN_NONE_JSON=$(target/debug/token-ratelimit json "$OUT/plugin-none.yaml" | tr -d '\n')
+
+hcm() { # name port route-extra filters
+  cat <<EOF
+  - name: $1
+    address: {socket_address: {address: 127.0.0.1, port_value: $2}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: $1
+          route_config:
+            virtual_hosts:
+            - name: llm
+              domains: ["*"]
+              routes:
+              - match: {prefix: "/"}
+                route:
+                  cluster: llm
+                  timeout: 60s
+$3
+          http_filters:
+$4
+          - name: envoy.filters.http.router
+            typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+EOF
+}
+NATIVE_ROUTE='                  rate_limits:
+                  - actions:
+                    - generic_key: {descriptor_value: bench}
+                    - request_headers: {header_name: x-user, descriptor_key: user}'
+NATIVE_FILTER='          - name: envoy.filters.http.ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit
+              domain: llm
+              timeout: 1s
+              failure_mode_deny: true
+              rate_limit_service:
+                transport_api_version: V3
+                grpc_service: {envoy_grpc: {cluster_name: ratelimit}}'
+WASM_FILTER="          - name: envoy.filters.http.wasm
+            typed_config:
+              \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+              config:
+                name: token-ratelimit
+                root_id: token-ratelimit
+                failure_policy: FAIL_CLOSED
+                vm_config:
+                  vm_id: token-ratelimit
+                  runtime: envoy.wasm.runtime.v8
+                  code: {local: {filename: $WASM}}
+                configuration:
+                  \"@type\": type.googleapis.com/google.protobuf.StringValue
+                  value: '$PLUGIN_JSON'"
+{
+  cat <<EOF
+admin:
+  address: {socket_address: {address: 127.0.0.1, port_value: $ADMIN}}
+static_resources:
+  listeners:
+EOF
+  hcm plain "$PORT_A" "" ""
+  hcm native "$PORT_B" "$NATIVE_ROUTE" "$NATIVE_FILTER"
+  hcm token "$PORT_C" "" "$WASM_FILTER"
+  hcm token_stream "$PORT_D" "" "$WASM_FILTER"
+  hcm token_none "$PORT_N" "" "${WASM_FILTER//"$PLUGIN_JSON"/"$PLUGIN_NONE_JSON"}"
+  cat <<EOF
+  clusters:
+  - name: llm
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: llm
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $SIM}}}}]}]
+  - name: ratelimit
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:
+      cluster_name: ratelimit
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $RLS_GRPC}}}}]}]
+EOF
+} > "$OUT/envoy.yaml"
+
+for variant in stream plain; do
+  if [ $variant = stream ]; then s=true; else s=false; fi
+  cat > "$OUT/$variant.lua" <<EOF
+wrk.method = "POST"
+wrk.path = "/v1/chat/completions"
+wrk.body = '{"model":"sim","messages":[{"role":"user","content":"hello there"}],"max_tokens":20,"stream":$s}'
+wrk.headers["content-type"] = "application/json"
+wrk.headers["x-user"] = "bench-user"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d non2xx=%d\n",
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout, e.status))
+end
+EOF
+done
+
+# --- processes ----------------------------------------------------------------------------
+pids=()
+stop() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+}
+trap stop EXIT INT TERM
+
+ncpu=$(nproc)
+if [ "$PIN" = 1 ] && [ "$ncpu" -ge 2 ] && command -v taskset >/dev/null; then
+  PIN_ENVOY="taskset -c 0" PIN_REST="taskset -c 1-$((ncpu - 1))"
+else
+  PIN_ENVOY="" PIN_REST=""
+fi
+
+$PIN_REST "$BIN/ratelimit-service" "$OUT/limits.yaml" -b 127.0.0.1 -p "$RLS_GRPC" \
+  --http-ip 127.0.0.1 --http-port "$RLS_HTTP" > "$OUT/ratelimit-service.log" 2>&1 &
+pids+=($!)
+$PIN_REST "$BIN/llm-simulator" --listen "127.0.0.1:$SIM" > "$OUT/llm-simulator.log" 2>&1 &
+pids+=($!)
+$PIN_ENVOY "$ENVOY" -c "$OUT/envoy.yaml" --concurrency 1 -l warning > "$OUT/envoy.log" 2>&1 &
+ENVOY_PID=$!
+pids+=("$ENVOY_PID")
+
+for _ in $(seq 1 150); do
+  [ "$(curl -s "127.0.0.1:$ADMIN/ready" 2>/dev/null)" = LIVE ] \
+    && curl -sf "127.0.0.1:$RLS_HTTP/status" >/dev/null 2>&1 \
+    && curl -s -o /dev/null "127.0.0.1:$SIM/" 2>/dev/null && break
+  sleep 0.2
+done
+[ "$(curl -s "127.0.0.1:$ADMIN/ready" 2>/dev/null)" = LIVE ] || { log "envoy did not start: $OUT/envoy.log"; cat "$OUT/envoy.log" >&2; exit 1; }
+# .venv/bin/envoy execs the real binary: the pid is Envoy's.
+grep -q envoy "/proc/$ENVOY_PID/comm" || { log "pid $ENVOY_PID is not envoy"; exit 1; }
+
+# A first request through each listener: everything answers 200.
+body='{"model":"sim","messages":[{"role":"user","content":"hello there"}],"max_tokens":20}'
+for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N; do
+  code=$(curl -s -o "$OUT/probe.out" -w '%{http_code}' "127.0.0.1:$port/v1/chat/completions" \
+    -H 'content-type: application/json' -H 'x-user: bench-user' -d "$body")
+  [ "$code" = 200 ] || { log "listener $port answered $code: $(cat "$OUT/probe.out")"; exit 1; }
+done
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$ENVOY_PID/stat"; }
+rls_calls() { # "<checks + reports + ShouldRateLimit calls> <reports>" so far
+  curl -s "127.0.0.1:$RLS_HTTP/metrics" | awk '/^ratelimit_(check|report|should_rate_limit)_calls_total/ {n += $2} /^ratelimit_report_calls_total/ {r += $2} END {print n + 0, r + 0}'
+}
+fstat() { curl -s "127.0.0.1:$ADMIN/stats?filter=token_ratelimit" | awk -v k="$1" -F': ' '$1 ~ "token_ratelimit." k "$" {print $2; f=1} END {if (!f) print 0}'; }
+HZ=$(getconf CLK_TCK)
+
+declare -A RPS P50 P99 CPU CALLS REPORTS N
+run() { # variant port lua label
+  local v=$1 port=$2 lua=$3
+  $PIN_REST wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$OUT/$lua.lua" "http://127.0.0.1:$port" > /dev/null 2>&1 || true
+  sleep 0.3
+  local c0 r0 t0 r
+  read -r c0 r0 < <(rls_calls); t0=$(cpu_ticks)
+  local perf_pid=""
+  if [ "${BENCH_PERF:-0}" = 1 ]; then
+    perf record -q -F 999 -g -p "$ENVOY_PID" -o "$OUT/perf-$v.data" -- sleep "$DURATION" > /dev/null 2>&1 &
+    perf_pid=$!
+  fi
+  r=$($PIN_REST wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 5s -s "$OUT/$lua.lua" "http://127.0.0.1:$port" | tee "$OUT/wrk-$v.txt" | grep '^RESULT')
+  [ -z "$perf_pid" ] || wait "$perf_pid" || true
+  local t1; t1=$(cpu_ticks)
+  sleep 0.3 # the last tick's reports
+  local c1 r1; read -r c1 r1 < <(rls_calls)
+  local n dur p50 p99 errs non2xx
+  field() { echo "$r" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+  n=$(field requests); dur=$(field duration_us); p50=$(field p50_us); p99=$(field p99_us)
+  errs=$(field errors); non2xx=$(field non2xx)
+  if [ "$n" -eq 0 ] || [ "$errs" -ne 0 ] || [ "$non2xx" -ne 0 ]; then
+    log "($v): $n requests, $errs socket errors, $non2xx non-2xx answers: see $OUT/wrk-$v.txt"; exit 1
+  fi
+  RPS[$v]=$(awk -v n="$n" -v d="$dur" 'BEGIN {printf "%.0f", n / (d / 1e6)}')
+  P50[$v]=$(awk -v x="$p50" 'BEGIN {printf "%.2f", x / 1000}')
+  P99[$v]=$(awk -v x="$p99" 'BEGIN {printf "%.2f", x / 1000}')
+  CPU[$v]=$(awk -v t="$((t1 - t0))" -v hz="$HZ" -v n="$n" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
+  CALLS[$v]=$(awk -v c="$((c1 - c0))" -v n="$n" 'BEGIN {printf "%.3f", c / n}')
+  REPORTS[$v]=$((r1 - r0)) N[$v]=$n
+}
+
+LOAD0=$(cut -d" " -f1-3 /proc/loadavg)
+checked0=$(fstat requests_checked); missing0=$(fstat usage_missing)
+for v in $VARIANTS; do
+  case $v in
+    a) run a "$PORT_A" plain ;;
+    b) run b "$PORT_B" plain ;;
+    c) run c "$PORT_C" plain ;;
+    d) run d "$PORT_D" stream ;;
+    e) run e "$PORT_A" stream ;;
+    n) run n "$PORT_N" plain ;;
+    *) log "unknown variant $v"; exit 1 ;;
+  esac
+done
+checked=$(( $(fstat requests_checked) - checked0 )); missing=$(( $(fstat usage_missing) - missing0 ))
+tokens=$(fstat tokens_reported.total); reports=$(fstat reports_sent)
+
+envoy_version=$("$ENVOY" --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([0-9.]*\)\/.*/\1/p' | head -1)
+cpu_model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
+wasm_size=$(stat -c %s "$WASM")
+echo "token-ratelimit benchmark: Envoy ${envoy_version:-?} --concurrency 1, wrk -t1 -c$CONNECTIONS, ${DURATION}s per variant after ${WARMUP}s warm-up"
+echo "machine: $ncpu x $cpu_model; load average before: $LOAD0, after: $(cut -d" " -f1-3 /proc/loadavg); pinned: $([ -n "$PIN_ENVOY" ] && echo "envoy cpu 0, rest cpu 1-$((ncpu - 1))" || echo no); wasm module: $wasm_size bytes"
+printf '%-38s %9s %8s %8s %14s %10s\n' variant "req/s" "p50 ms" "p99 ms" "envoy CPU/req" "RLS calls/req"
+label() { case $1 in a) echo "(a) envoy, no rate limiting";; b) echo "(b) native ratelimit (ShouldRateLimit)";; c) echo "(c) token-ratelimit";; d) echo "(d) token-ratelimit, streaming";;
+  e) echo "(e) envoy, streaming, no rate limiting";; n) echo "(n) token-ratelimit, no limit applies";; esac; }
+for v in $VARIANTS; do
+  printf '%-38s %9s %8s %8s %11s us %10s\n' "$(label "$v")" "${RPS[$v]}" "${P50[$v]}" "${P99[$v]}" "${CPU[$v]}" "${CALLS[$v]}"
+done
+echo "token-ratelimit: $checked requests checked, $missing without usage (streams cut by wrk at the end of a run), $tokens tokens in $reports reports"
+for v in c d; do
+  if [ -n "${RPS[$v]:-}" ]; then
+    echo "($v): ${REPORTS[$v]} Report calls for ${N[$v]} requests ($(awk -v r="${REPORTS[$v]}" -v n="${N[$v]}" 'BEGIN {printf "%.4f", r / n}') per request): reports are aggregated per tick"
+  fi
+done
+if [ -n "${RPS[a]:-}" ] && [ -n "${RPS[c]:-}" ]; then
+  echo "cpu c-a: $(awk -v c="${CPU[c]}" -v a="${CPU[a]}" 'BEGIN {printf "%.1f", c - a}') us/req (token-ratelimit with its check call)$( [ -n "${CPU[b]:-}" ] && echo "; c-b: $(awk -v c="${CPU[c]}" -v b="${CPU[b]}" 'BEGIN {printf "%.1f", c - b}') us/req (beyond the native filter's call)")"
+  echo "ratio c/a: $(awk -v c="${RPS[c]}" -v a="${RPS[a]}" 'BEGIN {printf "%.2f", c / a}')"
+fi
+if [ -n "${RPS[d]:-}" ] && [ -n "${RPS[e]:-}" ]; then
+  echo "streaming: cpu d-e: $(awk -v d="${CPU[d]}" -v e="${CPU[e]}" 'BEGIN {printf "%.1f", d - e}') us/req; ratio d/e: $(awk -v d="${RPS[d]}" -v e="${RPS[e]}" 'BEGIN {printf "%.2f", d / e}')"
+fi
+if [ -n "${RPS[b]:-}" ] && [ -n "${RPS[c]:-}" ]; then
+  echo "ratio c/b: $(awk -v c="${RPS[c]}" -v b="${RPS[b]}" 'BEGIN {printf "%.2f", c / b}')"
+fi
