@@ -209,6 +209,9 @@ struct Figures {
     candidates_token_count: Option<u64>,
     thoughts_token_count: Option<u64>,
     total_token_count: Option<u64>,
+    /// A figure was there but not a non-negative integer (negative, float, string, ...): the
+    /// whole object is distrusted, so that the valid figures beside it are no discount.
+    invalid: bool,
 }
 
 impl Figures {
@@ -243,6 +246,9 @@ impl Figures {
         for (k, v) in v.as_object()? {
             if let Some(slot) = f.slot(typed::key(k)) {
                 *slot = v.as_u64();
+                if slot.is_none() && !v.is_null() {
+                    f.invalid = true;
+                }
             }
         }
         Some(f)
@@ -250,7 +256,7 @@ impl Figures {
 }
 
 fn openai(usage: Option<&Figures>) -> Usage {
-    let Some(u) = usage else {
+    let Some(u) = usage.filter(|f| !f.invalid) else {
         return Usage::default();
     };
     Usage {
@@ -261,7 +267,7 @@ fn openai(usage: Option<&Figures>) -> Usage {
 }
 
 fn anthropic(usage: Option<&Figures>) -> Usage {
-    let Some(u) = usage else {
+    let Some(u) = usage.filter(|f| !f.invalid) else {
         return Usage::default();
     };
     let input = u.input_tokens;
@@ -280,7 +286,7 @@ fn anthropic(usage: Option<&Figures>) -> Usage {
 }
 
 fn gemini(meta: Option<&Figures>) -> Usage {
-    let Some(m) = meta else {
+    let Some(m) = meta.filter(|f| !f.invalid) else {
         return Usage::default();
     };
     Usage {
@@ -456,6 +462,8 @@ mod typed {
         Usage(Usage),
         Figures(Option<Figures>),
         Figure(Option<u64>),
+        /// A figure that is not a non-negative integer (null is `Figure(None)`).
+        BadFigure,
         Bool(bool),
         Streaming(Option<Streaming>),
     }
@@ -497,9 +505,17 @@ mod typed {
             match self {
                 Read::Document { .. } => Out::Usage(Usage::default()),
                 Read::Object | Read::Wrapper => Out::Figures(None),
-                Read::Figure => Out::Figure(None),
+                Read::Figure => Out::BadFigure,
                 Read::True | Read::StreamOptions => Out::Bool(false),
                 Read::StreamRequest => Out::Streaming(None),
+            }
+        }
+
+        /// The result for `null`.
+        fn null(self) -> Out {
+            match self {
+                Read::Figure => Out::Figure(None),
+                other => other.nothing(),
             }
         }
     }
@@ -523,7 +539,7 @@ mod typed {
         }
         fn visit_i64<E>(self, v: i64) -> Result<Out, E> {
             Ok(match self {
-                Read::Figure => Out::Figure(u64::try_from(v).ok()),
+                Read::Figure => u64::try_from(v).map_or(Out::BadFigure, |v| Out::Figure(Some(v))),
                 other => other.nothing(),
             })
         }
@@ -537,10 +553,10 @@ mod typed {
             Ok(self.nothing())
         }
         fn visit_unit<E>(self) -> Result<Out, E> {
-            Ok(self.nothing())
+            Ok(self.null())
         }
         fn visit_none<E>(self) -> Result<Out, E> {
-            Ok(self.nothing())
+            Ok(self.null())
         }
 
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Out, A::Error> {
@@ -590,7 +606,10 @@ mod typed {
                     }
                     (Read::Object, key) => match figures.slot(key) {
                         Some(slot) => {
-                            *slot = map.next_value_seed(Read::Figure)?.figure();
+                            let out = map.next_value_seed(Read::Figure)?;
+                            let bad = matches!(out, Out::BadFigure);
+                            *slot = out.figure();
+                            figures.invalid |= bad;
                             continue;
                         }
                         None => None,
@@ -620,7 +639,7 @@ mod typed {
                 Read::Document { format, .. } => Out::Usage(loc.usage(format)),
                 Read::Object => Out::Figures(Some(figures)),
                 Read::Wrapper => Out::Figures(wrapped),
-                Read::Figure => Out::Figure(None),
+                Read::Figure => Out::BadFigure,
                 Read::True => Out::Bool(false),
                 Read::StreamOptions => Out::Bool(flag),
                 Read::StreamRequest => {
@@ -1235,6 +1254,25 @@ mod tests {
             v.and_then(Value::as_u64)
         }
 
+        /// Every figure present is a non-negative integer or null.
+        fn trusted(u: &Value) -> bool {
+            [
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "input_tokens",
+                "output_tokens",
+                "cache_creation_input_tokens",
+                "cache_read_input_tokens",
+                "promptTokenCount",
+                "candidatesTokenCount",
+                "thoughtsTokenCount",
+                "totalTokenCount",
+            ]
+            .iter()
+            .all(|k| u.get(*k).is_none_or(|v| v.is_null() || v.as_u64().is_some()))
+        }
+
         fn old_sum(values: &[Option<u64>]) -> Option<u64> {
             if values.iter().all(Option::is_none) {
                 return None;
@@ -1247,7 +1285,7 @@ mod tests {
         }
 
         fn openai(usage: Option<&Value>) -> Usage {
-            let Some(u) = usage.filter(|u| u.is_object()) else {
+            let Some(u) = usage.filter(|u| u.is_object() && trusted(u)) else {
                 return Usage::default();
             };
             Usage {
@@ -1258,7 +1296,7 @@ mod tests {
         }
 
         fn anthropic(usage: Option<&Value>) -> Usage {
-            let Some(u) = usage.filter(|u| u.is_object()) else {
+            let Some(u) = usage.filter(|u| u.is_object() && trusted(u)) else {
                 return Usage::default();
             };
             let input = count(u.get("input_tokens"));
@@ -1277,7 +1315,7 @@ mod tests {
         }
 
         fn gemini(meta: Option<&Value>) -> Usage {
-            let Some(m) = meta.filter(|m| m.is_object()) else {
+            let Some(m) = meta.filter(|m| m.is_object() && trusted(m)) else {
                 return Usage::default();
             };
             let candidates = count(m.get("candidatesTokenCount"));
