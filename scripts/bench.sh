@@ -18,7 +18,8 @@
 # (32), BENCH_PORT_BASE (19000), BENCH_PIN (1: Envoy on CPU 0, the rest on the other CPUs,
 # when there are at least 2), BENCH_VARIANTS (default "a b c d e"), ENVOY (default .venv/bin/envoy),
 # BENCH_WASM (a module to measure instead of building target/wasm32-wasip1/release/token_ratelimit.wasm),
-# BENCH_PERF (1: `perf record` Envoy during each measured run, into .run/bench/perf-<variant>.data;
+# BENCH_WASM_BASELINE (another module, e.g. an older build: variants C, D and N are c, d and n
+# with it, in the same Envoy, for a side-by-side comparison), BENCH_PERF (1: `perf record` Envoy during each measured run, into .run/bench/perf-<variant>.data;
 # its CPU figures then include perf's overhead).
 # Builds what it needs; the last line of its output is `ratio c/b: X.XX`.
 set -euo pipefail
@@ -37,6 +38,7 @@ OUT=.run/bench
 mkdir -p "$OUT"
 
 PORT_A=$((BASE + 80)) PORT_B=$((BASE + 81)) PORT_C=$((BASE + 82)) PORT_D=$((BASE + 83)) PORT_N=$((BASE + 84))
+PORT_C0=$((BASE + 85)) PORT_D0=$((BASE + 86)) PORT_N0=$((BASE + 87))
 ADMIN=$((BASE + 901)) RLS_GRPC=$((BASE + 181)) RLS_HTTP=$((BASE + 182)) SIM=$((BASE + 190))
 
 log() { echo "bench: $*" >&2; }
@@ -55,9 +57,10 @@ log "building the wasm module (release) and the services (profile $PROFILE)"
 cargo build --quiet --profile "$PROFILE" -p ratelimit-service -p llm-simulator --bins >&2
 cargo build --quiet -p token-ratelimit --bin token-ratelimit >&2
 WASM=$(realpath "${BENCH_WASM:-$ROOT/target/wasm32-wasip1/release/token_ratelimit.wasm}")
+BASELINE=${BENCH_WASM_BASELINE:+$(realpath "$BENCH_WASM_BASELINE")}
 BIN=$ROOT/target/$PROFILE
 
-for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $ADMIN $RLS_GRPC $RLS_HTTP $SIM; do
+for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $PORT_C0 $PORT_D0 $PORT_N0 $ADMIN $RLS_GRPC $RLS_HTTP $SIM; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     log "port $port on 127.0.0.1 is in use (set BENCH_PORT_BASE)"; exit 1
   fi
@@ -156,6 +159,14 @@ EOF
   hcm token "$PORT_C" "" "$WASM_FILTER"
   hcm token_stream "$PORT_D" "" "$WASM_FILTER"
   hcm token_none "$PORT_N" "" "${WASM_FILTER//"$PLUGIN_JSON"/"$PLUGIN_NONE_JSON"}"
+  if [ -n "$BASELINE" ]; then
+    # The same listeners with another module (BENCH_WASM_BASELINE), in a VM of its own.
+    base_filter=${WASM_FILTER//"$WASM"/"$BASELINE"}
+    base_filter=${base_filter//"vm_id: token-ratelimit"/"vm_id: token-ratelimit-baseline"}
+    hcm token_base "$PORT_C0" "" "$base_filter"
+    hcm token_stream_base "$PORT_D0" "" "$base_filter"
+    hcm token_none_base "$PORT_N0" "" "${base_filter//"$PLUGIN_JSON"/"$PLUGIN_NONE_JSON"}"
+  fi
   cat <<EOF
   clusters:
   - name: llm
@@ -230,7 +241,7 @@ grep -q envoy "/proc/$ENVOY_PID/comm" || { log "pid $ENVOY_PID is not envoy"; ex
 
 # A first request through each listener: everything answers 200.
 body='{"model":"sim","messages":[{"role":"user","content":"hello there"}],"max_tokens":20}'
-for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N; do
+for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N ${BASELINE:+$PORT_C0 $PORT_D0 $PORT_N0}; do
   code=$(curl -s -o "$OUT/probe.out" -w '%{http_code}' "127.0.0.1:$port/v1/chat/completions" \
     -H 'content-type: application/json' -H 'x-user: bench-user' -d "$body")
   [ "$code" = 200 ] || { log "listener $port answered $code: $(cat "$OUT/probe.out")"; exit 1; }
@@ -273,9 +284,11 @@ run() { # variant port lua label
   CPU[$v]=$(awk -v t="$((t1 - t0))" -v hz="$HZ" -v n="$n" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
   CALLS[$v]=$(awk -v c="$((c1 - c0))" -v n="$n" 'BEGIN {printf "%.3f", c / n}')
   REPORTS[$v]=$((r1 - r0)) N[$v]=$n
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$v" "${RPS[$v]}" "${P50[$v]}" "${P99[$v]}" "${CPU[$v]}" "${CALLS[$v]}" >> "$OUT/results.tsv"
 }
 
 LOAD0=$(cut -d" " -f1-3 /proc/loadavg)
+: > "$OUT/results.tsv" # every measured run: variant, req/s, p50 ms, p99 ms, CPU us/req, calls/req
 checked0=$(fstat requests_checked); missing0=$(fstat usage_missing)
 for v in $VARIANTS; do
   case $v in
@@ -285,6 +298,9 @@ for v in $VARIANTS; do
     d) run d "$PORT_D" stream ;;
     e) run e "$PORT_A" stream ;;
     n) run n "$PORT_N" plain ;;
+    C) run C "$PORT_C0" plain ;;
+    D) run D "$PORT_D0" stream ;;
+    N) run N "$PORT_N0" plain ;;
     *) log "unknown variant $v"; exit 1 ;;
   esac
 done
@@ -298,7 +314,8 @@ echo "token-ratelimit benchmark: Envoy ${envoy_version:-?} --concurrency 1, wrk 
 echo "machine: $ncpu x $cpu_model; load average before: $LOAD0, after: $(cut -d" " -f1-3 /proc/loadavg); pinned: $([ -n "$PIN_ENVOY" ] && echo "envoy cpu 0, rest cpu 1-$((ncpu - 1))" || echo no); wasm module: $wasm_size bytes"
 printf '%-38s %9s %8s %8s %14s %10s\n' variant "req/s" "p50 ms" "p99 ms" "envoy CPU/req" "RLS calls/req"
 label() { case $1 in a) echo "(a) envoy, no rate limiting";; b) echo "(b) native ratelimit (ShouldRateLimit)";; c) echo "(c) token-ratelimit";; d) echo "(d) token-ratelimit, streaming";;
-  e) echo "(e) envoy, streaming, no rate limiting";; n) echo "(n) token-ratelimit, no limit applies";; esac; }
+  e) echo "(e) envoy, streaming, no rate limiting";; n) echo "(n) token-ratelimit, no limit applies";;
+  C) echo "(C) = (c), baseline module";; D) echo "(D) = (d), baseline module";; N) echo "(N) = (n), baseline module";; esac; }
 for v in $VARIANTS; do
   printf '%-38s %9s %8s %8s %11s us %10s\n' "$(label "$v")" "${RPS[$v]}" "${P50[$v]}" "${P99[$v]}" "${CPU[$v]}" "${CALLS[$v]}"
 done
