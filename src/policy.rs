@@ -1205,25 +1205,24 @@ fn checked_arithmetic(e: Expression) -> Expression {
         Expression::Or(l, r) => Expression::Or(b(l), b(r)),
         Expression::And(l, r) => Expression::And(b(l), b(r)),
         Expression::Unary(op, x) => Expression::Unary(op, b(x)),
-        // `x[i]` with an index other than a constant string (those name attributes and map
-        // keys): the interpreter computes `i + 1` unchecked for a string `x`.
-        Expression::Member(t, m) if matches!(m.as_ref(), Member::Index(i) if !matches!(i.as_ref(), Expression::Atom(Atom::String(_)))) => {
-            let Member::Index(i) = *m else { unreachable!() };
-            call(CHECKED_INDEX, vec![checked_arithmetic(*t), checked_arithmetic(*i)])
-        }
-        Expression::Member(t, m) => {
-            let m = match *m {
-                Member::Index(i) => Member::Index(b(i)),
-                Member::Fields(fields) => Member::Fields(
+        Expression::Member(t, m) => match *m {
+            // `x[i]` with an index other than a constant string (those name attributes and map
+            // keys): the interpreter computes `i + 1` unchecked for a string `x`.
+            Member::Index(i) if !matches!(i.as_ref(), Expression::Atom(Atom::String(_))) => {
+                call(CHECKED_INDEX, vec![checked_arithmetic(*t), checked_arithmetic(*i)])
+            }
+            Member::Index(i) => Expression::Member(b(t), Box::new(Member::Index(b(i)))),
+            Member::Fields(fields) => Expression::Member(
+                b(t),
+                Box::new(Member::Fields(
                     fields
                         .into_iter()
                         .map(|(k, v)| (k, checked_arithmetic(v)))
                         .collect(),
-                ),
-                attr @ Member::Attribute(_) => attr,
-            };
-            Expression::Member(b(t), Box::new(m))
-        }
+                )),
+            ),
+            attr @ Member::Attribute(_) => Expression::Member(b(t), Box::new(attr)),
+        },
         Expression::FunctionCall(f, t, args) => Expression::FunctionCall(
             b(f),
             t.map(b),
