@@ -248,45 +248,40 @@ impl Stack {
     pub fn render_config(ports: &Ports, opts: &Options) -> String {
         let text =
             std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).expect("envoy.yaml");
-        let mut text = replace_once(
-            &text,
-            "port_value: 8080",
-            &format!("port_value: {}", ports.listener),
-        );
-        text = replace_once(
-            &text,
-            "port_value: 9901",
-            &format!("port_value: {}", ports.admin),
-        );
-        text = replace_once(
-            &text,
-            "port_value: 8081",
-            &format!("port_value: {}", ports.rls),
-        );
-        text = replace_once(
-            &text,
-            "port_value: 9000",
-            &format!("port_value: {}", ports.llm),
-        );
-        text = replace_once(
-            &text,
-            "filename: target/wasm32-wasip1/release/token_ratelimit.wasm",
-            &format!("filename: {}", wasm().display()),
-        );
-        text = replace_once(
-            &text,
-            "failureMode: deny",
-            &format!("failureMode: {}", opts.failure_mode),
-        );
-        text = replace_once(
-            &text,
-            "timeout: 100ms",
-            &format!("timeout: {}", opts.check_timeout),
-        );
-        for (from, to) in &opts.edits {
-            text = replace_once(&text, from, to);
-        }
-        text
+        let fixed = [
+            (
+                "port_value: 8080".to_string(),
+                format!("port_value: {}", ports.listener),
+            ),
+            (
+                "port_value: 9901".to_string(),
+                format!("port_value: {}", ports.admin),
+            ),
+            (
+                "port_value: 8081".to_string(),
+                format!("port_value: {}", ports.rls),
+            ),
+            (
+                "port_value: 9000".to_string(),
+                format!("port_value: {}", ports.llm),
+            ),
+            (
+                "filename: target/wasm32-wasip1/release/token_ratelimit.wasm".to_string(),
+                format!("filename: {}", wasm().display()),
+            ),
+            (
+                "failureMode: deny".to_string(),
+                format!("failureMode: {}", opts.failure_mode),
+            ),
+            (
+                "timeout: 100ms".to_string(),
+                format!("timeout: {}", opts.check_timeout),
+            ),
+        ];
+        fixed
+            .iter()
+            .chain(&opts.edits)
+            .fold(text, |text, (from, to)| replace_once(&text, from, to))
     }
 
     /// Starts Envoy only, returning it once it is ready or has exited.
