@@ -5,7 +5,9 @@
 # latency) and the same rate-limit service (ratelimit-service), measured one after the other
 # while the others are idle:
 #   (a) Envoy, no rate limiting
-#   (b) Envoy's native envoy.filters.http.ratelimit calling ShouldRateLimit (one call per request)
+#   (b) Envoy's native envoy.filters.http.ratelimit calling ShouldRateLimit (one call per request),
+#       with enable_x_ratelimit_headers, so that it adds the same three x-ratelimit-* headers
+#       to the response as (c) does (checked on the first request)
 #   (c) token-ratelimit (CheckRateLimit per request, Report aggregated per tick), non-streaming
 #   (d) token-ratelimit, streaming ("stream": true; the filter adds include_usage)
 #   (e) Envoy, no rate limiting, the streaming requests of (d): (d)'s baseline
@@ -20,8 +22,12 @@
 # BENCH_WASM (a module to measure instead of building target/wasm32-wasip1/release/token_ratelimit.wasm),
 # BENCH_WASM_BASELINE (another module, e.g. an older build: variants C, D and N are c, d and n
 # with it, in the same Envoy, for a side-by-side comparison), BENCH_PERF (1: `perf record` Envoy during each measured run, into .run/bench/perf-<variant>.data;
-# its CPU figures then include perf's overhead).
-# Builds what it needs; the last line of its output is `ratio c/b: X.XX`.
+# its CPU figures then include perf's overhead), BENCH_CALLGRIND (1, the default when valgrind is
+# installable: a second pass counts the instructions Envoy executes per request under valgrind's
+# callgrind, BENCH_CALLGRIND_REQUESTS (300) sequential requests per variant on one connection;
+# instruction counts do not depend on what else the machine is doing, unlike CPU time).
+# Builds what it needs (installs wrk and valgrind from Debian when missing); the last line of
+# its output is `ratio c/b: X.XX`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -48,6 +54,13 @@ if ! command -v wrk >/dev/null 2>&1; then
   log "installing wrk (Debian package)"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   $SUDO apt-get install -y wrk >/dev/null 2>&1 || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y wrk >/dev/null; }
+fi
+CALLGRIND=${BENCH_CALLGRIND:-1}
+if [ "$CALLGRIND" = 1 ] && ! command -v valgrind >/dev/null 2>&1; then
+  log "installing valgrind (Debian package)"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get install -y valgrind >/dev/null 2>&1 || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y valgrind >/dev/null; } \
+    || { log "valgrind could not be installed: no instruction counts"; CALLGRIND=0; }
 fi
 command -v curl >/dev/null || { log "curl is needed"; exit 1; }
 [ -x "$ENVOY" ] || make --no-print-directory envoy >&2
@@ -130,6 +143,7 @@ NATIVE_FILTER='          - name: envoy.filters.http.ratelimit
               domain: llm
               timeout: 1s
               failure_mode_deny: true
+              enable_x_ratelimit_headers: DRAFT_VERSION_03
               rate_limit_service:
                 transport_api_version: V3
                 grpc_service: {envoy_grpc: {cluster_name: ratelimit}}'
@@ -242,9 +256,14 @@ grep -q envoy "/proc/$ENVOY_PID/comm" || { log "pid $ENVOY_PID is not envoy"; ex
 # A first request through each listener: everything answers 200.
 body='{"model":"sim","messages":[{"role":"user","content":"hello there"}],"max_tokens":20}'
 for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N ${BASELINE:+$PORT_C0 $PORT_D0 $PORT_N0}; do
-  code=$(curl -s -o "$OUT/probe.out" -w '%{http_code}' "127.0.0.1:$port/v1/chat/completions" \
+  code=$(curl -s -D "$OUT/probe.headers" -o "$OUT/probe.out" -w '%{http_code}' "127.0.0.1:$port/v1/chat/completions" \
     -H 'content-type: application/json' -H 'x-user: bench-user' -d "$body")
   [ "$code" = 200 ] || { log "listener $port answered $code: $(cat "$OUT/probe.out")"; exit 1; }
+  # (b) and (c) do the same work for the client: both add x-ratelimit-{limit,remaining,reset}.
+  if [ "$port" = "$PORT_B" ] || [ "$port" = "$PORT_C" ]; then
+    grep -qi '^x-ratelimit-remaining:' "$OUT/probe.headers" \
+      || { log "listener $port added no x-ratelimit-remaining header"; cat "$OUT/probe.headers" >&2; exit 1; }
+  fi
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$ENVOY_PID/stat"; }
@@ -307,6 +326,59 @@ done
 checked=$(( $(fstat requests_checked) - checked0 )); missing=$(( $(fstat usage_missing) - missing0 ))
 tokens=$(fstat tokens_reported.total); reports=$(fstat reports_sent)
 
+# --- instruction counts (callgrind) ---------------------------------------------------------
+# The same Envoy configuration again, under valgrind's callgrind, with instrumentation on only
+# while each variant's requests run: Envoy's instructions per request, with the event loop, the
+# wasm VM (V8's compiled code included) and the gRPC calls, the same on every run of the same
+# binaries whatever else the machine does. Requests are sequential on one connection.
+declare -A INSTR
+if [ "$CALLGRIND" = 1 ]; then
+  ENVOY_BIN=$(readlink "/proc/$ENVOY_PID/exe")
+  kill "$ENVOY_PID" 2>/dev/null; wait "$ENVOY_PID" 2>/dev/null || true
+  rm -f "$OUT"/callgrind.out*
+  # Reports go out per tick, not per request: under load they amount to a few calls per
+  # thousand requests, but these requests are slow (valgrind), so that nearly every tick would
+  # carry one. A 10-minute flushPeriod keeps them (and the tick) out of the count.
+  for f in plugin plugin-none; do
+    { cat "$OUT/$f.yaml"; echo "reporting: {flushPeriod: 10m}"; } > "$OUT/$f-callgrind.yaml"
+  done
+  cfg=$(cat "$OUT/envoy.yaml")
+  cfg=${cfg//"$PLUGIN_JSON"/"$(target/debug/token-ratelimit json "$OUT/plugin-callgrind.yaml" | tr -d '\n')"}
+  cfg=${cfg//"$PLUGIN_NONE_JSON"/"$(target/debug/token-ratelimit json "$OUT/plugin-none-callgrind.yaml" | tr -d '\n')"}
+  printf '%s\n' "$cfg" > "$OUT/envoy-callgrind.yaml"
+  $PIN_ENVOY valgrind --tool=callgrind --instr-atstart=no --smc-check=all-non-file \
+    --callgrind-out-file="$OUT/callgrind.out" "$ENVOY_BIN" -c "$OUT/envoy-callgrind.yaml" --concurrency 1 -l warning \
+    > "$OUT/envoy-callgrind.log" 2>&1 &
+  ENVOY_PID=$!
+  pids+=("$ENVOY_PID")
+  for _ in $(seq 1 600); do [ "$(curl -s "127.0.0.1:$ADMIN/ready" 2>/dev/null)" = LIVE ] && break; sleep 0.5; done
+  [ "$(curl -s "127.0.0.1:$ADMIN/ready" 2>/dev/null)" = LIVE ] || { log "envoy under valgrind did not start: $OUT/envoy-callgrind.log"; exit 1; }
+  CG_N=${BENCH_CALLGRIND_REQUESTS:-300} dumps=0
+  count() { # variant port stream(true|false)
+    local v=$1 port=$2 s=$3 args=() i
+    for i in $(seq 1 "$4"); do args+=(-o /dev/null "http://127.0.0.1:$port/v1/chat/completions"); done
+    curl -s -w '%{http_code}\n' -H 'content-type: application/json' -H 'x-user: bench-user' \
+      -d "{\"model\":\"sim\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}],\"max_tokens\":20,\"stream\":$s}" \
+      "${args[@]}" | sort | uniq -c | awk '{printf "%s%s x %s", (NR > 1 ? ", " : ""), $1, $2}'
+  }
+  for v in $VARIANTS; do
+    case $v in
+      a) port=$PORT_A s=false ;; b) port=$PORT_B s=false ;; c) port=$PORT_C s=false ;;
+      d) port=$PORT_D s=true ;; e) port=$PORT_A s=true ;; n) port=$PORT_N s=false ;;
+      C) port=$PORT_C0 s=false ;; D) port=$PORT_D0 s=true ;; N) port=$PORT_N0 s=false ;;
+    esac
+    count "$v" "$port" "$s" 100 > /dev/null # warm-up, not counted
+    callgrind_control -i on "$ENVOY_PID" > /dev/null 2>&1
+    codes=$(count "$v" "$port" "$s" "$CG_N")
+    callgrind_control -i off "$ENVOY_PID" > /dev/null 2>&1
+    callgrind_control -d "$v" "$ENVOY_PID" > /dev/null 2>&1
+    [ "$codes" = "$CG_N x 200" ] || { log "($v) under callgrind: $codes"; exit 1; }
+    dump=$OUT/callgrind.out.$((++dumps))
+    total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ && !t {gsub(",", "", $1); t = $1} END {print t + 0}')
+    INSTR[$v]=$((total / CG_N))
+  done
+fi
+
 envoy_version=$("$ENVOY" --version 2>/dev/null | sed -n 's/.*version: [^/]*\/\([0-9.]*\)\/.*/\1/p' | head -1)
 cpu_model=$(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)
 wasm_size=$(stat -c %s "$WASM")
@@ -319,6 +391,16 @@ label() { case $1 in a) echo "(a) envoy, no rate limiting";; b) echo "(b) native
 for v in $VARIANTS; do
   printf '%-38s %9s %8s %8s %11s us %10s\n' "$(label "$v")" "${RPS[$v]}" "${P50[$v]}" "${P99[$v]}" "${CPU[$v]}" "${CALLS[$v]}"
 done
+if [ "$CALLGRIND" = 1 ]; then
+  echo "instructions per request (callgrind, $CG_N sequential requests per variant, Envoy's whole process):"
+  for v in $VARIANTS; do
+    printf '  %-36s %9s%s\n' "$(label "$v")" "${INSTR[$v]}" \
+      "$([ -n "${INSTR[a]:-}" ] && [ "$v" != a ] && awk -v x="${INSTR[$v]}" -v a="${INSTR[a]}" 'BEGIN {printf "   (+%d over a)", x - a}')"
+  done
+  if [ -n "${INSTR[b]:-}" ] && [ -n "${INSTR[c]:-}" ]; then
+    echo "instructions b/c: $(awk -v b="${INSTR[b]}" -v c="${INSTR[c]}" 'BEGIN {printf "%.2f", b / c}') (the ratio c/b a CPU-bound Envoy would reach if time followed instructions)"
+  fi
+fi
 echo "token-ratelimit: $checked requests checked, $missing without usage (streams cut by wrk at the end of a run), $tokens tokens in $reports reports"
 for v in c d; do
   if [ -n "${RPS[$v]:-}" ]; then

@@ -537,6 +537,9 @@ fn a_path_predicate_selects_the_requests_that_are_checked() {
             .hits_addend,
         0
     );
+    // Per-request counters reach Envoy's stats on the root context's tick.
+    assert_eq!(metric(&plugin, "requests_checked"), 0, "not before the tick");
+    plugin.tick();
     assert_eq!(metric(&plugin, "requests_checked"), 1);
 }
 
@@ -568,6 +571,7 @@ fn method_and_header_predicates_must_all_hold() {
     );
     // A missing header does not make the limit apply.
     assert!(!checked("POST", &[]), "no header");
+    plugin.tick();
     assert_eq!(metric(&plugin, "requests_checked"), 1);
 }
 
@@ -771,6 +775,7 @@ fn check_ok_resumes_and_adds_the_rate_limit_headers_to_the_response() {
     assert_eq!(stream.request_resumed(), 1);
     assert_eq!(stream.local_reply(), None);
     assert_eq!(stream.request_body_forwarded(), REQUEST_BODY);
+    plugin.tick();
     assert_eq!(metric(&plugin, "requests_allowed"), 1);
 
     response_headers(&stream, Some("application/json"), &[]);
@@ -946,10 +951,10 @@ fn category_metrics_count_the_tokens_queued() {
         &openai_json(7, 5),
     );
     serve(&plugin, "bob", CHAT, "application/json", &openai_json(1, 2));
+    assert_eq!(tick_delivered(&plugin).len(), 6, "3 limits x 2 users");
     assert_eq!(metric(&plugin, "tokens_reported.total"), 15);
     assert_eq!(metric(&plugin, "tokens_reported.prompt"), 8);
     assert_eq!(metric(&plugin, "tokens_reported.completion"), 7);
-    assert_eq!(tick_delivered(&plugin).len(), 6, "3 limits x 2 users");
 }
 
 #[test]
@@ -1170,8 +1175,8 @@ fn reports_of_one_user_are_summed_and_sent_from_the_root_context_on_tick() {
             "nothing is sent before the tick"
         );
     }
-    assert_eq!(metric(&plugin, "tokens_reported.total"), 23);
     let reports = tick(&plugin);
+    assert_eq!(metric(&plugin, "tokens_reported.total"), 23);
     assert_eq!(reports.len(), 1, "{reports:?}");
     assert_eq!(reports[0].hits(), 23);
     assert_eq!(reports[0].entries(), user_descriptor("free", "alice"));
