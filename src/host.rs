@@ -60,6 +60,9 @@ mod metric {
     pub const REPORTS_DROPPED: &str = "token_ratelimit.reports_dropped";
     pub const TOKENS_DROPPED: &str = "token_ratelimit.tokens_dropped";
     pub const CONFIG_ERRORS: &str = "token_ratelimit.config_errors";
+    pub const TOKENS_TOTAL: &str = "token_ratelimit.tokens_reported.total";
+    pub const TOKENS_PROMPT: &str = "token_ratelimit.tokens_reported.prompt";
+    pub const TOKENS_COMPLETION: &str = "token_ratelimit.tokens_reported.completion";
 }
 
 /// The counters every checked request increments: summed in the VM and added to Envoy's on the
@@ -78,9 +81,9 @@ enum Hot {
 const HOT_NAMES: [&str; 5] = [
     metric::CHECKED,
     metric::ALLOWED,
-    "token_ratelimit.tokens_reported.total",
-    "token_ratelimit.tokens_reported.prompt",
-    "token_ratelimit.tokens_reported.completion",
+    metric::TOKENS_TOTAL,
+    metric::TOKENS_PROMPT,
+    metric::TOKENS_COMPLETION,
 ];
 
 /// Counters defined lazily by name; a metric the host refuses is skipped silently.
