@@ -66,8 +66,35 @@ pub fn envoy() -> PathBuf {
     p
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free TCP port on 127.0.0.1, below the kernel's ephemeral range.
+///
+/// A port the kernel hands out for `127.0.0.1:0` lies in the ephemeral range, from which every
+/// outgoing connection also takes its local port: in the seconds between this call and Envoy
+/// binding the port (it compiles the wasm module first), a connection of this or another test
+/// could take it ("Address already in use", seen in CI). Below that range only listeners bind,
+/// and each is checked free here. Ports are handed out in turn from an offset that differs per
+/// process, so test binaries running side by side do not start on the same one.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    // `ip_local_port_range` is "<first> <last>"; Linux's default first is 32768.
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|&first| first > LOW + 1_000 && first <= 65_535)
+        .unwrap_or(32_768);
+    let span = high - LOW;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let Ok(port) = u16::try_from(LOW + offset) else {
+            continue;
+        };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
