@@ -202,12 +202,26 @@ EOF
 EOF
 } > "$OUT/envoy.yaml"
 
+# The request every variant sends: `body plain` or `body stream`.
+body() {
+  local s=false
+  [ "$1" = stream ] && s=true
+  printf '{"model":"sim","messages":[{"role":"user","content":"hello there"}],"max_tokens":20,"stream":%s}' "$s"
+}
+# Where each variant sends it: sets PORT and KIND (plain or stream).
+target() {
+  case $1 in
+    a) PORT=$PORT_A KIND=plain ;; b) PORT=$PORT_B KIND=plain ;; c) PORT=$PORT_C KIND=plain ;;
+    d) PORT=$PORT_D KIND=stream ;; e) PORT=$PORT_A KIND=stream ;; n) PORT=$PORT_N KIND=plain ;;
+    C) PORT=$PORT_C0 KIND=plain ;; D) PORT=$PORT_D0 KIND=stream ;; N) PORT=$PORT_N0 KIND=plain ;;
+    *) log "unknown variant $1"; exit 1 ;;
+  esac
+}
 for variant in stream plain; do
-  if [ $variant = stream ]; then s=true; else s=false; fi
   cat > "$OUT/$variant.lua" <<EOF
 wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
-wrk.body = '{"model":"sim","messages":[{"role":"user","content":"hello there"}],"max_tokens":20,"stream":$s}'
+wrk.body = '$(body $variant)'
 wrk.headers["content-type"] = "application/json"
 wrk.headers["x-user"] = "bench-user"
 done = function(summary, latency, requests)
@@ -254,10 +268,9 @@ done
 grep -q envoy "/proc/$ENVOY_PID/comm" || { log "pid $ENVOY_PID is not envoy"; exit 1; }
 
 # A first request through each listener: everything answers 200.
-body='{"model":"sim","messages":[{"role":"user","content":"hello there"}],"max_tokens":20}'
 for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N ${BASELINE:+$PORT_C0 $PORT_D0 $PORT_N0}; do
   code=$(curl -s -D "$OUT/probe.headers" -o "$OUT/probe.out" -w '%{http_code}' "127.0.0.1:$port/v1/chat/completions" \
-    -H 'content-type: application/json' -H 'x-user: bench-user' -d "$body")
+    -H 'content-type: application/json' -H 'x-user: bench-user' -d "$(body plain)")
   [ "$code" = 200 ] || { log "listener $port answered $code: $(cat "$OUT/probe.out")"; exit 1; }
   # (b) and (c) do the same work for the client: both add x-ratelimit-{limit,remaining,reset}.
   if [ "$port" = "$PORT_B" ] || [ "$port" = "$PORT_C" ]; then
@@ -310,18 +323,8 @@ LOAD0=$(cut -d" " -f1-3 /proc/loadavg)
 : > "$OUT/results.tsv" # every measured run: variant, req/s, p50 ms, p99 ms, CPU us/req, calls/req
 checked0=$(fstat requests_checked); missing0=$(fstat usage_missing)
 for v in $VARIANTS; do
-  case $v in
-    a) run a "$PORT_A" plain ;;
-    b) run b "$PORT_B" plain ;;
-    c) run c "$PORT_C" plain ;;
-    d) run d "$PORT_D" stream ;;
-    e) run e "$PORT_A" stream ;;
-    n) run n "$PORT_N" plain ;;
-    C) run C "$PORT_C0" plain ;;
-    D) run D "$PORT_D0" stream ;;
-    N) run N "$PORT_N0" plain ;;
-    *) log "unknown variant $v"; exit 1 ;;
-  esac
+  target "$v"
+  run "$v" "$PORT" "$KIND"
 done
 checked=$(( $(fstat requests_checked) - checked0 )); missing=$(( $(fstat usage_missing) - missing0 ))
 tokens=$(fstat tokens_reported.total); reports=$(fstat reports_sent)
@@ -354,22 +357,18 @@ if [ "$CALLGRIND" = 1 ]; then
   for _ in $(seq 1 600); do [ "$(curl -s "127.0.0.1:$ADMIN/ready" 2>/dev/null)" = LIVE ] && break; sleep 0.5; done
   [ "$(curl -s "127.0.0.1:$ADMIN/ready" 2>/dev/null)" = LIVE ] || { log "envoy under valgrind did not start: $OUT/envoy-callgrind.log"; exit 1; }
   CG_N=${BENCH_CALLGRIND_REQUESTS:-300} dumps=0
-  count() { # variant port stream(true|false)
-    local v=$1 port=$2 s=$3 args=() i
-    for i in $(seq 1 "$4"); do args+=(-o /dev/null "http://127.0.0.1:$port/v1/chat/completions"); done
+  count() { # port plain|stream requests
+    local port=$1 kind=$2 args=() i
+    for i in $(seq 1 "$3"); do args+=(-o /dev/null "http://127.0.0.1:$port/v1/chat/completions"); done
     curl -s -w '%{http_code}\n' -H 'content-type: application/json' -H 'x-user: bench-user' \
-      -d "{\"model\":\"sim\",\"messages\":[{\"role\":\"user\",\"content\":\"hello there\"}],\"max_tokens\":20,\"stream\":$s}" \
+      -d "$(body "$kind")" \
       "${args[@]}" | sort | uniq -c | awk '{printf "%s%s x %s", (NR > 1 ? ", " : ""), $1, $2}'
   }
   for v in $VARIANTS; do
-    case $v in
-      a) port=$PORT_A s=false ;; b) port=$PORT_B s=false ;; c) port=$PORT_C s=false ;;
-      d) port=$PORT_D s=true ;; e) port=$PORT_A s=true ;; n) port=$PORT_N s=false ;;
-      C) port=$PORT_C0 s=false ;; D) port=$PORT_D0 s=true ;; N) port=$PORT_N0 s=false ;;
-    esac
-    count "$v" "$port" "$s" 100 > /dev/null # warm-up, not counted
+    target "$v"
+    count "$PORT" "$KIND" 100 > /dev/null # warm-up, not counted
     callgrind_control -i on "$ENVOY_PID" > /dev/null 2>&1
-    codes=$(count "$v" "$port" "$s" "$CG_N")
+    codes=$(count "$PORT" "$KIND" "$CG_N")
     callgrind_control -i off "$ENVOY_PID" > /dev/null 2>&1
     callgrind_control -d "$v" "$ENVOY_PID" > /dev/null 2>&1
     [ "$codes" = "$CG_N x 200" ] || { log "($v) under callgrind: $codes"; exit 1; }
