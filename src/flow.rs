@@ -11,20 +11,11 @@
 //! ```
 
 use crate::config::{FailureMode, Fallback, TokenCategory};
+pub use crate::filter::LocalReply;
 use crate::policy::{Applied, Decision, Policy};
 use crate::usage::{BodyFormat, Encoding, Format, Usage, UsageExtractor};
 use prost::Message;
 use ratelimit_proto::{Code, DescriptorStatus, RateLimitDescriptor, RateLimitResponse};
-
-/// A reply the filter sends instead of calling the upstream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalReply {
-    /// HTTP status.
-    pub status: u32,
-    pub headers: Vec<(String, String)>,
-    /// A JSON body in OpenAI's error shape, so SDK clients parse it.
-    pub body: Vec<u8>,
-}
 
 /// Why the rate-limit service gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -378,6 +369,20 @@ pub struct Finished {
     /// A figure exceeded `usage.maxTokensPerResponse` and was cut to it.
     pub clamped: bool,
     pub reports: Vec<CategoryReport>,
+}
+
+/// The 500 reply for a request whose body the filter needs but the proxy withholds (Envoy
+/// without `allow_on_headers_stop_iteration`) under failure mode `deny`.
+pub fn body_unavailable_reply() -> LocalReply {
+    LocalReply {
+        status: 500,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: error_body(
+            "The token rate limiter could not read the request body (Envoy lacks allow_on_headers_stop_iteration).",
+            "server_error",
+            "rate_limit_body_unavailable",
+        ),
+    }
 }
 
 /// `{"error": {"message", "type", "code"}}`, OpenAI's error shape.

@@ -1,12 +1,20 @@
 //! token-ratelimit: a proxy-wasm HTTP filter that rate-limits LLM API traffic by the tokens it
 //! consumes.
 //!
-//! The crate is a pure core that compiles and is tested natively ([`config`], [`policy`],
-//! [`attributes`], [`usage`], [`flow`], [`reports`], [`limits`]) under a thin proxy-wasm layer
-//! (`host`, built for `wasm32` only) that moves bytes between Envoy and the core.
+//! The crate is a pure core that compiles and is tested natively under a thin proxy-wasm
+//! adapter (`wasm`, built for `wasm32` only) that moves bytes between Envoy and the core:
+//! - [`filter`]: the [`filter::Host`] trait (every interaction with the proxy) and the life of
+//!   the root context and of each stream;
+//! - [`config`], [`policy`]: the plugin configuration and the compiled policy (CEL predicates
+//!   and counters, descriptors);
+//! - [`attributes`]: Envoy's attribute vocabulary and encodings;
+//! - [`usage`]: where each provider reports usage, JSON and SSE, compressed or not;
+//! - [`flow`]: one request's pure state machine; [`reports`]: the report queue;
+//! - [`limits`]: the Limitador limits generated from a policy.
 
 pub mod attributes;
 pub mod config;
+pub mod filter;
 pub mod flow;
 pub mod limits;
 pub mod policy;
@@ -14,4 +22,4 @@ pub mod reports;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
-mod host;
+mod wasm;

@@ -1,0 +1,144 @@
+//! The filter's counters, defined lazily through the [`Host`] and, for the ones every request
+//! moves, summed in the VM and added to the proxy's on each tick.
+
+use super::Host;
+use crate::config::TokenCategory;
+use std::collections::HashMap;
+
+/// Counter names, as they appear in Envoy's stats (Envoy may prefix them, e.g. `wasmcustom.`).
+pub mod names {
+    /// Requests a limit applied to and whose check was sent.
+    pub const CHECKED: &str = "token_ratelimit.requests_checked";
+    /// Requests the service let through.
+    pub const ALLOWED: &str = "token_ratelimit.requests_allowed";
+    /// Requests refused with 429 (also per limit: `requests_limited.<limit>`).
+    pub const LIMITED: &str = "token_ratelimit.requests_limited";
+    /// Requests let through because the service failed and the failure mode is `allow`.
+    pub const FAILURE_ALLOWED: &str = "token_ratelimit.failure_mode_allowed";
+    /// Requests refused because the service failed and the failure mode is `deny`.
+    pub const FAILURE_DENIED: &str = "token_ratelimit.failure_mode_denied";
+    /// Checks that failed (dispatch error, gRPC error, undecodable or UNKNOWN reply).
+    pub const SERVICE_ERRORS: &str = "token_ratelimit.service_errors";
+    /// Checks that timed out (gRPC status 4).
+    pub const SERVICE_TIMEOUTS: &str = "token_ratelimit.service_timeouts";
+    /// Expressions that failed to evaluate for a request.
+    pub const EXPRESSION_ERRORS: &str = "token_ratelimit.expression_errors";
+    /// Responses without usage (charged by the fallback).
+    pub const USAGE_MISSING: &str = "token_ratelimit.usage_missing";
+    /// Responses charged the fallback estimate.
+    pub const USAGE_ESTIMATED: &str = "token_ratelimit.usage_estimated";
+    /// Responses charged the fallback's fixed amount.
+    pub const USAGE_FIXED: &str = "token_ratelimit.usage_fixed";
+    /// Responses whose usage exceeded `usage.maxTokensPerResponse` and was cut to it.
+    pub const USAGE_CLAMPED: &str = "token_ratelimit.usage_clamped";
+    /// Streaming requests to which `stream_options.include_usage` was added.
+    pub const USAGE_INJECTED: &str = "token_ratelimit.usage_requested";
+    /// Requests whose body did not arrive while their headers were held.
+    pub const BODY_TIMEOUTS: &str = "token_ratelimit.request_body_timeouts";
+    /// `Report` calls dispatched.
+    pub const REPORTS_SENT: &str = "token_ratelimit.reports_sent";
+    /// `Report` calls that failed and will be retried.
+    pub const REPORTS_RETRIED: &str = "token_ratelimit.reports_retried";
+    /// `Report` calls that failed after all retries.
+    pub const REPORTS_DROPPED: &str = "token_ratelimit.reports_dropped";
+    /// Tokens in dropped reports.
+    pub const TOKENS_DROPPED: &str = "token_ratelimit.tokens_dropped";
+    /// Plugin configurations refused.
+    pub const CONFIG_ERRORS: &str = "token_ratelimit.config_errors";
+    /// Tokens queued for report, category `total`.
+    pub const TOKENS_TOTAL: &str = "token_ratelimit.tokens_reported.total";
+    /// Tokens queued for report, category `prompt`.
+    pub const TOKENS_PROMPT: &str = "token_ratelimit.tokens_reported.prompt";
+    /// Tokens queued for report, category `completion`.
+    pub const TOKENS_COMPLETION: &str = "token_ratelimit.tokens_reported.completion";
+}
+
+/// The counters every checked request moves: summed in the VM and added to the proxy's on the
+/// root context's tick (one host call per counter and tick instead of one per request; the
+/// proxy's stats lag by at most one `reporting.flushPeriod`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hot {
+    /// [`names::CHECKED`].
+    Checked,
+    /// [`names::ALLOWED`].
+    Allowed,
+    /// [`names::TOKENS_TOTAL`].
+    TokensTotal,
+    /// [`names::TOKENS_PROMPT`].
+    TokensPrompt,
+    /// [`names::TOKENS_COMPLETION`].
+    TokensCompletion,
+}
+
+impl Hot {
+    /// The `tokens_reported.<category>` counter.
+    pub fn tokens_reported(category: TokenCategory) -> Hot {
+        match category {
+            TokenCategory::Total => Hot::TokensTotal,
+            TokenCategory::Prompt => Hot::TokensPrompt,
+            TokenCategory::Completion => Hot::TokensCompletion,
+        }
+    }
+}
+
+/// The names of [`Hot`]'s counters, in its order.
+const HOT_NAMES: [&str; 5] = [
+    names::CHECKED,
+    names::ALLOWED,
+    names::TOKENS_TOTAL,
+    names::TOKENS_PROMPT,
+    names::TOKENS_COMPLETION,
+];
+
+/// Counters defined lazily by name; a metric the host refuses is skipped silently.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    ids: HashMap<String, Option<u32>>,
+    /// Increments of the [`Hot`] counters not yet added to the proxy's.
+    hot: [u64; 5],
+}
+
+impl Metrics {
+    /// Counts `n` on a [`Hot`] counter (sent on the next [`Metrics::flush`]).
+    pub fn hot(&mut self, counter: Hot, n: u64) {
+        if let Some(pending) = self.hot.get_mut(counter as usize) {
+            *pending = pending.saturating_add(n);
+        }
+    }
+
+    /// The [`Hot`] count gathered since the last flush (for tests and diagnostics).
+    pub fn pending(&self, counter: Hot) -> u64 {
+        self.hot.get(counter as usize).copied().unwrap_or(0)
+    }
+
+    /// Adds the [`Hot`] counts gathered since the last flush to the proxy's counters.
+    pub fn flush(&mut self, host: &mut dyn Host) {
+        for (i, name) in HOT_NAMES.iter().enumerate() {
+            let n = self.hot.get_mut(i).map(std::mem::take).unwrap_or(0);
+            self.add(host, name, n);
+        }
+    }
+
+    /// Adds `n` to counter `name` now (defining it on first use); 0 costs nothing.
+    pub fn add(&mut self, host: &mut dyn Host, name: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let id = match self.ids.get(name) {
+            Some(id) => *id,
+            None => {
+                let id = host.define_counter(name);
+                self.ids.insert(name.to_string(), id);
+                id
+            }
+        };
+        if let Some(id) = id {
+            host.add_to_counter(id, n);
+        }
+    }
+
+    /// Adds 1 to counter `name` now.
+    pub fn inc(&mut self, host: &mut dyn Host, name: &str) {
+        self.add(host, name, 1);
+    }
+}

@@ -1,0 +1,317 @@
+//! The per-VM life: configuration, the report queue drained on every tick, metric batching,
+//! and the release of requests whose body never arrives.
+//!
+//! One [`RootFilter`] per plugin and VM owns the compiled [`Policy`] and the state its streams
+//! share ([`Shared`], behind `Rc<RefCell<_>>`: a VM is single-threaded). Checks are dispatched
+//! by the streams; reports by the root's tick, so that a report's call outlives the stream that
+//! spent the tokens (the proxy cancels a stream's outstanding calls when the stream ends).
+
+use super::metrics::{names, Metrics};
+use super::stream::StreamFilter;
+use super::{host_log, Buffer, GrpcCall, Host};
+use crate::config::FailureMode;
+use crate::flow::body_unavailable_reply;
+use crate::policy::Policy;
+use crate::reports::{ReportOutcome, ReportQueue};
+use prost::Message;
+use ratelimit_proto::{Code, RateLimitRequest, RateLimitResponse, KUADRANT_SERVICE, REPORT};
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// gRPC status of a call that timed out.
+pub(crate) const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+/// gRPC status the filter records for a call that could not be dispatched.
+const GRPC_UNAVAILABLE: u32 = 14;
+
+/// How long a request may hold its headers waiting for its first body chunk before the root
+/// context releases it (the body-evaluating mode, `requestBodyJSON()`).
+pub const BODY_WAIT: Duration = Duration::from_secs(5);
+
+/// State shared by the root context and its streams.
+#[derive(Debug, Default)]
+pub struct Shared {
+    /// Tokens waiting to be reported.
+    pub queue: ReportQueue,
+    /// The filter's counters.
+    pub metrics: Metrics,
+    /// Expressions whose failure was already logged at warn level.
+    warned: HashSet<String>,
+    /// Streams holding their headers for a body that has not shown up yet, with the number of
+    /// ticks waited.
+    awaiting_body: Vec<(u32, u32)>,
+    /// Streams the root context released (or refused) after waiting too long for their body;
+    /// they stay out of the way for the rest of their life.
+    released: HashSet<u32>,
+    /// The proxy was seen not to deliver bodies while headers are held.
+    body_unavailable: bool,
+}
+
+impl Shared {
+    /// Whether `key` is logged for the first time (later failures log at debug level).
+    pub(crate) fn first_warning(&mut self, key: String) -> bool {
+        self.warned.insert(key)
+    }
+
+    /// Starts waiting for stream `id`'s body.
+    pub(crate) fn await_body(&mut self, id: u32) {
+        self.awaiting_body.push((id, 0));
+    }
+
+    /// Stream `id`'s body arrived, or the stream ended: it no longer waits. Returns whether the
+    /// root context had released it.
+    pub(crate) fn body_arrived(&mut self, id: u32) -> bool {
+        self.awaiting_body.retain(|(s, _)| *s != id);
+        self.released.contains(&id)
+    }
+
+    /// Forgets stream `id` at its end; returns whether the root context had released it.
+    pub(crate) fn stream_ended(&mut self, id: u32) -> bool {
+        self.awaiting_body.retain(|(s, _)| *s != id);
+        !self.released.is_empty() && self.released.remove(&id)
+    }
+
+    /// Whether the root context released stream `id`.
+    pub(crate) fn is_released(&self, id: u32) -> bool {
+        !self.released.is_empty() && self.released.contains(&id)
+    }
+
+    /// Whether the proxy was seen not to deliver bodies while headers are held.
+    pub(crate) fn body_unavailable(&self) -> bool {
+        self.body_unavailable
+    }
+
+    /// Counts one more tick for every waiting stream; returns the streams that waited
+    /// `limit` ticks, which no longer wait and are marked released.
+    fn expire_waits(&mut self, limit: u32) -> Vec<u32> {
+        let mut stuck = Vec::new();
+        self.awaiting_body.retain_mut(|(id, ticks)| {
+            *ticks += 1;
+            if *ticks >= limit {
+                stuck.push(*id);
+                false
+            } else {
+                true
+            }
+        });
+        for &id in &stuck {
+            self.released.insert(id);
+            self.body_unavailable = true;
+        }
+        stuck
+    }
+}
+
+/// `Rc<RefCell<Shared>>`: no borrow may be held across a host call that can re-enter the VM
+/// (a local reply or a resume runs the stream's callbacks).
+pub type SharedRef = Rc<RefCell<Shared>>;
+
+/// The root context of one plugin in one VM.
+#[derive(Debug)]
+pub struct RootFilter {
+    context_id: u32,
+    policy: Option<Rc<Policy>>,
+    shared: SharedRef,
+}
+
+impl RootFilter {
+    /// The root context `context_id` (the proxy's id for it), not configured yet.
+    pub fn new(context_id: u32) -> Self {
+        RootFilter {
+            context_id,
+            policy: None,
+            shared: SharedRef::default(),
+        }
+    }
+
+    /// The compiled policy of the last configuration accepted.
+    pub fn policy(&self) -> Option<&Rc<Policy>> {
+        self.policy.as_ref()
+    }
+
+    /// The state shared with the streams (for inspection in tests).
+    pub fn shared(&self) -> &SharedRef {
+        &self.shared
+    }
+
+    /// Reads and compiles the plugin configuration. `false` refuses it: the proxy then keeps
+    /// the previous configuration (or none). Tokens the previous configuration still owes
+    /// are kept and reported under the new one's service settings.
+    pub fn on_configure(&mut self, host: &mut dyn Host) -> bool {
+        host.refresh_log_level();
+        let bytes = host
+            .buffer(Buffer::PluginConfiguration, 0, usize::MAX)
+            .filter(|b| !b.is_empty());
+        let Some(bytes) = bytes else {
+            host_log!(host, Error, "token-ratelimit: no plugin configuration");
+            self.shared
+                .borrow_mut()
+                .metrics
+                .inc(host, names::CONFIG_ERRORS);
+            return false;
+        };
+        match Policy::from_plugin_config(&bytes) {
+            Ok(policy) => {
+                host_log!(
+                    host,
+                    Info,
+                    "token-ratelimit: configured {} limit(s), domain `{}`, cluster `{}`",
+                    policy.limits.len(),
+                    policy.service.domain,
+                    policy.service.cluster
+                );
+                host.set_tick_period(policy.service.flush_period);
+                let mut shared = self.shared.borrow_mut();
+                let old = std::mem::take(&mut shared.queue);
+                shared.queue = ReportQueue::new(policy.service.max_retries);
+                shared.queue.absorb(old);
+                self.policy = Some(Rc::new(policy));
+                true
+            }
+            Err(e) => {
+                host_log!(host, Error, "token-ratelimit: {e}");
+                self.shared
+                    .borrow_mut()
+                    .metrics
+                    .inc(host, names::CONFIG_ERRORS);
+                false
+            }
+        }
+    }
+
+    /// A new stream `context_id` under the current configuration (none: it passes untouched).
+    pub fn new_stream(&self, context_id: u32) -> StreamFilter {
+        StreamFilter::new(context_id, self.policy.clone(), self.shared.clone())
+    }
+
+    /// The tick: flushes the batched counters, releases requests stuck waiting for their
+    /// body, and sends the reports gathered since the last tick.
+    pub fn on_tick(&mut self, host: &mut dyn Host) {
+        host.refresh_log_level();
+        self.shared.borrow_mut().metrics.flush(host);
+        let Some(policy) = self.policy.clone() else {
+            return;
+        };
+        self.release_stuck_requests(host, &policy);
+        let batch = self.shared.borrow_mut().queue.take_batch();
+        for report in batch {
+            let request = RateLimitRequest {
+                domain: policy.service.domain.clone(),
+                descriptors: vec![report.descriptor.clone()],
+                hits_addend: report.hits,
+            };
+            let bytes = request.encode_to_vec();
+            let result = host.dispatch_grpc(&GrpcCall {
+                cluster: &policy.service.cluster,
+                service: KUADRANT_SERVICE,
+                method: REPORT,
+                message: &bytes,
+                timeout: policy.service.report_timeout,
+            });
+            let mut shared = self.shared.borrow_mut();
+            match result {
+                Ok(token) => {
+                    shared.metrics.inc(host, names::REPORTS_SENT);
+                    shared.queue.sent(token, report);
+                }
+                Err(reason) => {
+                    host_log!(host, Debug, "report dispatch failed: {reason}");
+                    let outcome = shared.queue.dispatch_failed(report);
+                    record_report_outcome(host, &mut shared, outcome, GRPC_UNAVAILABLE);
+                }
+            }
+        }
+    }
+
+    /// The reply to one of the root's calls (a report): `status` is the gRPC status, `size`
+    /// the reply's length in the [`Buffer::GrpcReply`] buffer.
+    pub fn on_grpc_reply(&mut self, host: &mut dyn Host, token: u32, status: u32, size: usize) {
+        let ok = status == 0
+            && host
+                .buffer(Buffer::GrpcReply, 0, size)
+                .and_then(|b| RateLimitResponse::decode(b.as_slice()).ok())
+                .is_some_and(|r| r.overall_code == Code::Ok as i32);
+        let mut shared = self.shared.borrow_mut();
+        let outcome = shared.queue.reply(token, ok);
+        record_report_outcome(host, &mut shared, outcome, status);
+    }
+
+    /// Requests that wait for a body the proxy does not deliver while their headers are held
+    /// (Envoy without `allow_on_headers_stop_iteration`) are released rather than left
+    /// hanging: refused with a 500 under failure mode `deny`, let through unchecked under
+    /// `allow`. Later requests are evaluated without their body.
+    fn release_stuck_requests(&mut self, host: &mut dyn Host, policy: &Policy) {
+        let period = policy.service.flush_period.as_millis().max(1);
+        let limit = u32::try_from((BODY_WAIT.as_millis() / period).max(1)).unwrap_or(u32::MAX);
+        let stuck = {
+            let mut shared = self.shared.borrow_mut();
+            if shared.awaiting_body.is_empty() {
+                return;
+            }
+            let stuck = shared.expire_waits(limit);
+            for _ in &stuck {
+                shared.metrics.inc(host, names::BODY_TIMEOUTS);
+            }
+            stuck
+        };
+        if stuck.is_empty() {
+            return;
+        }
+        let deny = policy.service.failure_mode == FailureMode::Deny;
+        for &id in &stuck {
+            host_log!(
+                host,
+                Error,
+                "request {id}: no body while its headers were held: Envoy needs allow_on_headers_stop_iteration: true \
+                 in its Wasm plugin configuration for requestBodyJSON(); request {} (failure mode), \
+                 and later requests are evaluated without their body",
+                if deny { "refused" } else { "released unchecked" }
+            );
+        }
+        // Replying or resuming calls back into this VM (the stream's callbacks, which then do
+        // nothing): no borrow is held here.
+        let reply = body_unavailable_reply();
+        for id in stuck {
+            if host.set_effective_context(id) {
+                if deny {
+                    host.send_reply(&reply);
+                } else {
+                    host.resume_request();
+                }
+            }
+        }
+        host.set_effective_context(self.context_id);
+    }
+}
+
+/// Logs and counts what became of a report's call.
+fn record_report_outcome(
+    host: &mut dyn Host,
+    shared: &mut Shared,
+    outcome: ReportOutcome,
+    status: u32,
+) {
+    match outcome {
+        ReportOutcome::Delivered { .. } | ReportOutcome::Unknown => {}
+        ReportOutcome::WillRetry { hits, attempt } => {
+            host_log!(
+                host,
+                Debug,
+                "report of {hits} tokens failed (gRPC status {status}); retry {attempt}"
+            );
+            shared.metrics.inc(host, names::REPORTS_RETRIED);
+        }
+        ReportOutcome::Dropped { hits } => {
+            host_log!(
+                host,
+                Warn,
+                "report of {hits} tokens failed (gRPC status {status}) after all retries; dropped"
+            );
+            shared.metrics.inc(host, names::REPORTS_DROPPED);
+            shared
+                .metrics
+                .add(host, names::TOKENS_DROPPED, u64::from(hits));
+        }
+    }
+}

@@ -1,0 +1,606 @@
+//! The filter's life through the mock host: every decision the proxy-wasm adapter used to make
+//! is exercised here natively, with the bytes Envoy would deliver.
+
+use super::metrics::names;
+use super::*;
+use prost::Message;
+use ratelimit_proto::{
+    Code, DescriptorStatus, RateLimit, RateLimitRequest, RateLimitResponse, Unit, CHECK_RATE_LIMIT,
+    REPORT,
+};
+use std::time::Duration;
+
+const ROOT: u32 = 1;
+
+fn config(extra: &str) -> String {
+    format!(
+        r#"{{"rateLimitService": {{"cluster": "rl", "domain": "llm", "timeout": "250ms", "failureMode": "deny"}},
+        "reporting": {{"maxRetries": 1}},
+        {extra}
+        "limits": {{
+          "per-user": {{"rates": [{{"limit": 100, "window": "1m"}}],
+            "when": [{{"predicate": "request.url_path.startsWith('/v1/')"}}],
+            "counters": [{{"expression": "request.headers['x-user']"}}]}}
+        }}}}"#
+    )
+}
+
+/// A configured root and the mock host, with `extra` config fields spliced in before `limits`.
+fn root_with(extra: &str) -> (RootFilter, MockHost) {
+    let mut host = {
+        let mut h = MockHost::with_configuration(config(extra).into_bytes());
+        h.effective_context = ROOT;
+        h
+    };
+    host.set_property("request.url_path", "/v1/chat/completions");
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    (root, host)
+}
+
+fn root() -> (RootFilter, MockHost) {
+    root_with("")
+}
+
+fn chat_headers(host: &mut MockHost) {
+    host.request_headers = vec![
+        (":method".into(), b"POST".to_vec()),
+        (":path".into(), b"/v1/chat/completions".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+        ("x-user".into(), b"alice".to_vec()),
+    ];
+}
+
+fn ok_reply(remaining: u32) -> Vec<u8> {
+    RateLimitResponse {
+        overall_code: Code::Ok as i32,
+        statuses: vec![DescriptorStatus {
+            code: Code::Ok as i32,
+            current_limit: Some(RateLimit {
+                name: "per-user".into(),
+                requests_per_unit: 100,
+                unit: Unit::Minute as i32,
+            }),
+            limit_remaining: remaining,
+            duration_until_reset: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+fn over_reply() -> Vec<u8> {
+    RateLimitResponse {
+        overall_code: Code::OverLimit as i32,
+        statuses: vec![DescriptorStatus {
+            code: Code::OverLimit as i32,
+            current_limit: Some(RateLimit {
+                name: "per-user".into(),
+                requests_per_unit: 100,
+                unit: Unit::Minute as i32,
+            }),
+            limit_remaining: 0,
+            duration_until_reset: Some(prost_types::Duration {
+                seconds: 12,
+                nanos: 0,
+            }),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// Delivers `reply` to the stream's pending check (the last call dispatched).
+fn answer(stream: &mut StreamFilter, host: &mut MockHost, status: u32, reply: Vec<u8>) {
+    let token = host.dispatched.last().map(|d| d.token).unwrap_or(0);
+    host.grpc_reply = reply;
+    let size = host.grpc_reply.len();
+    stream.on_grpc_reply(host, token, status, size);
+}
+
+/// Runs a chat request with a JSON response reporting `total` tokens through `stream`.
+fn serve(stream: &mut StreamFilter, host: &mut MockHost, total: u64) {
+    host.response_headers = vec![("content-type".into(), b"application/json".to_vec())];
+    assert_eq!(stream.on_response_headers(host), Action::Continue);
+    host.response_body = format!(
+        r#"{{"usage":{{"prompt_tokens":1,"completion_tokens":{},"total_tokens":{total}}}}}"#,
+        total - 1
+    )
+    .into_bytes();
+    let size = host.response_body.len();
+    assert_eq!(stream.on_response_body(host, size, true), Action::Continue);
+}
+
+fn reports(host: &MockHost) -> Vec<RateLimitRequest> {
+    host.calls(REPORT)
+        .iter()
+        .map(|d| RateLimitRequest::decode(d.message.as_slice()).unwrap())
+        .collect()
+}
+
+#[test]
+fn configure_without_configuration_is_refused_and_counted() {
+    let mut host = MockHost::default();
+    let mut root = RootFilter::new(ROOT);
+    assert!(!root.on_configure(&mut host));
+    assert_eq!(host.counter(names::CONFIG_ERRORS), 1);
+    assert!(host.logged(Level::Error)[0].contains("no plugin configuration"));
+}
+
+#[test]
+fn configure_with_invalid_configuration_is_refused_with_the_field() {
+    let mut host = MockHost::with_configuration(
+        br#"{"rateLimitService": {"cluster": "rl"}, "limits": {}}"#.to_vec(),
+    );
+    let mut root = RootFilter::new(ROOT);
+    assert!(!root.on_configure(&mut host));
+    assert!(root.policy().is_none());
+    assert_eq!(host.counter(names::CONFIG_ERRORS), 1);
+    assert!(
+        host.logged(Level::Error)[0].contains("domain"),
+        "{:?}",
+        host.logs
+    );
+}
+
+#[test]
+fn configure_sets_the_tick_to_the_flush_period() {
+    let mut host = MockHost::with_configuration(
+        config("")
+            .replace(r#""maxRetries": 1"#, r#""flushPeriod": "250ms""#)
+            .into_bytes(),
+    );
+    assert!(RootFilter::new(ROOT).on_configure(&mut host));
+    assert_eq!(host.tick_period, Some(Duration::from_millis(250)));
+}
+
+#[test]
+fn unconfigured_root_lets_streams_pass_untouched() {
+    let mut host = MockHost::default();
+    chat_headers(&mut host);
+    let root = RootFilter::new(ROOT);
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Continue);
+    assert!(host.dispatched.is_empty());
+    assert_eq!(host.header_map_reads, 0);
+}
+
+#[test]
+fn request_no_limit_applies_to_continues_without_a_check() {
+    let (root, mut host) = root();
+    chat_headers(&mut host);
+    host.set_property("request.url_path", "/healthz");
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Continue);
+    assert!(host.dispatched.is_empty());
+    serve(&mut stream, &mut host, 10);
+    assert!(host
+        .response_headers
+        .iter()
+        .all(|(k, _)| !k.starts_with("x-ratelimit")));
+}
+
+#[test]
+fn allowed_request_is_checked_resumed_and_its_usage_reported_on_the_tick() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+    let check = host.calls(CHECK_RATE_LIMIT)[0].clone();
+    assert_eq!(
+        (check.cluster.as_str(), check.timeout),
+        ("rl", Duration::from_millis(250))
+    );
+    let request = RateLimitRequest::decode(check.message.as_slice()).unwrap();
+    assert_eq!((request.domain.as_str(), request.hits_addend), ("llm", 0));
+    // One header-map read served the filter and the policy.
+    assert_eq!(host.header_map_reads, 1);
+
+    answer(&mut stream, &mut host, 0, ok_reply(40));
+    assert_eq!(host.resumed, vec![2]);
+    serve(&mut stream, &mut host, 7);
+    assert!(host
+        .response_headers
+        .contains(&("x-ratelimit-remaining".to_string(), b"40".to_vec())));
+
+    // Nothing is sent before the tick; the tick sends one report of the total.
+    assert!(reports(&host).is_empty());
+    host.effective_context = ROOT;
+    root.on_tick(&mut host);
+    let sent = reports(&host);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].hits_addend, 7);
+    assert_eq!(sent[0].descriptors, request.descriptors);
+    assert_eq!(host.counter(names::REPORTS_SENT), 1);
+}
+
+#[test]
+fn hot_counters_are_batched_until_the_tick() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    for id in 2..5 {
+        let mut stream = root.new_stream(id);
+        stream.on_request_headers(&mut host, true);
+        answer(&mut stream, &mut host, 0, ok_reply(90));
+        serve(&mut stream, &mut host, 5);
+    }
+    assert_eq!(host.counter(names::CHECKED), 0);
+    let adds = host.counter_adds;
+    root.on_tick(&mut host);
+    assert_eq!(host.counter(names::CHECKED), 3);
+    assert_eq!(host.counter(names::ALLOWED), 3);
+    assert_eq!(host.counter(names::TOKENS_TOTAL), 15);
+    // One add per hot counter with a count, one for reports_sent.
+    assert_eq!(host.counter_adds - adds, 4);
+}
+
+#[test]
+fn over_limit_replies_429_counts_the_limit_and_charges_nothing() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, over_reply());
+    let (ctx, reply) = &host.replies[0];
+    assert_eq!((*ctx, reply.status), (2, 429));
+    assert!(reply.headers.contains(&("retry-after".into(), "12".into())));
+    assert!(host.resumed.is_empty());
+    assert_eq!(host.counter(names::LIMITED), 1);
+    assert_eq!(host.counter("token_ratelimit.requests_limited.per-user"), 1);
+    stream.on_log(&mut host);
+    root.on_tick(&mut host);
+    assert!(reports(&host).is_empty());
+}
+
+#[test]
+fn dispatch_failure_follows_the_failure_mode() {
+    // deny: 500 in OpenAI's shape, counted.
+    let (_root, mut host) = root();
+    chat_headers(&mut host);
+    host.refuse_dispatch = Some("BadArgument".into());
+    let mut stream = _root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+    assert_eq!(host.replies[0].1.status, 500);
+    assert_eq!(host.counter(names::FAILURE_DENIED), 1);
+    assert_eq!(host.counter(names::SERVICE_ERRORS), 1);
+
+    // allow: continues, counted.
+    let mut host = {
+        let mut h =
+            MockHost::with_configuration(config("").replace("\"deny\"", "\"allow\"").into_bytes());
+        h.refuse_dispatch = Some("BadArgument".into());
+        h
+    };
+    host.set_property("request.url_path", "/v1/chat/completions");
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Continue);
+    assert!(host.replies.is_empty());
+    assert_eq!(host.counter(names::FAILURE_ALLOWED), 1);
+    assert_eq!(host.logged(Level::Warn).len(), 1);
+}
+
+#[test]
+fn check_timeout_is_counted_as_a_timeout_and_an_error() {
+    let (root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 4, Vec::new());
+    assert_eq!(host.counter(names::SERVICE_TIMEOUTS), 1);
+    assert_eq!(host.counter(names::SERVICE_ERRORS), 1);
+    assert_eq!(host.replies[0].1.status, 500);
+}
+
+#[test]
+fn a_reply_for_another_token_is_ignored() {
+    let (root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    host.grpc_reply = ok_reply(1);
+    let size = host.grpc_reply.len();
+    stream.on_grpc_reply(&mut host, 999, 0, size);
+    assert!(host.resumed.is_empty() && host.replies.is_empty());
+}
+
+#[test]
+fn accept_encoding_is_narrowed_to_what_the_filter_can_read() {
+    let (filter, mut host) = root();
+    chat_headers(&mut host);
+    host.request_headers
+        .push(("accept-encoding".into(), b"zstd, gzip".to_vec()));
+    filter.new_stream(2).on_request_headers(&mut host, true);
+    let value = host.header(HeaderMap::RequestHeaders, "accept-encoding");
+    assert_eq!(value.as_deref(), Some(&b"gzip"[..]));
+
+    let (filter, mut host) = root();
+    chat_headers(&mut host);
+    host.request_headers
+        .push(("accept-encoding".into(), b"zstd".to_vec()));
+    filter.new_stream(2).on_request_headers(&mut host, true);
+    assert_eq!(
+        host.header(HeaderMap::RequestHeaders, "accept-encoding"),
+        None
+    );
+}
+
+#[test]
+fn streaming_openai_request_gets_include_usage_added_at_its_end() {
+    let (root, mut host) = root();
+    chat_headers(&mut host);
+    host.request_headers
+        .push(("content-length".into(), b"40".to_vec()));
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+    // content-length goes: the body changes length.
+    assert_eq!(
+        host.header(HeaderMap::RequestHeaders, "content-length"),
+        None
+    );
+    assert_eq!(stream.body_mode(), stream::BodyMode::Inject);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    host.request_body = br#"{"model":"m","stream":true,"#.to_vec();
+    // Held while incomplete.
+    let size = host.request_body.len();
+    assert_eq!(
+        stream.on_request_body(&mut host, size, false),
+        Action::Pause
+    );
+    host.request_body.extend_from_slice(br#""messages":[]}"#);
+    let size = host.request_body.len();
+    assert_eq!(
+        stream.on_request_body(&mut host, size, true),
+        Action::Continue
+    );
+    let body: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+    assert_eq!(body["stream_options"]["include_usage"], true);
+    assert_eq!(host.counter(names::USAGE_INJECTED), 1);
+}
+
+#[test]
+fn streaming_request_over_max_bytes_is_released_without_injection() {
+    let (root, mut host) = root_with(r#""requestBody": {"maxBytes": 16},"#);
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    host.request_body = br#"{"model":"m","stream":true,"messages":"#.to_vec();
+    let size = host.request_body.len();
+    assert_eq!(
+        stream.on_request_body(&mut host, size, false),
+        Action::Continue
+    );
+    assert_eq!(stream.body_mode(), stream::BodyMode::PassThrough);
+    assert_eq!(host.counter(names::USAGE_INJECTED), 0);
+}
+
+const BODY_LIMIT: &str = r#""requestBody": {"allowOnHeadersStopIteration": true},"#;
+
+fn body_root(mode: &str) -> (RootFilter, MockHost) {
+    let cfg = format!(
+        r#"{{"rateLimitService": {{"cluster": "rl", "domain": "llm", "failureMode": "{mode}"}},
+        {BODY_LIMIT}
+        "limits": {{"per-model": {{"rates": [{{"limit": 10, "window": "1m"}}],
+          "when": [{{"predicate": "requestBodyJSON('/model') == 'big'"}}]}}}}}}"#
+    );
+    let mut host = {
+        let mut h = MockHost::with_configuration(cfg.into_bytes());
+        h.effective_context = ROOT;
+        h
+    };
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    (root, host)
+}
+
+#[test]
+fn body_predicate_holds_headers_and_is_evaluated_on_the_complete_body() {
+    let (root, mut host) = body_root("deny");
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+    assert_eq!(stream.body_mode(), stream::BodyMode::Evaluate);
+    assert!(host.dispatched.is_empty());
+    host.request_body = br#"{"model":"big"}"#.to_vec();
+    let size = host.request_body.len();
+    assert_eq!(stream.on_request_body(&mut host, size, true), Action::Pause);
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), 1);
+
+    // Another model: the limit does not apply, the request goes on at once.
+    let mut stream = root.new_stream(3);
+    stream.on_request_headers(&mut host, false);
+    host.request_body = br#"{"model":"small"}"#.to_vec();
+    let size = host.request_body.len();
+    assert_eq!(
+        stream.on_request_body(&mut host, size, true),
+        Action::Continue
+    );
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), 1);
+}
+
+/// Ticks until the body wait expires (5 s at a 100 ms flush period).
+fn wait_out_body(root: &mut RootFilter, host: &mut MockHost) {
+    let ticks = (root::BODY_WAIT.as_millis() / 100) as usize;
+    for _ in 0..ticks {
+        host.effective_context = ROOT;
+        root.on_tick(host);
+    }
+}
+
+#[test]
+fn request_whose_body_never_arrives_is_refused_under_deny_then_later_ones_at_once() {
+    let (mut root, mut host) = body_root("deny");
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+    // One tick short: still waiting.
+    let ticks = (root::BODY_WAIT.as_millis() / 100) as usize;
+    for _ in 0..ticks - 1 {
+        root.on_tick(&mut host);
+    }
+    assert!(host.replies.is_empty());
+    root.on_tick(&mut host);
+    assert_eq!(host.replies.len(), 1);
+    let (ctx, reply) = &host.replies[0];
+    assert_eq!((*ctx, reply.status), (2, 500));
+    assert_eq!(host.effective_context, ROOT);
+    assert_eq!(host.counter(names::BODY_TIMEOUTS), 1);
+    assert_eq!(host.logged(Level::Error).len(), 1);
+    // The released stream stays out of the way.
+    assert_eq!(stream.on_response_headers(&mut host), Action::Continue);
+    stream.on_log(&mut host);
+
+    // Later requests with a body are refused at once (the proxy withholds bodies).
+    host.effective_context = 3;
+    let mut next = root.new_stream(3);
+    assert_eq!(next.on_request_headers(&mut host, false), Action::Pause);
+    assert_eq!(host.replies.len(), 2);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&host.replies[1].1.body).unwrap()["error"]
+            ["code"],
+        "rate_limit_body_unavailable"
+    );
+}
+
+#[test]
+fn request_whose_body_never_arrives_is_resumed_under_allow() {
+    let (mut root, mut host) = body_root("allow");
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    wait_out_body(&mut root, &mut host);
+    assert_eq!(host.resumed, vec![2]);
+    assert!(host.replies.is_empty());
+    // The resume delivers the body inside the root's call: the stream goes on unchecked.
+    host.request_body = br#"{"model":"big"}"#.to_vec();
+    let size = host.request_body.len();
+    assert_eq!(
+        stream.on_request_body(&mut host, size, true),
+        Action::Continue
+    );
+    assert!(host.dispatched.is_empty());
+    // Later requests are evaluated without their body (requestBodyJSON() finds nothing).
+    let mut next = root.new_stream(3);
+    assert_eq!(next.on_request_headers(&mut host, false), Action::Continue);
+}
+
+#[test]
+fn a_stream_that_ends_while_waiting_for_its_body_stops_waiting() {
+    let (mut root, mut host) = body_root("deny");
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    stream.on_log(&mut host);
+    wait_out_body(&mut root, &mut host);
+    assert!(host.replies.is_empty());
+    assert_eq!(host.counter(names::BODY_TIMEOUTS), 0);
+}
+
+#[test]
+fn failing_expression_is_warned_once_and_counted_every_time() {
+    let cfg = r#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+        "limits": {"l": {"rates": [{"limit": 10, "window": "1m"}],
+          "counters": [{"expression": "auth.identity.userid"}]}}}"#;
+    let mut host = MockHost::with_configuration(cfg.as_bytes().to_vec());
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    chat_headers(&mut host);
+    for id in 2..4 {
+        root.new_stream(id).on_request_headers(&mut host, true);
+    }
+    assert_eq!(host.counter(names::EXPRESSION_ERRORS), 2);
+    assert_eq!(host.logged(Level::Warn).len(), 1);
+    assert_eq!(host.logged(Level::Debug).len(), 1);
+}
+
+#[test]
+fn client_abort_after_the_check_charges_what_arrived() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    host.request_body = vec![b'a'; 400];
+    stream.on_request_body(&mut host, 400, false);
+    // No response at all: the fallback estimate charges the request bytes (400 / 4).
+    stream.on_log(&mut host);
+    root.on_tick(&mut host);
+    assert_eq!(reports(&host)[0].hits_addend, 100);
+    assert_eq!(host.counter(names::USAGE_ESTIMATED), 1);
+}
+
+#[test]
+fn stream_abandoned_during_its_check_costs_nothing() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    stream.on_log(&mut host);
+    root.on_tick(&mut host);
+    assert!(reports(&host).is_empty());
+}
+
+#[test]
+fn failed_reports_are_retried_then_dropped_and_counted() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    serve(&mut stream, &mut host, 9);
+    root.on_tick(&mut host);
+    let first = host.calls(REPORT)[0].token;
+    root.on_grpc_reply(&mut host, first, 14, 0);
+    assert_eq!(host.counter(names::REPORTS_RETRIED), 1);
+    root.on_tick(&mut host);
+    let second = host.calls(REPORT)[1].token;
+    assert_eq!(reports(&host)[1].hits_addend, 9);
+    root.on_grpc_reply(&mut host, second, 14, 0);
+    assert_eq!(host.counter(names::REPORTS_DROPPED), 1);
+    assert_eq!(host.counter(names::TOKENS_DROPPED), 9);
+    assert_eq!(host.logged(Level::Warn).len(), 1);
+    root.on_tick(&mut host);
+    assert_eq!(host.calls(REPORT).len(), 2);
+}
+
+#[test]
+fn report_answered_ok_is_not_sent_again() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    serve(&mut stream, &mut host, 9);
+    root.on_tick(&mut host);
+    let token = host.calls(REPORT)[0].token;
+    host.grpc_reply = ok_reply(41);
+    let size = host.grpc_reply.len();
+    root.on_grpc_reply(&mut host, token, 0, size);
+    root.on_tick(&mut host);
+    assert_eq!(host.calls(REPORT).len(), 1);
+    assert_eq!(host.counter(names::REPORTS_RETRIED), 0);
+}
+
+#[test]
+fn tokens_owed_across_a_reconfigure_are_reported_under_the_new_settings() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    serve(&mut stream, &mut host, 11);
+    host.plugin_configuration = config("").replace("\"rl\"", "\"rl2\"").into_bytes();
+    assert!(root.on_configure(&mut host));
+    root.on_tick(&mut host);
+    let report = host.calls(REPORT)[0].clone();
+    assert_eq!(report.cluster, "rl2");
+    assert_eq!(reports(&host)[0].hits_addend, 11);
+}
