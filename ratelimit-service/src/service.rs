@@ -717,6 +717,23 @@ mod tests {
     }
 
     #[test]
+    fn hold_ttl_is_shortened_to_the_maximum_and_refuses_malformed_durations() {
+        let max = Duration::from_secs(60);
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        assert_eq!(hold_ttl(None, max).unwrap(), max);
+        assert_eq!(
+            hold_ttl(Some(&d(1, 500_000_000)), max).unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(hold_ttl(Some(&d(0, 0)), max).unwrap(), Duration::ZERO);
+        assert_eq!(hold_ttl(Some(&d(i64::MAX, 999_999_999)), max).unwrap(), max);
+        for bad in [d(-1, 0), d(0, -1), d(1, 1_000_000_000)] {
+            let err = hold_ttl(Some(&bad), max).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn condition_on_missing_descriptor_is_an_error_not_a_panic() {
         let c = core(TWO_DESCRIPTORS);
         let r = req("ns", &[&[("x", "1"), ("u", "al")]], 1);
