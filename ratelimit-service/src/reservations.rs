@@ -12,7 +12,11 @@
 //!   holds expired, or once a `Commit` released it (the whole reservation: the crate releases
 //!   it only on the counters the commit's descriptors select, normally the same ones). At most
 //!   [`MAX_TRACKED_RESERVATIONS`] are tracked; past that the soonest to expire is forgotten
-//!   first (the crate's hold stays; only this view loses it).
+//!   first (the crate's hold stays; only this view loses it, and a `Commit` of it answers
+//!   `reservation_released: false`). `Commit` answers `reservation_released: true` only for a
+//!   hold tracked here as live: the crate alone also answers `true` for a hold that expired but
+//!   that it has not purged yet (it purges a counter's expired holds on that counter's next
+//!   admitted `Reserve`).
 //! - Committed ids: each non-empty id a `Commit` applied is remembered for the commit memory
 //!   window (see [`Ledger::new`]) after that commit, at most [`MAX_REMEMBERED_COMMITS`] of them
 //!   (the oldest forgotten first). A `Commit` with a remembered id adds nothing.
@@ -216,13 +220,14 @@ impl Ledger {
         });
     }
 
-    /// The commit of `id` was applied; `released`: the crate released its hold.
-    pub fn finish_commit(&self, id: &str, released: bool) {
-        if released {
-            self.with(|inner, _| {
-                inner.live.remove(id);
-            });
+    /// The commit of `id` was applied; `released`: the crate released its hold. Answers whether
+    /// that hold was still live, i.e. tracked and not expired (the crate also answers `true`
+    /// for an expired hold it has not purged yet).
+    pub fn finish_commit(&self, id: &str, released: bool) -> bool {
+        if !released {
+            return false;
         }
+        self.with(|inner, _| inner.live.remove(id).is_some())
     }
 
     /// The reservations with a live hold, and their amounts.
@@ -284,8 +289,9 @@ mod tests {
         assert_eq!(held.get(&counter("x")), Some(&7));
         assert_eq!(held.get(&counter("y")), Some(&4));
 
-        ledger.finish_commit("a", true);
-        ledger.finish_commit("b", false);
+        assert!(ledger.finish_commit("a", true));
+        assert!(!ledger.finish_commit("b", false));
+        assert!(!ledger.finish_commit("gone", true), "expired");
         let held = ledger.held_by_counter();
         assert_eq!(held.get(&counter("x")), Some(&3));
         assert_eq!(held.get(&counter("y")), None);

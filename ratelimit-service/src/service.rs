@@ -14,8 +14,9 @@
 //!   (nothing held, no id). `OK` comes with an empty id when nothing is held: no limit applies,
 //!   or the held amount is 0 (`amount` 0, or clamped to 0).
 //! - `Commit` adds `actual_amount` (0 adds nothing) to every counter that applies and releases
-//!   the hold of `reservation_id` if it is still live (`reservation_released`); an empty,
-//!   unknown or expired id behaves like `Report`. A `Commit` retried with an id already
+//!   the hold of `reservation_id` if it is still live (`reservation_released`: a live hold was
+//!   released; the crate alone would also say so of an expired hold it has not purged yet);
+//!   an empty, unknown or expired id behaves like `Report`. A `Commit` retried with an id already
 //!   committed adds nothing and answers `reservation_released: false` (Limitador would apply it
 //!   again), see [`crate::reservations`].
 //! - An empty domain answers `UNKNOWN` (`Commit`: `reservation_released: false`, nothing
@@ -319,12 +320,14 @@ impl Core {
         });
         match result {
             Ok(result) => {
-                if let Some(id) = id {
-                    self.ledger.finish_commit(id, result.reservation_released);
-                }
+                // The crate also says released for an expired hold it has not purged yet.
+                let released = match id {
+                    Some(id) => self.ledger.finish_commit(id, result.reservation_released),
+                    None => false,
+                };
                 self.metrics.committed(&req.domain, req.actual_amount);
                 Ok(CommitResponse {
-                    reservation_released: result.reservation_released,
+                    reservation_released: released,
                 })
             }
             Err(e) => {

@@ -671,3 +671,34 @@ async fn no_hold_is_left_once_every_reservation_is_committed() {
     }
     svc.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn commit_after_expiry_is_not_reported_released_even_before_the_crate_purges_the_hold() {
+    let svc = start(LIMITS, &[]).await;
+    let mut c = kuadrant_client(svc.rls_addr).await;
+    let ned = free("ned");
+
+    let r = reserve_ttl(&mut c, &ned, 5, Some(Duration::from_millis(100))).await;
+    assert_eq!(as_code(r.code), Code::Ok);
+    // No other Reserve on the counter: the crate still has the expired hold. Wait for this
+    // service's view to drop it.
+    let deadline = Instant::now() + POLL_LIMIT;
+    while metric(
+        &metrics(svc.http_addr).await,
+        "ratelimit_reservations_outstanding",
+    ) != Some(0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "hold not expired after {POLL_LIMIT:?}"
+        );
+        tokio::time::sleep(POLL_STEP).await;
+    }
+    assert!(!commit(&mut c, &ned, &r.reservation_id, 2).await);
+    assert_eq!(
+        counter_of(svc.http_addr, "free").await,
+        (8, 0),
+        "added like Report"
+    );
+    svc.shutdown().await.unwrap();
+}
