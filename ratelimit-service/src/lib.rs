@@ -120,8 +120,8 @@ pub struct Config {
     )]
     pub max_reservation_ttl: u64,
 
-    /// Largest share of a counter's max_value one Reserve holds, in (0, 1]: a larger amount is
-    /// still admitted on its full size, but only this share is held
+    /// Largest share of a counter's max_value one Reserve holds, in (0, 1]: admission still
+    /// needs the whole amount to fit, but no more than this share is held
     #[arg(
         long = "max-reservation-fraction",
         default_value_t = 1.0,
