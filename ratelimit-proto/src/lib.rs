@@ -6,7 +6,13 @@
 //! - `envoy/extensions/common/ratelimit/v3/ratelimit.proto` (`RateLimitDescriptor`),
 //! - `envoy/config/core/v3/base.proto` (`HeaderValue`),
 //! - Limitador's `kuadrant/service/ratelimit/v1/ratelimit.proto`, whose `CheckRateLimit` and
-//!   `Report` methods take and return the same two messages.
+//!   `Report` methods take and return the same two messages, and whose `Reserve` and `Commit`
+//!   methods (Kuadrant's reservation protocol) take and return [`ReserveRequest`],
+//!   [`ReserveResponse`], [`CommitRequest`] and [`CommitResponse`].
+//!
+//! One field is this project's extension, not Limitador's: [`ReserveResponse::statuses`]
+//! (field 3). Limitador never sends it, and a client that does not know it skips it, so the
+//! messages stay wire-compatible both ways.
 //!
 //! The gRPC method paths are given as constants so that callers (the wasm filter, the service,
 //! tests) agree on them.
@@ -17,6 +23,12 @@ pub const KUADRANT_SERVICE: &str = "kuadrant.service.ratelimit.v1.RateLimitServi
 pub const CHECK_RATE_LIMIT: &str = "CheckRateLimit";
 /// Method that adds `hits_addend` to the counters, even past their maximum.
 pub const REPORT: &str = "Report";
+/// Method that holds an estimated amount against the counters until `Commit` or expiry
+/// ([`ReserveRequest`] → [`ReserveResponse`]).
+pub const RESERVE: &str = "Reserve";
+/// Method that adds the actual amount to the counters and releases a reservation's hold
+/// ([`CommitRequest`] → [`CommitResponse`]).
+pub const COMMIT: &str = "Commit";
 /// gRPC service name of Envoy's own rate-limit API.
 pub const ENVOY_SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 /// Envoy's check-and-add method (a hits_addend of 0 counts as 1).
@@ -155,6 +167,69 @@ pub struct RateLimitResponse {
     pub raw_body: Vec<u8>,
 }
 
+/// `kuadrant.service.ratelimit.v1.ReserveRequest` (Limitador's `kuadrantrls.proto`): hold
+/// `amount` against every counter the descriptors select, if it fits once the other outstanding
+/// holds are counted.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReserveRequest {
+    /// The domain (Limitador: namespace) the counters live in.
+    #[prost(string, tag = "1")]
+    pub domain: String,
+    #[prost(message, repeated, tag = "2")]
+    pub descriptors: Vec<RateLimitDescriptor>,
+    /// The estimated amount (tokens) to hold.
+    #[prost(uint64, tag = "3")]
+    pub amount: u64,
+    /// How long the hold may last before it expires by itself; the server shortens it to its
+    /// own maximum and to the end of each counter's window.
+    #[prost(message, optional, tag = "4")]
+    pub ttl: Option<prost_types::Duration>,
+}
+
+/// `kuadrant.service.ratelimit.v1.ReserveResponse` (Limitador's `kuadrantrls.proto`), plus
+/// `statuses` (field 3), this project's extension.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReserveResponse {
+    /// `OK` (admitted, held), `OVER_LIMIT` (refused, nothing held) or `UNKNOWN`.
+    #[prost(enumeration = "Code", tag = "1")]
+    pub code: i32,
+    /// Set only with `OK`, and then only when something is held: pass it back to `Commit`.
+    #[prost(string, tag = "2")]
+    pub reservation_id: String,
+    /// **Extension, not Limitador's**: one status per request descriptor, as
+    /// `RateLimitResponse.statuses` carries them (most restrictive counter, its limit, what
+    /// remains once the outstanding holds, this one included, are counted, and the time until
+    /// its window resets). Limitador never sends this field; a client that does not know it
+    /// skips it.
+    #[prost(message, repeated, tag = "3")]
+    pub statuses: Vec<DescriptorStatus>,
+}
+
+/// `kuadrant.service.ratelimit.v1.CommitRequest` (Limitador's `kuadrantrls.proto`): add the
+/// actual amount to the counters the descriptors select and release the reservation's hold.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommitRequest {
+    /// The domain (Limitador: namespace) the counters live in.
+    #[prost(string, tag = "1")]
+    pub domain: String,
+    #[prost(message, repeated, tag = "2")]
+    pub descriptors: Vec<RateLimitDescriptor>,
+    /// The id a `Reserve` answered; empty when it answered none.
+    #[prost(string, tag = "3")]
+    pub reservation_id: String,
+    /// The amount actually used (tokens), added to the counters whatever became of the hold.
+    #[prost(uint64, tag = "4")]
+    pub actual_amount: u64,
+}
+
+/// `kuadrant.service.ratelimit.v1.CommitResponse` (Limitador's `kuadrantrls.proto`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CommitResponse {
+    /// Whether a live hold with the request's id was found and released.
+    #[prost(bool, tag = "1")]
+    pub reservation_released: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +253,137 @@ mod tests {
         // field 3 (hits_addend), varint: tag byte 0x18, value 7, at the end
         assert_eq!(&bytes[bytes.len() - 2..], b"\x18\x07");
         assert_eq!(RateLimitRequest::decode(bytes.as_slice()).unwrap(), req);
+    }
+
+    fn descriptor() -> RateLimitDescriptor {
+        RateLimitDescriptor {
+            entries: vec![Entry {
+                key: "limit.free".into(),
+                value: "1".into(),
+            }],
+        }
+    }
+
+    fn status() -> DescriptorStatus {
+        DescriptorStatus {
+            code: Code::Ok as i32,
+            current_limit: Some(RateLimit {
+                name: "free".into(),
+                requests_per_unit: 100,
+                unit: Unit::Minute as i32,
+            }),
+            limit_remaining: 42,
+            duration_until_reset: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 5,
+            }),
+        }
+    }
+
+    #[test]
+    fn response_round_trips_with_every_field() {
+        let resp = RateLimitResponse {
+            overall_code: Code::OverLimit as i32,
+            statuses: vec![status(), DescriptorStatus::default()],
+            response_headers_to_add: vec![HeaderValue {
+                key: "X-RateLimit-Remaining".into(),
+                value: "0".into(),
+                raw_value: Vec::new(),
+            }],
+            request_headers_to_add: vec![HeaderValue {
+                key: "k".into(),
+                value: String::new(),
+                raw_value: b"raw".to_vec(),
+            }],
+            raw_body: b"body".to_vec(),
+        };
+        let bytes = resp.encode_to_vec();
+        // field 1 (overall_code), varint: tag byte 0x08, value 2 (OVER_LIMIT), first
+        assert_eq!(&bytes[..2], b"\x08\x02");
+        assert_eq!(RateLimitResponse::decode(bytes.as_slice()).unwrap(), resp);
+    }
+
+    #[test]
+    fn reserve_and_commit_round_trip_with_limitador_field_numbers() {
+        let req = ReserveRequest {
+            domain: "llm".into(),
+            descriptors: vec![descriptor()],
+            amount: 300,
+            ttl: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
+        };
+        let bytes = req.encode_to_vec();
+        assert_eq!(&bytes[..5], b"\x0a\x03llm");
+        // field 3 (amount), varint 300 = 0xac 0x02; then field 4 (ttl), length-delimited:
+        // tag 0x22, length 2, Duration {seconds (field 1) = 2}
+        assert!(
+            bytes.ends_with(b"\x18\xac\x02\x22\x02\x08\x02"),
+            "{bytes:x?}"
+        );
+        assert_eq!(ReserveRequest::decode(bytes.as_slice()).unwrap(), req);
+
+        let resp = ReserveResponse {
+            code: Code::Ok as i32,
+            reservation_id: "id-1".into(),
+            statuses: vec![status()],
+        };
+        let bytes = resp.encode_to_vec();
+        assert_eq!(&bytes[..8], b"\x08\x01\x12\x04id-1");
+        // field 3 (statuses), length-delimited: tag byte 0x1a
+        assert_eq!(bytes[8], 0x1a);
+        assert_eq!(ReserveResponse::decode(bytes.as_slice()).unwrap(), resp);
+
+        let req = CommitRequest {
+            domain: "llm".into(),
+            descriptors: vec![descriptor()],
+            reservation_id: "id-1".into(),
+            actual_amount: 7,
+        };
+        let bytes = req.encode_to_vec();
+        // field 3 (reservation_id): tag 0x1a; field 4 (actual_amount), varint: tag 0x20
+        assert!(bytes.ends_with(b"\x1a\x04id-1\x20\x07"), "{bytes:x?}");
+        assert_eq!(CommitRequest::decode(bytes.as_slice()).unwrap(), req);
+
+        let resp = CommitResponse {
+            reservation_released: true,
+        };
+        let bytes = resp.encode_to_vec();
+        assert_eq!(bytes, b"\x08\x01");
+        assert_eq!(CommitResponse::decode(bytes.as_slice()).unwrap(), resp);
+    }
+
+    /// Limitador's own `ReserveResponse`: fields 1 and 2 only.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct LimitadorReserveResponse {
+        #[prost(enumeration = "Code", tag = "1")]
+        code: i32,
+        #[prost(string, tag = "2")]
+        reservation_id: String,
+    }
+
+    #[test]
+    fn reserve_response_statuses_extension_is_wire_compatible_both_ways() {
+        let ours = ReserveResponse {
+            code: Code::Ok as i32,
+            reservation_id: "id-2".into(),
+            statuses: vec![status()],
+        };
+        // A client that does not know field 3 skips it.
+        let theirs = LimitadorReserveResponse::decode(ours.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(
+            theirs,
+            LimitadorReserveResponse {
+                code: Code::Ok as i32,
+                reservation_id: "id-2".into(),
+            }
+        );
+        // Limitador's answer decodes here with no statuses.
+        let decoded = ReserveResponse::decode(theirs.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(decoded.code, Code::Ok as i32);
+        assert_eq!(decoded.reservation_id, "id-2");
+        assert!(decoded.statuses.is_empty());
     }
 
     #[test]

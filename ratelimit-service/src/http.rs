@@ -3,7 +3,8 @@
 //! - `GET /status` → `200`, body `{"status":"ok"}`.
 //! - `GET /limits/{namespace}` → JSON list of [`LimitJson`], sorted by name, window, conditions.
 //! - `GET /counters/{namespace}` → JSON list of [`CounterJson`]: the live counters (those whose
-//!   window has not expired), sorted by limit then variable values.
+//!   window has not expired), sorted by limit then variable values, each with the amount live
+//!   reservations hold on it (`reserved`, this service's own field).
 //! - `GET /metrics` → Prometheus text, see [`crate::metrics`].
 
 use std::collections::BTreeMap;
@@ -68,6 +69,9 @@ pub struct CounterJson {
     pub remaining: Option<u64>,
     /// Whole seconds until the window resets.
     pub expires_in_seconds: Option<u64>,
+    /// The amount live reservations hold on this counter (neither committed nor expired), as
+    /// the service tracks them (see [`crate::reservations`]). Not a Limitador field.
+    pub reserved: u64,
 }
 
 impl From<&Counter> for CounterJson {
@@ -77,6 +81,7 @@ impl From<&Counter> for CounterJson {
             set_variables: counter.set_variables().clone(),
             remaining: counter.remaining(),
             expires_in_seconds: counter.expires_in().map(|d| d.as_secs()),
+            reserved: 0,
         }
     }
 }
@@ -119,7 +124,14 @@ async fn counters(
 ) -> axum::response::Response {
     match core.limiter().get_counters(&Namespace::from(namespace)) {
         Ok(counters) => {
-            let mut counters: Vec<CounterJson> = counters.iter().map(CounterJson::from).collect();
+            let held = core.held_by_counter();
+            let mut counters: Vec<CounterJson> = counters
+                .iter()
+                .map(|c| CounterJson {
+                    reserved: held.get(c).copied().unwrap_or(0),
+                    ..CounterJson::from(c)
+                })
+                .collect();
             counters
                 .sort_by(|a, b| (&a.limit, &a.set_variables).cmp(&(&b.limit, &b.set_variables)));
             Json(counters).into_response()
@@ -135,6 +147,6 @@ async fn counters(
 async fn metrics(State(core): State<Arc<Core>>) -> impl IntoResponse {
     (
         [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-        core.metrics().render(),
+        core.render_metrics(),
     )
 }

@@ -2,8 +2,9 @@
 //! behind Limitador's gRPC APIs and a read-only subset of its HTTP API.
 //!
 //! - gRPC (HTTP/2, plaintext): `kuadrant.service.ratelimit.v1.RateLimitService`
-//!   (`CheckRateLimit`, `Report`) and `envoy.service.ratelimit.v3.RateLimitService`
-//!   (`ShouldRateLimit`), see [`service`] for the semantics.
+//!   (`CheckRateLimit`, `Report`, and the reservation protocol's `Reserve` and `Commit`) and
+//!   `envoy.service.ratelimit.v3.RateLimitService` (`ShouldRateLimit`), see [`service`] for the
+//!   semantics and [`reservations`] for the service's own bookkeeping of reservations.
 //! - HTTP/1.1: `/status`, `/limits/{namespace}`, `/counters/{namespace}`, `/metrics`, see
 //!   [`http`] and [`metrics`].
 //! - Limits: Limitador's `limits.yaml`, see [`limits`].
@@ -33,8 +34,10 @@ pub mod http;
 pub mod limits;
 pub mod metrics;
 pub mod proto;
+pub mod reservations;
 pub mod service;
 
+use reservations::ReservationSettings;
 use service::{Core, EnvoyRls, KuadrantRls};
 
 /// Command line of `ratelimit-service`, in the style of `limitador-server`.
@@ -44,7 +47,7 @@ use service::{Core, EnvoyRls, KuadrantRls};
     version,
     about = "Limitador-compatible rate-limit service (in-memory counters)",
     long_about = "Limitador-compatible rate-limit service (in-memory counters).\n\n\
-        gRPC: kuadrant.service.ratelimit.v1.RateLimitService/{CheckRateLimit,Report} and \
+        gRPC: kuadrant.service.ratelimit.v1.RateLimitService/{CheckRateLimit,Report,Reserve,Commit} and \
         envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit.\n\
         HTTP: GET /status, /limits/{namespace}, /counters/{namespace}, /metrics."
 )]
@@ -107,6 +110,31 @@ pub struct Config {
     #[arg(long = "grpc-delay-ms", default_value_t = 0, value_name = "N")]
     pub grpc_delay_ms: u64,
 
+    /// Longest a Reserve holds its amount, in seconds: a request's ttl is shortened to it, and a
+    /// request without a ttl gets it (a hold also ends with its counter's window)
+    #[arg(
+        long = "max-reservation-ttl",
+        default_value_t = 60,
+        value_name = "SECONDS",
+        value_parser = clap::value_parser!(u64).range(1..=MAX_RESERVATION_TTL_SECONDS)
+    )]
+    pub max_reservation_ttl: u64,
+
+    /// Largest share of a counter's max_value one Reserve holds, in (0, 1]: admission still
+    /// needs the whole amount to fit, but no more than this share is held
+    #[arg(
+        long = "max-reservation-fraction",
+        default_value_t = 1.0,
+        value_name = "FRACTION",
+        value_parser = parse_fraction
+    )]
+    pub max_reservation_fraction: f64,
+
+    /// Testing aid: answer Reserve and Commit with gRPC status UNIMPLEMENTED, as Limitador 2.4
+    /// (which has no such methods) does
+    #[arg(long = "reservations-unimplemented")]
+    pub reservations_unimplemented: bool,
+
     /// Validate LIMITS_FILE, print the limits as JSON, and exit
     #[arg(long)]
     pub validate: bool,
@@ -114,6 +142,33 @@ pub struct Config {
     /// More logging: -v debug, -vv trace (default info; RUST_LOG overrides)
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// Largest `--max-reservation-ttl`: a year (a hold never outlives its counter's window anyway).
+pub const MAX_RESERVATION_TTL_SECONDS: u64 = 365 * 86_400;
+
+/// Parses `--max-reservation-fraction`: a number in (0, 1].
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|e| format!("not a number: {e}"))?;
+    if value > 0.0 && value <= 1.0 {
+        Ok(value)
+    } else {
+        Err(format!("must be greater than 0 and at most 1, not {value}"))
+    }
+}
+
+impl Config {
+    /// The reservation policy the flags ask for.
+    pub fn reservation_settings(&self) -> ReservationSettings {
+        ReservationSettings {
+            max_ttl: Duration::from_secs(self.max_reservation_ttl),
+            max_fraction: self.max_reservation_fraction,
+            unimplemented: self.reservations_unimplemented,
+        }
+    }
 }
 
 /// Value of `--rate-limit-headers`, Limitador's names.
@@ -238,6 +293,7 @@ pub async fn start(config: &Config) -> Result<RunningService, Error> {
         config.cache_size,
         Duration::from_millis(config.grpc_delay_ms),
         config.rate_limit_headers == RateLimitHeaders::DraftVersion03,
+        config.reservation_settings(),
     ));
     log::info!(
         "loaded {count} limit(s) from {}",
@@ -277,8 +333,11 @@ pub async fn start(config: &Config) -> Result<RunningService, Error> {
         );
     }
 
-    let (shutdown, rx) = watch::channel(false);
+    if config.reservations_unimplemented {
+        log::warn!("Reserve and Commit answer UNIMPLEMENTED (--reservations-unimplemented)");
+    }
 
+    let (shutdown, rx) = watch::channel(false);
 
     let grpc = {
         let mut rx = rx.clone();

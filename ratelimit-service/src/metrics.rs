@@ -2,10 +2,10 @@
 //!
 //! Limitador's names and labels:
 //! - `limitador_up` (gauge, always 1),
-//! - `authorized_calls{limitador_namespace}`: `CheckRateLimit` and `ShouldRateLimit` calls
-//!   answered `OK`,
-//! - `authorized_hits{limitador_namespace}`: hits added by `ShouldRateLimit` (when admitted) and
-//!   by `Report`,
+//! - `authorized_calls{limitador_namespace}`: `CheckRateLimit`, `ShouldRateLimit` and `Reserve`
+//!   calls answered `OK`,
+//! - `authorized_hits{limitador_namespace}`: hits added by `ShouldRateLimit` (when admitted), by
+//!   `Report` and by `Commit`,
 //! - `limited_calls{limitador_namespace, limit_name}`: calls answered `OVER_LIMIT`, labelled with
 //!   the name of the limit that was hit (empty when it has none). Limitador adds `limit_name`
 //!   only with `--limit-name-in-labels`; this service always does.
@@ -15,11 +15,24 @@
 //! - `ratelimit_report_calls_total`: `Report` calls received,
 //! - `ratelimit_should_rate_limit_calls_total`: `ShouldRateLimit` calls received,
 //! - `ratelimit_reported_hits_total{limitador_namespace}`: the sum of `hits_addend` of the
-//!   `Report` calls applied (0 counted as 1), i.e. tokens reported.
+//!   `Report` calls applied (0 counted as 1), i.e. tokens reported,
+//! - `ratelimit_reserve_calls_total`, `ratelimit_commit_calls_total`: `Reserve` and `Commit`
+//!   calls received (also those answered `UNIMPLEMENTED`),
+//! - `ratelimit_reserved_hits_total{limitador_namespace}`: the sum of the amounts `Reserve`
+//!   held (after the fraction clamp; refused reserves hold nothing),
+//! - `ratelimit_committed_hits_total{limitador_namespace}`: the sum of `actual_amount` of the
+//!   `Commit` calls applied (a retried commit the service ignored is not counted),
+//! - `ratelimit_commit_duplicates_total`: `Commit` calls ignored because their reservation id
+//!   was committed already,
+//! - `ratelimit_reservations_outstanding` (gauge): reservations with a live hold (neither
+//!   committed nor expired), and `ratelimit_reserved_hits_outstanding` (gauge): the sum of their
+//!   held amounts, see [`crate::reservations`].
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
+
+use crate::reservations::Outstanding;
 
 #[derive(Default)]
 struct Inner {
@@ -30,6 +43,11 @@ struct Inner {
     report_calls: u64,
     should_rate_limit_calls: u64,
     reported_hits: BTreeMap<String, u64>,
+    reserve_calls: u64,
+    commit_calls: u64,
+    reserved_hits: BTreeMap<String, u64>,
+    committed_hits: BTreeMap<String, u64>,
+    commit_duplicates: u64,
 }
 
 /// The service's counters, shared by the gRPC handlers and the HTTP API.
@@ -60,6 +78,36 @@ impl Metrics {
         self.with(|m| m.should_rate_limit_calls += 1);
     }
 
+    /// A `Reserve` call was received.
+    pub fn reserve_call(&self) {
+        self.with(|m| m.reserve_calls += 1);
+    }
+
+    /// A `Commit` call was received.
+    pub fn commit_call(&self) {
+        self.with(|m| m.commit_calls += 1);
+    }
+
+    /// A `Reserve` in `namespace` held `amount` (it was also counted as authorized).
+    pub fn reserved(&self, namespace: &str, amount: u64) {
+        self.with(|m| {
+            *m.reserved_hits.entry(namespace.to_string()).or_default() += amount;
+        });
+    }
+
+    /// A `Commit` in `namespace` added `amount`.
+    pub fn committed(&self, namespace: &str, amount: u64) {
+        self.with(|m| {
+            *m.committed_hits.entry(namespace.to_string()).or_default() += amount;
+            *m.authorized_hits.entry(namespace.to_string()).or_default() += amount;
+        });
+    }
+
+    /// A `Commit` was ignored: its reservation id was committed already.
+    pub fn commit_duplicate(&self) {
+        self.with(|m| m.commit_duplicates += 1);
+    }
+
     /// A call in `namespace` was answered `OK`; `hits` were added (0 for a check).
     pub fn authorized(&self, namespace: &str, hits: u64) {
         self.with(|m| {
@@ -87,8 +135,9 @@ impl Metrics {
         });
     }
 
-    /// The Prometheus text exposition of every counter.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition of every counter, and of the `outstanding` reservations
+    /// as gauges.
+    pub fn render(&self, outstanding: Outstanding) -> String {
         self.with(|m| {
             let mut out = String::new();
             header(&mut out, "limitador_up", "gauge", "Limitador is running");
@@ -158,6 +207,80 @@ impl Metrics {
                     esc(ns)
                 );
             }
+
+            header(
+                &mut out,
+                "ratelimit_reserve_calls_total",
+                "counter",
+                "Reserve calls received",
+            );
+            let _ = writeln!(out, "ratelimit_reserve_calls_total {}", m.reserve_calls);
+            header(
+                &mut out,
+                "ratelimit_commit_calls_total",
+                "counter",
+                "Commit calls received",
+            );
+            let _ = writeln!(out, "ratelimit_commit_calls_total {}", m.commit_calls);
+            header(
+                &mut out,
+                "ratelimit_reserved_hits_total",
+                "counter",
+                "Sum of the amounts held by Reserve",
+            );
+            for (ns, n) in &m.reserved_hits {
+                let _ = writeln!(
+                    out,
+                    "ratelimit_reserved_hits_total{{limitador_namespace=\"{}\"}} {n}",
+                    esc(ns)
+                );
+            }
+            header(
+                &mut out,
+                "ratelimit_committed_hits_total",
+                "counter",
+                "Sum of actual_amount applied by Commit",
+            );
+            for (ns, n) in &m.committed_hits {
+                let _ = writeln!(
+                    out,
+                    "ratelimit_committed_hits_total{{limitador_namespace=\"{}\"}} {n}",
+                    esc(ns)
+                );
+            }
+            header(
+                &mut out,
+                "ratelimit_commit_duplicates_total",
+                "counter",
+                "Commit calls ignored: reservation id already committed",
+            );
+            let _ = writeln!(
+                out,
+                "ratelimit_commit_duplicates_total {}",
+                m.commit_duplicates
+            );
+            header(
+                &mut out,
+                "ratelimit_reservations_outstanding",
+                "gauge",
+                "Reservations with a live hold",
+            );
+            let _ = writeln!(
+                out,
+                "ratelimit_reservations_outstanding {}",
+                outstanding.reservations
+            );
+            header(
+                &mut out,
+                "ratelimit_reserved_hits_outstanding",
+                "gauge",
+                "Sum of the amounts held by live reservations",
+            );
+            let _ = writeln!(
+                out,
+                "ratelimit_reserved_hits_outstanding {}",
+                outstanding.amount
+            );
             out
         })
     }
@@ -190,7 +313,7 @@ mod tests {
         m.limited("llm", None);
         m.reported("llm", 7);
         m.reported("llm", 1);
-        let text = m.render();
+        let text = m.render(Outstanding::default());
         assert!(text.contains("ratelimit_check_calls_total 2\n"), "{text}");
         assert!(text.contains("ratelimit_report_calls_total 1\n"), "{text}");
         assert!(
@@ -207,5 +330,38 @@ mod tests {
         assert!(text.contains("limited_calls{limitador_namespace=\"llm\",limit_name=\"\"} 1\n"));
         assert!(text.contains("ratelimit_reported_hits_total{limitador_namespace=\"llm\"} 8\n"));
         assert!(text.contains("# TYPE ratelimit_reported_hits_total counter\n"));
+        assert!(text.contains("ratelimit_reserve_calls_total 0\n"), "{text}");
+        assert!(
+            text.contains("ratelimit_reservations_outstanding 0\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn renders_reservation_counters_and_gauges() {
+        let m = Metrics::default();
+        m.reported("llm", 8);
+        m.reserve_call();
+        m.commit_call();
+        m.commit_call();
+        m.reserved("llm", 5);
+        m.committed("llm", 3);
+        m.commit_duplicate();
+        let text = m.render(Outstanding {
+            reservations: 2,
+            amount: 9,
+        });
+        assert!(text.contains("ratelimit_reserve_calls_total 1\n"), "{text}");
+        assert!(text.contains("ratelimit_commit_calls_total 2\n"), "{text}");
+        assert!(text.contains("ratelimit_reserved_hits_total{limitador_namespace=\"llm\"} 5\n"));
+        assert!(text.contains("ratelimit_committed_hits_total{limitador_namespace=\"llm\"} 3\n"));
+        assert!(
+            text.contains("authorized_hits{limitador_namespace=\"llm\"} 11\n"),
+            "commits add to authorized_hits: {text}"
+        );
+        assert!(text.contains("ratelimit_commit_duplicates_total 1\n"));
+        assert!(text.contains("# TYPE ratelimit_reservations_outstanding gauge\n"));
+        assert!(text.contains("ratelimit_reservations_outstanding 2\n"));
+        assert!(text.contains("ratelimit_reserved_hits_outstanding 9\n"));
     }
 }

@@ -4,7 +4,8 @@
 //! Each module has `rate_limit_service_server::{RateLimitService, RateLimitServiceServer}` and
 //! `rate_limit_service_client::RateLimitServiceClient`.
 
-/// `kuadrant.service.ratelimit.v1.RateLimitService`: `CheckRateLimit` and `Report`.
+/// `kuadrant.service.ratelimit.v1.RateLimitService`: `CheckRateLimit`, `Report`, `Reserve` and
+/// `Commit`.
 pub mod kuadrant {
     #![allow(missing_docs, clippy::all)]
     include!(concat!(

@@ -6,7 +6,22 @@
 //!   its maximum, and answers `OK`.
 //! - `ShouldRateLimit` checks whether `hits_addend` (0 counts as 1) more fits in every counter
 //!   and, if so, adds it, in one step.
-//! - An empty domain answers `UNKNOWN`; descriptors that no limit matches answer `OK`.
+//! - `Reserve` (Kuadrant's reservation protocol) admits when, for every counter that applies,
+//!   value + outstanding holds + `amount` <= max, and then holds `amount` (clamped to
+//!   `--max-reservation-fraction` of the smallest max) on each of them until `Commit` or expiry:
+//!   min(`ttl`, the server's `--max-reservation-ttl`, the end of that counter's window); an unset
+//!   `ttl` is the server's maximum. It answers `OK` with a `reservation_id`, or `OVER_LIMIT`
+//!   (nothing held, no id). `OK` comes with an empty id when nothing is held: no limit applies,
+//!   or the held amount is 0 (`amount` 0, or clamped to 0).
+//! - `Commit` adds `actual_amount` (0 adds nothing) to every counter that applies and releases
+//!   the hold of `reservation_id` if it is still live (`reservation_released`: a live hold was
+//!   released; the crate alone would also say so of an expired hold it has not purged yet);
+//!   an empty, unknown or expired id behaves like `Report`. A `Commit` retried with an id already
+//!   committed adds nothing and answers `reservation_released: false` (Limitador would apply it
+//!   again), see [`crate::reservations`].
+//! - An empty domain answers `UNKNOWN` (`Commit`: `reservation_released: false`, nothing
+//!   added); descriptors that no limit matches answer `OK`. An `amount` or `actual_amount`
+//!   above [`MAX_AMOUNT`] and a negative `ttl` answer gRPC `INVALID_ARGUMENT`.
 //!
 //! The CEL context is Limitador's: one variable `descriptors`, a list with one string map per
 //! request descriptor (a key repeated within a descriptor keeps its last value).
@@ -17,7 +32,10 @@
 //! max_value, unit}` (`UNKNOWN` when the window is not exactly one unit), `limit_remaining` and
 //! `duration_until_reset`. A descriptor no counter applies to gets a bare status with its code.
 //! `CheckRateLimit` shows the counters before any hit, `Report` and `ShouldRateLimit` after
-//! their hits. A `Report` status's code is always `OK` (the hits were taken).
+//! their hits. A `Report` status's code is always `OK` (the hits were taken). `Reserve` answers
+//! them too (`ReserveResponse.statuses`, field 3, this project's extension), with
+//! `limit_remaining` = max − value − outstanding holds (this reservation's included when
+//! admitted), as the crate computes it while reserving.
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -27,37 +45,53 @@ use std::time::Duration;
 use limitador::counter::Counter;
 use limitador::errors::LimitadorError;
 use limitador::limit::{Context, Limit, Namespace};
-use limitador::{CheckResult, RateLimiter};
+use limitador::reservation::{ReservationId, ReservationLimits, ReserveResult};
+use limitador::{CheckResult, RateLimiter, RateLimiterBuilder};
 use ratelimit_proto::{
-    Code, DescriptorStatus, HeaderValue, RateLimit, RateLimitDescriptor, RateLimitRequest,
-    RateLimitResponse, Unit,
+    Code, CommitRequest, CommitResponse, DescriptorStatus, HeaderValue, RateLimit,
+    RateLimitDescriptor, RateLimitRequest, RateLimitResponse, ReserveRequest, ReserveResponse,
+    Unit,
 };
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
 use crate::proto::{envoy, kuadrant};
+use crate::reservations::{CommitTicket, Ledger, ReservationSettings};
+
+/// Shortest time a committed reservation id is remembered (see [`crate::reservations`]): the
+/// memory window is the longer of this and `--max-reservation-ttl`.
+const MIN_COMMIT_MEMORY: Duration = Duration::from_secs(60);
 
 /// State shared by the gRPC services and the HTTP API: the limiter holding limits and counters,
-/// the metrics, and the testing delay.
+/// the metrics, the service's view of the reservations, and the testing delay.
 pub struct Core {
     limiter: RateLimiter,
     metrics: Metrics,
     delay: Duration,
     rate_limit_headers: bool,
+    reservations: ReservationSettings,
+    ledger: Ledger,
 }
 
 impl Core {
     /// A core with `limits` loaded in an in-memory limiter holding at most `cache_size`
     /// qualified counters (counters of limits with `variables`; past that, the cache evicts
-    /// some), answering every gRPC call after `delay`, and adding Limitador's
-    /// `X-RateLimit-*` headers (draft 03) to `ShouldRateLimit` answers when `rate_limit_headers`.
+    /// some), answering every gRPC call after `delay`, adding Limitador's `X-RateLimit-*`
+    /// headers (draft 03) to `ShouldRateLimit` answers when `rate_limit_headers`, and reserving
+    /// under the `reservations` policy.
     pub fn new(
         limits: Vec<Limit>,
         cache_size: u64,
         delay: Duration,
         rate_limit_headers: bool,
+        reservations: ReservationSettings,
     ) -> Self {
-        let limiter = RateLimiter::new(cache_size);
+        let limiter = RateLimiterBuilder::new(cache_size)
+            .reservation_limits(ReservationLimits {
+                max_fraction: reservations.max_fraction,
+                max_ttl: reservations.max_ttl,
+            })
+            .build();
         for limit in limits {
             limiter.add_limit(limit);
         }
@@ -66,7 +100,20 @@ impl Core {
             metrics: Metrics::default(),
             delay,
             rate_limit_headers,
+            reservations,
+            ledger: Ledger::new(reservations.max_ttl.max(MIN_COMMIT_MEMORY)),
         }
+    }
+
+    /// The Prometheus text of [`Core::metrics`], with the outstanding reservations.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(self.ledger.outstanding())
+    }
+
+    /// The amount live reservations hold on each counter (counters with none are absent), as
+    /// the service tracks them (see [`crate::reservations`]).
+    pub fn held_by_counter(&self) -> HashMap<Counter, u64> {
+        self.ledger.held_by_counter()
     }
 
     /// The limiter, for the HTTP API (`/limits`, `/counters`).
@@ -191,6 +238,153 @@ impl Core {
         Ok(response(code, statuses, headers))
     }
 
+    /// `Reserve`: if `amount` fits in every counter that applies once their outstanding holds
+    /// are counted, holds it (see the module docs) and answers `OK` with the reservation's id;
+    /// otherwise holds nothing and answers `OVER_LIMIT`.
+    pub fn reserve(&self, req: &ReserveRequest) -> Result<ReserveResponse, Status> {
+        self.metrics.reserve_call();
+        self.reservations_implemented()?;
+        if req.domain.is_empty() {
+            return Ok(ReserveResponse {
+                code: Code::Unknown as i32,
+                reservation_id: String::new(),
+                statuses: Vec::new(),
+            });
+        }
+        check_amount("amount", req.amount)?;
+        let ttl = hold_ttl(req.ttl.as_ref(), self.reservations.max_ttl)?;
+        let ns = Namespace::from(req.domain.as_str());
+        let ctx = context(&req.descriptors, None);
+        let result = guarded(|| self.limiter.reserve(&ns, &ctx, req.amount, Some(ttl)))?;
+        let code = if result.limited {
+            self.metrics
+                .limited(&req.domain, result.limit_name.as_deref());
+            Code::OverLimit
+        } else {
+            self.metrics.authorized(&req.domain, 0);
+            Code::Ok
+        };
+        let reservation_id = match &result.reservation_id {
+            Some(id) => {
+                // The crate holds on each counter until min(ttl, its window's end).
+                let holds = result
+                    .counters
+                    .iter()
+                    .map(|c| (c.clone(), ttl.min(reset(c))))
+                    .collect();
+                self.ledger.record_hold(id.as_str(), result.amount, holds);
+                self.metrics.reserved(&req.domain, result.amount);
+                id.to_string()
+            }
+            None => String::new(),
+        };
+        let statuses = if req.descriptors.len() == 1 {
+            vec![status(&result.counters, code)]
+        } else {
+            self.reserve_statuses(&ns, &req.descriptors, &result, req.amount)?
+        };
+        Ok(ReserveResponse {
+            code: code as i32,
+            reservation_id,
+            statuses,
+        })
+    }
+
+    /// `Commit`: adds `actual_amount` to every counter that applies and releases the hold of
+    /// `reservation_id` if it is still live; a retried commit (an id already committed) adds
+    /// nothing.
+    pub fn commit(&self, req: &CommitRequest) -> Result<CommitResponse, Status> {
+        self.metrics.commit_call();
+        self.reservations_implemented()?;
+        let not_released = CommitResponse {
+            reservation_released: false,
+        };
+        if req.domain.is_empty() {
+            return Ok(not_released);
+        }
+        check_amount("actual_amount", req.actual_amount)?;
+        let id = (!req.reservation_id.is_empty()).then_some(req.reservation_id.as_str());
+        if let Some(id) = id {
+            if self.ledger.begin_commit(id) == CommitTicket::Duplicate {
+                log::debug!("Commit of {id:?} again: already applied, ignored");
+                self.metrics.commit_duplicate();
+                return Ok(not_released);
+            }
+        }
+        let ns = Namespace::from(req.domain.as_str());
+        let ctx = context(&req.descriptors, None);
+        let reservation_id = id.map(|id| ReservationId::from(id.to_string()));
+        let result = guarded(|| {
+            self.limiter
+                .commit_reservation(&ns, &ctx, reservation_id.as_ref(), req.actual_amount)
+        });
+        match result {
+            Ok(result) => {
+                // The crate also says released for an expired hold it has not purged yet.
+                let released = match id {
+                    Some(id) => self.ledger.finish_commit(id, result.reservation_released),
+                    None => false,
+                };
+                self.metrics.committed(&req.domain, req.actual_amount);
+                Ok(CommitResponse {
+                    reservation_released: released,
+                })
+            }
+            Err(e) => {
+                if let Some(id) = id {
+                    self.ledger.abort_commit(id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn reservations_implemented(&self) -> Result<(), Status> {
+        if self.reservations.unimplemented {
+            Err(Status::unimplemented(
+                "Reserve and Commit are not served (--reservations-unimplemented)",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Per-descriptor statuses of a `Reserve` with several descriptors: each descriptor's own
+    /// counters, as [`Core::per_descriptor`] selects them for `CheckRateLimit`, with the
+    /// remaining and reset the reservation computed for them (outstanding holds counted). A
+    /// descriptor is `OVER_LIMIT` when the reservation was refused and one of its counters had
+    /// less than `amount` left.
+    fn reserve_statuses(
+        &self,
+        ns: &Namespace,
+        descriptors: &[RateLimitDescriptor],
+        reserved: &ReserveResult,
+        amount: u64,
+    ) -> Result<Vec<DescriptorStatus>, Status> {
+        Ok(self
+            .per_descriptor_results(ns, descriptors, amount)?
+            .into_iter()
+            .map(|mut r| {
+                let mut limited = false;
+                for counter in r.counters.iter_mut() {
+                    if let Some(after) = reserved.counters.iter().find(|c| *c == counter) {
+                        if let Some(remaining) = after.remaining() {
+                            counter.set_remaining(remaining);
+                        }
+                        if let Some(expires_in) = after.expires_in() {
+                            counter.set_expires_in(expires_in);
+                        }
+                    }
+                    // Refused: did this counter lack room? (With `amount` 0, "no room" is a
+                    // counter at or past its max.)
+                    let remaining = counter.remaining().unwrap_or(counter.max_value());
+                    limited |= reserved.limited && (remaining < amount || remaining == 0);
+                }
+                status(&r.counters, limited_code(limited))
+            })
+            .collect())
+    }
+
     /// Read-only check of each descriptor alone (the others hidden as empty maps).
     fn per_descriptor_results(
         &self,
@@ -219,6 +413,43 @@ impl Core {
             .map(|r| status(&r.counters, code(r)))
             .collect())
     }
+}
+
+/// Most one `Reserve` or `Commit` may ask for: `hits_addend`'s bound (uint32). Counters add
+/// without overflow checks (in the limitador crate, a sum past `u64::MAX` wraps to a small
+/// value in a release build, and panics holding the counters' lock in a debug one); with at
+/// most this much per call, no window can see enough calls to get there.
+pub const MAX_AMOUNT: u64 = u32::MAX as u64;
+
+/// Refuses an amount above [`MAX_AMOUNT`] (`INVALID_ARGUMENT`).
+fn check_amount(field: &str, amount: u64) -> Result<(), Status> {
+    if amount > MAX_AMOUNT {
+        Err(Status::invalid_argument(format!(
+            "{field} {amount} is above {MAX_AMOUNT}, the most one call may add"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+/// How long a `Reserve` may hold: its `ttl`, shortened to `max`; an unset `ttl` is `max`.
+/// A negative or malformed `ttl` is refused (`INVALID_ARGUMENT`).
+fn hold_ttl(ttl: Option<&prost_types::Duration>, max: Duration) -> Result<Duration, Status> {
+    let Some(ttl) = ttl else {
+        return Ok(max);
+    };
+    let (Ok(seconds), Ok(nanos)) = (u64::try_from(ttl.seconds), u32::try_from(ttl.nanos)) else {
+        return Err(Status::invalid_argument(format!(
+            "ttl must not be negative: {}s {}ns",
+            ttl.seconds, ttl.nanos
+        )));
+    };
+    if nanos >= 1_000_000_000 {
+        return Err(Status::invalid_argument(format!(
+            "ttl nanos must be below 1e9: {nanos}"
+        )));
+    }
+    Ok(Duration::new(seconds, nanos).min(max))
 }
 
 /// Hits to add: `hits_addend`, 0 counting as 1 (Envoy's and Limitador's rule).
@@ -357,6 +588,26 @@ impl kuadrant::rate_limit_service_server::RateLimitService for KuadrantRls {
         log::debug!("Report {req:?}");
         self.0.report(&req).map(Response::new)
     }
+
+    async fn reserve(
+        &self,
+        request: Request<ReserveRequest>,
+    ) -> Result<Response<ReserveResponse>, Status> {
+        self.0.delay().await;
+        let req = request.into_inner();
+        log::debug!("Reserve {req:?}");
+        self.0.reserve(&req).map(Response::new)
+    }
+
+    async fn commit(
+        &self,
+        request: Request<CommitRequest>,
+    ) -> Result<Response<CommitResponse>, Status> {
+        self.0.delay().await;
+        let req = request.into_inner();
+        log::debug!("Commit {req:?}");
+        self.0.commit(&req).map(Response::new)
+    }
 }
 
 /// `envoy.service.ratelimit.v3.RateLimitService` over a shared [`Core`].
@@ -382,7 +633,13 @@ mod tests {
     use ratelimit_proto::Entry;
 
     fn core(yaml: &str) -> Core {
-        Core::new(parse_limits(yaml).unwrap(), 1000, Duration::ZERO, true)
+        Core::new(
+            parse_limits(yaml).unwrap(),
+            1000,
+            Duration::ZERO,
+            true,
+            ReservationSettings::default(),
+        )
     }
 
     fn req(domain: &str, descriptors: &[&[(&str, &str)]], hits: u32) -> RateLimitRequest {
@@ -460,6 +717,23 @@ mod tests {
             "nothing added when limited"
         );
         assert_eq!(second.statuses[1].code, Code::OverLimit as i32);
+    }
+
+    #[test]
+    fn hold_ttl_is_shortened_to_the_maximum_and_refuses_malformed_durations() {
+        let max = Duration::from_secs(60);
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        assert_eq!(hold_ttl(None, max).unwrap(), max);
+        assert_eq!(
+            hold_ttl(Some(&d(1, 500_000_000)), max).unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert_eq!(hold_ttl(Some(&d(0, 0)), max).unwrap(), Duration::ZERO);
+        assert_eq!(hold_ttl(Some(&d(i64::MAX, 999_999_999)), max).unwrap(), max);
+        for bad in [d(-1, 0), d(0, -1), d(1, 1_000_000_000)] {
+            let err = hold_ttl(Some(&bad), max).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        }
     }
 
     #[test]

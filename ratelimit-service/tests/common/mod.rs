@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use clap::Parser;
-use ratelimit_proto::{Entry, RateLimitDescriptor, RateLimitRequest, RateLimitResponse};
+use ratelimit_proto::{
+    CommitRequest, Entry, RateLimitDescriptor, RateLimitRequest, RateLimitResponse, ReserveRequest,
+};
 use ratelimit_service::proto::{envoy, kuadrant};
 use ratelimit_service::{Config, RunningService};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,6 +82,44 @@ pub fn request(domain: &str, entries: &[(&str, &str)], hits_addend: u32) -> Rate
         }],
         hits_addend,
     }
+}
+
+/// A `Reserve` of `amount` with one descriptor holding `entries`, and `ttl` if given.
+pub fn reserve_request(
+    domain: &str,
+    entries: &[(&str, &str)],
+    amount: u64,
+    ttl: Option<Duration>,
+) -> ReserveRequest {
+    ReserveRequest {
+        domain: domain.to_string(),
+        descriptors: request(domain, entries, 0).descriptors,
+        amount,
+        ttl: ttl.map(|d| prost_types::Duration {
+            seconds: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        }),
+    }
+}
+
+/// A `Commit` of `actual_amount` for `reservation_id` with one descriptor holding `entries`.
+pub fn commit_request(
+    domain: &str,
+    entries: &[(&str, &str)],
+    reservation_id: &str,
+    actual_amount: u64,
+) -> CommitRequest {
+    CommitRequest {
+        domain: domain.to_string(),
+        descriptors: request(domain, entries, 0).descriptors,
+        reservation_id: reservation_id.to_string(),
+        actual_amount,
+    }
+}
+
+/// A code field as the enum.
+pub fn as_code(code: i32) -> ratelimit_proto::Code {
+    ratelimit_proto::Code::try_from(code).unwrap()
 }
 
 /// `overall_code` as the enum.
