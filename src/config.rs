@@ -12,12 +12,17 @@
 //!   domain: llm               # Limitador namespace the counters live in
 //!   timeout: 100ms            # per CheckRateLimit call
 //!   failureMode: deny         # deny | allow
+//!   mode: auto                # auto | reservation | checkReport
 //! auth:
 //!   metadataNamespace: envoy.filters.http.ext_authz   # where `auth.*` is read from
 //! reporting:
 //!   flushPeriod: 100ms        # how often the root context sends aggregated reports
 //!   timeout: 1s               # per Report call
 //!   maxRetries: 3             # further attempts of a failed Report before it is dropped
+//! reservation:                # what reservation mode holds before the upstream
+//!   defaultAmount: 256        # tokens when the request declares nothing readable
+//!   maxAmount: 100000         # most tokens one request reserves per category
+//!   ttl: 60s                  # longest hold
 //! limits:
 //!   free:
 //!     rates: [{limit: 50, window: 1m}]
@@ -117,6 +122,8 @@ pub struct PluginConfig {
     pub usage: UsageConfig,
     #[serde(default)]
     pub request_body: RequestBodyConfig,
+    #[serde(default)]
+    pub reservation: ReservationConfig,
     /// Named limits; the names become descriptor entries `limit.<name>`.
     pub limits: BTreeMap<String, LimitConfig>,
 }
@@ -134,6 +141,26 @@ pub struct RateLimitServiceConfig {
     pub timeout: String,
     #[serde(default)]
     pub failure_mode: FailureMode,
+    /// How requests are admitted before the upstream (default `auto`).
+    #[serde(default)]
+    pub mode: AdmissionMode,
+}
+
+/// How a request is admitted before the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AdmissionMode {
+    /// `reservation`, falling back to `checkReport` for the life of the VM when the service
+    /// answers `Reserve` with gRPC `UNIMPLEMENTED` (Limitador 2.4 and earlier).
+    #[default]
+    Auto,
+    /// `Reserve` the request's estimated tokens before the upstream (refused: 429) and
+    /// `Commit` the actual tokens after, which releases the hold. Concurrent requests cannot
+    /// pass a budget together.
+    Reservation,
+    /// `CheckRateLimit` with zero hits before the upstream and `Report` of the actual tokens
+    /// after. Nothing holds capacity in between.
+    CheckReport,
 }
 
 fn default_check_timeout() -> String {
@@ -258,6 +285,61 @@ fn default_true() -> bool {
     true
 }
 
+/// What reservation mode reserves by default.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReservationConfig {
+    /// Tokens reserved per token category when the filter cannot read what the request
+    /// declares (no body in hand), and the completion tokens assumed for a request that
+    /// declares no maximum (default 256).
+    #[serde(default = "default_reservation_amount")]
+    pub default_amount: u64,
+    /// Most tokens one request reserves per token category (default 100,000). A reservation is
+    /// also never larger than the smallest limit it reserves against.
+    #[serde(default = "default_reservation_max")]
+    pub max_amount: u64,
+    /// How long a hold lives at most, e.g. `60s` (default `60s`; the service may cap it, and a
+    /// hold never outlives its counter's window). A request that outlives its hold is still
+    /// charged in full by its commit.
+    #[serde(default = "default_reservation_ttl")]
+    pub ttl: String,
+}
+
+fn default_reservation_amount() -> u64 {
+    256
+}
+
+fn default_reservation_max() -> u64 {
+    100_000
+}
+
+fn default_reservation_ttl() -> String {
+    "60s".into()
+}
+
+impl Default for ReservationConfig {
+    fn default() -> Self {
+        ReservationConfig {
+            default_amount: default_reservation_amount(),
+            max_amount: default_reservation_max(),
+            ttl: default_reservation_ttl(),
+        }
+    }
+}
+
+/// A limit's own reservation, overriding the default amount (as Kuadrant's policy does).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LimitReservationConfig {
+    /// CEL expression of the tokens to reserve (an int or uint ≥ 0), over the request's
+    /// attributes and `requestBodyJSON()`; capped by `reservation.maxAmount`.
+    #[serde(default)]
+    pub amount: Option<String>,
+    /// How long this limit's hold lives at most (default `reservation.ttl`).
+    #[serde(default)]
+    pub ttl: Option<String>,
+}
+
 /// How the request body is read (for `requestBodyJSON()` and `include_usage` injection).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -318,6 +400,9 @@ pub struct LimitConfig {
     /// Which usage figure this limit spends (default `total`).
     #[serde(default)]
     pub tokens: TokenCategory,
+    /// What reservation mode reserves for this limit (default: the request's own bound).
+    #[serde(default)]
+    pub reservation: Option<LimitReservationConfig>,
 }
 
 /// A budget of `limit` tokens per `window`.

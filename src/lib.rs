@@ -9,11 +9,13 @@
 //!   and counters, descriptors);
 //! - [`attributes`]: Envoy's attribute vocabulary and encodings;
 //! - [`usage`]: where each provider reports usage, JSON and SSE, compressed or not;
+//! - [`estimate`]: what a request declares about its size (for reservations);
 //! - [`flow`]: one request's pure state machine; [`reports`]: the report queue;
 //! - [`limits`]: the Limitador limits generated from a policy.
 
 pub mod attributes;
 pub mod config;
+pub mod estimate;
 pub mod filter;
 pub mod flow;
 pub mod limits;

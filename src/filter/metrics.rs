@@ -112,7 +112,7 @@ impl Metrics {
     }
 
     /// Adds the [`Hot`] counts gathered since the last flush to the proxy's counters.
-    pub fn flush(&mut self, host: &mut dyn Host) {
+    pub fn flush(&mut self, host: &mut impl Host) {
         for (i, name) in HOT_NAMES.iter().enumerate() {
             let n = self.hot.get_mut(i).map(std::mem::take).unwrap_or(0);
             self.add(host, name, n);
@@ -120,7 +120,7 @@ impl Metrics {
     }
 
     /// Adds `n` to counter `name` now (defining it on first use); 0 costs nothing.
-    pub fn add(&mut self, host: &mut dyn Host, name: &str, n: u64) {
+    pub fn add(&mut self, host: &mut impl Host, name: &str, n: u64) {
         if n == 0 {
             return;
         }
@@ -138,7 +138,7 @@ impl Metrics {
     }
 
     /// Adds 1 to counter `name` now.
-    pub fn inc(&mut self, host: &mut dyn Host, name: &str) {
+    pub fn inc(&mut self, host: &mut impl Host, name: &str) {
         self.add(host, name, 1);
     }
 }

@@ -138,7 +138,7 @@ impl RootFilter {
     /// Reads and compiles the plugin configuration. `false` refuses it: the proxy then keeps
     /// the previous configuration (or none). Tokens the previous configuration still owes
     /// are kept and reported under the new one's service settings.
-    pub fn on_configure(&mut self, host: &mut dyn Host) -> bool {
+    pub fn on_configure(&mut self, host: &mut impl Host) -> bool {
         host.refresh_log_level();
         let bytes = host
             .buffer(Buffer::PluginConfiguration, 0, usize::MAX)
@@ -187,7 +187,7 @@ impl RootFilter {
 
     /// The tick: flushes the batched counters, releases requests stuck waiting for their
     /// body, and sends the reports gathered since the last tick.
-    pub fn on_tick(&mut self, host: &mut dyn Host) {
+    pub fn on_tick(&mut self, host: &mut impl Host) {
         host.refresh_log_level();
         self.shared.borrow_mut().metrics.flush(host);
         let Some(policy) = self.policy.clone() else {
@@ -226,7 +226,7 @@ impl RootFilter {
 
     /// The reply to one of the root's calls (a report): `status` is the gRPC status, `size`
     /// the reply's length in the [`Buffer::GrpcReply`] buffer.
-    pub fn on_grpc_reply(&mut self, host: &mut dyn Host, token: u32, status: u32, size: usize) {
+    pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
         let ok = status == 0
             && host
                 .buffer(Buffer::GrpcReply, 0, size)
@@ -241,7 +241,7 @@ impl RootFilter {
     /// (Envoy without `allow_on_headers_stop_iteration`) are released rather than left
     /// hanging: refused with a 500 under failure mode `deny`, let through unchecked under
     /// `allow`. Later requests are evaluated without their body.
-    fn release_stuck_requests(&mut self, host: &mut dyn Host, policy: &Policy) {
+    fn release_stuck_requests(&mut self, host: &mut impl Host, policy: &Policy) {
         let period = policy.service.flush_period.as_millis().max(1);
         let limit = u32::try_from((BODY_WAIT.as_millis() / period).max(1)).unwrap_or(u32::MAX);
         let stuck = {
@@ -287,7 +287,7 @@ impl RootFilter {
 
 /// Logs and counts what became of a report's call.
 fn record_report_outcome(
-    host: &mut dyn Host,
+    host: &mut impl Host,
     shared: &mut Shared,
     outcome: ReportOutcome,
     status: u32,

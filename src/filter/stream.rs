@@ -134,7 +134,7 @@ impl StreamFilter {
     }
 
     /// The request headers arrived; `end_of_stream`: the request has no body.
-    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Action {
+    pub fn on_request_headers(&mut self, host: &mut impl Host, end_of_stream: bool) -> Action {
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
@@ -170,7 +170,7 @@ impl StreamFilter {
     /// so far while the filter pauses it, else this chunk).
     pub fn on_request_body(
         &mut self,
-        host: &mut dyn Host,
+        host: &mut impl Host,
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
@@ -233,7 +233,7 @@ impl StreamFilter {
 
     /// The reply to this stream's check: `status` is the gRPC status, `size` the reply's length
     /// in the [`Buffer::GrpcReply`] buffer.
-    pub fn on_grpc_reply(&mut self, host: &mut dyn Host, token: u32, status: u32, size: usize) {
+    pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
         if self.check_token != Some(token) {
             return;
         }
@@ -254,7 +254,7 @@ impl StreamFilter {
     }
 
     /// The response headers arrived: adds the rate-limit headers and chooses how to read usage.
-    pub fn on_response_headers(&mut self, host: &mut dyn Host) -> Action {
+    pub fn on_response_headers(&mut self, host: &mut impl Host) -> Action {
         if self.is_released() {
             return Action::Continue;
         }
@@ -277,7 +277,7 @@ impl StreamFilter {
     /// A response body chunk of `body_size` bytes arrived (it goes on to the client as is).
     pub fn on_response_body(
         &mut self,
-        host: &mut dyn Host,
+        host: &mut impl Host,
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
@@ -297,7 +297,7 @@ impl StreamFilter {
 
     /// The stream is over (the proxy writes its access log). After an abort (client gone,
     /// upstream reset) the stream never reached its end: what arrived is charged here.
-    pub fn on_log(&mut self, host: &mut dyn Host) {
+    pub fn on_log(&mut self, host: &mut impl Host) {
         if self.shared.borrow_mut().stream_ended(self.context_id) {
             return;
         }
@@ -308,7 +308,7 @@ impl StreamFilter {
     /// body to come; `body`: the complete body in hand (Evaluate mode), rewritten in place.
     fn check(
         &mut self,
-        host: &mut dyn Host,
+        host: &mut impl Host,
         policy: &Rc<Policy>,
         complete: bool,
         body: Option<&mut Vec<u8>>,
@@ -376,7 +376,7 @@ impl StreamFilter {
 
     /// Carries out a verdict. `paused`: the request waits for the check reply (resume it to let
     /// it through); otherwise the returned action lets it through or stops it.
-    fn apply(&mut self, host: &mut dyn Host, verdict: Verdict, paused: bool) -> Action {
+    fn apply(&mut self, host: &mut impl Host, verdict: Verdict, paused: bool) -> Action {
         let reply = {
             let mut shared = self.shared.borrow_mut();
             let metrics = &mut shared.metrics;
@@ -449,7 +449,7 @@ impl StreamFilter {
     }
 
     /// Counts the expressions that failed, logging each at warn level once.
-    fn record_errors(&self, host: &mut dyn Host, decision: &Decision) {
+    fn record_errors(&self, host: &mut impl Host, decision: &Decision) {
         if decision.errors.is_empty() {
             return;
         }
@@ -475,7 +475,7 @@ impl StreamFilter {
     }
 
     /// Adds `stream_options.include_usage` to the complete request body in hand.
-    fn inject(&mut self, host: &mut dyn Host, body: &mut Vec<u8>) {
+    fn inject(&mut self, host: &mut impl Host, body: &mut Vec<u8>) {
         if let Some(new) = crate::usage::inject_include_usage(body) {
             host_log!(
                 host,
@@ -509,7 +509,7 @@ impl StreamFilter {
     }
 
     /// Charges the request once: its usage (or the fallback) is queued for report.
-    fn finish(&mut self, host: &mut dyn Host) {
+    fn finish(&mut self, host: &mut impl Host) {
         let Some(policy) = self.policy.clone() else {
             return;
         };
@@ -560,7 +560,7 @@ fn lossy(value: Option<Vec<u8>>) -> Option<String> {
 
 /// Counts a failed check (and a timeout on its own).
 fn record_service_failure(
-    host: &mut dyn Host,
+    host: &mut impl Host,
     metrics: &mut super::metrics::Metrics,
     failure: &ServiceFailure,
 ) {
