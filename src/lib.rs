@@ -6,6 +6,7 @@
 //! (`host`, built for `wasm32` only) that moves bytes between Envoy and the core.
 
 pub mod attributes;
+mod cel;
 pub mod config;
 pub mod flow;
 pub mod limits;
