@@ -86,6 +86,7 @@ pub(crate) fn checked_arithmetic(e: Expression) -> Expression {
     }
 }
 
+/// Both operands as `f64`, when both are numbers (int, uint or double).
 fn numeric_pair(a: &Value, b: &Value) -> Option<(f64, f64)> {
     let f = |v: &Value| match v {
         Value::Int(i) => Some(*i as f64),
@@ -96,6 +97,9 @@ fn numeric_pair(a: &Value, b: &Value) -> Option<(f64, f64)> {
     Some((f(a)?, f(b)?))
 }
 
+/// `a + b` ([`CHECKED_ADD`]): int and uint sums, duration sums and timestamp plus duration
+/// fail with an `overflow` error instead of wrapping or panicking; other operands (doubles,
+/// strings, lists, ...) add as the interpreter adds them.
 pub(super) fn cel_add(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     let fail = || ExecutionError::function_error("+", "overflow");
     match (&a, &b) {
@@ -109,6 +113,9 @@ pub(super) fn cel_add(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     }
 }
 
+/// `a - b` ([`CHECKED_SUB`]): int and uint differences, duration differences and timestamp
+/// minus duration fail with an `overflow` error; other operands subtract as the interpreter
+/// subtracts them.
 pub(super) fn cel_sub(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     let fail = || ExecutionError::function_error("-", "overflow");
     match (&a, &b) {
@@ -120,6 +127,8 @@ pub(super) fn cel_sub(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     }
 }
 
+/// `a * b` ([`CHECKED_MUL`]): int and uint products fail with an `overflow` error; other
+/// operands multiply as the interpreter multiplies them.
 pub(super) fn cel_mul(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     let fail = || ExecutionError::function_error("*", "overflow");
     match (&a, &b) {
@@ -129,6 +138,8 @@ pub(super) fn cel_mul(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     }
 }
 
+/// `-a` ([`CHECKED_NEG`]): an int fails with an `overflow` error at `i64::MIN`, a double is
+/// negated, anything else is an unsupported operand.
 pub(super) fn cel_neg(a: Value) -> cel_interpreter::ResolveResult {
     match a {
         Value::Int(x) => x
@@ -140,7 +151,9 @@ pub(super) fn cel_neg(a: Value) -> cel_interpreter::ResolveResult {
     }
 }
 
-/// `target[index]` as the interpreter computes it, without its unchecked `index + 1`.
+/// `target[index]` ([`CHECKED_INDEX`]) as the interpreter computes it, without its unchecked
+/// `index + 1`: a list or string index out of range (or negative) gives `null`, a missing map
+/// key `null`; an index of the wrong type is an error.
 pub(super) fn cel_index(target: Value, index: Value) -> cel_interpreter::ResolveResult {
     let found = |v: Option<&Value>| Ok(v.cloned().unwrap_or(Value::Null));
     match (target, index) {
@@ -159,6 +172,8 @@ pub(super) fn cel_index(target: Value, index: Value) -> cel_interpreter::Resolve
     }
 }
 
+/// `a / b` ([`CHECKED_DIV`]): int and uint division fail with an error on a zero divisor (and
+/// `i64::MIN / -1`); any other pair of numbers divides as doubles; non-numbers are an error.
 pub(super) fn cel_div(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     let fail = |m: &str| ExecutionError::function_error("/", m);
     match (&a, &b) {
@@ -176,6 +191,8 @@ pub(super) fn cel_div(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     }
 }
 
+/// `a % b` ([`CHECKED_MOD`]): int and uint remainders fail with an error on a zero divisor (and
+/// `i64::MIN % -1`); operands other than two ints or two uints are an error.
 pub(super) fn cel_mod(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     let fail = |m: &str| ExecutionError::function_error("%", m);
     match (&a, &b) {

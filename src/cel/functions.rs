@@ -10,7 +10,9 @@ use cel_interpreter::{Context, Value};
 use std::sync::Arc;
 
 /// The shared CEL context: the standard functions plus the string extensions Kuadrant's
-/// policies use (`split`, `lowerAscii`, `upperAscii`, `trim`, `replace`, `join`).
+/// policies use (`split`, `lowerAscii`, `upperAscii`, `trim`, `replace`, `join`), and the
+/// checked arithmetic and indexing functions that the rewritten expressions call (see
+/// [`super::checked::checked_arithmetic`]). It holds no variables.
 pub(crate) fn root_context() -> Context<'static> {
     let mut ctx = Context::default();
     ctx.add_function("split", cel_split);
@@ -29,6 +31,7 @@ pub(crate) fn root_context() -> Context<'static> {
     ctx
 }
 
+/// `s.split(sep)`: the list of the parts of `s` between occurrences of `sep`.
 fn cel_split(This(this): This<Arc<String>>, sep: Arc<String>) -> cel_interpreter::ResolveResult {
     Ok(Value::List(Arc::new(
         this.split(sep.as_str())
@@ -37,22 +40,28 @@ fn cel_split(This(this): This<Arc<String>>, sep: Arc<String>) -> cel_interpreter
     )))
 }
 
+/// `s.lowerAscii()`: `s` with ASCII letters lowercased (other characters unchanged).
 fn cel_lower_ascii(This(this): This<Arc<String>>) -> String {
     this.to_ascii_lowercase()
 }
 
+/// `s.upperAscii()`: `s` with ASCII letters uppercased (other characters unchanged).
 fn cel_upper_ascii(This(this): This<Arc<String>>) -> String {
     this.to_ascii_uppercase()
 }
 
+/// `s.trim()`: `s` without leading and trailing (Unicode) whitespace.
 fn cel_trim(This(this): This<Arc<String>>) -> String {
     this.trim().to_string()
 }
 
+/// `s.replace(from, to)`: `s` with every occurrence of `from` replaced by `to`.
 fn cel_replace(This(this): This<Arc<String>>, from: Arc<String>, to: Arc<String>) -> String {
     this.replace(from.as_str(), to.as_str())
 }
 
+/// `list.join(sep)`: the items joined by `sep`; a string item as is, any other in its debug
+/// form.
 fn cel_join(This(this): This<Arc<Vec<Value>>>, sep: Arc<String>) -> String {
     let parts: Vec<String> = this
         .iter()

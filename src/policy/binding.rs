@@ -13,10 +13,14 @@ use std::sync::Arc;
 /// indices at its nodes.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Binding {
+    /// The root variable's name: one of the attribute roots.
     pub(super) name: String,
+    /// The keys below the root (the root itself has no attribute).
     node: BindNode,
 }
 
+/// One node of a [`Binding`]'s tree: a map key's value, built from an attribute, from the
+/// entries below it, or both.
 #[derive(Debug, Clone, PartialEq, Default)]
 struct BindNode {
     /// The attribute whose value this node holds, if any.
@@ -26,6 +30,7 @@ struct BindNode {
 }
 
 impl BindNode {
+    /// Records that `attribute` sits at `path` below this node, creating the keys on the way.
     fn insert(&mut self, path: &[String], attribute: usize) {
         let Some((first, rest)) = path.split_first() else {
             self.attribute = Some(attribute);
@@ -57,6 +62,8 @@ impl BindNode {
             .and_then(|i| values.get(i).cloned().flatten().flatten())
     }
 
+    /// The entries of this node whose values are there (`values` per attribute: `None` not
+    /// fetched, `Some(None)` absent).
     fn map(&self, values: &[Option<Option<Value>>]) -> HashMap<Key, Value> {
         let mut map = HashMap::with_capacity(self.children.len());
         for (key, child) in &self.children {

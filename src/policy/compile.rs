@@ -14,6 +14,7 @@ use crate::config::{self, ConfigError, Fallback, PluginConfig};
 use crate::usage::UsagePaths;
 use cel_parser::{Atom, Expression, Member};
 
+/// A [`ConfigError`] at `path`.
 fn field(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         field: path.into(),
@@ -21,6 +22,7 @@ fn field(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A duration (`1m`, `30s`, ...) at `at` as whole seconds; a fraction of a second is refused.
 fn whole_seconds(text: &str, at: &str) -> Result<u64, ConfigError> {
     let d = config::parse_duration(text).map_err(|e| field(at, e))?;
     if d.subsec_nanos() != 0 {
@@ -32,6 +34,7 @@ fn whole_seconds(text: &str, at: &str) -> Result<u64, ConfigError> {
     Ok(d.as_secs())
 }
 
+/// Whether `name` may name a limit: not empty, only ASCII letters, digits, `-`, `_` and `.`.
 fn valid_limit_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -41,6 +44,21 @@ fn valid_limit_name(name: &str) -> bool {
 
 impl Policy {
     /// Validates and compiles a configuration. Errors name the field and the reason.
+    ///
+    /// # Errors
+    ///
+    /// The first value refused, as a [`ConfigError`] whose `field` is the dotted path of the
+    /// setting (`rateLimitService.timeout`, `limits.free.when[0].predicate`, ...):
+    /// - an empty `cluster`, `domain` or `auth.metadataNamespace`, a duration that does not
+    ///   parse, a usage path that is not a JSON pointer;
+    /// - `fixedTokens` 0 with `fallback: fixed`, `maxTokensPerResponse` or `maxBodyBytes` 0;
+    /// - a limit name that is empty or holds other characters than letters, digits, `-`, `_`
+    ///   and `.`; a limit without rates; a rate of 0 tokens or a window not in whole seconds;
+    /// - a CEL expression that is empty, longer than 16 KiB, nested deeper than 100 levels,
+    ///   does not parse (or holds a literal the parser cannot convert), calls a macro without
+    ///   its variable and expression, calls `requestBodyJSON()` with anything but one constant
+    ///   JSON pointer, or reads an attribute that cannot be read as a whole;
+    /// - `requestBodyJSON()` used without `requestBody.allowOnHeadersStopIteration`.
     pub fn compile(cfg: &PluginConfig) -> Result<Policy, ConfigError> {
         let svc = &cfg.rate_limit_service;
         if svc.cluster.trim().is_empty() {
@@ -251,12 +269,21 @@ impl Policy {
     }
 
     /// Parses JSON bytes and compiles them.
+    ///
+    /// # Errors
+    ///
+    /// A document that is not a configuration ([`config::parse_json`]: `field` is the path of
+    /// the wrong field, `.` for the document itself), or one [`Policy::compile`] refuses.
     pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
         Policy::compile(&config::parse_json(bytes)?)
     }
 
     /// Parses the configuration bytes Envoy hands the plugin (JSON or a serialized
     /// `google.protobuf.Struct`, see [`config::parse_plugin_config`]) and compiles them.
+    ///
+    /// # Errors
+    ///
+    /// Bytes that are not a configuration in either form, or one [`Policy::compile`] refuses.
     pub fn from_plugin_config(bytes: &[u8]) -> Result<Policy, ConfigError> {
         Policy::compile(&config::parse_plugin_config(bytes)?)
     }
@@ -312,6 +339,8 @@ fn collect_paths(e: &Expression, out: &mut Vec<Vec<String>>) {
     }
 }
 
+/// The attribute path `e` reads when it is a chain of field selections and constant-string
+/// indices on an attribute root, else `None`.
 fn attribute_path(e: &Expression) -> Option<Vec<String>> {
     match e {
         Expression::Ident(name) if attributes::ROOTS.contains(&name.as_str()) => {

@@ -7,6 +7,10 @@ use ratelimit_proto::{Entry, RateLimitDescriptor};
 
 impl Policy {
     /// The descriptor for `CheckRateLimit`: every applied limit and its counters.
+    ///
+    /// Its entries are `limit.<name>` = `"1"` per applied limit, in `applied` order, then each
+    /// counter entry (`<expression text>` = its value) once, the first value of a key winning.
+    /// An out-of-range [`Applied::limit`] is skipped.
     pub fn check_descriptor(&self, applied: &[Applied]) -> RateLimitDescriptor {
         self.descriptor(applied.iter())
     }
@@ -26,6 +30,7 @@ impl Policy {
         Some(self.descriptor(matching))
     }
 
+    /// The descriptor of `applied`: the limit entries, then each counter entry once.
     fn descriptor<'a>(&self, applied: impl Iterator<Item = &'a Applied>) -> RateLimitDescriptor {
         let mut entries: Vec<Entry> = Vec::new();
         let mut counter_entries: Vec<Entry> = Vec::new();
@@ -105,7 +110,8 @@ impl Policy {
         out
     }
 
-    /// The limits that spend tokens of `category`.
+    /// The token categories the applied limits spend: each once, in [`TokenCategory`] order.
+    /// An out-of-range [`Applied::limit`] is skipped.
     pub fn categories_in(&self, applied: &[Applied]) -> Vec<TokenCategory> {
         let mut cats: Vec<TokenCategory> = applied
             .iter()

@@ -7,6 +7,12 @@ use cel_interpreter::{ExecutionError, Value};
 
 impl Policy {
     /// Evaluates every limit for one request, reading attributes from `host` lazily.
+    ///
+    /// Never fails as a whole: [`Decision::applied`] holds the limits whose predicates are
+    /// all `true` and whose counters all evaluated, in [`Policy::limits`] order; a limit whose
+    /// predicate is not a bool or whose expression fails (a missing attribute, an overflow, a
+    /// counter that is not a string, int, uint, double or bool) does not apply, and the
+    /// failure is in [`Decision::errors`].
     pub fn evaluate(&self, host: &mut dyn AttributeHost) -> Decision {
         let mut eval = Evaluation {
             policy: self,
@@ -68,7 +74,9 @@ impl Policy {
 /// Per-request evaluation state: the attribute cache (each attribute fetched at most once)
 /// and the root variables built from it (each built at most once).
 struct Evaluation<'p, 'h> {
+    /// The policy being evaluated.
     policy: &'p Policy,
+    /// Where the attributes are read from.
     host: &'h mut dyn AttributeHost,
     /// `None`: not fetched yet; `Some(None)`: absent on this request.
     cache: Vec<Option<Option<Value>>>,
@@ -77,6 +85,8 @@ struct Evaluation<'p, 'h> {
 }
 
 impl Evaluation<'_, '_> {
+    /// Fetches attribute `index` into the cache unless it is there (request headers by name
+    /// only, when the policy reads them so).
     fn fetch(&mut self, index: usize) {
         if let Some(Some(_)) = self.cache.get(index) {
             return;
@@ -95,6 +105,7 @@ impl Evaluation<'_, '_> {
         }
     }
 
+    /// Evaluates `expr` for this request: its value, or the interpreter's error as text.
     fn run(&mut self, expr: &CompiledExpr) -> Result<Value, String> {
         // Fetch what this expression reads (in order, each attribute once per request), then
         // bind its root variables, each built once per request.
@@ -123,6 +134,7 @@ impl Evaluation<'_, '_> {
     }
 }
 
+/// The text of an interpreter error, as [`EvalError::reason`] holds it.
 fn describe(e: &ExecutionError) -> String {
     e.to_string()
 }

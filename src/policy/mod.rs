@@ -1,14 +1,23 @@
 //! The compiled policy: limits with their rates, CEL `when` predicates and CEL `counters`,
 //! evaluated per request into rate-limit descriptors.
 //!
-//! Everything is compiled once at configure time: CEL is parsed (`cel-parser`), the attribute
-//! paths each expression reads are extracted from its syntax tree, and the CEL function registry
-//! is built. Per request, an expression fetches only the attributes it uses (each at most once
-//! per request, see [`Evaluation`]) and is evaluated in a child scope of the shared context.
+//! Everything is compiled once at configure time ([`Policy::compile`]): CEL is parsed
+//! (`cel-parser`), the attribute paths each expression reads are extracted from its syntax tree,
+//! and the CEL function registry is built. Per request ([`Policy::evaluate`]), an expression
+//! fetches only the attributes it uses (each at most once per request, cached for the
+//! expressions that follow) and is evaluated in a child scope of the shared context.
 //!
-//! Descriptors follow Kuadrant's convention (see DESIGN.md §2): one descriptor per request with
-//! an entry `limit.<name> = "1"` per limit that applies, plus one entry per counter, keyed by the
-//! expression text, valued by its result as a string.
+//! Descriptors follow Kuadrant's convention, the one the Limitador limits generated from the
+//! same configuration ([`crate::limits`]) match on: one descriptor per request with an entry
+//! `limit.<name> = "1"` per limit that applies, plus one entry per counter, keyed by the
+//! expression text, valued by its result as a string. A limit's Limitador condition is
+//! `descriptors[0]['limit.<name>'] == '1'` and its counter is qualified by
+//! `descriptors[0]['<expression>']`, so a counter shared by several limits is sent once.
+//!
+//! The code is split by concern: `compile` (configuration to [`Policy`]), `evaluate` (one
+//! request to a [`Decision`]), `binding` (attribute values to CEL root variables) and
+//! `descriptors` (a [`Decision`]'s limits to descriptors and the `CheckRateLimit` bytes); the
+//! CEL guards, checked arithmetic and functions are in the crate's `cel` module.
 
 mod binding;
 mod compile;
@@ -41,6 +50,8 @@ pub struct Rate {
 pub struct CompiledExpr {
     /// The source text, as configured (trimmed). Counter descriptor entries use it as key.
     pub source: String,
+    /// The syntax tree, guarded and rewritten (checked arithmetic, `requestBodyJSON` as an
+    /// attribute).
     expr: Expression,
     /// Indices into [`Policy::attributes`].
     attributes: Vec<usize>,
@@ -56,39 +67,61 @@ impl std::fmt::Debug for CompiledExpr {
     }
 }
 
-/// One compiled limit.
+/// One compiled limit: it applies to a request when all its `when` predicates are true and
+/// all its counters evaluate.
 #[derive(Debug)]
 pub struct Limit {
+    /// The configured name (letters, digits, `-`, `_`, `.`; never empty).
     pub name: String,
     /// `limit.<name>`: the key of its descriptor entry.
     entry_key: String,
+    /// Its budgets, in configuration order; at least one.
     pub rates: Vec<Rate>,
+    /// Predicates that must all be `true` (none: the limit always applies), in configuration
+    /// order; evaluation stops at the first that is not.
     pub when: Vec<CompiledExpr>,
+    /// Expressions whose values qualify the counter (none: one counter for all requests), in
+    /// configuration order.
     pub counters: Vec<CompiledExpr>,
+    /// The usage figure the limit spends.
     pub tokens: TokenCategory,
 }
 
 /// Rate-limit service settings with durations parsed.
 #[derive(Debug, Clone)]
 pub struct ServiceSettings {
+    /// Envoy cluster of the Limitador-compatible gRPC service (never empty).
     pub cluster: String,
+    /// Domain of every request to the service: the Limitador namespace (never empty).
     pub domain: String,
+    /// Timeout of each `CheckRateLimit` call.
     pub timeout: Duration,
+    /// What to do with a request when the service is unreachable, slow, or answers garbage.
     pub failure_mode: FailureMode,
+    /// Period of the root context's tick that sends the aggregated reports.
     pub flush_period: Duration,
+    /// Timeout of each `Report` call.
     pub report_timeout: Duration,
+    /// Further attempts of a failed `Report` before its tokens are dropped (and counted).
     pub max_retries: u32,
 }
 
 /// Usage settings, validated.
 #[derive(Debug, Clone)]
 pub struct UsageSettings {
+    /// Custom JSON pointers to the usage figures, tried before each format's own fields.
     pub paths: UsagePaths,
+    /// What a response without usage is charged.
     pub fallback: Fallback,
+    /// Tokens charged per category with [`Fallback::Fixed`] (greater than 0 then).
     pub fixed_tokens: u64,
+    /// Most response bytes kept to find usage: a whole JSON document, or one event of a
+    /// stream (greater than 0).
     pub max_body_bytes: usize,
+    /// Add `stream_options.include_usage: true` to OpenAI streaming requests that lack it.
     pub inject_stream_usage: bool,
-    /// Largest figure believed of one response (tokens).
+    /// Largest figure believed of one response (tokens, greater than 0); larger ones are cut
+    /// to it.
     pub max_tokens_per_response: u64,
     /// Most request body bytes buffered.
     pub max_request_body_bytes: usize,
@@ -96,9 +129,13 @@ pub struct UsageSettings {
     pub allow_on_headers_stop_iteration: bool,
 }
 
-/// The compiled plugin configuration.
+/// The compiled plugin configuration: built once per configuration by [`Policy::compile`]
+/// (or [`Policy::from_json`], [`Policy::from_plugin_config`]), then evaluated per request by
+/// [`Policy::evaluate`].
 pub struct Policy {
+    /// The rate-limit service and reporting settings.
     pub service: ServiceSettings,
+    /// How usage is read from responses and what a response without usage costs.
     pub usage: UsageSettings,
     /// Some expression reads the request body (`requestBodyJSON()`): the policy is evaluated
     /// once the body is complete.
@@ -114,6 +151,8 @@ pub struct Policy {
     bindings: Vec<Binding>,
     /// The `domain` field of every request to the service, encoded once.
     encoded_domain: Vec<u8>,
+    /// The shared CEL context (functions only); each evaluation binds its variables in a
+    /// child scope.
     context: Context<'static>,
 }
 
@@ -130,8 +169,12 @@ impl std::fmt::Debug for Policy {
 /// Why an expression could not be evaluated for a request (its limit then does not apply).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalError {
+    /// Name of the limit the expression belongs to.
     pub limit: String,
+    /// The expression's source text (trimmed, as in [`CompiledExpr::source`]).
     pub expression: String,
+    /// Why it failed: the interpreter's error (a missing attribute, an overflow, ...), or the
+    /// wrong type of its result.
     pub reason: String,
 }
 
