@@ -31,7 +31,11 @@ pub(super) const CHECKED_INDEX: &str = "__token_ratelimit_index";
 pub(crate) fn checked_arithmetic(e: Expression) -> Expression {
     let b = |e: Box<Expression>| Box::new(checked_arithmetic(*e));
     let call = |name: &str, args: Vec<Expression>| {
-        Expression::FunctionCall(Box::new(Expression::Ident(Arc::new(name.to_string()))), None, args)
+        Expression::FunctionCall(
+            Box::new(Expression::Ident(Arc::new(name.to_string()))),
+            None,
+            args,
+        )
     };
     match e {
         Expression::Arithmetic(l, op, r) => {
@@ -53,9 +57,10 @@ pub(crate) fn checked_arithmetic(e: Expression) -> Expression {
         Expression::Member(t, m) => match *m {
             // `x[i]` with an index other than a constant string (those name attributes and map
             // keys): the interpreter computes `i + 1` unchecked for a string `x`.
-            Member::Index(i) if !matches!(i.as_ref(), Expression::Atom(Atom::String(_))) => {
-                call(CHECKED_INDEX, vec![checked_arithmetic(*t), checked_arithmetic(*i)])
-            }
+            Member::Index(i) if !matches!(i.as_ref(), Expression::Atom(Atom::String(_))) => call(
+                CHECKED_INDEX,
+                vec![checked_arithmetic(*t), checked_arithmetic(*i)],
+            ),
             Member::Index(i) => Expression::Member(b(t), Box::new(Member::Index(b(i)))),
             Member::Fields(fields) => Expression::Member(
                 b(t),
@@ -105,10 +110,13 @@ pub(super) fn cel_add(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     match (&a, &b) {
         (Value::Int(x), Value::Int(y)) => x.checked_add(*y).map(Value::Int).ok_or_else(fail),
         (Value::UInt(x), Value::UInt(y)) => x.checked_add(*y).map(Value::UInt).ok_or_else(fail),
-        (Value::Duration(x), Value::Duration(y)) => x.checked_add(y).map(Value::Duration).ok_or_else(fail),
-        (Value::Timestamp(t), Value::Duration(d)) | (Value::Duration(d), Value::Timestamp(t)) => {
-            t.checked_add_signed(*d).map(Value::Timestamp).ok_or_else(fail)
+        (Value::Duration(x), Value::Duration(y)) => {
+            x.checked_add(y).map(Value::Duration).ok_or_else(fail)
         }
+        (Value::Timestamp(t), Value::Duration(d)) | (Value::Duration(d), Value::Timestamp(t)) => t
+            .checked_add_signed(*d)
+            .map(Value::Timestamp)
+            .ok_or_else(fail),
         _ => a + b,
     }
 }
@@ -121,8 +129,13 @@ pub(super) fn cel_sub(a: Value, b: Value) -> cel_interpreter::ResolveResult {
     match (&a, &b) {
         (Value::Int(x), Value::Int(y)) => x.checked_sub(*y).map(Value::Int).ok_or_else(fail),
         (Value::UInt(x), Value::UInt(y)) => x.checked_sub(*y).map(Value::UInt).ok_or_else(fail),
-        (Value::Duration(x), Value::Duration(y)) => x.checked_sub(y).map(Value::Duration).ok_or_else(fail),
-        (Value::Timestamp(t), Value::Duration(d)) => t.checked_sub_signed(*d).map(Value::Timestamp).ok_or_else(fail),
+        (Value::Duration(x), Value::Duration(y)) => {
+            x.checked_sub(y).map(Value::Duration).ok_or_else(fail)
+        }
+        (Value::Timestamp(t), Value::Duration(d)) => t
+            .checked_sub_signed(*d)
+            .map(Value::Timestamp)
+            .ok_or_else(fail),
         _ => a - b,
     }
 }
@@ -157,7 +170,9 @@ pub(super) fn cel_neg(a: Value) -> cel_interpreter::ResolveResult {
 pub(super) fn cel_index(target: Value, index: Value) -> cel_interpreter::ResolveResult {
     let found = |v: Option<&Value>| Ok(v.cloned().unwrap_or(Value::Null));
     match (target, index) {
-        (Value::List(items), Value::Int(i)) => found(usize::try_from(i).ok().and_then(|i| items.get(i))),
+        (Value::List(items), Value::Int(i)) => {
+            found(usize::try_from(i).ok().and_then(|i| items.get(i)))
+        }
         (Value::String(s), Value::Int(i)) => Ok(usize::try_from(i)
             .ok()
             .and_then(|i| s.get(i..i.checked_add(1)?))
@@ -253,10 +268,16 @@ mod tests {
             "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "counters": [{"expression": expr}]}}});
         let p = Policy::from_json(cfg.to_string().as_bytes()).unwrap();
         let mut h = MapHost {
-            headers: vec![("a".into(), a.as_bytes().to_vec()), ("b".into(), b.as_bytes().to_vec())],
+            headers: vec![
+                ("a".into(), a.as_bytes().to_vec()),
+                ("b".into(), b.as_bytes().to_vec()),
+            ],
             ..Default::default()
         };
-        h.properties.insert("request.time".into(), 1_700_000_000_000_000_000i64.to_le_bytes().to_vec());
+        h.properties.insert(
+            "request.time".into(),
+            1_700_000_000_000_000_000i64.to_le_bytes().to_vec(),
+        );
         let d = p.evaluate(&mut h);
         match (d.applied.first(), d.errors.first()) {
             (Some(a), _) => Ok(a.counters[0].1.clone()),
@@ -272,38 +293,103 @@ mod tests {
         let i = "int(request.headers['a'])";
         let u = "uint(request.headers['a'])";
         for (expr, a, b) in [
-            (format!("{i} * int(request.headers['b'])"), "9223372036854775807", "2"),
-            (format!("{i} + int(request.headers['b'])"), "9223372036854775807", "1"),
-            (format!("{i} - int(request.headers['b'])"), "-9223372036854775808", "1"),
+            (
+                format!("{i} * int(request.headers['b'])"),
+                "9223372036854775807",
+                "2",
+            ),
+            (
+                format!("{i} + int(request.headers['b'])"),
+                "9223372036854775807",
+                "1",
+            ),
+            (
+                format!("{i} - int(request.headers['b'])"),
+                "-9223372036854775808",
+                "1",
+            ),
             (format!("-{i}"), "-9223372036854775808", ""),
             (format!("{u} * 2u"), "18446744073709551615", ""),
             (format!("{u} + 1u"), "18446744073709551615", ""),
             (format!("{u} - 1u"), "0", ""),
         ] {
             let got = counter_of(&expr, a, b);
-            assert!(matches!(&got, Err(e) if e.contains("overflow")), "{expr} with {a}, {b}: {got:?}");
+            assert!(
+                matches!(&got, Err(e) if e.contains("overflow")),
+                "{expr} with {a}, {b}: {got:?}"
+            );
         }
         // Indexing a string at 2^63 - 1 overflowed (`i + 1`) inside the interpreter.
         // Found by the `cel_eval` fuzz target.
         let at = "request.headers['a'][int(request.headers['b'])]";
         for i in ["9223372036854775807", "-1", "3"] {
             let got = counter_of(at, "abc", i);
-            assert!(matches!(&got, Err(e) if e.contains("got Null")), "{i}: {got:?}");
+            assert!(
+                matches!(&got, Err(e) if e.contains("got Null")),
+                "{i}: {got:?}"
+            );
         }
         assert_eq!(counter_of(at, "abc", "1"), Ok("b".into()));
-        assert_eq!(counter_of("'abc'[0] + string([1, 2, 3][int(request.headers['b'])])", "", "2"), Ok("a3".into()));
-        assert_eq!(counter_of("{'k': 'v'}[request.headers['a']] + {1: 'one'}[int(request.headers['b'])]", "k", "1"), Ok("vone".into()));
-        assert!(counter_of("[1][request.headers['a']]", "k", "").unwrap_err().contains("index"));
+        assert_eq!(
+            counter_of(
+                "'abc'[0] + string([1, 2, 3][int(request.headers['b'])])",
+                "",
+                "2"
+            ),
+            Ok("a3".into())
+        );
+        assert_eq!(
+            counter_of(
+                "{'k': 'v'}[request.headers['a']] + {1: 'one'}[int(request.headers['b'])]",
+                "k",
+                "1"
+            ),
+            Ok("vone".into())
+        );
+        assert!(counter_of("[1][request.headers['a']]", "k", "")
+            .unwrap_err()
+            .contains("index"));
         // In range, the operators compute as before, for every type they take.
-        assert_eq!(counter_of(&format!("{i} * int(request.headers['b']) - 1 + -{i}"), "6", "7"), Ok("35".into()));
-        assert_eq!(counter_of(&format!("{u} * 2u + 1u - 3u"), "6", ""), Ok("10".into()));
-        assert_eq!(counter_of("1.5 * 2.0 - 0.5 + -1.0", "", ""), Ok("1.5".into()));
-        assert_eq!(counter_of("request.headers['a'] + '-' + request.headers['b']", "x", "y"), Ok("x-y".into()));
+        assert_eq!(
+            counter_of(
+                &format!("{i} * int(request.headers['b']) - 1 + -{i}"),
+                "6",
+                "7"
+            ),
+            Ok("35".into())
+        );
+        assert_eq!(
+            counter_of(&format!("{u} * 2u + 1u - 3u"), "6", ""),
+            Ok("10".into())
+        );
+        assert_eq!(
+            counter_of("1.5 * 2.0 - 0.5 + -1.0", "", ""),
+            Ok("1.5".into())
+        );
+        assert_eq!(
+            counter_of(
+                "request.headers['a'] + '-' + request.headers['b']",
+                "x",
+                "y"
+            ),
+            Ok("x-y".into())
+        );
         assert_eq!(counter_of("size([1] + [2, 3])", "", ""), Ok("3".into()));
         assert_eq!(
-            counter_of("string(request.time + duration('1h') - duration('30m'))", "", ""),
+            counter_of(
+                "string(request.time + duration('1h') - duration('30m'))",
+                "",
+                ""
+            ),
             Ok("2023-11-14T22:43:20+00:00".into())
         );
-        assert_eq!(counter_of("(request.time - timestamp('2023-11-14T22:13:10Z')) == duration('10s')", "", ""), Ok("true".into()));
+        assert_eq!(
+            counter_of(
+                "(request.time - timestamp('2023-11-14T22:13:10Z')) == duration('10s')",
+                "",
+                ""
+            ),
+            Ok("true".into())
+        );
     }
 }

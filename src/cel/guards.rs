@@ -5,7 +5,6 @@
 use crate::attributes;
 use cel_parser::{Atom, Expression, Member};
 
-
 /// Rewrites `requestBodyJSON('/pointer')` into the attribute `requestBodyJSON['/pointer']`, so
 /// that it is fetched (the body parsed once) like any other attribute. The argument must be a
 /// constant string holding a JSON pointer.
@@ -158,7 +157,9 @@ pub(crate) fn check_macro_arguments(e: &Expression) -> Result<(), String> {
             }
         }
         Expression::List(items) => items.iter().try_for_each(rec),
-        Expression::Map(entries) => entries.iter().try_for_each(|(k, v)| rec(k).and_then(|_| rec(v))),
+        Expression::Map(entries) => entries
+            .iter()
+            .try_for_each(|(k, v)| rec(k).and_then(|_| rec(v))),
         Expression::Atom(_) | Expression::Ident(_) => Ok(()),
     }
 }
@@ -184,7 +185,9 @@ pub(crate) fn check_literals(src: &str) -> Result<(), String> {
         }
         let quote_at = match c {
             b'"' | b'\'' => Some(i),
-            b'r' | b'R' | b'b' | b'B' if matches!(bytes.get(i + 1), Some(b'"' | b'\'')) => Some(i + 1),
+            b'r' | b'R' | b'b' | b'B' if matches!(bytes.get(i + 1), Some(b'"' | b'\'')) => {
+                Some(i + 1)
+            }
             _ => None,
         };
         if let Some(q) = quote_at {
@@ -219,7 +222,11 @@ pub(crate) fn check_literals(src: &str) -> Result<(), String> {
                 continue;
             }
             // `--` is one token: the second `-` does not start a number.
-            i += if c == b'-' && bytes.get(i + 1) == Some(&b'-') { 2 } else { 1 };
+            i += if c == b'-' && bytes.get(i + 1) == Some(&b'-') {
+                2
+            } else {
+                1
+            };
             continue;
         }
         i += 1;
@@ -253,7 +260,9 @@ fn quoted_literal_end(bytes: &[u8], q: usize, is_bytes: bool) -> Option<usize> {
             // its first unescaped quote.
             match c {
                 _ if c == quote => return Some(k + 1),
-                b'\\' if k + 1 < bytes.len() && bytes[k + 1] != b'\n' => k += 1 + src_char_len(bytes, k + 1),
+                b'\\' if k + 1 < bytes.len() && bytes[k + 1] != b'\n' => {
+                    k += 1 + src_char_len(bytes, k + 1)
+                }
                 b'\\' => return None,
                 _ => k += 1,
             }
@@ -277,7 +286,13 @@ fn src_char_len(bytes: &[u8], at: usize) -> usize {
 /// `[-+]?[0-9]*\.[0-9]+([eE][-+]?[0-9]+)?`, `[-+]?[0-9]+[eE][-+]?[0-9]+`.
 fn number_literal_end(b: &[u8], i: usize) -> Option<usize> {
     let digits = |mut k: usize, hex: bool| {
-        while k < b.len() && (if hex { b[k].is_ascii_hexdigit() } else { b[k].is_ascii_digit() }) {
+        while k < b.len()
+            && (if hex {
+                b[k].is_ascii_hexdigit()
+            } else {
+                b[k].is_ascii_digit()
+            })
+        {
             k += 1;
         }
         k
@@ -286,7 +301,11 @@ fn number_literal_end(b: &[u8], i: usize) -> Option<usize> {
         if !matches!(b.get(k), Some(b'e' | b'E')) {
             return None;
         }
-        let k = if matches!(b.get(k + 1), Some(b'-' | b'+')) { k + 2 } else { k + 1 };
+        let k = if matches!(b.get(k + 1), Some(b'-' | b'+')) {
+            k + 2
+        } else {
+            k + 1
+        };
         let e = digits(k, false);
         (e > k).then_some(e)
     };
@@ -338,7 +357,8 @@ fn number_literal_converts(t: &str) -> bool {
     let hex = t.contains(['x', 'X']);
     let unsigned = t.ends_with(['u', 'U']);
     let float = !hex && t.contains(['.', 'e', 'E']);
-    let strip = |s: &str, drop: &[char]| s.chars().filter(|c| !drop.contains(c)).collect::<String>();
+    let strip =
+        |s: &str, drop: &[char]| s.chars().filter(|c| !drop.contains(c)).collect::<String>();
     match (float, hex, unsigned) {
         (true, _, _) => t.parse::<f64>().is_ok(),
         (false, false, false) => t.parse::<i64>().is_ok(),
@@ -427,7 +447,10 @@ mod tests {
             );
             let e = refused(&cfg);
             assert_eq!(e.field, "limits.l.when[0].predicate", "{expr}");
-            assert!(e.reason.starts_with("CEL does not compile: "), "{expr}: {e}");
+            assert!(
+                e.reason.starts_with("CEL does not compile: "),
+                "{expr}: {e}"
+            );
         }
         // Their valid neighbours still compile, including text that only looks like them
         // inside strings and comments.
@@ -465,7 +488,10 @@ mod tests {
                 "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "when": [{"predicate": expr}]}}});
             let e = refused(&cfg.to_string());
             assert_eq!(e.field, "limits.l.when[0].predicate", "{expr}");
-            assert!(e.reason.contains("takes a variable and an expression"), "{expr}: {e}");
+            assert!(
+                e.reason.contains("takes a variable and an expression"),
+                "{expr}: {e}"
+            );
         }
         let cfg = serde_json::json!({"rateLimitService": {"cluster": "c", "domain": "d"},
             "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}],

@@ -7,7 +7,6 @@ use cel_interpreter::Value;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-
 /// How one root variable (`request`, `auth`, ...) of an expression is built from the
 /// attributes it reads: a tree of map keys, allocated once at configure time, with attribute
 /// indices at its nodes.

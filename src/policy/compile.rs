@@ -2,7 +2,9 @@
 //! expression guarded, rewritten and parsed once, the attributes it reads resolved.
 
 use super::binding::Binding;
-use super::{CompiledExpr, Limit, Policy, Rate, ServiceSettings, UsageSettings, LIMIT_ENTRY_PREFIX};
+use super::{
+    CompiledExpr, Limit, Policy, Rate, ServiceSettings, UsageSettings, LIMIT_ENTRY_PREFIX,
+};
 use crate::attributes::{self, Attribute};
 use crate::cel::checked::checked_arithmetic;
 use crate::cel::functions::root_context;
@@ -123,13 +125,20 @@ impl Policy {
                 return Err(field(at, "empty CEL expression"));
             }
             if source.len() > MAX_EXPRESSION_BYTES {
-                return Err(field(at, format!("a CEL expression may be at most {MAX_EXPRESSION_BYTES} bytes long")));
+                return Err(field(
+                    at,
+                    format!("a CEL expression may be at most {MAX_EXPRESSION_BYTES} bytes long"),
+                ));
             }
-            check_literals(&source).map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
+            check_literals(&source)
+                .map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
             let expr = cel_parser::parse(&source)
                 .map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
             if nested_deeper_than(&expr, MAX_EXPRESSION_DEPTH) {
-                return Err(field(at, format!("a CEL expression may nest at most {MAX_EXPRESSION_DEPTH} levels deep")));
+                return Err(field(
+                    at,
+                    format!("a CEL expression may nest at most {MAX_EXPRESSION_DEPTH} levels deep"),
+                ));
             }
             check_macro_arguments(&expr).map_err(|e| field(&at, e))?;
             let expr = checked_arithmetic(expr);
@@ -138,7 +147,8 @@ impl Policy {
             collect_paths(&expr, &mut paths);
             let mut indices = Vec::new();
             for p in paths {
-                if let ([root, headers, rest @ ..], Some(names)) = (p.as_slice(), &mut header_names) {
+                if let ([root, headers, rest @ ..], Some(names)) = (p.as_slice(), &mut header_names)
+                {
                     if root == "request" && headers == "headers" {
                         match rest.first() {
                             Some(name) if !names.contains(name) => names.push(name.clone()),

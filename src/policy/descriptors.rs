@@ -91,7 +91,10 @@ impl Policy {
             })
             .sum();
         let mut out = Vec::with_capacity(
-            self.encoded_domain.len() + 1 + encoded_len_varint(descriptor_len as u64) + descriptor_len,
+            self.encoded_domain.len()
+                + 1
+                + encoded_len_varint(descriptor_len as u64)
+                + descriptor_len,
         );
         out.extend_from_slice(&self.encoded_domain);
         encode_key(2, WireType::LengthDelimited, &mut out);
@@ -173,7 +176,12 @@ mod tests {
                 .as_bytes(),
         )
         .unwrap();
-        for (user, groups) in [("user-1", "free"), ("", "free"), ("u", "gold"), ("ü", "free")] {
+        for (user, groups) in [
+            ("user-1", "free"),
+            ("", "free"),
+            ("u", "gold"),
+            ("ü", "free"),
+        ] {
             let d = p.evaluate(&mut host("/v1/chat/completions", user, groups));
             let want = ratelimit_proto::RateLimitRequest {
                 domain: p.service.domain.clone(),

@@ -70,7 +70,6 @@ impl Policy {
     }
 }
 
-
 /// Per-request evaluation state: the attribute cache (each attribute fetched at most once)
 /// and the root variables built from it (each built at most once).
 struct Evaluation<'p, 'h> {
@@ -275,13 +274,22 @@ mod tests {
             ..Default::default()
         };
         // By name: only x-a and x-b are converted; repeated headers are joined.
-        let p = Policy::from_json(cfg(r#"request.headers["x-a"] == "1,2" && !has(request.headers.xz)"#).as_bytes()).unwrap();
-        assert_eq!(p.header_names, Some(vec!["x-a".to_string(), "xz".to_string(), "x-b".to_string()]));
+        let p = Policy::from_json(
+            cfg(r#"request.headers["x-a"] == "1,2" && !has(request.headers.xz)"#).as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(
+            p.header_names,
+            Some(vec!["x-a".to_string(), "xz".to_string(), "x-b".to_string()])
+        );
         let d = p.evaluate(&mut host());
         assert_eq!(d.errors, vec![]);
         assert_eq!(d.applied[0].counters[0].1, "B");
         // As a whole: every header is there.
-        for when in [r#"request.headers.exists(k, k == "x-c")"#, r#"size(request.headers) == 3"#] {
+        for when in [
+            r#"request.headers.exists(k, k == "x-c")"#,
+            r#"size(request.headers) == 3"#,
+        ] {
             let p = Policy::from_json(cfg(when).as_bytes()).unwrap();
             assert_eq!(p.header_names, None, "{when}");
             let d = p.evaluate(&mut host());

@@ -58,7 +58,6 @@ pub(crate) fn host(path: &str, user: &str, groups: &str) -> MapHost {
     h
 }
 
-
 pub(crate) fn refused(cfg: &str) -> ConfigError {
     Policy::from_json(cfg.as_bytes()).unwrap_err()
 }
