@@ -14,6 +14,7 @@
 //! - [`limits`]: the Limitador limits generated from a policy.
 
 pub mod attributes;
+mod cel;
 pub mod config;
 pub mod estimate;
 pub mod filter;

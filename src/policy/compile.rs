@@ -1,0 +1,423 @@
+//! Compiling the plugin configuration into a [`Policy`]: settings validated, every CEL
+//! expression guarded, rewritten and parsed once, the attributes it reads resolved.
+
+use super::binding::Binding;
+use super::{
+    CompiledExpr, Limit, Policy, Rate, ServiceSettings, UsageSettings, LIMIT_ENTRY_PREFIX,
+};
+use crate::attributes::{self, Attribute};
+use crate::cel::checked::checked_arithmetic;
+use crate::cel::functions::root_context;
+use crate::cel::guards::{
+    body_json_as_attribute, check_literals, check_macro_arguments, nested_deeper_than,
+    MAX_EXPRESSION_BYTES, MAX_EXPRESSION_DEPTH,
+};
+use crate::config::{self, ConfigError, Fallback, PluginConfig};
+use crate::usage::UsagePaths;
+use cel_parser::{Atom, Expression, Member};
+
+/// A [`ConfigError`] at `path`.
+fn field(path: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: path.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A duration (`1m`, `30s`, ...) at `at` as whole seconds; a fraction of a second is refused.
+fn whole_seconds(text: &str, at: &str) -> Result<u64, ConfigError> {
+    let d = config::parse_duration(text).map_err(|e| field(at, e))?;
+    if d.subsec_nanos() != 0 {
+        return Err(field(
+            at,
+            format!("`{text}`: a window must be whole seconds"),
+        ));
+    }
+    Ok(d.as_secs())
+}
+
+/// Whether `name` may name a limit: not empty, only ASCII letters, digits, `-`, `_` and `.`.
+fn valid_limit_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Policy {
+    /// Validates and compiles a configuration. Errors name the field and the reason.
+    ///
+    /// # Errors
+    ///
+    /// The first value refused, as a [`ConfigError`] whose `field` is the dotted path of the
+    /// setting (`rateLimitService.timeout`, `limits.free.when[0].predicate`, ...):
+    /// - an empty `cluster`, `domain` or `auth.metadataNamespace`, a duration that does not
+    ///   parse, a usage path that is not a JSON pointer;
+    /// - `fixedTokens` 0 with `fallback: fixed`, `maxTokensPerResponse` or `maxBodyBytes` 0;
+    /// - a limit name that is empty or holds other characters than letters, digits, `-`, `_`
+    ///   and `.`; a limit without rates; a rate of 0 tokens or a window not in whole seconds;
+    /// - a CEL expression that is empty, longer than 16 KiB, nested deeper than 100 levels,
+    ///   does not parse (or holds a literal the parser cannot convert), calls a macro without
+    ///   its variable and expression, calls `requestBodyJSON()` with anything but one constant
+    ///   JSON pointer, or reads an attribute that cannot be read as a whole;
+    /// - `requestBodyJSON()` used without `requestBody.allowOnHeadersStopIteration`.
+    pub fn compile(cfg: &PluginConfig) -> Result<Policy, ConfigError> {
+        let svc = &cfg.rate_limit_service;
+        if svc.cluster.trim().is_empty() {
+            return Err(field("rateLimitService.cluster", "must not be empty"));
+        }
+        if svc.domain.trim().is_empty() {
+            return Err(field("rateLimitService.domain", "must not be empty"));
+        }
+        let duration =
+            |text: &str, at: &str| config::parse_duration(text).map_err(|e| field(at, e));
+        let service = ServiceSettings {
+            cluster: svc.cluster.clone(),
+            domain: svc.domain.clone(),
+            timeout: duration(&svc.timeout, "rateLimitService.timeout")?,
+            failure_mode: svc.failure_mode,
+            flush_period: duration(&cfg.reporting.flush_period, "reporting.flushPeriod")?,
+            report_timeout: duration(&cfg.reporting.timeout, "reporting.timeout")?,
+            max_retries: cfg.reporting.max_retries,
+        };
+        let u = &cfg.usage;
+        let usage = UsageSettings {
+            paths: UsagePaths::new(
+                u.paths.prompt.clone(),
+                u.paths.completion.clone(),
+                u.paths.total.clone(),
+            )
+            .map_err(|e| field("usage.paths", e))?,
+            fallback: u.fallback,
+            fixed_tokens: u.fixed_tokens,
+            max_body_bytes: u.max_body_bytes,
+            inject_stream_usage: u.inject_stream_usage,
+            max_tokens_per_response: u.max_tokens_per_response,
+            max_request_body_bytes: cfg.request_body.max_bytes,
+            allow_on_headers_stop_iteration: cfg.request_body.allow_on_headers_stop_iteration,
+        };
+        if u.fallback == Fallback::Fixed && u.fixed_tokens == 0 {
+            return Err(field(
+                "usage.fixedTokens",
+                "must be greater than 0 with `fallback: fixed`",
+            ));
+        }
+        if u.max_tokens_per_response == 0 {
+            return Err(field(
+                "usage.maxTokensPerResponse",
+                "must be greater than 0",
+            ));
+        }
+        if u.max_body_bytes == 0 {
+            return Err(field("usage.maxBodyBytes", "must be greater than 0"));
+        }
+        if cfg.auth.metadata_namespace.trim().is_empty() {
+            return Err(field("auth.metadataNamespace", "must not be empty"));
+        }
+
+        let mut attributes: Vec<Attribute> = Vec::new();
+        // The request headers the policy reads by name; `None` once an expression needs the
+        // whole map (`request.headers` itself, a computed name).
+        let mut header_names: Option<Vec<String>> = Some(Vec::new());
+        let mut compile_expr = |text: &str, at: String| -> Result<CompiledExpr, ConfigError> {
+            let source = text.trim().to_string();
+            if source.is_empty() {
+                return Err(field(at, "empty CEL expression"));
+            }
+            if source.len() > MAX_EXPRESSION_BYTES {
+                return Err(field(
+                    at,
+                    format!("a CEL expression may be at most {MAX_EXPRESSION_BYTES} bytes long"),
+                ));
+            }
+            check_literals(&source)
+                .map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
+            let expr = cel_parser::parse(&source)
+                .map_err(|e| field(&at, format!("CEL does not compile: {e}")))?;
+            if nested_deeper_than(&expr, MAX_EXPRESSION_DEPTH) {
+                return Err(field(
+                    at,
+                    format!("a CEL expression may nest at most {MAX_EXPRESSION_DEPTH} levels deep"),
+                ));
+            }
+            check_macro_arguments(&expr).map_err(|e| field(&at, e))?;
+            let expr = checked_arithmetic(expr);
+            let expr = body_json_as_attribute(expr).map_err(|e| field(&at, e))?;
+            let mut paths = Vec::new();
+            collect_paths(&expr, &mut paths);
+            let mut indices = Vec::new();
+            for p in paths {
+                if let ([root, headers, rest @ ..], Some(names)) = (p.as_slice(), &mut header_names)
+                {
+                    if root == "request" && headers == "headers" {
+                        match rest.first() {
+                            Some(name) if !names.contains(name) => names.push(name.clone()),
+                            Some(_) => {}
+                            None => header_names = None,
+                        }
+                    }
+                }
+                let Some(attr) = Attribute::resolve(&p, &cfg.auth.metadata_namespace) else {
+                    return Err(field(
+                        &at,
+                        format!(
+                            "`{}` cannot be read as a whole; select a field of it",
+                            p.join(".")
+                        ),
+                    ));
+                };
+                let idx = match attributes.iter().position(|a| a == &attr) {
+                    Some(i) => i,
+                    None => {
+                        attributes.push(attr);
+                        attributes.len() - 1
+                    }
+                };
+                if !indices.contains(&idx) {
+                    indices.push(idx);
+                }
+            }
+            Ok(CompiledExpr {
+                source,
+                expr,
+                attributes: indices,
+                bindings: Vec::new(),
+            })
+        };
+
+        let mut limits = Vec::with_capacity(cfg.limits.len());
+        for (name, limit) in &cfg.limits {
+            let at = format!("limits.{name}");
+            if !valid_limit_name(name) {
+                return Err(field(
+                    &at,
+                    "a limit name may only hold letters, digits, `-`, `_` and `.`",
+                ));
+            }
+            if limit.rates.is_empty() {
+                return Err(field(
+                    format!("{at}.rates"),
+                    "a limit needs at least one rate",
+                ));
+            }
+            let mut rates = Vec::with_capacity(limit.rates.len());
+            for (i, r) in limit.rates.iter().enumerate() {
+                if r.limit == 0 {
+                    return Err(field(
+                        format!("{at}.rates[{i}].limit"),
+                        "must be greater than 0",
+                    ));
+                }
+                rates.push(Rate {
+                    limit: r.limit,
+                    window_seconds: whole_seconds(&r.window, &format!("{at}.rates[{i}].window"))?,
+                });
+            }
+            let when = limit
+                .when
+                .iter()
+                .enumerate()
+                .map(|(i, p)| compile_expr(&p.predicate, format!("{at}.when[{i}].predicate")))
+                .collect::<Result<Vec<_>, _>>()?;
+            let counters = limit
+                .counters
+                .iter()
+                .enumerate()
+                .map(|(i, c)| compile_expr(&c.expression, format!("{at}.counters[{i}].expression")))
+                .collect::<Result<Vec<_>, _>>()?;
+            limits.push(Limit {
+                entry_key: format!("{LIMIT_ENTRY_PREFIX}{name}"),
+                name: name.clone(),
+                rates,
+                when,
+                counters,
+                tokens: limit.tokens,
+            });
+        }
+        let needs_body = attributes
+            .iter()
+            .any(|a| matches!(a.source, attributes::Source::RequestBodyJson(_)));
+        if needs_body && !usage.allow_on_headers_stop_iteration {
+            return Err(field(
+                "requestBody.allowOnHeadersStopIteration",
+                "requestBodyJSON() reads the body before the request goes upstream: set it to true, \
+                 and set allow_on_headers_stop_iteration: true in Envoy's Wasm plugin configuration (Envoy 1.35+)",
+            ));
+        }
+        // The root variables of each expression, built per request from pre-allocated keys
+        // (and shared by the expressions that see the same ones).
+        let mut bindings: Vec<Binding> = Vec::new();
+        for limit in &mut limits {
+            for e in limit.when.iter_mut().chain(limit.counters.iter_mut()) {
+                for b in Binding::for_expression(&e.attributes, &attributes) {
+                    let idx = match bindings.iter().position(|x| *x == b) {
+                        Some(i) => i,
+                        None => {
+                            bindings.push(b);
+                            bindings.len() - 1
+                        }
+                    };
+                    e.bindings.push(idx);
+                }
+            }
+        }
+        let mut encoded_domain = Vec::new();
+        if !service.domain.is_empty() {
+            prost::encoding::string::encode(1, &service.domain, &mut encoded_domain);
+        }
+        Ok(Policy {
+            service,
+            usage,
+            needs_body,
+            limits,
+            attributes,
+            header_names,
+            bindings,
+            encoded_domain,
+            context: root_context(),
+        })
+    }
+
+    /// Parses JSON bytes and compiles them.
+    ///
+    /// # Errors
+    ///
+    /// A document that is not a configuration ([`config::parse_json`]: `field` is the path of
+    /// the wrong field, `.` for the document itself), or one [`Policy::compile`] refuses.
+    pub fn from_json(bytes: &[u8]) -> Result<Policy, ConfigError> {
+        Policy::compile(&config::parse_json(bytes)?)
+    }
+
+    /// Parses the configuration bytes Envoy hands the plugin (JSON or a serialized
+    /// `google.protobuf.Struct`, see [`config::parse_plugin_config`]) and compiles them.
+    ///
+    /// # Errors
+    ///
+    /// Bytes that are not a configuration in either form, or one [`Policy::compile`] refuses.
+    pub fn from_plugin_config(bytes: &[u8]) -> Result<Policy, ConfigError> {
+        Policy::compile(&config::parse_plugin_config(bytes)?)
+    }
+}
+
+/// Extracts the attribute paths an expression reads: maximal chains of field selections and
+/// constant-string indexing rooted at an attribute root (`request.headers["x-api-key"]` gives
+/// `request.headers.x-api-key`).
+fn collect_paths(e: &Expression, out: &mut Vec<Vec<String>>) {
+    if let Some(path) = attribute_path(e) {
+        if !out.contains(&path) {
+            out.push(path);
+        }
+        return;
+    }
+    match e {
+        Expression::Arithmetic(a, _, b)
+        | Expression::Relation(a, _, b)
+        | Expression::Or(a, b)
+        | Expression::And(a, b) => {
+            collect_paths(a, out);
+            collect_paths(b, out);
+        }
+        Expression::Ternary(a, b, c) => {
+            collect_paths(a, out);
+            collect_paths(b, out);
+            collect_paths(c, out);
+        }
+        Expression::Unary(_, a) => collect_paths(a, out),
+        Expression::Member(target, member) => {
+            collect_paths(target, out);
+            match member.as_ref() {
+                Member::Index(i) => collect_paths(i, out),
+                Member::Fields(fields) => fields.iter().for_each(|(_, v)| collect_paths(v, out)),
+                Member::Attribute(_) => {}
+            }
+        }
+        Expression::FunctionCall(func, target, args) => {
+            collect_paths(func, out);
+            if let Some(t) = target {
+                collect_paths(t, out);
+            }
+            args.iter().for_each(|a| collect_paths(a, out));
+        }
+        Expression::List(items) => items.iter().for_each(|x| collect_paths(x, out)),
+        Expression::Map(entries) => {
+            for (k, v) in entries {
+                collect_paths(k, out);
+                collect_paths(v, out);
+            }
+        }
+        Expression::Atom(_) | Expression::Ident(_) => {}
+    }
+}
+
+/// The attribute path `e` reads when it is a chain of field selections and constant-string
+/// indices on an attribute root, else `None`.
+fn attribute_path(e: &Expression) -> Option<Vec<String>> {
+    match e {
+        Expression::Ident(name) if attributes::ROOTS.contains(&name.as_str()) => {
+            Some(vec![name.as_ref().clone()])
+        }
+        Expression::Member(target, member) => {
+            let segment = match member.as_ref() {
+                Member::Attribute(name) => name.as_ref().clone(),
+                Member::Index(index) => match index.as_ref() {
+                    Expression::Atom(Atom::String(s)) => s.as_ref().clone(),
+                    _ => return None,
+                },
+                Member::Fields(_) => return None,
+            };
+            let mut p = attribute_path(target)?;
+            p.push(segment);
+            Some(p)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::policy::test_support::refused;
+
+    #[test]
+    fn bad_configurations_name_the_field() {
+        let base = |limit: &str| {
+            format!(
+                r#"{{"rateLimitService": {{"cluster": "c", "domain": "d"}}, "limits": {{"l": {limit}}}}}"#
+            )
+        };
+        let e = refused(&base(r#"{"rates": []}"#));
+        assert_eq!(e.field, "limits.l.rates");
+        let e = refused(&base(r#"{"rates": [{"limit": 1, "window": "1x"}]}"#));
+        assert_eq!(e.field, "limits.l.rates[0].window");
+        let e = refused(&base(r#"{"rates": [{"limit": 1, "window": "1500ms"}]}"#));
+        assert!(e.reason.contains("whole seconds"));
+        let e = refused(&base(r#"{"rates": [{"limit": 0, "window": "1s"}]}"#));
+        assert_eq!(e.field, "limits.l.rates[0].limit");
+        let e = refused(&base(
+            r#"{"rates": [{"limit": 1, "window": "1s"}], "when": [{"predicate": "request.path =="}]}"#,
+        ));
+        assert_eq!(e.field, "limits.l.when[0].predicate");
+        assert!(e.reason.contains("CEL does not compile"));
+        let e = refused(&base(
+            r#"{"rates": [{"limit": 1, "window": "1s"}], "counters": [{"expression": "  "}]}"#,
+        ));
+        assert_eq!(e.field, "limits.l.counters[0].expression");
+        let e = refused(&base(
+            r#"{"rates": [{"limit": 1, "window": "1s"}], "tokens": "cached"}"#,
+        ));
+        assert_eq!(e.field, "limits.l.tokens");
+        let e = refused(r#"{"rateLimitService": {"cluster": "", "domain": "d"}, "limits": {}}"#);
+        assert_eq!(e.field, "rateLimitService.cluster");
+        let e = refused(
+            r#"{"rateLimitService": {"cluster": "c", "domain": "d", "timeout": "soon"}, "limits": {}}"#,
+        );
+        assert_eq!(e.field, "rateLimitService.timeout");
+        let e = refused(
+            r#"{"rateLimitService": {"cluster": "c", "domain": "d"}, "limits": {"a b": {"rates": [{"limit": 1, "window": "1s"}]}}}"#,
+        );
+        assert_eq!(e.field, "limits.a b");
+        let e = refused(r#"{"rateLimitService": {"cluster": "c", "domain": "d"}}"#);
+        assert!(e.reason.contains("missing field `limits`"), "{e}");
+        let e = refused("not json");
+        assert_eq!(e.field, ".");
+    }
+}
