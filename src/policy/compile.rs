@@ -3,7 +3,8 @@
 
 use super::binding::Binding;
 use super::{
-    CompiledExpr, Limit, Policy, Rate, ServiceSettings, UsageSettings, LIMIT_ENTRY_PREFIX,
+    CompiledExpr, Limit, Policy, Rate, ReservationSettings, ServiceSettings, UsageSettings,
+    LIMIT_ENTRY_PREFIX,
 };
 use crate::attributes::{self, Attribute};
 use crate::cel::checked::checked_arithmetic;
@@ -79,7 +80,17 @@ impl Policy {
             flush_period: duration(&cfg.reporting.flush_period, "reporting.flushPeriod")?,
             report_timeout: duration(&cfg.reporting.timeout, "reporting.timeout")?,
             max_retries: cfg.reporting.max_retries,
+            mode: svc.mode,
         };
+        let r = &cfg.reservation;
+        let reservation = ReservationSettings {
+            default_amount: r.default_amount,
+            max_amount: r.max_amount,
+            ttl: duration(&r.ttl, "reservation.ttl")?,
+        };
+        if r.max_amount == 0 {
+            return Err(field("reservation.maxAmount", "must be greater than 0"));
+        }
         let u = &cfg.usage;
         let usage = UsageSettings {
             paths: UsagePaths::new(
@@ -225,6 +236,15 @@ impl Policy {
                 .enumerate()
                 .map(|(i, c)| compile_expr(&c.expression, format!("{at}.counters[{i}].expression")))
                 .collect::<Result<Vec<_>, _>>()?;
+            let own = limit.reservation.as_ref();
+            let reservation_amount = own
+                .and_then(|r| r.amount.as_deref())
+                .map(|a| compile_expr(a, format!("{at}.reservation.amount")))
+                .transpose()?;
+            let reservation_ttl = own
+                .and_then(|r| r.ttl.as_deref())
+                .map(|t| duration(t, &format!("{at}.reservation.ttl")))
+                .transpose()?;
             limits.push(Limit {
                 entry_key: format!("{LIMIT_ENTRY_PREFIX}{name}"),
                 name: name.clone(),
@@ -232,6 +252,8 @@ impl Policy {
                 when,
                 counters,
                 tokens: limit.tokens,
+                reservation_amount,
+                reservation_ttl,
             });
         }
         let needs_body = attributes
@@ -248,7 +270,12 @@ impl Policy {
         // (and shared by the expressions that see the same ones).
         let mut bindings: Vec<Binding> = Vec::new();
         for limit in &mut limits {
-            for e in limit.when.iter_mut().chain(limit.counters.iter_mut()) {
+            let exprs = limit
+                .when
+                .iter_mut()
+                .chain(limit.counters.iter_mut())
+                .chain(limit.reservation_amount.iter_mut());
+            for e in exprs {
                 for b in Binding::for_expression(&e.attributes, &attributes) {
                     let idx = match bindings.iter().position(|x| *x == b) {
                         Some(i) => i,
@@ -268,6 +295,7 @@ impl Policy {
         Ok(Policy {
             service,
             usage,
+            reservation,
             needs_body,
             limits,
             attributes,

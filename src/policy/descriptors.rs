@@ -31,7 +31,10 @@ impl Policy {
     }
 
     /// The descriptor of `applied`: the limit entries, then each counter entry once.
-    fn descriptor<'a>(&self, applied: impl Iterator<Item = &'a Applied>) -> RateLimitDescriptor {
+    pub(super) fn descriptor<'a>(
+        &self,
+        applied: impl Iterator<Item = &'a Applied>,
+    ) -> RateLimitDescriptor {
         let mut entries: Vec<Entry> = Vec::new();
         let mut counter_entries: Vec<Entry> = Vec::new();
         for a in applied {
@@ -195,6 +198,7 @@ mod tests {
         let applied = vec![Applied {
             limit: 0,
             counters: vec![("k".into(), long.clone()), ("k".into(), "dup".into())],
+            amount: None,
         }];
         let want = ratelimit_proto::RateLimitRequest {
             domain: "llm".into(),

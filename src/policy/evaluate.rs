@@ -61,9 +61,25 @@ impl Policy {
                     }
                 }
             }
+            // A limit whose amount cannot be evaluated still applies (it is enforced with the
+            // request's own bound); the error is counted like any other.
+            let amount = limit.reservation_amount.as_ref().and_then(|e| {
+                match eval.run(e).and_then(amount_value) {
+                    Ok(n) => Some(n),
+                    Err(reason) => {
+                        decision.errors.push(EvalError {
+                            limit: limit.name.clone(),
+                            expression: e.source.clone(),
+                            reason,
+                        });
+                        None
+                    }
+                }
+            });
             decision.applied.push(Applied {
                 limit: index,
                 counters,
+                amount,
             });
         }
         decision
@@ -148,6 +164,19 @@ fn counter_value(v: Value) -> Result<String, String> {
         Value::Bool(b) => Ok(b.to_string()),
         other => Err(format!(
             "a counter must be a string, int, uint, double or bool, got {:?}",
+            other.type_of()
+        )),
+    }
+}
+
+/// A reservation amount: a non-negative int or uint (tokens).
+fn amount_value(v: Value) -> Result<u64, String> {
+    match v {
+        Value::UInt(n) => Ok(n),
+        Value::Int(n) => u64::try_from(n)
+            .map_err(|_| format!("a reservation amount must not be negative, got {n}")),
+        other => Err(format!(
+            "a reservation amount must be an int or uint, got {:?}",
             other.type_of()
         )),
     }

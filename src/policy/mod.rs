@@ -23,15 +23,17 @@ mod binding;
 mod compile;
 mod descriptors;
 mod evaluate;
+mod reservations;
 #[cfg(test)]
 pub(crate) mod test_support;
 
 use crate::attributes::Attribute;
-use crate::config::{FailureMode, Fallback, TokenCategory};
+use crate::config::{AdmissionMode, FailureMode, Fallback, TokenCategory};
 use crate::usage::UsagePaths;
 use binding::Binding;
 use cel_interpreter::Context;
 use cel_parser::Expression;
+pub use reservations::PlannedReservation;
 use std::time::Duration;
 
 /// Prefix of the descriptor entry that marks a limit as applying: `limit.<name>` = `"1"`.
@@ -85,6 +87,23 @@ pub struct Limit {
     pub counters: Vec<CompiledExpr>,
     /// The usage figure the limit spends.
     pub tokens: TokenCategory,
+    /// Tokens to reserve for this limit (a CEL int or uint), overriding the request's own
+    /// bound in reservation mode.
+    pub reservation_amount: Option<CompiledExpr>,
+    /// The longest hold of this limit's reservations (default: [`ReservationSettings::ttl`]).
+    pub reservation_ttl: Option<Duration>,
+}
+
+/// What reservation mode reserves by default.
+#[derive(Debug, Clone)]
+pub struct ReservationSettings {
+    /// Tokens per category when the request's body is not in hand; completion tokens assumed
+    /// when a request declares no maximum.
+    pub default_amount: u64,
+    /// Most tokens one request reserves per category.
+    pub max_amount: u64,
+    /// The longest hold.
+    pub ttl: Duration,
 }
 
 /// Rate-limit service settings with durations parsed.
@@ -102,8 +121,12 @@ pub struct ServiceSettings {
     pub flush_period: Duration,
     /// Timeout of each `Report` call.
     pub report_timeout: Duration,
-    /// Further attempts of a failed `Report` before its tokens are dropped (and counted).
+    /// Further attempts of a failed `Report` or `Commit` before its tokens are dropped (and
+    /// counted).
     pub max_retries: u32,
+    /// How requests are admitted: reservation, checkReport, or reservation falling back to
+    /// checkReport.
+    pub mode: AdmissionMode,
 }
 
 /// Usage settings, validated.
@@ -137,6 +160,8 @@ pub struct Policy {
     pub service: ServiceSettings,
     /// How usage is read from responses and what a response without usage costs.
     pub usage: UsageSettings,
+    /// What reservation mode reserves.
+    pub reservation: ReservationSettings,
     /// Some expression reads the request body (`requestBodyJSON()`): the policy is evaluated
     /// once the body is complete.
     pub needs_body: bool,
@@ -195,6 +220,8 @@ pub struct Applied {
     pub limit: usize,
     /// `(expression text, value)` per counter, in configuration order.
     pub counters: Vec<(String, String)>,
+    /// The limit's own reservation amount (tokens), when it configures one.
+    pub amount: Option<u64>,
 }
 
 /// The outcome of evaluating the policy for one request.

@@ -1,0 +1,189 @@
+//! What reservation mode reserves for a request: one `Reserve` per token category (and per
+//! distinct amount or hold time), over the descriptor of the limits that spend it.
+
+use super::{Applied, Policy};
+use crate::config::TokenCategory;
+use crate::estimate::RequestBound;
+use ratelimit_proto::RateLimitDescriptor;
+use std::time::Duration;
+
+/// One `Reserve` a request makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedReservation {
+    /// The token category the limits spend (the commit carries the actual figure of it).
+    pub category: TokenCategory,
+    /// The descriptor of those limits (as [`Policy::report_descriptor`] builds it).
+    pub descriptor: RateLimitDescriptor,
+    /// Tokens to hold.
+    pub amount: u64,
+    /// The longest hold.
+    pub ttl: Duration,
+}
+
+impl Policy {
+    /// The reservations of a request to which `applied` limits apply. `bound`: what the request
+    /// declares about itself (its body in hand), else `None`.
+    ///
+    /// Per limit, the amount is its own `reservation.amount` when it has one, else the
+    /// request's bound in the limit's category (prompt estimate, declared completion maximum or
+    /// `reservation.defaultAmount` when none is declared, or their sum for `total`), else
+    /// `reservation.defaultAmount`; always capped by `reservation.maxAmount` and by the
+    /// limit's smallest rate (a larger hold could never be admitted). Limits of one category
+    /// with the same amount and hold time share one reservation.
+    pub fn plan_reservations(
+        &self,
+        applied: &[Applied],
+        bound: Option<RequestBound>,
+    ) -> Vec<PlannedReservation> {
+        let r = &self.reservation;
+        let mut groups: Vec<(TokenCategory, u64, Duration, Vec<&Applied>)> = Vec::new();
+        for a in applied {
+            let Some(limit) = self.limits.get(a.limit) else {
+                continue;
+            };
+            let category = limit.tokens;
+            let base = match bound {
+                Some(b) => {
+                    let completion = b.completion.unwrap_or(r.default_amount);
+                    match category {
+                        TokenCategory::Prompt => b.prompt,
+                        TokenCategory::Completion => completion,
+                        TokenCategory::Total => b.prompt.saturating_add(completion),
+                    }
+                }
+                None => r.default_amount,
+            };
+            let smallest_rate = limit
+                .rates
+                .iter()
+                .map(|x| x.limit)
+                .min()
+                .unwrap_or(u64::MAX);
+            let amount = a
+                .amount
+                .unwrap_or(base)
+                .min(r.max_amount)
+                .min(smallest_rate);
+            let ttl = limit.reservation_ttl.unwrap_or(r.ttl);
+            match groups
+                .iter_mut()
+                .find(|(c, n, t, _)| *c == category && *n == amount && *t == ttl)
+            {
+                Some(group) => group.3.push(a),
+                None => groups.push((category, amount, ttl, vec![a])),
+            }
+        }
+        groups
+            .into_iter()
+            .map(|(category, amount, ttl, members)| PlannedReservation {
+                category,
+                descriptor: self.descriptor(members.into_iter()),
+                amount,
+                ttl,
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::filter::MockHost;
+
+    const CONFIG: &str = r#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+        "reservation": {"defaultAmount": 30, "maxAmount": 500, "ttl": "20s"},
+        "limits": {
+          "a-total": {"rates": [{"limit": 1000, "window": "1m"}], "counters": [{"expression": "request.headers['x-user']"}]},
+          "b-total-small": {"rates": [{"limit": 1000, "window": "1m"}, {"limit": 40, "window": "1s"}]},
+          "c-prompt": {"rates": [{"limit": 1000, "window": "1h"}], "tokens": "prompt"},
+          "d-completion": {"rates": [{"limit": 1000, "window": "1h"}], "tokens": "completion"},
+          "e-own": {"rates": [{"limit": 1000, "window": "1h"}], "reservation": {"amount": "7 * 3", "ttl": "5s"}}
+        }}"#;
+
+    fn plan(bound: Option<RequestBound>) -> Vec<(TokenCategory, u64, u64, Vec<String>)> {
+        let p = Policy::from_json(CONFIG.as_bytes()).unwrap();
+        let mut host = MockHost::with_request_headers(&[("x-user", "alice")]);
+        let d = p.evaluate(&mut host);
+        assert!(d.errors.is_empty(), "{:?}", d.errors);
+        p.plan_reservations(&d.applied, bound)
+            .into_iter()
+            .map(|r| {
+                let keys = r
+                    .descriptor
+                    .entries
+                    .iter()
+                    .filter(|e| e.key.starts_with("limit."))
+                    .map(|e| e.key.clone())
+                    .collect();
+                (r.category, r.amount, r.ttl.as_secs(), keys)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_request_bound_is_reserved_per_category_and_capped_by_the_smallest_rate() {
+        let got = plan(Some(RequestBound {
+            prompt: 12,
+            completion: Some(100),
+        }));
+        assert_eq!(
+            got,
+            vec![
+                (
+                    TokenCategory::Total,
+                    112,
+                    20,
+                    vec!["limit.a-total".to_string()]
+                ),
+                (
+                    TokenCategory::Total,
+                    40,
+                    20,
+                    vec!["limit.b-total-small".to_string()]
+                ),
+                (
+                    TokenCategory::Prompt,
+                    12,
+                    20,
+                    vec!["limit.c-prompt".to_string()]
+                ),
+                (
+                    TokenCategory::Completion,
+                    100,
+                    20,
+                    vec!["limit.d-completion".to_string()]
+                ),
+                (TokenCategory::Total, 21, 5, vec!["limit.e-own".to_string()]),
+            ]
+        );
+    }
+
+    #[test]
+    fn without_a_body_the_default_amount_is_reserved_and_max_amount_caps() {
+        let got = plan(None);
+        let amounts: Vec<u64> = got.iter().map(|g| g.1).collect();
+        assert_eq!(amounts, vec![30, 30, 30, 21]);
+        // Same category, amount and hold: one reservation for both limits.
+        assert_eq!(
+            got[0].3,
+            vec![
+                "limit.a-total".to_string(),
+                "limit.b-total-small".to_string()
+            ]
+        );
+        let got = plan(Some(RequestBound {
+            prompt: 10_000,
+            completion: None,
+        }));
+        assert_eq!(got[0].1, 500);
+        assert_eq!(
+            got[2],
+            (
+                TokenCategory::Completion,
+                30,
+                20,
+                vec!["limit.d-completion".to_string()]
+            )
+        );
+    }
+}
