@@ -175,9 +175,10 @@ mod tests {
             prompt: 10_000,
             completion: None,
         }));
-        assert_eq!(got[0].1, 500);
+        let amounts: Vec<u64> = got.iter().map(|g| g.1).collect();
+        assert_eq!(amounts, vec![500, 40, 500, 30, 21]);
         assert_eq!(
-            got[2],
+            got[3],
             (
                 TokenCategory::Completion,
                 30,
