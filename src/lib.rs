@@ -2,8 +2,8 @@
 //! consumes.
 //!
 //! The crate is a pure core that compiles and is tested natively ([`config`], [`policy`],
-//! [`attributes`], [`usage`], [`flow`], [`reports`], [`limits`]) under a thin proxy-wasm layer
-//! (`host`, built for `wasm32` only) that moves bytes between Envoy and the core.
+//! [`attributes`], [`usage`], [`request_body`], [`flow`], [`reports`], [`limits`]) under a thin
+//! proxy-wasm layer (`host`, built for `wasm32` only) that moves bytes between Envoy and the core.
 
 pub mod attributes;
 pub mod config;
@@ -11,6 +11,7 @@ pub mod flow;
 pub mod limits;
 pub mod policy;
 pub mod reports;
+pub mod request_body;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
