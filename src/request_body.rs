@@ -1,9 +1,23 @@
+//! Rewrites of the request body before it goes upstream.
+//!
+//! An OpenAI chat completion or completion streamed with `"stream": true` reports its usage
+//! only when the request sets `stream_options.include_usage: true`
+//! ([API](https://platform.openai.com/docs/api-reference/chat/create#chat-create-stream_options)):
+//! the usage then comes in a last chunk before `data: [DONE]`. Without it, a streamed answer
+//! could not be charged what it used, so [`inject_include_usage`] asks for it.
+
 use crate::usage::json;
 use serde_json::Value;
 
-/// Adds `stream_options.include_usage: true` to an OpenAI request body that asks for
-/// `"stream": true` without it. Returns the new body, or `None` when nothing is to change
-/// (not JSON, not streaming, usage already requested).
+/// Adds `stream_options.include_usage: true` to an OpenAI request body (UTF-8 JSON) that asks
+/// for `"stream": true` without it; for requests to the paths of
+/// [`Format::is_openai_streaming`](crate::usage::Format::is_openai_streaming).
+///
+/// Returns the new body, or `None` when nothing is to change (not UTF-8, not one JSON object,
+/// not streaming, usage already requested). As when the body is read as a `serde_json::Value`,
+/// the last of duplicate keys counts. Without a `stream_options` member, the member is inserted
+/// first and the client's bytes are kept as they are; otherwise the body is parsed and
+/// serialized again (compact, the other members of `stream_options` kept).
 pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     // Most bodies need no rewrite: find out without building the document (its messages).
     let text = std::str::from_utf8(body).ok()?;

@@ -1,18 +1,30 @@
+//! Content codings of a response body ([RFC 9110 §8.4](https://www.rfc-editor.org/rfc/rfc9110#section-8.4)):
+//! which ones the filter reads ([`Encoding`], [`readable_accept_encoding`]) and the streaming
+//! decompression of a copy of the body for the extractor (`Decoder`).
+
 use std::io::Write;
 
-/// A response `content-encoding`.
+/// A response `content-encoding`, as far as usage can be read through it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {
+    /// No coding (`identity`, or no header).
     Identity,
+    /// `gzip` or `x-gzip` ([RFC 1952](https://www.rfc-editor.org/rfc/rfc1952)); several
+    /// members in a row are read as one body.
     Gzip,
+    /// `deflate`: the zlib format ([RFC 1950](https://www.rfc-editor.org/rfc/rfc1950)), as
+    /// HTTP defines it. A raw deflate stream, which some servers send, fails to decode.
     Deflate,
+    /// `br` ([RFC 7932](https://www.rfc-editor.org/rfc/rfc7932)).
     Brotli,
-    /// An encoding this filter cannot read: no usage.
+    /// An encoding this filter cannot read (`zstd`, `compress`, several codings in one header,
+    /// ...): no usage.
     Unsupported,
 }
 
 impl Encoding {
-    /// The encoding for a `content-encoding` header value (absent: identity).
+    /// The encoding for a `content-encoding` header value (absent: identity). Case and
+    /// surrounding whitespace are ignored; anything not listed is [`Encoding::Unsupported`].
     pub fn from_header(value: Option<&str>) -> Encoding {
         match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
             None | Some("") | Some("identity") => Encoding::Identity,
@@ -25,8 +37,10 @@ impl Encoding {
 }
 
 /// The `accept-encoding` to send upstream for a limited request: the client's codings that
-/// this filter can decompress (`gzip`, `x-gzip`, `deflate`, `br`, `identity`, with their
-/// q-values), or `None` when none is left (the header is then removed: identity).
+/// this filter can decompress (`gzip`, `x-gzip`, `deflate`, `br`, `identity`, case-insensitive,
+/// kept as written with their q-values, joined with `", "`), or `None` when none is left (the
+/// header is then removed: identity). `value` is the client's header
+/// ([RFC 9110 §12.5.3](https://www.rfc-editor.org/rfc/rfc9110#section-12.5.3)).
 pub fn readable_accept_encoding(value: &str) -> Option<String> {
     let kept: Vec<&str> = value
         .split(',')
@@ -61,10 +75,16 @@ impl Write for Sink {
     }
 }
 
+/// The streaming decompressor of one response body, per [`Encoding`]: fed the chunks as they
+/// pass, it hands back what each one decodes to.
 pub(super) enum Decoder {
+    /// Nothing to decode: the chunks are the body.
     Identity,
+    /// [`Encoding::Gzip`], every member.
     Gzip(Box<flate2::write::MultiGzDecoder<Sink>>),
+    /// [`Encoding::Deflate`] (zlib).
     Deflate(Box<flate2::write::ZlibDecoder<Sink>>),
+    /// [`Encoding::Brotli`].
     Brotli(Box<brotli_decompressor::DecompressorWriter<Sink>>),
     /// Undecodable: everything is dropped.
     Failed,
@@ -83,6 +103,7 @@ impl std::fmt::Debug for Decoder {
 }
 
 impl Decoder {
+    /// The decoder for a body in `encoding` ([`Decoder::Failed`] for an unsupported one).
     pub(super) fn new(encoding: Encoding) -> Decoder {
         match encoding {
             Encoding::Identity => Decoder::Identity,
@@ -100,6 +121,8 @@ impl Decoder {
     }
 
     /// Decodes `chunk`; returns the decoded bytes (empty when nothing came out or it failed).
+    /// The output of one chunk is not bounded here: the caller bounds what it keeps. A decoding
+    /// error turns the decoder into [`Decoder::Failed`] for the rest of the body.
     pub(super) fn decode(&mut self, chunk: &[u8]) -> Vec<u8> {
         let result = match self {
             Decoder::Identity => return chunk.to_vec(),

@@ -1,9 +1,13 @@
+//! The incremental reading of a response body: [`UsageExtractor`] is fed the chunks as they
+//! pass (decompressing a copy when the body is encoded), frames them per [`BodyFormat`] and
+//! reads the usage of each document or event with the readers of the `formats` module.
+
 use super::decode::Decoder;
 use super::formats::read_bytes;
 use super::sse::{blank_line, data_field, markers};
 use super::{Encoding, Format, Usage, UsagePaths};
 
-/// How a response body is framed.
+/// How a response body is framed, from its `content-type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyFormat {
     /// One JSON document (or a JSON array streamed element by element).
@@ -15,7 +19,10 @@ pub enum BodyFormat {
 }
 
 impl BodyFormat {
-    /// The framing for a `content-type` header value.
+    /// The framing for a `content-type` header value (case-insensitive): `text/event-stream`
+    /// is an event stream; any other type that contains `json` (`application/json`,
+    /// `application/problem+json`, ...) is JSON; anything else, or no header, is
+    /// [`BodyFormat::Other`].
     pub fn from_content_type(content_type: Option<&str>) -> BodyFormat {
         let Some(ct) = content_type else {
             return BodyFormat::Other;
@@ -32,7 +39,9 @@ impl BodyFormat {
 }
 
 /// Incremental usage extraction: fed the body chunks as they pass, never holding the client's
-/// response.
+/// response. Memory is bounded by `max_bytes` (see [`UsageExtractor::new`]); what exceeds it is
+/// dropped and reported by [`UsageExtractor::overflowed`], never an error. Later figures replace
+/// earlier ones, as streams report running totals.
 #[derive(Debug)]
 pub struct UsageExtractor {
     format: Format,
@@ -48,12 +57,14 @@ pub struct UsageExtractor {
     overflowed: bool,
     /// Decoded body bytes seen, for estimates.
     body_bytes: u64,
+    /// The usage read so far.
     found: Usage,
 }
 
 impl UsageExtractor {
-    /// A new extractor for a response in `format`, framed as `framing`, encoded as `encoding`;
-    /// keeps at most `max_bytes` bytes.
+    /// A new extractor for a response in `format`, framed as `framing`, encoded as `encoding`,
+    /// whose custom `paths` are tried first. It keeps at most `max_bytes` (decoded) bytes of
+    /// the JSON document, or of the current line and of the current event of an event stream.
     pub fn new(
         format: Format,
         framing: BodyFormat,
@@ -75,17 +86,21 @@ impl UsageExtractor {
         }
     }
 
-    /// Whether any bytes were dropped for exceeding the bound (or failing to decode).
+    /// Whether any bytes were dropped for exceeding the bound (or failing to decode): the usage
+    /// of [`UsageExtractor::finish`] may then be missing or partial.
     pub fn overflowed(&self) -> bool {
         self.overflowed || matches!(self.decoder, Decoder::Failed)
     }
 
-    /// Decoded response body bytes seen so far.
+    /// Decoded response body bytes seen so far (the raw bytes when the body cannot be read:
+    /// [`BodyFormat::Other`]), for estimates when no usage is reported.
     pub fn body_bytes(&self) -> u64 {
         self.body_bytes
     }
 
-    /// Feeds the next body chunk (as it travels to the client, possibly compressed).
+    /// Feeds the next body chunk (as it travels to the client, possibly compressed). Usage is
+    /// read from an event stream's events as they complete, from a JSON document at
+    /// [`UsageExtractor::finish`].
     pub fn feed(&mut self, chunk: &[u8]) {
         if self.framing == BodyFormat::Other {
             self.body_bytes += chunk.len() as u64;
@@ -132,6 +147,7 @@ impl UsageExtractor {
         self.feed(&chunk);
     }
 
+    /// Frames the decoded `chunk` of an event stream into lines and events.
     fn feed_sse(&mut self, mut chunk: &[u8]) {
         while let Some(pos) = memchr::memchr(b'\n', chunk) {
             let (head, rest) = chunk.split_at(pos);
@@ -188,6 +204,8 @@ impl UsageExtractor {
         // Other fields (event:, id:, retry:, comments) carry no usage.
     }
 
+    /// Whether an event's `data` contains a key its usage could be under (the format's or a
+    /// custom path's): most events (content deltas) are not parsed.
     fn worth_parsing(&self, data: &[u8]) -> bool {
         markers(self.format).iter().any(|m| m.find(data).is_some())
             || self
@@ -197,6 +215,7 @@ impl UsageExtractor {
                 .any(|m| memchr::memmem::find(data, m).is_some())
     }
 
+    /// Ends the current event (a blank line): reads its `data`, keeping the buffer for the next.
     fn dispatch_event(&mut self) {
         let data = std::mem::take(&mut self.event_data);
         self.event(&data);
@@ -221,7 +240,9 @@ impl UsageExtractor {
         }
     }
 
-    /// Ends the body (end of stream, or an abort): returns the usage found, if any.
+    /// Ends the body (end of stream, or an abort): returns the usage found, `None` when no figure
+    /// was read. A JSON document is read here (a top-level array as a streamed JSON array, as
+    /// Gemini sends without `alt=sse`); an event stream's last line and event are ended.
     pub fn finish(&mut self) -> Option<Usage> {
         match self.framing {
             BodyFormat::Other => {}
@@ -445,7 +466,8 @@ mod tests {
 
     #[test]
     fn real_llama_server_captures() {
-        // Real bytes from ../shared/samples (skipped when the folder is not beside the repo).
+        // Real bytes captured from llama.cpp's `llama-server` and from `llama-cpp-python`, kept
+        // in the samples folder beside the repository (`SAMPLES`); skipped when it is not there.
         if let Some(body) = sample("llama-server/chat.json") {
             assert!(from_json(&body).and_then(|u| u.total).is_some());
         }

@@ -1,12 +1,31 @@
+//! The providers' usage objects: which fields of which JSON location hold the figures, per
+//! [`Format`], and the custom locations of [`UsagePaths`]. Sources: OpenAI's
+//! [chat completion](https://platform.openai.com/docs/api-reference/chat/object) and
+//! [Responses](https://platform.openai.com/docs/api-reference/responses/object) objects,
+//! Anthropic's [Messages](https://docs.anthropic.com/en/api/messages) and
+//! [streaming](https://docs.anthropic.com/en/api/messages-streaming) references, Gemini's
+//! [`UsageMetadata`](https://ai.google.dev/api/generate-content#UsageMetadata).
+//!
+//! [`read_document`] reads a parsed `serde_json::Value`; `read_bytes` reads raw bytes through
+//! the typed reader of [`super::json`] (a `Value` only when custom paths need one), with the same
+//! results.
+
 use super::{json, Format, Usage};
 use serde_json::Value;
 
-/// Custom locations of usage figures: JSON pointers (RFC 6901), tried in order, first match
-/// wins; tried before the format's own fields.
+/// Custom locations of usage figures: JSON pointers
+/// ([RFC 6901](https://www.rfc-editor.org/rfc/rfc6901)) into a response document (or one
+/// streamed event), tried in order per category, first match wins. A pointer matches only where
+/// it finds a non-negative integer; when any category matches, the format's own fields are not
+/// read for that document. `Default` is no custom path. Build it with [`UsagePaths::new`], which
+/// also derives the markers an event stream is filtered by.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UsagePaths {
+    /// Pointers to the prompt (input) token count, e.g. `/usage/prompt_tokens`.
     pub prompt: Vec<String>,
+    /// Pointers to the completion (output) token count.
     pub completion: Vec<String>,
+    /// Pointers to the total token count.
     pub total: Vec<String>,
     /// The last segment of every pointer, quoted (`"prompt_tokens"`): an event that contains
     /// none of them is not parsed.
@@ -14,8 +33,12 @@ pub struct UsagePaths {
 }
 
 impl UsagePaths {
-    /// Custom paths from lists of JSON pointers. Errors name a pointer that does not start
-    /// with `/`.
+    /// Custom paths from lists of JSON pointers, one list per category.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the first pointer that does not start with `/` (the empty pointer, the
+    /// whole document, is refused too).
     pub fn new(
         prompt: Vec<String>,
         completion: Vec<String>,
@@ -47,10 +70,13 @@ impl UsagePaths {
         })
     }
 
+    /// Whether no custom path is set.
     pub(super) fn is_empty(&self) -> bool {
         self.prompt.is_empty() && self.completion.is_empty() && self.total.is_empty()
     }
 
+    /// The figures the custom paths find in `doc` (each `None` when no pointer of its category
+    /// finds a non-negative integer).
     pub(super) fn read(&self, doc: &Value) -> Usage {
         let first = |ptrs: &[String]| {
             ptrs.iter()
@@ -64,6 +90,7 @@ impl UsagePaths {
     }
 }
 
+/// The sum of the figures present (saturating), or `None` when none is.
 fn sum(values: &[Option<u64>]) -> Option<u64> {
     if values.iter().all(Option::is_none) {
         return None;
@@ -138,6 +165,9 @@ impl Figures {
     }
 }
 
+/// An OpenAI usage object: chat completions, completions and embeddings
+/// (`prompt_tokens`, `completion_tokens`, `total_tokens`), or the Responses API (`input_tokens`,
+/// `output_tokens`, `total_tokens`). Nothing when absent or distrusted.
 fn openai(usage: Option<&Figures>) -> Usage {
     let Some(u) = usage.filter(|f| !f.invalid) else {
         return Usage::default();
@@ -149,6 +179,9 @@ fn openai(usage: Option<&Figures>) -> Usage {
     }
 }
 
+/// An Anthropic Messages usage object: the prompt is `input_tokens` plus
+/// `cache_creation_input_tokens` and `cache_read_input_tokens`, the completion `output_tokens`
+/// (cumulative in a stream's `message_delta`), no total. Nothing when absent or distrusted.
 fn anthropic(usage: Option<&Figures>) -> Usage {
     let Some(u) = usage.filter(|f| !f.invalid) else {
         return Usage::default();
@@ -168,6 +201,9 @@ fn anthropic(usage: Option<&Figures>) -> Usage {
     }
 }
 
+/// A Gemini `usageMetadata` object: prompt = `promptTokenCount`, completion =
+/// `candidatesTokenCount` + `thoughtsTokenCount`, total = `totalTokenCount`. Nothing when absent
+/// or distrusted.
 fn gemini(meta: Option<&Figures>) -> Usage {
     let Some(m) = meta.filter(|f| !f.invalid) else {
         return Usage::default();
@@ -193,6 +229,8 @@ pub(super) struct Locations {
 }
 
 impl Locations {
+    /// The usage these locations report in `format`: the first of the format's candidate
+    /// locations that yields a figure (every location for [`Format::Unknown`]).
     pub(super) fn usage(&self, format: Format) -> Usage {
         let candidates: &[fn(&Locations) -> Usage] = match format {
             Format::OpenAi => &[|d| openai(d.usage.as_ref())],
@@ -228,7 +266,9 @@ impl Locations {
 }
 
 /// Reads the usage of one JSON document (a whole response, one streamed event, or one element
-/// of a streamed JSON array) in `format`.
+/// of a streamed JSON array) in `format`: first the custom `paths`, then the format's
+/// documented locations (see the [module documentation](crate::usage)). Never fails: a document
+/// without usage, or not an object, gives a [`Usage`] whose figures are all `None`.
 pub fn read_document(format: Format, paths: &UsagePaths, doc: &Value) -> Usage {
     if !paths.is_empty() {
         let u = paths.read(doc);
@@ -277,7 +317,8 @@ pub(super) fn read_bytes(
     })
 }
 
-/// Reads the top-level OpenAI-style `usage` of a JSON document; `None` when there is none.
+/// Reads the top-level OpenAI-style `usage` of the JSON document in `doc` (bytes, UTF-8; see
+/// [`Format::OpenAi`]). `None` when `doc` is not one JSON document or reports no figure.
 pub fn from_json(doc: &[u8]) -> Option<Usage> {
     let u = read_bytes(Format::OpenAi, &UsagePaths::default(), doc, false)?;
     (!u.is_empty()).then_some(u)

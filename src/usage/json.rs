@@ -4,6 +4,9 @@
 //! location that is not an object holds nothing, a figure counts only as a non-negative integer,
 //! a document that is not UTF-8 is refused (the callers check). One leniency: a lone surrogate
 //! escape (`"\ud800"`) in a skipped string does not make the document unreadable.
+//!
+//! The same reader answers what a request body asks for ([`Read::StreamRequest`]: `stream`,
+//! `stream_options.include_usage`), for [`crate::request_body`].
 
 use super::formats::{Figures, Locations};
 use super::{Format, Usage};
@@ -59,6 +62,7 @@ pub(super) fn key(v: &str) -> Key {
     }
 }
 
+/// Reads a map key as a [`Key`], without keeping the string.
 struct KeyVisitor;
 
 impl<'de> Visitor<'de> for KeyVisitor {
@@ -114,15 +118,22 @@ pub(crate) enum Read {
 
 /// What was read, per [`Read`].
 pub(crate) enum Out {
+    /// For [`Read::Document`].
     Usage(Usage),
+    /// For [`Read::Object`] and [`Read::Wrapper`].
     Figures(Option<Figures>),
+    /// For [`Read::Figure`]: a non-negative integer, or `None` for null.
     Figure(Option<u64>),
     /// A figure that is not a non-negative integer (null is `Figure(None)`).
     BadFigure,
+    /// For [`Read::True`] and [`Read::StreamOptions`].
     Bool(bool),
+    /// For [`Read::StreamRequest`].
     Streaming(Option<Streaming>),
 }
 
+/// The accessors give the value of the expected kind, or nothing (`Usage::default()`, `None`,
+/// `false`) for another kind.
 impl Out {
     fn usage(self) -> Usage {
         match self {
@@ -145,6 +156,7 @@ impl Out {
     fn bool(self) -> bool {
         matches!(self, Out::Bool(true))
     }
+    /// What a request body asks for; `None` when it is not an object.
     pub(crate) fn streaming(self) -> Option<Streaming> {
         match self {
             Out::Streaming(s) => s,
@@ -312,7 +324,8 @@ impl<'de> DeserializeSeed<'de> for Read {
     }
 }
 
-/// Reads `text` (one JSON document, nothing after it) as `read` says.
+/// Reads `text` (one JSON document, nothing after it but whitespace) as `read` says; `None`
+/// when it is not.
 pub(crate) fn read(text: &str, read: Read) -> Option<Out> {
     let mut de = serde_json::Deserializer::from_str(text);
     let out = read.deserialize(&mut de).ok()?;
@@ -320,7 +333,8 @@ pub(crate) fn read(text: &str, read: Read) -> Option<Out> {
     Some(out)
 }
 
-/// The usage of the document `text` (see [`Read::Document`]).
+/// The usage of the document `text` (see [`Read::Document`]); `None` when `text` is not one
+/// JSON document.
 pub(super) fn document(text: &str, format: Format, arrays: bool) -> Option<Usage> {
     read(text, Read::Document { format, arrays }).map(Out::usage)
 }

@@ -2,25 +2,37 @@
 //!
 //! Which format applies is decided once per request from the request path ([`Format::from_path`])
 //! and the response's `content-type` / `content-encoding` ([`BodyFormat`], [`Encoding`]); the
-//! body is never guessed at per byte. Formats (DESIGN.md §4):
+//! body is never guessed at per byte. Where each API reports usage, per its reference:
 //!
 //! | format | non-streaming (`application/json`) | streaming (`text/event-stream`) |
 //! | --- | --- | --- |
 //! | OpenAI chat completions, completions, embeddings ([API](https://platform.openai.com/docs/api-reference/chat/object)) | `usage.{prompt_tokens, completion_tokens, total_tokens}` | the chunk with `usage` (`choices: []`, or the last chunk with choices), sent when `stream_options.include_usage` is set |
-//! | OpenAI Responses API | `usage.{input_tokens, output_tokens, total_tokens}` | `response.completed`: `response.usage` |
+//! | OpenAI Responses API ([API](https://platform.openai.com/docs/api-reference/responses/object)) | `usage.{input_tokens, output_tokens, total_tokens}` | `response.completed`: `response.usage` |
 //! | Anthropic Messages ([API](https://docs.anthropic.com/en/api/messages)) | `usage.{input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens}` | `message_start`: `message.usage` (input); `message_delta`: `usage.output_tokens` (cumulative) |
-//! | Gemini `generateContent` / `streamGenerateContent` | `usageMetadata.{promptTokenCount, candidatesTokenCount, thoughtsTokenCount, totalTokenCount}` | every chunk's `usageMetadata` (running totals); also a streamed JSON array |
+//! | Gemini `generateContent` / `streamGenerateContent` ([API](https://ai.google.dev/api/generate-content#UsageMetadata)) | `usageMetadata.{promptTokenCount, candidatesTokenCount, thoughtsTokenCount, totalTokenCount}` | every chunk's `usageMetadata` (running totals); also a streamed JSON array |
 //!
 //! Anthropic's prompt tokens are `input_tokens + cache_creation_input_tokens +
 //! cache_read_input_tokens`; Gemini's completion tokens are `candidatesTokenCount +
 //! thoughtsTokenCount`. Custom JSON pointers ([`UsagePaths`]) are tried before the format's own
 //! fields. Only the documented locations count: a `"usage"` inside generated content is ignored.
 //! A figure counts only when it is a non-negative integer (negative numbers, floats and strings
-//! are ignored, never trusted as a discount).
+//! are ignored, never trusted as a discount). All figures are counts of tokens, as the provider
+//! reports them; nothing here counts tokens itself.
+//!
+//! An OpenAI stream carries usage only when the request set `stream_options.include_usage`
+//! (see [`inject_include_usage`]), in a chunk before `data: [DONE]`; some OpenAI-compatible
+//! servers ignore the option and stream no usage at all, which yields `None`.
 //!
 //! Memory is bounded by `max_bytes`: the whole document for JSON, the largest event for event
 //! streams; compressed bodies (`gzip`, `deflate`, `br`) are decompressed on a copy, with the
 //! decompressed size bounded the same way.
+//!
+//! The parts, one concern each: `formats` (the providers' usage objects, [`UsagePaths`],
+//! [`read_document`], [`from_json`]), `json` (the typed reader behind them, which skips
+//! everything but the usage locations), `sse` (event-stream framing), `decode`
+//! ([`Encoding`], decompression, [`readable_accept_encoding`]) and `extractor`
+//! ([`BodyFormat`], [`UsageExtractor`], which feeds the body through the others). The
+//! request-body rewrite lives in [`crate::request_body`].
 
 mod decode;
 mod extractor;
@@ -35,7 +47,8 @@ pub use formats::{from_json, read_document, UsagePaths};
 
 use crate::config::TokenCategory;
 
-/// Tokens a response reports, per category. A `None` figure was absent or invalid.
+/// Token counts a response reports, per category. A `None` figure was absent or invalid (not a
+/// non-negative integer).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     /// Prompt (input) tokens.
@@ -47,7 +60,8 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Tokens spent in `category`: the total falls back to prompt + completion.
+    /// Tokens spent in `category`. The total falls back to prompt + completion (an absent one
+    /// counting 0, saturating at `u64::MAX`); `None` when the response reported none of them.
     pub fn tokens(&self, category: TokenCategory) -> Option<u64> {
         match category {
             TokenCategory::Prompt => self.prompt,
@@ -59,6 +73,7 @@ impl Usage {
         }
     }
 
+    /// Whether no figure was reported.
     fn is_empty(&self) -> bool {
         self.prompt.is_none() && self.completion.is_none() && self.total.is_none()
     }
@@ -80,7 +95,8 @@ impl Usage {
     }
 }
 
-/// The API a request speaks, from its path.
+/// The API a request speaks, from its path: it decides where a response's usage is read (see
+/// the table in the [module documentation](crate::usage)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     /// `…/chat/completions`, `…/completions`, `…/embeddings`.
@@ -96,7 +112,8 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format for a request path (query string ignored).
+    /// The format for a request path; the query string, a fragment and trailing `/` are
+    /// ignored. Never fails: a path no API matches is [`Format::Unknown`].
     pub fn from_path(path: &str) -> Format {
         let path = path.split(['?', '#']).next().unwrap_or("");
         let path = path.trim_end_matches('/');
@@ -116,7 +133,11 @@ impl Format {
         }
     }
 
-    /// Whether requests of this format accept OpenAI's `stream_options.include_usage`.
+    /// Whether a request to `path` (query string, fragment and trailing `/` ignored) is an
+    /// OpenAI chat completion or completion: the requests that accept
+    /// `stream_options.include_usage`
+    /// ([API](https://platform.openai.com/docs/api-reference/chat/create#chat-create-stream_options)).
+    /// Embeddings and every other API do not.
     pub fn is_openai_streaming(path: &str) -> bool {
         let path = path
             .split(['?', '#'])
