@@ -9,8 +9,9 @@
 //!   and counters, descriptors);
 //! - [`attributes`]: Envoy's attribute vocabulary and encodings;
 //! - [`usage`]: where each provider reports usage, JSON and SSE, compressed or not;
+//! - [`request_body`]: the request-body rewrite (`stream_options.include_usage`);
 //! - [`estimate`]: what a request declares about its size (for reservations);
-//! - [`flow`]: one request's pure state machine; [`reports`]: the report queue;
+//! - [`flow`]: one request's pure state machine; [`reports`]: the report and commit queues;
 //! - [`limits`]: the Limitador limits generated from a policy.
 
 pub mod attributes;
@@ -22,6 +23,7 @@ pub mod flow;
 pub mod limits;
 pub mod policy;
 pub mod reports;
+pub mod request_body;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]

@@ -476,7 +476,7 @@ impl StreamFilter {
 
     /// Adds `stream_options.include_usage` to the complete request body in hand.
     fn inject(&mut self, host: &mut impl Host, body: &mut Vec<u8>) {
-        if let Some(new) = crate::usage::inject_include_usage(body) {
+        if let Some(new) = crate::request_body::inject_include_usage(body) {
             host_log!(
                 host,
                 Debug,

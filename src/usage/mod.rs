@@ -1,0 +1,172 @@
+//! Token usage in model responses, extracted incrementally from the response body as it passes.
+//!
+//! Which format applies is decided once per request from the request path ([`Format::from_path`])
+//! and the response's `content-type` / `content-encoding` ([`BodyFormat`], [`Encoding`]); the
+//! body is never guessed at per byte. Where each API reports usage, per its reference:
+//!
+//! | format | non-streaming (`application/json`) | streaming (`text/event-stream`) |
+//! | --- | --- | --- |
+//! | OpenAI chat completions, completions, embeddings ([API](https://platform.openai.com/docs/api-reference/chat/object)) | `usage.{prompt_tokens, completion_tokens, total_tokens}` | the chunk with `usage` (`choices: []`, or the last chunk with choices), sent when `stream_options.include_usage` is set |
+//! | OpenAI Responses API ([API](https://platform.openai.com/docs/api-reference/responses/object)) | `usage.{input_tokens, output_tokens, total_tokens}` | `response.completed`: `response.usage` |
+//! | Anthropic Messages ([API](https://docs.anthropic.com/en/api/messages)) | `usage.{input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens}` | `message_start`: `message.usage` (input); `message_delta`: `usage.output_tokens` (cumulative) |
+//! | Gemini `generateContent` / `streamGenerateContent` ([API](https://ai.google.dev/api/generate-content#UsageMetadata)) | `usageMetadata.{promptTokenCount, candidatesTokenCount, thoughtsTokenCount, totalTokenCount}` | every chunk's `usageMetadata` (running totals); also a streamed JSON array |
+//!
+//! Anthropic's prompt tokens are `input_tokens + cache_creation_input_tokens +
+//! cache_read_input_tokens`; Gemini's completion tokens are `candidatesTokenCount +
+//! thoughtsTokenCount`. Custom JSON pointers ([`UsagePaths`]) are tried before the format's own
+//! fields. Only the documented locations count: a `"usage"` inside generated content is ignored.
+//! A figure counts only when it is a non-negative integer (negative numbers, floats and strings
+//! are ignored, never trusted as a discount). All figures are counts of tokens, as the provider
+//! reports them; nothing here counts tokens itself.
+//!
+//! An OpenAI stream carries usage only when the request set `stream_options.include_usage`
+//! (see [`inject_include_usage`]), in a chunk before `data: [DONE]`; some OpenAI-compatible
+//! servers ignore the option and stream no usage at all, which yields `None`.
+//!
+//! Memory is bounded by `max_bytes`: the whole document for JSON, the largest event for event
+//! streams; compressed bodies (`gzip`, `deflate`, `br`) are decompressed on a copy, with the
+//! decompressed size bounded the same way.
+//!
+//! The parts, one concern each: `formats` (the providers' usage objects, [`UsagePaths`],
+//! [`read_document`], [`from_json`]), `json` (the typed reader behind them, which skips
+//! everything but the usage locations), `sse` (event-stream framing), `decode`
+//! ([`Encoding`], decompression, [`readable_accept_encoding`]) and `extractor`
+//! ([`BodyFormat`], [`UsageExtractor`], which feeds the body through the others). The
+//! request-body rewrite lives in [`crate::request_body`].
+
+mod decode;
+mod extractor;
+mod formats;
+pub(crate) mod json;
+mod sse;
+
+pub use crate::request_body::inject_include_usage;
+pub use decode::{readable_accept_encoding, Encoding};
+pub use extractor::{BodyFormat, UsageExtractor};
+pub use formats::{from_json, read_document, UsagePaths};
+
+use crate::config::TokenCategory;
+
+/// Token counts a response reports, per category. A `None` figure was absent or invalid (not a
+/// non-negative integer).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Prompt (input) tokens.
+    pub prompt: Option<u64>,
+    /// Completion (output) tokens.
+    pub completion: Option<u64>,
+    /// Total tokens.
+    pub total: Option<u64>,
+}
+
+impl Usage {
+    /// Tokens spent in `category`. The total falls back to prompt + completion (an absent one
+    /// counting 0, saturating at `u64::MAX`); `None` when the response reported none of them.
+    pub fn tokens(&self, category: TokenCategory) -> Option<u64> {
+        match category {
+            TokenCategory::Prompt => self.prompt,
+            TokenCategory::Completion => self.completion,
+            TokenCategory::Total => self.total.or(match (self.prompt, self.completion) {
+                (None, None) => None,
+                (p, c) => Some(p.unwrap_or(0).saturating_add(c.unwrap_or(0))),
+            }),
+        }
+    }
+
+    /// Whether no figure was reported.
+    fn is_empty(&self) -> bool {
+        self.prompt.is_none() && self.completion.is_none() && self.total.is_none()
+    }
+
+    /// Later figures replace earlier ones (streams report running totals). A total from an
+    /// earlier event is dropped when the new event updates prompt or completion without one.
+    fn merge(&mut self, new: Usage) {
+        if new.total.is_some() {
+            self.total = new.total;
+        } else if new.prompt.is_some() || new.completion.is_some() {
+            self.total = None;
+        }
+        if new.prompt.is_some() {
+            self.prompt = new.prompt;
+        }
+        if new.completion.is_some() {
+            self.completion = new.completion;
+        }
+    }
+}
+
+/// The API a request speaks, from its path: it decides where a response's usage is read (see
+/// the table in the [module documentation](crate::usage)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `…/chat/completions`, `…/completions`, `…/embeddings`.
+    OpenAi,
+    /// `…/responses`.
+    Responses,
+    /// `…/messages` (Anthropic Messages).
+    Anthropic,
+    /// `…:generateContent`, `…:streamGenerateContent`.
+    Gemini,
+    /// Anything else: every known location is tried.
+    Unknown,
+}
+
+impl Format {
+    /// The format for a request path; the query string, a fragment and trailing `/` are
+    /// ignored. Never fails: a path no API matches is [`Format::Unknown`].
+    pub fn from_path(path: &str) -> Format {
+        let path = path.split(['?', '#']).next().unwrap_or("");
+        let path = path.trim_end_matches('/');
+        if path.ends_with("/chat/completions")
+            || path.ends_with("/completions")
+            || path.ends_with("/embeddings")
+        {
+            Format::OpenAi
+        } else if path.ends_with("/responses") {
+            Format::Responses
+        } else if path.ends_with("/messages") {
+            Format::Anthropic
+        } else if path.ends_with(":generateContent") || path.ends_with(":streamGenerateContent") {
+            Format::Gemini
+        } else {
+            Format::Unknown
+        }
+    }
+
+    /// Whether a request to `path` (query string, fragment and trailing `/` ignored) is an
+    /// OpenAI chat completion or completion: the requests that accept
+    /// `stream_options.include_usage`
+    /// ([API](https://platform.openai.com/docs/api-reference/chat/create#chat-create-stream_options)).
+    /// Embeddings and every other API do not.
+    pub fn is_openai_streaming(path: &str) -> bool {
+        let path = path
+            .split(['?', '#'])
+            .next()
+            .unwrap_or("")
+            .trim_end_matches('/');
+        path.ends_with("/chat/completions") || path.ends_with("/completions")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_from_paths() {
+        assert_eq!(
+            Format::from_path("/v1/chat/completions?x=1"),
+            Format::OpenAi
+        );
+        assert_eq!(Format::from_path("/v1/embeddings"), Format::OpenAi);
+        assert_eq!(Format::from_path("/v1/responses"), Format::Responses);
+        assert_eq!(Format::from_path("/v1/messages"), Format::Anthropic);
+        assert_eq!(
+            Format::from_path("/v1beta/models/gemini-pro:streamGenerateContent?alt=sse"),
+            Format::Gemini
+        );
+        assert_eq!(Format::from_path("/other"), Format::Unknown);
+        assert!(Format::is_openai_streaming("/v1/completions"));
+        assert!(!Format::is_openai_streaming("/v1/embeddings"));
+    }
+}
