@@ -10,9 +10,11 @@
 //! end of stream or on_log ─▶ finish once ─▶ reports per token category ─▶ root queue
 //! ```
 
-use crate::config::{FailureMode, Fallback, TokenCategory};
+use crate::config::{AdmissionMode, FailureMode, Fallback, TokenCategory};
+use crate::estimate::RequestBound;
 pub use crate::filter::LocalReply;
 use crate::policy::{Applied, Decision, Policy};
+use crate::reservation::{CommitOrder, Outcome, Reservations};
 use crate::usage::{BodyFormat, Encoding, Format, Usage, UsageExtractor};
 use prost::Message;
 use ratelimit_proto::{Code, DescriptorStatus, RateLimitDescriptor, RateLimitResponse};
@@ -58,6 +60,9 @@ pub enum Verdict {
         reply: LocalReply,
         failure: ServiceFailure,
     },
+    /// Admission mode `auto` and the service has no `Reserve`: check the request instead
+    /// (and every later one).
+    FallBackToCheck,
 }
 
 /// One request's state.
@@ -71,6 +76,10 @@ pub struct RequestFlow {
     /// Headers to add to the client's response (`x-ratelimit-*`, the service's own).
     response_headers: Vec<(String, String)>,
     extractor: Option<UsageExtractor>,
+    /// Reservation mode: the request's reservations.
+    reservations: Reservations,
+    /// The fewest tokens the check said remain (checkReport mode; `None`: not told).
+    remaining: Option<u64>,
     denied: bool,
     /// The request was let through (the check allowed it, or the failure mode did).
     allowed: bool,
@@ -85,6 +94,8 @@ impl Default for RequestFlow {
             request_bytes: 0,
             response_headers: Vec::new(),
             extractor: None,
+            reservations: Reservations::default(),
+            remaining: None,
             denied: false,
             allowed: false,
             finished: false,
@@ -129,6 +140,74 @@ impl RequestFlow {
         (flow, Some(request))
     }
 
+    /// Starts a request in reservation mode. `bound`: what the request body declares (`None`
+    /// without the body in hand). Returns the encoded `ReserveRequest`s, one per planned
+    /// reservation (none: no limit applies).
+    pub fn start_reservation(
+        policy: &Policy,
+        decision: Decision,
+        path: &str,
+        bound: Option<RequestBound>,
+    ) -> (RequestFlow, Vec<Vec<u8>>) {
+        let mut flow = RequestFlow {
+            applied: decision.applied,
+            format: Format::from_path(path),
+            ..Default::default()
+        };
+        flow.reservations = Reservations::new(policy.plan_reservations(&flow.applied, bound));
+        let requests = flow.reservations.requests(&policy.service.domain);
+        (flow, requests)
+    }
+
+    /// Switches a request in reservation mode to a check (the service has no `Reserve`):
+    /// returns the encoded `CheckRateLimit` request.
+    pub fn fall_back_to_check(&mut self, policy: &Policy) -> Vec<u8> {
+        self.reservations = Reservations::default();
+        policy.encode_check_request(&self.applied)
+    }
+
+    /// The request's reservations (reservation mode).
+    pub fn reservations(&self) -> &Reservations {
+        &self.reservations
+    }
+
+    /// The fewest tokens the check said remain for the request's counters (checkReport mode;
+    /// `None` when the service did not say, as Limitador does not).
+    pub fn remaining(&self) -> Option<u64> {
+        self.remaining
+    }
+
+    /// Takes the answer to reservation `index`; returns the verdict once every reservation is
+    /// answered.
+    pub fn on_reserve_reply(
+        &mut self,
+        policy: &Policy,
+        index: usize,
+        reply: Result<&[u8], ServiceFailure>,
+    ) -> Option<Verdict> {
+        let outcome = self.reservations.on_reply(index, reply)?;
+        let response = RateLimitResponse {
+            statuses: self.reservations.statuses().to_vec(),
+            ..Default::default()
+        };
+        Some(match outcome {
+            Outcome::Admitted => {
+                self.response_headers = rate_limit_headers(&response, false);
+                self.allowed = true;
+                Verdict::Allow
+            }
+            Outcome::Refused => self.limited(&response),
+            Outcome::Unimplemented if policy.service.mode == AdmissionMode::Auto => {
+                Verdict::FallBackToCheck
+            }
+            Outcome::Unimplemented => self.failure(
+                policy.service.failure_mode,
+                ServiceFailure::Grpc(crate::reservation::GRPC_UNIMPLEMENTED),
+            ),
+            Outcome::Failed(f) => self.failure(policy.service.failure_mode, f),
+        })
+    }
+
     /// Whether any limit applies to this request.
     pub fn is_limited(&self) -> bool {
         !self.applied.is_empty()
@@ -155,32 +234,39 @@ impl RequestFlow {
         match Code::try_from(response.overall_code) {
             Ok(Code::Ok) => {
                 self.response_headers = rate_limit_headers(&response, false);
+                self.remaining = most_restrictive(&response.statuses, false)
+                    .map(|s| u64::from(s.limit_remaining));
                 self.allowed = true;
                 Verdict::Allow
             }
-            Ok(Code::OverLimit) => {
-                self.denied = true;
-                let over = most_restrictive(&response.statuses, true);
-                let limit = over
-                    .and_then(|s| s.current_limit.as_ref())
-                    .map(|l| l.name.clone())
-                    .filter(|n| !n.is_empty());
-                let message = match &limit {
-                    Some(name) => format!("Token rate limit exceeded for limit '{name}'. Retry after the window resets."),
-                    None => "Token rate limit exceeded. Retry after the window resets.".to_string(),
-                };
-                let mut headers = rate_limit_headers(&response, true);
-                headers.push(("content-type".into(), "application/json".into()));
-                Verdict::Limited {
-                    reply: LocalReply {
-                        status: 429,
-                        headers,
-                        body: error_body(&message, "tokens", "rate_limit_exceeded"),
-                    },
-                    limit,
-                }
-            }
+            Ok(Code::OverLimit) => self.limited(&response),
             _ => self.failure(policy.service.failure_mode, ServiceFailure::UnknownCode),
+        }
+    }
+
+    /// A 429 for an over-limit answer, naming the limit that constrains most.
+    fn limited(&mut self, response: &RateLimitResponse) -> Verdict {
+        self.denied = true;
+        let over = most_restrictive(&response.statuses, true);
+        let limit = over
+            .and_then(|s| s.current_limit.as_ref())
+            .map(|l| l.name.clone())
+            .filter(|n| !n.is_empty());
+        let message = match &limit {
+            Some(name) => format!(
+                "Token rate limit exceeded for limit '{name}'. Retry after the window resets."
+            ),
+            None => "Token rate limit exceeded. Retry after the window resets.".to_string(),
+        };
+        let mut headers = rate_limit_headers(response, true);
+        headers.push(("content-type".into(), "application/json".into()));
+        Verdict::Limited {
+            reply: LocalReply {
+                status: 429,
+                headers,
+                body: error_body(&message, "tokens", "rate_limit_exceeded"),
+            },
+            limit,
         }
     }
 
@@ -299,13 +385,19 @@ impl RequestFlow {
     /// queue, `(descriptor, tokens)` per token category with tokens > 0, and the usage found.
     /// Only the first call returns anything.
     pub fn finish(&mut self, policy: &Policy) -> Finished {
-        // A request that never went upstream (refused, or abandoned while its check was
-        // pending) costs nothing.
-        if self.finished || !self.is_limited() || self.denied || !self.allowed {
+        if self.finished || !self.is_limited() {
             self.finished = true;
             return Finished::default();
         }
         self.finished = true;
+        // A request that never went upstream (refused, or abandoned while its admission was
+        // pending) costs nothing; its granted holds are released.
+        if self.denied || !self.allowed {
+            return Finished {
+                commits: self.reservations.commits(None),
+                ..Finished::default()
+            };
+        }
         let reported = self.extractor.as_mut().and_then(UsageExtractor::finish);
         let (charge, usage) = match reported {
             Some(u) => (Charge::Reported, Some(u)),
@@ -327,7 +419,10 @@ impl RequestFlow {
             }
         });
         let mut reports = Vec::new();
-        if let Some(u) = usage {
+        let mut commits = Vec::new();
+        if !self.reservations.is_empty() {
+            commits = self.reservations.commits(usage.as_ref());
+        } else if let Some(u) = usage {
             for category in policy.categories_in(&self.applied) {
                 let tokens = u.tokens(category).unwrap_or(0);
                 if tokens == 0 {
@@ -346,6 +441,7 @@ impl RequestFlow {
             charge,
             usage,
             reports,
+            commits,
             clamped,
         }
     }
@@ -368,7 +464,10 @@ pub struct Finished {
     pub usage: Option<Usage>,
     /// A figure exceeded `usage.maxTokensPerResponse` and was cut to it.
     pub clamped: bool,
+    /// Reports to queue (checkReport mode).
     pub reports: Vec<CategoryReport>,
+    /// Commits to queue (reservation mode): one per reservation.
+    pub commits: Vec<CommitOrder>,
 }
 
 /// The 500 reply for a request whose body the filter needs but the proxy withholds (Envoy

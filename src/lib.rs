@@ -23,6 +23,7 @@ pub mod flow;
 pub mod limits;
 pub mod policy;
 pub mod reports;
+pub mod reservation;
 pub mod request_body;
 pub mod usage;
 

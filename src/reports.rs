@@ -174,6 +174,8 @@ pub enum CommitOutcome {
         actual: u64,
         /// Whether the service still held the reservation.
         released: bool,
+        /// Whether the commit named a reservation (an empty id holds nothing to release).
+        held: bool,
     },
     /// The call failed; it will be sent again.
     WillRetry {
@@ -259,6 +261,7 @@ impl CommitQueue {
             Ok(released) => CommitOutcome::Delivered {
                 actual: commit.actual,
                 released,
+                held: !commit.reservation_id.is_empty(),
             },
             Err(()) => self.fail(commit),
         }
@@ -382,7 +385,8 @@ mod tests {
             q.reply(2, Ok(true)),
             CommitOutcome::Delivered {
                 actual: 0,
-                released: true
+                released: true,
+                held: true
             }
         );
         assert_eq!(

@@ -41,8 +41,18 @@ pub mod names {
     pub const REPORTS_RETRIED: &str = "token_ratelimit.reports_retried";
     /// `Report` calls that failed after all retries.
     pub const REPORTS_DROPPED: &str = "token_ratelimit.reports_dropped";
-    /// Tokens in dropped reports.
+    /// Tokens in dropped reports and commits.
     pub const TOKENS_DROPPED: &str = "token_ratelimit.tokens_dropped";
+    /// `Commit` calls dispatched.
+    pub const COMMITS_SENT: &str = "token_ratelimit.commits_sent";
+    /// `Commit` calls that failed and will be retried.
+    pub const COMMITS_RETRIED: &str = "token_ratelimit.commits_retried";
+    /// `Commit` calls that failed after all retries (their tokens are in `tokens_dropped`).
+    pub const COMMITS_DROPPED: &str = "token_ratelimit.commits_dropped";
+    /// Commits whose hold had already expired (the tokens were still charged).
+    pub const RESERVATIONS_EXPIRED: &str = "token_ratelimit.reservations_expired";
+    /// Admission mode `auto` fell back to checkReport: the service has no `Reserve`.
+    pub const RESERVATIONS_UNIMPLEMENTED: &str = "token_ratelimit.reservations_unimplemented";
     /// Plugin configurations refused.
     pub const CONFIG_ERRORS: &str = "token_ratelimit.config_errors";
     /// Tokens queued for report, category `total`.

@@ -12,9 +12,12 @@ use super::{host_log, Buffer, GrpcCall, Host};
 use crate::config::FailureMode;
 use crate::flow::body_unavailable_reply;
 use crate::policy::Policy;
-use crate::reports::{ReportOutcome, ReportQueue};
+use crate::reports::{CommitOutcome, CommitQueue, ReportOutcome, ReportQueue};
 use prost::Message;
-use ratelimit_proto::{Code, RateLimitRequest, RateLimitResponse, KUADRANT_SERVICE, REPORT};
+use ratelimit_proto::{
+    Code, CommitRequest, CommitResponse, RateLimitRequest, RateLimitResponse, COMMIT,
+    KUADRANT_SERVICE, REPORT,
+};
 use std::cell::RefCell;
 use std::collections::HashSet;
 use std::rc::Rc;
@@ -32,8 +35,15 @@ pub const BODY_WAIT: Duration = Duration::from_secs(5);
 /// State shared by the root context and its streams.
 #[derive(Debug, Default)]
 pub struct Shared {
+    /// The root context's id: calls that must outlive a stream are dispatched as its.
+    pub root_id: u32,
     /// Tokens waiting to be reported.
     pub queue: ReportQueue,
+    /// Reservations waiting for their commit.
+    pub commits: CommitQueue,
+    /// The service answered `Reserve` with UNIMPLEMENTED: admission mode `auto` checks
+    /// instead for the life of the VM.
+    pub reservations_unimplemented: bool,
     /// The filter's counters.
     pub metrics: Metrics,
     /// Expressions whose failure was already logged at warn level.
@@ -118,10 +128,12 @@ pub struct RootFilter {
 impl RootFilter {
     /// The root context `context_id` (the proxy's id for it), not configured yet.
     pub fn new(context_id: u32) -> Self {
+        let shared = SharedRef::default();
+        shared.borrow_mut().root_id = context_id;
         RootFilter {
             context_id,
             policy: None,
-            shared: SharedRef::default(),
+            shared,
         }
     }
 
@@ -166,6 +178,9 @@ impl RootFilter {
                 let old = std::mem::take(&mut shared.queue);
                 shared.queue = ReportQueue::new(policy.service.max_retries);
                 shared.queue.absorb(old);
+                let old = std::mem::take(&mut shared.commits);
+                shared.commits = CommitQueue::new(policy.service.max_retries);
+                shared.commits.absorb(old);
                 self.policy = Some(Rc::new(policy));
                 true
             }
@@ -194,39 +209,26 @@ impl RootFilter {
             return;
         };
         self.release_stuck_requests(host, &policy);
-        let batch = self.shared.borrow_mut().queue.take_batch();
-        for report in batch {
-            let request = RateLimitRequest {
-                domain: policy.service.domain.clone(),
-                descriptors: vec![report.descriptor.clone()],
-                hits_addend: report.hits,
-            };
-            let bytes = request.encode_to_vec();
-            let result = host.dispatch_grpc(&GrpcCall {
-                cluster: &policy.service.cluster,
-                service: KUADRANT_SERVICE,
-                method: REPORT,
-                message: &bytes,
-                timeout: policy.service.report_timeout,
-            });
-            let mut shared = self.shared.borrow_mut();
-            match result {
-                Ok(token) => {
-                    shared.metrics.inc(host, names::REPORTS_SENT);
-                    shared.queue.sent(token, report);
-                }
-                Err(reason) => {
-                    host_log!(host, Debug, "report dispatch failed: {reason}");
-                    let outcome = shared.queue.dispatch_failed(report);
-                    record_report_outcome(host, &mut shared, outcome, GRPC_UNAVAILABLE);
-                }
-            }
-        }
+        dispatch_queued(host, &policy, &self.shared, true);
     }
 
     /// The reply to one of the root's calls (a report): `status` is the gRPC status, `size`
     /// the reply's length in the [`Buffer::GrpcReply`] buffer.
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
+        if self.shared.borrow().commits.owns(token) {
+            let answer = if status == 0 {
+                host.buffer(Buffer::GrpcReply, 0, size)
+                    .and_then(|b| CommitResponse::decode(b.as_slice()).ok())
+                    .map(|r| r.reservation_released)
+                    .ok_or(())
+            } else {
+                Err(())
+            };
+            let mut shared = self.shared.borrow_mut();
+            let outcome = shared.commits.reply(token, answer);
+            record_commit_outcome(host, &mut shared, outcome, status);
+            return;
+        }
         let ok = status == 0
             && host
                 .buffer(Buffer::GrpcReply, 0, size)
@@ -282,6 +284,111 @@ impl RootFilter {
             }
         }
         host.set_effective_context(self.context_id);
+    }
+}
+
+/// Dispatches what the queues hold as the root context's calls: every commit, and the
+/// aggregated reports when `reports` (the tick; a stream sends them early when the budget is
+/// nearly spent). The caller makes the root context effective.
+pub(crate) fn dispatch_queued(
+    host: &mut impl Host,
+    policy: &Policy,
+    shared: &SharedRef,
+    reports: bool,
+) {
+    let commits = shared.borrow_mut().commits.take_batch();
+    for commit in commits {
+        let request = CommitRequest {
+            domain: policy.service.domain.clone(),
+            descriptors: vec![commit.descriptor.clone()],
+            reservation_id: commit.reservation_id.clone(),
+            actual_amount: commit.actual,
+        };
+        let bytes = request.encode_to_vec();
+        let result = host.dispatch_grpc(&GrpcCall {
+            cluster: &policy.service.cluster,
+            service: KUADRANT_SERVICE,
+            method: COMMIT,
+            message: &bytes,
+            timeout: policy.service.report_timeout,
+        });
+        let mut shared = shared.borrow_mut();
+        match result {
+            Ok(token) => {
+                shared.metrics.inc(host, names::COMMITS_SENT);
+                shared.commits.sent(token, commit);
+            }
+            Err(reason) => {
+                host_log!(host, Debug, "commit dispatch failed: {reason}");
+                let outcome = shared.commits.dispatch_failed(commit);
+                record_commit_outcome(host, &mut shared, outcome, GRPC_UNAVAILABLE);
+            }
+        }
+    }
+    if !reports {
+        return;
+    }
+    let batch = shared.borrow_mut().queue.take_batch();
+    for report in batch {
+        let request = RateLimitRequest {
+            domain: policy.service.domain.clone(),
+            descriptors: vec![report.descriptor.clone()],
+            hits_addend: report.hits,
+        };
+        let bytes = request.encode_to_vec();
+        let result = host.dispatch_grpc(&GrpcCall {
+            cluster: &policy.service.cluster,
+            service: KUADRANT_SERVICE,
+            method: REPORT,
+            message: &bytes,
+            timeout: policy.service.report_timeout,
+        });
+        let mut shared = shared.borrow_mut();
+        match result {
+            Ok(token) => {
+                shared.metrics.inc(host, names::REPORTS_SENT);
+                shared.queue.sent(token, report);
+            }
+            Err(reason) => {
+                host_log!(host, Debug, "report dispatch failed: {reason}");
+                let outcome = shared.queue.dispatch_failed(report);
+                record_report_outcome(host, &mut shared, outcome, GRPC_UNAVAILABLE);
+            }
+        }
+    }
+}
+
+/// Logs and counts what became of a commit's call.
+fn record_commit_outcome(
+    host: &mut impl Host,
+    shared: &mut Shared,
+    outcome: CommitOutcome,
+    status: u32,
+) {
+    match outcome {
+        CommitOutcome::Delivered { released, held, .. } => {
+            if held && !released {
+                shared.metrics.inc(host, names::RESERVATIONS_EXPIRED);
+            }
+        }
+        CommitOutcome::Unknown => {}
+        CommitOutcome::WillRetry { actual, attempt } => {
+            host_log!(
+                host,
+                Debug,
+                "commit of {actual} tokens failed (gRPC status {status}); retry {attempt}"
+            );
+            shared.metrics.inc(host, names::COMMITS_RETRIED);
+        }
+        CommitOutcome::Dropped { actual } => {
+            host_log!(
+                host,
+                Warn,
+                "commit of {actual} tokens failed (gRPC status {status}) after all retries; dropped"
+            );
+            shared.metrics.inc(host, names::COMMITS_DROPPED);
+            shared.metrics.add(host, names::TOKENS_DROPPED, actual);
+        }
     }
 }
 

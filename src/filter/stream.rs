@@ -17,11 +17,12 @@ use super::metrics::{names, Hot};
 use super::root::{SharedRef, GRPC_DEADLINE_EXCEEDED};
 use super::{host_log, Action, Buffer, GrpcCall, HeaderMap, Host};
 use crate::attributes::AttributeHost;
-use crate::config::FailureMode;
+use crate::config::{AdmissionMode, FailureMode};
+use crate::estimate::RequestBound;
 use crate::flow::{body_unavailable_reply, Charge, RequestFlow, ServiceFailure, Verdict};
 use crate::policy::{Decision, Policy};
 use crate::usage::Format;
-use ratelimit_proto::{CHECK_RATE_LIMIT, KUADRANT_SERVICE};
+use ratelimit_proto::{CHECK_RATE_LIMIT, KUADRANT_SERVICE, RESERVE};
 use std::rc::Rc;
 
 /// What the filter does with the request body.
@@ -43,6 +44,8 @@ pub struct StreamFilter {
     shared: SharedRef,
     flow: RequestFlow,
     check_token: Option<u32>,
+    /// Reservation mode: the `Reserve` calls not answered yet, with their reservation's index.
+    reserve_tokens: Vec<(u32, usize)>,
     path: String,
     body_mode: BodyMode,
     /// Bytes the proxy holds for us (we paused body iteration).
@@ -110,6 +113,7 @@ impl StreamFilter {
             shared,
             flow: RequestFlow::default(),
             check_token: None,
+            reserve_tokens: Vec::new(),
             path: String::new(),
             body_mode: BodyMode::PassThrough,
             buffered: 0,
@@ -145,7 +149,8 @@ impl StreamFilter {
         self.content_type = header_value(&headers, "content-type").unwrap_or_default();
         self.accept_encoding = header_value(&headers, "accept-encoding");
         self.headers = Some(headers);
-        if policy.needs_body && !end_of_stream && self.shared.borrow().body_unavailable() {
+        let needs_body = policy.needs_body || self.reads_bound(&policy);
+        if needs_body && !end_of_stream && self.shared.borrow().body_unavailable() {
             // The proxy was seen not to deliver bodies while headers are held: the failure
             // mode decides (allow: evaluate without the body, where requestBodyJSON() finds
             // nothing).
@@ -155,7 +160,7 @@ impl StreamFilter {
             }
             return self.check(host, &policy, false, None);
         }
-        if policy.needs_body && !end_of_stream {
+        if needs_body && !end_of_stream {
             // Evaluated when the body is complete (Envoy delivers it while the headers are
             // held, with allow_on_headers_stop_iteration). The root context releases a request
             // whose body never shows up, so that a misconfigured proxy cannot hang it.
@@ -234,10 +239,10 @@ impl StreamFilter {
     /// The reply to this stream's check: `status` is the gRPC status, `size` the reply's length
     /// in the [`Buffer::GrpcReply`] buffer.
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
-        if self.check_token != Some(token) {
+        let reservation = self.reserve_tokens.iter().position(|(t, _)| *t == token);
+        if self.check_token != Some(token) && reservation.is_none() {
             return;
         }
-        self.check_token = None;
         let Some(policy) = self.policy.clone() else {
             host.resume_request();
             return;
@@ -249,8 +254,38 @@ impl StreamFilter {
             body = host.buffer(Buffer::GrpcReply, 0, size).unwrap_or_default();
             Ok(body.as_slice())
         };
-        let verdict = self.flow.on_check_reply(&policy, reply);
-        self.apply(host, verdict, true);
+        let verdict = match reservation {
+            Some(pos) => {
+                let (_, index) = self.reserve_tokens.swap_remove(pos);
+                self.flow.on_reserve_reply(&policy, index, reply)
+            }
+            None => {
+                self.check_token = None;
+                Some(self.flow.on_check_reply(&policy, reply))
+            }
+        };
+        if let Some(verdict) = verdict {
+            self.apply(host, &policy, verdict, true);
+        }
+    }
+
+    /// Whether this request is admitted by reservation (else by check).
+    fn reserving(&self, policy: &Policy) -> bool {
+        policy.service.mode != AdmissionMode::CheckReport
+            && !self.shared.borrow().reservations_unimplemented
+    }
+
+    /// Whether the request body is held for the reservation's amount (the request's own bound):
+    /// in reservation mode, where the proxy hands the body over before the headers go on.
+    fn reads_bound(&self, policy: &Policy) -> bool {
+        policy.usage.allow_on_headers_stop_iteration
+            && self.reserving(policy)
+            && self.method.eq_ignore_ascii_case("POST")
+    }
+
+    /// Whether the request waits for its admission (a check or reservations unanswered).
+    fn admission_pending(&self) -> bool {
+        self.check_token.is_some() || !self.reserve_tokens.is_empty()
     }
 
     /// The response headers arrived: adds the rate-limit headers and chooses how to read usage.
@@ -320,11 +355,23 @@ impl StreamFilter {
             headers: self.headers.take(),
         });
         self.record_errors(host, &decision);
-        let (flow, check) = RequestFlow::start(policy, decision, &self.path);
-        self.flow = flow;
-        let Some(bytes) = check else {
-            return self.release_body();
+        let calls: Vec<Vec<u8>> = if self.reserving(policy) {
+            let bound = self
+                .body_json
+                .as_ref()
+                .map(|b| RequestBound::of_request(&self.path, b));
+            let (flow, requests) =
+                RequestFlow::start_reservation(policy, decision, &self.path, bound);
+            self.flow = flow;
+            requests
+        } else {
+            let (flow, check) = RequestFlow::start(policy, decision, &self.path);
+            self.flow = flow;
+            check.into_iter().collect()
         };
+        if calls.is_empty() {
+            return self.release_body();
+        }
         // Ask the upstream only for encodings whose usage can be read (a copy is decompressed;
         // the client still gets the encoding it accepts).
         if let Some(accept) = self.accept_encoding.take() {
@@ -353,30 +400,67 @@ impl StreamFilter {
             }
         }
         self.shared.borrow_mut().metrics.hot(Hot::Checked, 1);
-        let call = GrpcCall {
-            cluster: &policy.service.cluster,
-            service: KUADRANT_SERVICE,
-            method: CHECK_RATE_LIMIT,
-            message: &bytes,
-            timeout: policy.service.timeout,
+        let method = if self.flow.reservations().is_empty() {
+            CHECK_RATE_LIMIT
+        } else {
+            RESERVE
         };
-        match host.dispatch_grpc(&call) {
-            Ok(token) => {
-                self.check_token = Some(token);
-                Action::Pause
-            }
-            Err(reason) => {
-                let verdict = self
-                    .flow
-                    .on_check_reply(policy, Err(ServiceFailure::Dispatch(reason)));
-                self.apply(host, verdict, false)
-            }
+        self.admit(host, policy, method, calls)
+    }
+
+    /// Dispatches the admission calls (one check, or one `Reserve` per reservation): pauses
+    /// until they are answered, or carries out the verdict at once when none could be sent.
+    fn admit(
+        &mut self,
+        host: &mut impl Host,
+        policy: &Rc<Policy>,
+        method: &str,
+        calls: Vec<Vec<u8>>,
+    ) -> Action {
+        let mut verdict = None;
+        for (index, bytes) in calls.iter().enumerate() {
+            let call = GrpcCall {
+                cluster: &policy.service.cluster,
+                service: KUADRANT_SERVICE,
+                method,
+                message: bytes,
+                timeout: policy.service.timeout,
+            };
+            let failure = match host.dispatch_grpc(&call) {
+                Ok(token) if method == RESERVE => {
+                    self.reserve_tokens.push((token, index));
+                    continue;
+                }
+                Ok(token) => {
+                    self.check_token = Some(token);
+                    continue;
+                }
+                Err(reason) => ServiceFailure::Dispatch(reason),
+            };
+            verdict = if method == RESERVE {
+                self.flow.on_reserve_reply(policy, index, Err(failure))
+            } else {
+                Some(self.flow.on_check_reply(policy, Err(failure)))
+            };
+        }
+        match verdict {
+            Some(v) if !self.admission_pending() => self.apply(host, policy, v, false),
+            _ => Action::Pause,
         }
     }
 
     /// Carries out a verdict. `paused`: the request waits for the check reply (resume it to let
     /// it through); otherwise the returned action lets it through or stops it.
-    fn apply(&mut self, host: &mut impl Host, verdict: Verdict, paused: bool) -> Action {
+    fn apply(
+        &mut self,
+        host: &mut impl Host,
+        policy: &Rc<Policy>,
+        verdict: Verdict,
+        paused: bool,
+    ) -> Action {
+        if verdict == Verdict::FallBackToCheck {
+            return self.fall_back_to_check(host, policy, paused);
+        }
         let reply = {
             let mut shared = self.shared.borrow_mut();
             let metrics = &mut shared.metrics;
@@ -412,6 +496,7 @@ impl StreamFilter {
                     metrics.inc(host, names::FAILURE_DENIED);
                     Some(reply)
                 }
+                Verdict::FallBackToCheck => None,
             }
         };
         // A reply or a resume re-enters the VM: the shared state is no longer borrowed.
@@ -434,10 +519,48 @@ impl StreamFilter {
                 Action::Continue
             }
             Some(reply) => {
+                // Holds granted before another limit refused are released now.
+                self.finish(host);
                 host.send_reply(&reply);
                 Action::Pause
             }
         }
+    }
+
+    /// The service has no `Reserve` (admission mode `auto`): checkReport from now on for the
+    /// whole VM (logged once, counted), and this request is checked instead.
+    fn fall_back_to_check(
+        &mut self,
+        host: &mut impl Host,
+        policy: &Rc<Policy>,
+        paused: bool,
+    ) -> Action {
+        let first = {
+            let mut shared = self.shared.borrow_mut();
+            let first = !shared.reservations_unimplemented;
+            shared.reservations_unimplemented = true;
+            if first {
+                shared.metrics.inc(host, names::RESERVATIONS_UNIMPLEMENTED);
+            }
+            first
+        };
+        if first {
+            host_log!(
+                host,
+                Warn,
+                "the rate-limit service does not implement Reserve (gRPC UNIMPLEMENTED, e.g. Limitador 2.4): \
+                 admission mode auto falls back to checkReport for the life of this VM"
+            );
+        }
+        self.reserve_tokens.clear();
+        let bytes = self.flow.fall_back_to_check(policy);
+        let action = self.admit(host, policy, CHECK_RATE_LIMIT, vec![bytes]);
+        if paused && action == Action::Continue {
+            // The request was paused for its reservation: it goes on now.
+            self.headers_released = true;
+            host.resume_request();
+        }
+        action
     }
 
     /// Whether the root context released this stream.
@@ -501,7 +624,7 @@ impl StreamFilter {
     /// The body may go on: continue now (headers and body, if the check allowed the request
     /// while its body was held), unless the check is still pending (its reply resumes).
     fn release_body(&mut self) -> Action {
-        if self.check_token.is_some() && !self.headers_released {
+        if self.admission_pending() && !self.headers_released {
             return Action::Pause;
         }
         self.headers_released = true;
@@ -513,8 +636,54 @@ impl StreamFilter {
         let Some(policy) = self.policy.clone() else {
             return;
         };
-        let done = self.flow.finish(&policy);
-        let mut shared = self.shared.borrow_mut();
+        let mut done = self.flow.finish(&policy);
+        let commits = std::mem::take(&mut done.commits);
+        let mut send_reports = false;
+        {
+            let mut shared = self.shared.borrow_mut();
+            for c in &commits {
+                shared
+                    .metrics
+                    .hot(Hot::tokens_reported(c.category), c.actual);
+                shared
+                    .commits
+                    .add(c.descriptor.clone(), c.reservation_id.clone(), c.actual);
+            }
+            self.record_charge(host, &policy, &mut shared, done);
+            if !shared.queue.is_idle() {
+                // Reports go with the tick, unless the budget is nearly spent: then at once, so
+                // that the next check (on any worker) sees the spend.
+                send_reports = self
+                    .flow
+                    .remaining()
+                    .is_none_or(|r| shared.queue.unsent_tokens() >= r);
+            }
+        }
+        if !commits.is_empty() || send_reports {
+            self.send_now(host, &policy, send_reports);
+        }
+    }
+
+    /// Dispatches the queued commits (and reports, with `reports`) now, as the root context's
+    /// calls so that they outlive this stream.
+    fn send_now(&self, host: &mut impl Host, policy: &Policy, reports: bool) {
+        let root = self.shared.borrow().root_id;
+        if !host.set_effective_context(root) {
+            // Left for the root's tick.
+            return;
+        }
+        super::root::dispatch_queued(host, policy, &self.shared, reports);
+        host.set_effective_context(self.context_id);
+    }
+
+    /// Counts how a finished request was charged and queues its reports.
+    fn record_charge(
+        &self,
+        host: &mut impl Host,
+        policy: &Policy,
+        shared: &mut super::root::Shared,
+        done: crate::flow::Finished,
+    ) {
         let metrics = &mut shared.metrics;
         if done.clamped {
             host_log!(

@@ -12,9 +12,14 @@ use std::time::Duration;
 
 const ROOT: u32 = 1;
 
+/// A checkReport configuration with `extra` fields spliced in before `limits`.
 fn config(extra: &str) -> String {
+    config_in("checkReport", extra)
+}
+
+fn config_in(mode: &str, extra: &str) -> String {
     format!(
-        r#"{{"rateLimitService": {{"cluster": "rl", "domain": "llm", "timeout": "250ms", "failureMode": "deny"}},
+        r#"{{"rateLimitService": {{"cluster": "rl", "domain": "llm", "timeout": "250ms", "failureMode": "deny", "mode": "{mode}"}},
         "reporting": {{"maxRetries": 1}},
         {extra}
         "limits": {{
@@ -386,7 +391,7 @@ const BODY_LIMIT: &str = r#""requestBody": {"allowOnHeadersStopIteration": true}
 
 fn body_root(mode: &str) -> (RootFilter, MockHost) {
     let cfg = format!(
-        r#"{{"rateLimitService": {{"cluster": "rl", "domain": "llm", "failureMode": "{mode}"}},
+        r#"{{"rateLimitService": {{"cluster": "rl", "domain": "llm", "failureMode": "{mode}", "mode": "checkReport"}},
         {BODY_LIMIT}
         "limits": {{"per-model": {{"rates": [{{"limit": 10, "window": "1m"}}],
           "when": [{{"predicate": "requestBodyJSON('/model') == 'big'"}}]}}}}}}"#
