@@ -177,6 +177,22 @@ impl RequestFlow {
         self.remaining
     }
 
+    /// Whether the request has ended (charged, or refused).
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Takes an answer to reservation `index` that came after the request ended: returns the
+    /// release its hold owes, if it was granted.
+    pub fn on_late_reserve_reply(
+        &mut self,
+        index: usize,
+        reply: Result<&[u8], ServiceFailure>,
+    ) -> Option<CommitOrder> {
+        self.reservations.on_reply(index, reply);
+        self.reservations.late_release(index)
+    }
+
     /// Takes the answer to reservation `index`; returns the verdict once every reservation is
     /// answered.
     pub fn on_reserve_reply(

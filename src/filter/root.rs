@@ -216,11 +216,12 @@ impl RootFilter {
     /// the reply's length in the [`Buffer::GrpcReply`] buffer.
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
         if self.shared.borrow().commits.owns(token) {
+            // An empty message is a valid (all-default) answer.
             let answer = if status == 0 {
-                host.buffer(Buffer::GrpcReply, 0, size)
-                    .and_then(|b| CommitResponse::decode(b.as_slice()).ok())
+                let bytes = host.buffer(Buffer::GrpcReply, 0, size).unwrap_or_default();
+                CommitResponse::decode(bytes.as_slice())
                     .map(|r| r.reservation_released)
-                    .ok_or(())
+                    .map_err(|_| ())
             } else {
                 Err(())
             };

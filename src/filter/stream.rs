@@ -255,9 +255,25 @@ impl StreamFilter {
             Ok(body.as_slice())
         };
         let verdict = match reservation {
+            Some(pos) if self.flow.is_finished() => {
+                // The stream ended while this reservation was pending: release its hold now.
+                let (_, index) = self.reserve_tokens.swap_remove(pos);
+                if let Some(c) = self.flow.on_late_reserve_reply(index, reply) {
+                    self.shared
+                        .borrow_mut()
+                        .commits
+                        .add(c.descriptor, c.reservation_id, 0);
+                    self.send_now(host, &policy, false);
+                }
+                None
+            }
             Some(pos) => {
                 let (_, index) = self.reserve_tokens.swap_remove(pos);
                 self.flow.on_reserve_reply(&policy, index, reply)
+            }
+            None if self.flow.is_finished() => {
+                self.check_token = None;
+                None
             }
             None => {
                 self.check_token = None;

@@ -609,3 +609,333 @@ fn tokens_owed_across_a_reconfigure_are_reported_under_the_new_settings() {
     assert_eq!(report.cluster, "rl2");
     assert_eq!(reports(&host)[0].hits_addend, 11);
 }
+
+// Reservation mode.
+
+use ratelimit_proto::{
+    CommitRequest, CommitResponse, ReserveRequest, ReserveResponse, COMMIT, RESERVE,
+};
+
+fn reserve_reply(code: Code, id: &str, remaining: u32) -> Vec<u8> {
+    let statuses = RateLimitResponse::decode(ok_reply(remaining).as_slice())
+        .unwrap()
+        .statuses;
+    ReserveResponse {
+        code: code as i32,
+        reservation_id: id.into(),
+        statuses,
+    }
+    .encode_to_vec()
+}
+
+fn reserves(host: &MockHost) -> Vec<ReserveRequest> {
+    host.calls(RESERVE)
+        .iter()
+        .map(|d| ReserveRequest::decode(d.message.as_slice()).unwrap())
+        .collect()
+}
+
+fn commits(host: &MockHost) -> Vec<CommitRequest> {
+    host.calls(COMMIT)
+        .iter()
+        .map(|d| CommitRequest::decode(d.message.as_slice()).unwrap())
+        .collect()
+}
+
+/// Answers the pending call with `token`.
+fn answer_token(
+    stream: &mut StreamFilter,
+    host: &mut MockHost,
+    token: u32,
+    status: u32,
+    reply: Vec<u8>,
+) {
+    host.grpc_reply = reply;
+    let size = host.grpc_reply.len();
+    stream.on_grpc_reply(host, token, status, size);
+}
+
+fn reserving_root(mode: &str, extra: &str) -> (RootFilter, MockHost) {
+    let mut host = MockHost::with_configuration(config_in(mode, extra).into_bytes());
+    host.effective_context = ROOT;
+    host.set_property("request.url_path", "/v1/chat/completions");
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    chat_headers(&mut host);
+    (root, host)
+}
+
+#[test]
+fn reservation_without_a_body_reserves_the_default_amount_capped_by_the_limit_and_commits_at_once()
+{
+    let (root, mut host) = reserving_root("reservation", "");
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+    let reserve = &reserves(&host)[0];
+    // reservation.defaultAmount (256) capped by the limit's 100 tokens per minute.
+    assert_eq!((reserve.domain.as_str(), reserve.amount), ("llm", 100));
+    assert_eq!(reserve.ttl.map(|t| t.seconds), Some(60));
+    assert!(host.calls(CHECK_RATE_LIMIT).is_empty());
+
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(
+        &mut stream,
+        &mut host,
+        token,
+        0,
+        reserve_reply(Code::Ok, "r-1", 0),
+    );
+    assert_eq!(host.resumed, vec![2]);
+    serve(&mut stream, &mut host, 7);
+    assert!(host
+        .response_headers
+        .contains(&("x-ratelimit-remaining".to_string(), b"0".to_vec())));
+    // Committed without waiting for the tick, as the root context's call.
+    let commit = host.calls(COMMIT)[0].clone();
+    assert_eq!(commit.context_id, ROOT);
+    assert_eq!(
+        host.effective_context, 2,
+        "the stream's context is restored"
+    );
+    let c = &commits(&host)[0];
+    assert_eq!((c.reservation_id.as_str(), c.actual_amount), ("r-1", 7));
+    assert_eq!(c.descriptors, reserve.descriptors);
+    assert!(reports(&host).is_empty());
+    assert_eq!(host.counter(names::COMMITS_SENT), 1);
+}
+
+#[test]
+fn reservation_reserves_the_declared_bound_when_the_body_is_handed_over() {
+    let (root, mut host) = reserving_root(
+        "auto",
+        r#""requestBody": {"allowOnHeadersStopIteration": true},"#,
+    );
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+    assert!(host.dispatched.is_empty(), "held for its body");
+    host.request_body =
+        br#"{"model":"m","max_tokens":40,"messages":[{"role":"user","content":"abcdefghijkl"}]}"#
+            .to_vec();
+    let size = host.request_body.len();
+    assert_eq!(stream.on_request_body(&mut host, size, true), Action::Pause);
+    // 12 characters of text: 3 tokens, plus the declared 40.
+    assert_eq!(reserves(&host)[0].amount, 43);
+}
+
+#[test]
+fn a_refused_reservation_replies_429_and_releases_the_holds_already_granted() {
+    let extra = r#""limits": {
+          "per-user": {"rates": [{"limit": 100, "window": "1m"}], "counters": [{"expression": "request.headers['x-user']"}]},
+          "prompts": {"rates": [{"limit": 1000, "window": "1h"}], "tokens": "prompt"}
+        }}"#;
+    let cfg = config_in("reservation", "");
+    let cfg = format!("{}{extra}", &cfg[..cfg.find("\"limits\"").unwrap()]);
+    let mut host = MockHost::with_configuration(cfg.into_bytes());
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    let tokens: Vec<u32> = host.calls(RESERVE).iter().map(|d| d.token).collect();
+    assert_eq!(tokens.len(), 2, "one reservation per token category");
+    answer_token(
+        &mut stream,
+        &mut host,
+        tokens[1],
+        0,
+        reserve_reply(Code::Ok, "held", 900),
+    );
+    assert!(host.replies.is_empty(), "waits for every answer");
+    answer_token(
+        &mut stream,
+        &mut host,
+        tokens[0],
+        0,
+        reserve_reply(Code::OverLimit, "", 0),
+    );
+    assert_eq!(host.replies[0].1.status, 429);
+    let released = commits(&host);
+    assert_eq!(released.len(), 1);
+    assert_eq!(
+        (
+            released[0].reservation_id.as_str(),
+            released[0].actual_amount
+        ),
+        ("held", 0)
+    );
+    stream.on_log(&mut host);
+    root.on_tick(&mut host);
+    assert_eq!(commits(&host).len(), 1, "released once");
+}
+
+#[test]
+fn auto_falls_back_to_check_report_when_reserve_is_unimplemented_logged_once() {
+    let (mut root, mut host) = reserving_root("auto", "");
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(&mut stream, &mut host, token, 12, Vec::new());
+    // Checked instead, and allowed.
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), 1);
+    assert!(host.replies.is_empty());
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    assert_eq!(host.resumed.len(), 1);
+    serve(&mut stream, &mut host, 5);
+    // Later requests check directly; the warning and the metric come once.
+    let mut next = root.new_stream(3);
+    next.on_request_headers(&mut host, true);
+    assert_eq!(host.calls(RESERVE).len(), 1);
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), 2);
+    assert_eq!(host.counter(names::RESERVATIONS_UNIMPLEMENTED), 1);
+    let warned: Vec<_> = host
+        .logged(Level::Warn)
+        .into_iter()
+        .filter(|m| m.contains("Reserve"))
+        .collect();
+    assert_eq!(warned.len(), 1);
+    root.on_tick(&mut host);
+    assert_eq!(reports(&host)[0].hits_addend, 5);
+}
+
+#[test]
+fn strict_reservation_mode_with_unimplemented_follows_the_failure_mode() {
+    let (root, mut host) = reserving_root("reservation", "");
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(&mut stream, &mut host, token, 12, Vec::new());
+    assert_eq!(host.replies[0].1.status, 500);
+    assert_eq!(host.counter(names::FAILURE_DENIED), 1);
+    assert!(host.calls(CHECK_RATE_LIMIT).is_empty());
+}
+
+#[test]
+fn reserve_dispatch_failure_follows_the_failure_mode_without_hanging() {
+    let (root, mut host) = reserving_root("reservation", "");
+    host.refuse_dispatch = Some("unknown cluster".into());
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+    assert_eq!(host.replies[0].1.status, 500);
+}
+
+#[test]
+fn garbage_and_timeouts_from_reserve_follow_the_failure_mode() {
+    for (status, reply) in [
+        (0, b"\xff\xfe\x00junk".to_vec()),
+        (4, Vec::new()),
+        (14, Vec::new()),
+    ] {
+        let (root, mut host) = reserving_root("reservation", "");
+        let mut stream = root.new_stream(2);
+        stream.on_request_headers(&mut host, true);
+        let token = host.calls(RESERVE)[0].token;
+        answer_token(&mut stream, &mut host, token, status, reply);
+        assert_eq!(host.replies[0].1.status, 500, "status {status}");
+        assert_eq!(host.counter(names::SERVICE_ERRORS), 1);
+    }
+}
+
+#[test]
+fn abandoned_during_its_reservation_costs_nothing_and_a_late_answer_is_ignored() {
+    let (mut root, mut host) = reserving_root("reservation", "");
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    stream.on_log(&mut host);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(
+        &mut stream,
+        &mut host,
+        token,
+        0,
+        reserve_reply(Code::Ok, "late", 50),
+    );
+    root.on_tick(&mut host);
+    assert!(host.resumed.is_empty() && host.replies.is_empty());
+    // The hold granted after the stream ended is released at once, with nothing spent.
+    let released = commits(&host);
+    assert_eq!(released.len(), 1);
+    assert_eq!(
+        (
+            released[0].reservation_id.as_str(),
+            released[0].actual_amount
+        ),
+        ("late", 0)
+    );
+}
+
+#[test]
+fn client_abort_after_admission_commits_the_estimate_and_a_expired_hold_is_counted() {
+    let (mut root, mut host) = reserving_root("reservation", "");
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(
+        &mut stream,
+        &mut host,
+        token,
+        0,
+        reserve_reply(Code::Ok, "r", 50),
+    );
+    host.request_body = vec![b'a'; 40];
+    stream.on_request_body(&mut host, 40, false);
+    stream.on_log(&mut host);
+    let c = &commits(&host)[0];
+    assert_eq!((c.reservation_id.as_str(), c.actual_amount), ("r", 10));
+    // The service says the hold had expired: the tokens were still added, and it is counted.
+    let commit_token = host.calls(COMMIT)[0].token;
+    host.grpc_reply = CommitResponse {
+        reservation_released: false,
+    }
+    .encode_to_vec();
+    let size = host.grpc_reply.len();
+    root.on_grpc_reply(&mut host, commit_token, 0, size);
+    assert_eq!(host.counter(names::RESERVATIONS_EXPIRED), 1);
+}
+
+#[test]
+fn failed_commits_are_retried_on_the_tick_then_dropped_and_counted() {
+    let (mut root, mut host) = reserving_root("reservation", "");
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(
+        &mut stream,
+        &mut host,
+        token,
+        0,
+        reserve_reply(Code::Ok, "r", 50),
+    );
+    serve(&mut stream, &mut host, 9);
+    let first = host.calls(COMMIT)[0].token;
+    root.on_grpc_reply(&mut host, first, 14, 0);
+    assert_eq!(host.counter(names::COMMITS_RETRIED), 1);
+    root.on_tick(&mut host);
+    let second = host.calls(COMMIT)[1].token;
+    assert_eq!(commits(&host)[1].reservation_id, "r");
+    root.on_grpc_reply(&mut host, second, 14, 0);
+    assert_eq!(host.counter(names::COMMITS_DROPPED), 1);
+    assert_eq!(host.counter(names::TOKENS_DROPPED), 9);
+    root.on_tick(&mut host);
+    assert_eq!(host.calls(COMMIT).len(), 2);
+}
+
+#[test]
+fn check_report_sends_the_report_at_once_when_the_spend_reaches_what_remains() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(5));
+    serve(&mut stream, &mut host, 7);
+    // 7 tokens against 5 remaining: reported now, as the root's call.
+    let sent = host.calls(REPORT);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].context_id, ROOT);
+    assert_eq!(host.effective_context, 2);
+    assert_eq!(reports(&host)[0].hits_addend, 7);
+    root.on_tick(&mut host);
+    assert_eq!(host.calls(REPORT).len(), 1);
+}
