@@ -65,7 +65,7 @@ fn sources(wasm: &Path) -> Vec<PathBuf> {
 }
 
 pub const CONFIG: &str = r#"{
-  "rateLimitService": {"cluster": "ratelimit", "domain": "llm", "failureMode": "deny"},
+  "rateLimitService": {"cluster": "ratelimit", "domain": "llm", "failureMode": "deny", "mode": "checkReport"},
   "limits": {
     "free": {
       "rates": [{"limit": 50, "window": "1m"}],
@@ -105,10 +105,11 @@ pub const AUTH_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 pub struct Config(pub Value);
 
 impl Config {
-    /// The rate-limit service and no limit.
+    /// The rate-limit service in checkReport mode (the scenarios of this file's first part
+    /// describe it) and no limit.
     pub fn service() -> Config {
         Config(json!({
-            "rateLimitService": {"cluster": "ratelimit", "domain": "llm"},
+            "rateLimitService": {"cluster": "ratelimit", "domain": "llm", "mode": "checkReport"},
             "limits": {}
         }))
     }
