@@ -37,11 +37,17 @@ pub const ROOTS: [&str; 10] = [
 /// How the bytes of a property are turned into a CEL value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
+    /// The bytes as UTF-8 text (invalid sequences become U+FFFD).
     String,
+    /// 8 bytes, little-endian int64.
     Int,
+    /// 8 bytes, little-endian uint64.
     UInt,
+    /// 1 byte, non-zero is true.
     Bool,
+    /// int64 nanoseconds since the Unix epoch.
     Timestamp,
+    /// int64 nanoseconds.
     Duration,
 }
 
@@ -51,7 +57,12 @@ pub enum Source {
     /// All request headers as a `map(string, string)`, names lowercase.
     RequestHeaders,
     /// `get_property(path)`, decoded as `kind`.
-    Property { path: Vec<String>, kind: Kind },
+    Property {
+        /// The property path, segment by segment.
+        path: Vec<String>,
+        /// How its bytes decode.
+        kind: Kind,
+    },
     /// The value at a JSON pointer in the request body (parsed once per request).
     RequestBodyJson(String),
 }
@@ -62,6 +73,7 @@ pub enum Source {
 pub struct Attribute {
     /// Path as seen from CEL, root first.
     pub cel_path: Vec<String>,
+    /// Where the value is read from.
     pub source: Source,
 }
 

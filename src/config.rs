@@ -113,15 +113,21 @@ impl TokenCategory {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PluginConfig {
+    /// `rateLimitService`: where the rate-limit service is, how requests are admitted.
     pub rate_limit_service: RateLimitServiceConfig,
+    /// `auth`: where the identity of an auth filter is read from.
     #[serde(default)]
     pub auth: AuthConfig,
+    /// `reporting`: how reports and commits are sent.
     #[serde(default)]
     pub reporting: ReportingConfig,
+    /// `usage`: how usage is read from responses.
     #[serde(default)]
     pub usage: UsageConfig,
+    /// `requestBody`: how the request body is read.
     #[serde(default)]
     pub request_body: RequestBodyConfig,
+    /// `reservation`: what reservation mode reserves by default.
     #[serde(default)]
     pub reservation: ReservationConfig,
     /// Named limits; the names become descriptor entries `limit.<name>`.
@@ -139,6 +145,7 @@ pub struct RateLimitServiceConfig {
     /// Timeout of each `CheckRateLimit` call, e.g. `100ms` (default `100ms`).
     #[serde(default = "default_check_timeout")]
     pub timeout: String,
+    /// What to do when the service fails (default `deny`).
     #[serde(default)]
     pub failure_mode: FailureMode,
     /// How requests are admitted before the upstream (default `auto`).
@@ -243,10 +250,13 @@ pub enum Fallback {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UsagePathsConfig {
+    /// JSON pointers (RFC 6901) to the prompt tokens.
     #[serde(default)]
     pub prompt: Vec<String>,
+    /// JSON pointers to the completion tokens.
     #[serde(default)]
     pub completion: Vec<String>,
+    /// JSON pointers to the total tokens.
     #[serde(default)]
     pub total: Vec<String>,
 }
@@ -255,6 +265,7 @@ pub struct UsagePathsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UsageConfig {
+    /// Custom usage locations, tried before each format's own.
     #[serde(default)]
     pub paths: UsagePathsConfig,
     /// What a response without usage is charged (default `estimate`).

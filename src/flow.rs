@@ -52,12 +52,16 @@ pub enum Verdict {
     AllowOnFailure(ServiceFailure),
     /// Over budget: reply 429 with the named limit.
     Limited {
+        /// The 429 to send.
         reply: LocalReply,
+        /// The limit that refused (the most restrictive one the service named).
         limit: Option<String>,
     },
     /// The service failed and the failure mode is `deny`.
     DenyOnFailure {
+        /// The 500 to send.
         reply: LocalReply,
+        /// What failed.
         failure: ServiceFailure,
     },
     /// Admission mode `auto` and the service has no `Reserve`: check the request instead
@@ -466,8 +470,11 @@ impl RequestFlow {
 /// Tokens of one category to report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CategoryReport {
+    /// The category the tokens are of.
     pub category: TokenCategory,
+    /// The descriptor of the limits that spend it.
     pub descriptor: RateLimitDescriptor,
+    /// Tokens spent (> 0).
     pub tokens: u64,
 }
 

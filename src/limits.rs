@@ -1,5 +1,7 @@
 //! Limitador limits generated from the plugin configuration, so the filter's descriptors and
-//! the service's limits come from one source of truth (DESIGN.md §2).
+//! the service's limits come from one source of truth: a descriptor key that no Limitador limit
+//! names means "no limit applies" there, so a hand-written limit that drifts from the policy
+//! silently disables it.
 //!
 //! For each limit and each of its rates, one Limitador limit (fields of Limitador's
 //! `limits.yaml`): `conditions: ["descriptors[0]['limit.<name>'] == '1']`,

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 /// One `Report` to send: `hits` tokens for `descriptor`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingReport {
+    /// The descriptor of the limits that spent the tokens.
     pub descriptor: RateLimitDescriptor,
     /// Tokens (the request's `hits_addend`), never 0.
     pub hits: u32,
@@ -24,11 +25,22 @@ pub struct PendingReport {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportOutcome {
     /// The service accepted the tokens.
-    Delivered { hits: u32 },
+    Delivered {
+        /// Tokens reported.
+        hits: u32,
+    },
     /// The call failed; it will be retried on a later tick.
-    WillRetry { hits: u32, attempt: u32 },
+    WillRetry {
+        /// Tokens in the report.
+        hits: u32,
+        /// The attempt that comes next (1 for the first retry).
+        attempt: u32,
+    },
     /// The call failed and retries are exhausted: the tokens are lost.
-    Dropped { hits: u32 },
+    Dropped {
+        /// Tokens in the report.
+        hits: u32,
+    },
     /// The token is not one of ours (already handled).
     Unknown,
 }
