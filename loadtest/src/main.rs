@@ -2,7 +2,8 @@
 //! `envoy/envoy.yaml` with the token-ratelimit filter, `ratelimit-service` and `llm-simulator`
 //! (all on 127.0.0.1, started by the `e2e` harness), for a bounded time, with a mix of
 //! streaming and non-streaming requests of every format from many users. It prints throughput,
-//! latency percentiles, statuses and errors, then the token accounting:
+//! latency percentiles, statuses and errors, the rate-limit calls per request and method, then
+//! the token accounting. In admission mode checkReport (`--mode checkReport`):
 //!
 //! ```text
 //! accounting: reported R = served S + estimated E: OK
@@ -12,7 +13,17 @@
 //! (`ratelimit_reported_hits_total`), S the tokens the simulator served to requests whose
 //! answer carried usage, and E the documented estimate the client computes for the requests
 //! whose upstream sent no usage: ceil(request body bytes / 4) + ceil(response body bytes / 4).
-//! Any difference is a MISMATCH and the exit status is 1.
+//! In admission mode reservation (`--mode reservation`, or `auto` against a service that
+//! answers `Reserve`), R is what the service received through `Commit`
+//! (`ratelimit_committed_hits_total`), and once the commits have drained no hold may be left:
+//!
+//! ```text
+//! accounting: committed R = served S + estimated E: OK
+//! holds: none left (reserved 0 on every counter, ratelimit_reservations_outstanding 0, ...)
+//! ```
+//!
+//! Any difference is a MISMATCH, a hold still there after `--hold-wait` seconds is HOLDS LEFT,
+//! and either makes the exit status 1.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -91,6 +102,21 @@ messages=6,messages-stream=6,gemini=6,gemini-stream-sse=6,gemini-stream-array=4,
     /// -p llm-simulator -p token-ratelimit --bins`).
     #[arg(long, default_value = "dev", value_parser = ["dev", "release"])]
     stack_profile: String,
+    /// Admission mode (`rateLimitService.mode`): `reservation` (Reserve before the upstream,
+    /// Commit after), `checkReport` (CheckRateLimit, Report per tick) or `auto` (reservation,
+    /// checkReport when the service answers Reserve with UNIMPLEMENTED). Default: the mode of
+    /// the shipped envoy/envoy.yaml.
+    #[arg(long, value_parser = ["auto", "reservation", "checkReport"])]
+    mode: Option<String>,
+    /// In reservation mode, the longest wait (seconds) after the commits drained for the
+    /// service to show no hold (`reserved` 0 on every counter of `/counters`,
+    /// `ratelimit_reservations_outstanding` 0).
+    #[arg(long, default_value_t = 10)]
+    hold_wait: u64,
+    /// Run ratelimit-service with `--reservations-unimplemented` (it plays Limitador 2.4:
+    /// Reserve and Commit answer UNIMPLEMENTED, so `auto` falls back to checkReport).
+    #[arg(long)]
+    reservations_unimplemented: bool,
 }
 
 /// The request kinds of the mix.
@@ -580,6 +606,26 @@ fn edits(args: &Args) -> Vec<(String, String)> {
     ]
 }
 
+/// The admission mode line of `envoy/envoy.yaml` (`mode: <mode>` of `rateLimitService`, with its
+/// indentation and line end, for an edit) and the mode it names.
+fn shipped_mode(config: &str) -> Result<(String, String), String> {
+    let lines: Vec<&str> = config
+        .split_inclusive('\n')
+        .filter(|l| l.trim_start().starts_with("mode:"))
+        .collect();
+    match lines.as_slice() {
+        [line] => {
+            let mode = line.trim().trim_start_matches("mode:").split('#').next().unwrap_or("").trim();
+            if !["auto", "reservation", "checkReport"].contains(&mode) {
+                return Err(format!("envoy/envoy.yaml: unknown admission mode in `{}`", line.trim()));
+            }
+            Ok((line.to_string(), mode.to_string()))
+        }
+        [] => Err("envoy/envoy.yaml names no admission mode (`mode:` of rateLimitService)".into()),
+        _ => Err(format!("envoy/envoy.yaml has {} `mode:` lines, expected one", lines.len())),
+    }
+}
+
 /// The edits that make the `free` and `gold` limits apply on every path: their
 /// `/v1/chat/completions` predicate (the line before the group predicate) is removed.
 fn every_path_edits(config: &str) -> Result<Vec<(String, String)>, String> {
@@ -684,11 +730,36 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let (mode_line, shipped_mode) = match shipped_mode(&shipped) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("loadtest: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mode = args.mode.clone().unwrap_or_else(|| shipped_mode.clone());
+    if mode != shipped_mode {
+        config_edits.push((mode_line.clone(), mode_line.replacen(&format!("mode: {shipped_mode}"), &format!("mode: {mode}"), 1)));
+    }
+    println!(
+        "admission mode: {mode} ({}){}",
+        if mode == shipped_mode { "as shipped" } else { "the shipped configuration says otherwise" },
+        if args.reservations_unimplemented {
+            "; ratelimit-service --reservations-unimplemented (Reserve and Commit answer UNIMPLEMENTED)"
+        } else {
+            ""
+        }
+    );
     let check_timeout: &'static str = Box::leak(args.check_timeout.clone().into_boxed_str());
     let stack = Stack::start(Options {
         edits: config_edits,
         check_timeout,
         concurrency: args.envoy_concurrency,
+        service_args: if args.reservations_unimplemented {
+            vec!["--reservations-unimplemented".to_string()]
+        } else {
+            Vec::new()
+        },
         ..Options::default()
     });
     let ports = stack.ports;
@@ -862,34 +933,66 @@ fn main() -> ExitCode {
         .filter(|(i, _)| KINDS[*i].no_usage())
         .map(|(_, k)| k.served_expected)
         .sum();
+    let stat = |n: &str| stack.envoy_stat(&format!("wasmcustom.token_ratelimit.{n}"));
 
     // Drain: wait until the service has everything Envoy queued (tokens_reported.total minus
-    // tokens_dropped) and the figure has been stable for a second.
+    // tokens_dropped, through Report or Commit) and the figure has been stable for a second.
     let drain_start = Instant::now();
-    let mut reported;
+    let mut service;
     let mut stable_since: Option<(u64, Instant)> = None;
     loop {
-        reported = stack.reported_tokens();
-        let queued = stack.envoy_stat("wasmcustom.token_ratelimit.tokens_reported.total")
-            - stack.envoy_stat("wasmcustom.token_ratelimit.tokens_dropped");
+        service = ServiceMetrics::read(&stack);
+        let charged = service.reported() + service.committed();
+        let queued = stat("tokens_reported.total") - stat("tokens_dropped");
         match stable_since {
-            Some((r, since)) if r == reported && reported >= queued => {
+            Some((r, since)) if r == charged && charged >= queued => {
                 if since.elapsed() >= Duration::from_secs(1) {
                     break;
                 }
             }
-            _ => stable_since = Some((reported, Instant::now())),
+            _ => stable_since = Some((charged, Instant::now())),
         }
         if drain_start.elapsed() > Duration::from_secs(20) {
-            println!("reports did not drain within 20 s (service {reported}, envoy queued {queued})");
+            println!("reports and commits did not drain within 20 s (service {charged}, envoy queued {queued})");
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let drain = drain_start.elapsed();
+    let (reported, committed) = (service.reported(), service.committed());
+
+    // The mode the filter ran in: `auto` reserves unless the service answered UNIMPLEMENTED.
+    let unimplemented = stat("reservations_unimplemented");
+    let effective = match mode.as_str() {
+        "auto" if unimplemented > 0 => "checkReport",
+        "auto" => "reservation",
+        m => m,
+    };
+
+    // Holds: in reservation mode none may be left once the commits are in.
+    let holds = (effective == "reservation").then(|| {
+        let start = Instant::now();
+        let first = Holds::read(&stack);
+        let mut last = first.clone();
+        while !last.none() && start.elapsed() < Duration::from_secs(args.hold_wait) {
+            std::thread::sleep(Duration::from_millis(200));
+            last = Holds::read(&stack);
+        }
+        (first, last, start.elapsed())
+    });
 
     println!();
     println!("== accounting ==");
+    println!(
+        "admission mode: {mode}{}",
+        match (mode.as_str(), effective) {
+            ("auto", "checkReport") => format!(
+                " -> checkReport (the service answered Reserve with UNIMPLEMENTED: reservations_unimplemented {unimplemented})"
+            ),
+            ("auto", _) => " -> reservation (the service answers Reserve)".to_string(),
+            _ => String::new(),
+        }
+    );
     println!(
         "simulator served: {served_total} tokens in {} upstream requests (client-side contract: {expected_total}: {})",
         served_json["requests"],
@@ -907,12 +1010,36 @@ fn main() -> ExitCode {
         println!("  by format: {}", by.join(", "));
     }
     println!("tokens estimated (client, no-usage 200s): {estimated}");
-    println!("tokens reported to the rate-limit service: {reported} (drained in {:.1} s)", drain.as_secs_f64());
+    println!(
+        "tokens charged at the rate-limit service: {committed} through Commit, {reported} through Report (drained in {:.1} s)",
+        drain.as_secs_f64()
+    );
     if tally.no_usage_failed > 0 {
         println!(
             "note: {} no-usage requests failed in transit; their estimate is unknown to the client",
             tally.no_usage_failed
         );
+    }
+
+    // --- Calls per request and method, from the service's own counts (sanity requests included).
+    let sent = tally.requests();
+    let checked = stat("requests_checked");
+    println!();
+    println!(
+        "== rate-limit calls per request (ratelimit-service /metrics; {sent} requests sent, {checked} checked by the filter) =="
+    );
+    println!("  {:<16} {:>9} {:>12} {:>16}", "method", "calls", "per request", "per checked req.");
+    let methods = [
+        ("Reserve", service.get("ratelimit_reserve_calls_total")),
+        ("Commit", service.get("ratelimit_commit_calls_total")),
+        ("CheckRateLimit", service.get("ratelimit_check_calls_total")),
+        ("Report", service.get("ratelimit_report_calls_total")),
+        ("ShouldRateLimit", service.get("ratelimit_should_rate_limit_calls_total")),
+    ];
+    let per = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
+    let all = ("all", methods.iter().map(|(_, n)| n).sum::<u64>());
+    for (name, n) in methods.into_iter().chain(std::iter::once(all)) {
+        println!("  {name:<16} {n:>9} {:>12.4} {:>16.4}", per(n, sent), per(n, checked));
     }
 
     // --- Envoy and process figures.
@@ -942,8 +1069,7 @@ fn main() -> ExitCode {
     }
     println!();
     println!("== ratelimit-service /metrics ==");
-    let metrics = stack.get(&format!("http://127.0.0.1:{}/metrics", ports.rls_http));
-    for l in metrics.lines().filter(|l| !l.starts_with('#') && !l.starts_with("limitador_up")) {
+    for l in service.text.lines().filter(|l| !l.starts_with('#') && !l.starts_with("limitador_up")) {
         println!("  {l}");
     }
     println!();
@@ -983,47 +1109,165 @@ fn main() -> ExitCode {
         println!("  logs and configurations copied to {}", dir.display());
     }
 
-    // Where a difference comes from: the filter's own figure (tokens it queued for Report)
-    // against served + estimated, and the service's figure against what was queued.
-    let queued = stack.envoy_stat("wasmcustom.token_ratelimit.tokens_reported.total");
-    let stat = |n: &str| stack.envoy_stat(&format!("wasmcustom.token_ratelimit.{n}"));
-    let service_metric = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    // Where a difference comes from: the filter's own figure (tokens it queued for Report or
+    // Commit) against served + estimated, and the service's figure against what was queued.
+    let queued = stat("tokens_reported.total");
+    let (charged, via) = if effective == "reservation" { (committed, "Commit") } else { (reported, "Report") };
     println!();
     println!(
-        "filter:   tokens queued for Report {queued} {} served {served} + estimated {estimated}",
+        "filter:   tokens queued for {via} {queued} {} served {served} + estimated {estimated}",
         if queued == served + estimated { "=" } else { "!=" }
     );
-    println!(
-        "delivery: service received {reported} of {queued} queued ({:+}); Report calls: envoy dispatched {} \
-         (retries {}, dropped {} with {} tokens), service received {}",
-        reported as i128 - queued as i128,
-        stat("reports_sent"),
-        stat("reports_retried"),
-        stat("reports_dropped"),
-        stat("tokens_dropped"),
-        service_metric("ratelimit_report_calls_total")
-    );
+    if effective == "reservation" {
+        println!(
+            "delivery: service received {committed} of {queued} queued ({:+}); Commit calls: envoy dispatched {} \
+             (retries {}, dropped {} with {} tokens), service received {} ({} duplicates ignored); \
+             holds that expired before their commit: {}",
+            committed as i128 - queued as i128,
+            stat("commits_sent"),
+            stat("commits_retried"),
+            stat("commits_dropped"),
+            stat("tokens_dropped"),
+            service.get("ratelimit_commit_calls_total"),
+            service.get("ratelimit_commit_duplicates_total"),
+            stat("reservations_expired")
+        );
+        if reported > 0 {
+            println!("note: {reported} tokens reached the service through Report in reservation mode");
+        }
+    } else {
+        println!(
+            "delivery: service received {reported} of {queued} queued ({:+}); Report calls: envoy dispatched {} \
+             (retries {}, dropped {} with {} tokens), service received {}",
+            reported as i128 - queued as i128,
+            stat("reports_sent"),
+            stat("reports_retried"),
+            stat("reports_dropped"),
+            stat("tokens_dropped"),
+            service.get("ratelimit_report_calls_total")
+        );
+        if committed > 0 {
+            println!("note: {committed} tokens reached the service through Commit in checkReport mode");
+        }
+    }
 
     println!();
-    let ok = reported == served + estimated && tally.kinds.iter().map(|k| k.ok).sum::<u64>() > 0;
-    if reported == served + estimated {
-        println!("accounting: reported {reported} = served {served} + estimated {estimated}: OK");
+    let exact = charged == served + estimated;
+    let what = if effective == "reservation" { "committed" } else { "reported" };
+    if exact {
+        println!("accounting: {what} {charged} = served {served} + estimated {estimated}: OK");
     } else {
-        let diff = reported as i128 - (served + estimated) as i128;
+        let diff = charged as i128 - (served + estimated) as i128;
         println!(
-            "accounting: reported {reported} != served {served} + estimated {estimated} = {}: MISMATCH ({diff:+})",
+            "accounting: {what} {charged} != served {served} + estimated {estimated} = {}: MISMATCH ({diff:+})",
             served + estimated
         );
     }
+    let mut holds_ok = true;
+    if let Some((first, last, waited)) = &holds {
+        println!("holds right after the drain: {}", first.describe());
+        if last.none() {
+            println!("holds: none left after {:.1} s ({})", waited.as_secs_f64(), last.describe());
+        } else {
+            holds_ok = false;
+            println!(
+                "holds: HOLDS LEFT after {:.1} s (--hold-wait {}): {}; Reserve calls that timed out in Envoy: \
+                 {} (service_timeouts; cluster.ratelimit.upstream_rq_timeout {}): a hold granted after its \
+                 call timed out stays until its TTL",
+                waited.as_secs_f64(),
+                args.hold_wait,
+                last.describe(),
+                stat("service_timeouts"),
+                stack.envoy_stat("cluster.ratelimit.upstream_rq_timeout")
+            );
+        }
+    }
+    let ok = exact && holds_ok && tally.kinds.iter().map(|k| k.ok).sum::<u64>() > 0;
     if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// One read of the service's `/metrics`.
+struct ServiceMetrics {
+    text: String,
+}
+
+impl ServiceMetrics {
+    fn read(stack: &Stack) -> ServiceMetrics {
+        ServiceMetrics {
+            text: stack.get(&format!("http://127.0.0.1:{}/metrics", stack.ports.rls_http)),
+        }
+    }
+
+    /// The sum of metric `name` over its label sets (0 when absent).
+    fn get(&self, name: &str) -> u64 {
+        self.text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let value = if rest.starts_with('{') {
+                    rest.rsplit_once('}')?.1
+                } else if rest.starts_with(' ') {
+                    rest
+                } else {
+                    return None;
+                };
+                value.trim().parse::<f64>().ok()
+            })
+            .map(|v| v as u64)
+            .sum()
+    }
+
+    /// Tokens added by `Report`.
+    fn reported(&self) -> u64 {
+        self.get("ratelimit_reported_hits_total")
+    }
+
+    /// Tokens added by `Commit`.
+    fn committed(&self) -> u64 {
+        self.get("ratelimit_committed_hits_total")
+    }
+}
+
+/// The holds the service shows: per counter (`/counters`, `reserved`) and in its gauges.
+#[derive(Clone)]
+struct Holds {
+    counters_with_holds: u64,
+    counters: u64,
+    reserved: u64,
+    outstanding: u64,
+    outstanding_hits: u64,
+}
+
+impl Holds {
+    fn read(stack: &Stack) -> Holds {
+        let counters = stack.counters();
+        let list = counters.as_array().cloned().unwrap_or_default();
+        let held: Vec<u64> = list.iter().map(|c| c["reserved"].as_u64().unwrap_or(0)).collect();
+        let metrics = ServiceMetrics::read(stack);
+        Holds {
+            counters_with_holds: held.iter().filter(|r| **r > 0).count() as u64,
+            counters: list.len() as u64,
+            reserved: held.iter().sum(),
+            outstanding: metrics.get("ratelimit_reservations_outstanding"),
+            outstanding_hits: metrics.get("ratelimit_reserved_hits_outstanding"),
+        }
+    }
+
+    fn none(&self) -> bool {
+        self.reserved == 0 && self.outstanding == 0 && self.outstanding_hits == 0
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} of {} live counters with reserved > 0 (sum {}), ratelimit_reservations_outstanding {}, \
+             ratelimit_reserved_hits_outstanding {}",
+            self.counters_with_holds, self.counters, self.reserved, self.outstanding, self.outstanding_hits
+        )
     }
 }
 
