@@ -54,14 +54,17 @@ clean:
 	rm -rf .run
 
 ## load: load test on loopback, bounded in time: 100 connections for 60 s through a real Envoy
-## (mixed streaming and non-streaming requests of every format from 1000 users), then the token
-## accounting (reported = served + estimated). Options: LOAD_ARGS, e.g.
-## `make load LOAD_ARGS="--duration 10 --connections 20"` (see `target/release/loadtest --help`).
+## (mixed streaming and non-streaming requests of every format from 1000 users), then the
+## rate-limit calls per request and method and the token accounting: in admission mode
+## checkReport reported = served + estimated; in reservation mode committed = served + estimated
+## and no hold left. The mode is the shipped envoy/envoy.yaml's unless `--mode` says otherwise.
+## Options: LOAD_ARGS, e.g. `make load LOAD_ARGS="--duration 10 --connections 20 --mode checkReport"`
+## (see `target/release/loadtest --help`). The binary is in $CARGO_TARGET_DIR when set.
 .PHONY: load
 LOAD_ARGS ?=
 load: build
 	cargo build --release -p loadtest
-	target/release/loadtest $(LOAD_ARGS)
+	$${CARGO_TARGET_DIR:-target}/release/loadtest $(LOAD_ARGS)
 
 ## fuzz: cargo-fuzz (libFuzzer) on the configuration parser, CEL evaluation, the JSON usage
 ## extractor, the SSE parser and the rate-limit service's replies: each target runs FUZZ_SECONDS
@@ -73,9 +76,10 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
-## bench: token-ratelimit side by side with Envoy alone and Envoy's native rate-limit filter, on
-## loopback with a real Envoy (scripts/bench.sh; installs wrk, builds what it needs). Knobs:
-## BENCH_DURATION, BENCH_WARMUP, BENCH_CONNECTIONS, BENCH_VARIANTS (see the script).
+## bench: token-ratelimit (checkReport, and reservation: variant c-r) side by side with Envoy
+## alone and Envoy's native rate-limit filter, on loopback with a real Envoy (scripts/bench.sh;
+## installs wrk and valgrind, builds what it needs). Knobs: BENCH_DURATION, BENCH_WARMUP,
+## BENCH_CONNECTIONS, BENCH_VARIANTS, BENCH_CALLGRIND, ENVOY (see the script).
 .PHONY: bench
 bench: envoy
 	scripts/bench.sh

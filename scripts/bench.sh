@@ -8,8 +8,14 @@
 #   (b) Envoy's native envoy.filters.http.ratelimit calling ShouldRateLimit (one call per request),
 #       with enable_x_ratelimit_headers, so that it adds the same three x-ratelimit-* headers
 #       to the response as (c) does (checked on the first request)
-#   (c) token-ratelimit (CheckRateLimit per request, Report aggregated per tick), non-streaming
-#   (d) token-ratelimit, streaming ("stream": true; the filter adds include_usage)
+#   (c) token-ratelimit in admission mode checkReport (CheckRateLimit per request, Report
+#       aggregated per tick), non-streaming
+#   (c-r) token-ratelimit in admission mode reservation (Reserve per request before the upstream,
+#       Commit of the actual tokens after it: two calls per request), non-streaming; otherwise
+#       (c)'s configuration, so c-r minus c is what the second call costs. Like (c), Envoy does not
+#       hand the filter the body before the headers go upstream (no allow_on_headers_stop_iteration),
+#       so the reservation holds reservation.defaultAmount (256 tokens)
+#   (d) token-ratelimit, checkReport, streaming ("stream": true; the filter adds include_usage)
 #   (e) Envoy, no rate limiting, the streaming requests of (d): (d)'s baseline
 #   (n) on request only (BENCH_VARIANTS): token-ratelimit where no limit applies (no check call)
 # Load: wrk (Debian package, installed when missing) POSTing a chat completion, bounded in time.
@@ -18,14 +24,17 @@
 #
 # Knobs (environment): BENCH_DURATION (s, default 10), BENCH_WARMUP (s, 2), BENCH_CONNECTIONS
 # (32), BENCH_PORT_BASE (19000), BENCH_PIN (1: Envoy on CPU 0, the rest on the other CPUs,
-# when there are at least 2), BENCH_VARIANTS (default "a b c d e"), ENVOY (default .venv/bin/envoy),
-# BENCH_WASM (a module to measure instead of building target/wasm32-wasip1/release/token_ratelimit.wasm),
+# when there are at least 2), BENCH_VARIANTS (default "a b c c-r d e"), ENVOY (default .venv/bin/envoy),
+# CARGO_TARGET_DIR (default target: where the module and the binaries are built and found),
+# BENCH_WASM (a module to measure instead of building $CARGO_TARGET_DIR/wasm32-wasip1/release/token_ratelimit.wasm),
 # BENCH_WASM_BASELINE (another module, e.g. an older build: variants C, D and N are c, d and n
 # with it, in the same Envoy, for a side-by-side comparison), BENCH_PERF (1: `perf record` Envoy during each measured run, into .run/bench/perf-<variant>.data;
 # its CPU figures then include perf's overhead), BENCH_CALLGRIND (1, the default when valgrind is
 # installable: a second pass counts the instructions Envoy executes per request under valgrind's
 # callgrind, BENCH_CALLGRIND_REQUESTS (300) sequential requests per variant on one connection;
 # instruction counts do not depend on what else the machine is doing, unlike CPU time).
+# Rate-limit calls per request: per variant and per method (CheckRateLimit, Report,
+# ShouldRateLimit, Reserve, Commit), from the service's /metrics over each measured run.
 # Builds what it needs (installs wrk and valgrind from Debian when missing); the last line of
 # its output is `ratio c/b: X.XX`.
 set -euo pipefail
@@ -37,14 +46,14 @@ WARMUP=${BENCH_WARMUP:-2}
 CONNECTIONS=${BENCH_CONNECTIONS:-32}
 BASE=${BENCH_PORT_BASE:-19000}
 PIN=${BENCH_PIN:-1}
-VARIANTS=${BENCH_VARIANTS:-a b c d e}
+VARIANTS=${BENCH_VARIANTS:-a b c c-r d e}
 ENVOY=${ENVOY:-.venv/bin/envoy}
 PROFILE=bench-tools
 OUT=.run/bench
 mkdir -p "$OUT"
 
 PORT_A=$((BASE + 80)) PORT_B=$((BASE + 81)) PORT_C=$((BASE + 82)) PORT_D=$((BASE + 83)) PORT_N=$((BASE + 84))
-PORT_C0=$((BASE + 85)) PORT_D0=$((BASE + 86)) PORT_N0=$((BASE + 87))
+PORT_C0=$((BASE + 85)) PORT_D0=$((BASE + 86)) PORT_N0=$((BASE + 87)) PORT_CR=$((BASE + 88))
 ADMIN=$((BASE + 901)) RLS_GRPC=$((BASE + 181)) RLS_HTTP=$((BASE + 182)) SIM=$((BASE + 190))
 
 log() { echo "bench: $*" >&2; }
@@ -69,11 +78,13 @@ log "building the wasm module (release) and the services (profile $PROFILE)"
 [ -n "${BENCH_WASM:-}" ] || cargo build --quiet --release --target wasm32-wasip1 --lib >&2
 cargo build --quiet --profile "$PROFILE" -p ratelimit-service -p llm-simulator --bins >&2
 cargo build --quiet -p token-ratelimit --bin token-ratelimit >&2
-WASM=$(realpath "${BENCH_WASM:-$ROOT/target/wasm32-wasip1/release/token_ratelimit.wasm}")
+TARGET=$(realpath "${CARGO_TARGET_DIR:-$ROOT/target}")
+WASM=$(realpath "${BENCH_WASM:-$TARGET/wasm32-wasip1/release/token_ratelimit.wasm}")
 BASELINE=${BENCH_WASM_BASELINE:+$(realpath "$BENCH_WASM_BASELINE")}
-BIN=$ROOT/target/$PROFILE
+BIN=$TARGET/$PROFILE
+TOOL=$TARGET/debug/token-ratelimit
 
-for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $PORT_C0 $PORT_D0 $PORT_N0 $ADMIN $RLS_GRPC $RLS_HTTP $SIM; do
+for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $PORT_C0 $PORT_D0 $PORT_N0 $PORT_CR $ADMIN $RLS_GRPC $RLS_HTTP $SIM; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     log "port $port on 127.0.0.1 is in use (set BENCH_PORT_BASE)"; exit 1
   fi
@@ -81,9 +92,10 @@ done
 
 # --- configuration ------------------------------------------------------------------------
 # The plugin configuration of (c) and (d): a typical policy (a path predicate, a per-user
-# counter from a header), with a budget no run can spend.
+# counter from a header), with a budget no run can spend. Admission mode checkReport, named:
+# the default (auto) would reserve, and (c), (d) stay comparable with earlier recorded runs.
 cat > "$OUT/plugin.yaml" <<EOF
-rateLimitService: {cluster: ratelimit, domain: llm, timeout: 1s, failureMode: deny}
+rateLimitService: {cluster: ratelimit, domain: llm, timeout: 1s, failureMode: deny, mode: checkReport}
 limits:
   per-user:
     rates: [{limit: 1000000000000000, window: 1h}]
@@ -92,7 +104,7 @@ limits:
     counters:
     - expression: request.headers["x-user"]
 EOF
-target/debug/token-ratelimit limits "$OUT/plugin.yaml" | grep -v '^#' > "$OUT/limits.yaml"
+"$TOOL" limits "$OUT/plugin.yaml" | grep -v '^#' > "$OUT/limits.yaml"
 # (b)'s descriptor: generic_key "bench" + the x-user header, the same per-user counter.
 cat >> "$OUT/limits.yaml" <<EOF
 - namespace: llm
@@ -102,10 +114,14 @@ cat >> "$OUT/limits.yaml" <<EOF
   conditions: ["descriptors[0]['generic_key'] == 'bench'"]
   variables: ["descriptors[0]['user']"]
 EOF
-PLUGIN_JSON=$(target/debug/token-ratelimit json "$OUT/plugin.yaml" | tr -d '\n')
+PLUGIN_JSON=$("$TOOL" json "$OUT/plugin.yaml" | tr -d '\n')
+# (c-r): the same policy in admission mode reservation.
+sed 's|mode: checkReport|mode: reservation|' "$OUT/plugin.yaml" > "$OUT/plugin-reservation.yaml"
+grep -q 'mode: reservation' "$OUT/plugin-reservation.yaml" || { log "no mode in $OUT/plugin.yaml"; exit 1; }
+PLUGIN_RES_JSON=$("$TOOL" json "$OUT/plugin-reservation.yaml" | tr -d '\n')
 # (n), a diagnostic: the same filter where no limit applies (no check call).
 sed 's|request.path == "/v1/chat/completions"|request.path == "/nothing"|' "$OUT/plugin.yaml" > "$OUT/plugin-none.yaml"
-PLUGIN_NONE_JSON=$(target/debug/token-ratelimit json "$OUT/plugin-none.yaml" | tr -d '\n')
+PLUGIN_NONE_JSON=$("$TOOL" json "$OUT/plugin-none.yaml" | tr -d '\n')
 
 hcm() { # name port route-extra filters
   cat <<EOF
@@ -173,6 +189,7 @@ EOF
   hcm token "$PORT_C" "" "$WASM_FILTER"
   hcm token_stream "$PORT_D" "" "$WASM_FILTER"
   hcm token_none "$PORT_N" "" "${WASM_FILTER//"$PLUGIN_JSON"/"$PLUGIN_NONE_JSON"}"
+  hcm token_reservation "$PORT_CR" "" "${WASM_FILTER//"$PLUGIN_JSON"/"$PLUGIN_RES_JSON"}"
   if [ -n "$BASELINE" ]; then
     # The same listeners with another module (BENCH_WASM_BASELINE), in a VM of its own.
     base_filter=${WASM_FILTER//"$WASM"/"$BASELINE"}
@@ -213,6 +230,7 @@ target() {
   case $1 in
     a) PORT=$PORT_A KIND=plain ;; b) PORT=$PORT_B KIND=plain ;; c) PORT=$PORT_C KIND=plain ;;
     d) PORT=$PORT_D KIND=stream ;; e) PORT=$PORT_A KIND=stream ;; n) PORT=$PORT_N KIND=plain ;;
+    c-r) PORT=$PORT_CR KIND=plain ;;
     C) PORT=$PORT_C0 KIND=plain ;; D) PORT=$PORT_D0 KIND=stream ;; N) PORT=$PORT_N0 KIND=plain ;;
     *) log "unknown variant $1"; exit 1 ;;
   esac
@@ -268,31 +286,37 @@ done
 grep -q envoy "/proc/$ENVOY_PID/comm" || { log "pid $ENVOY_PID is not envoy"; exit 1; }
 
 # A first request through each listener: everything answers 200.
-for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N ${BASELINE:+$PORT_C0 $PORT_D0 $PORT_N0}; do
+for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $PORT_CR ${BASELINE:+$PORT_C0 $PORT_D0 $PORT_N0}; do
   code=$(curl -s -D "$OUT/probe.headers" -o "$OUT/probe.out" -w '%{http_code}' "127.0.0.1:$port/v1/chat/completions" \
     -H 'content-type: application/json' -H 'x-user: bench-user' -d "$(body plain)")
   [ "$code" = 200 ] || { log "listener $port answered $code: $(cat "$OUT/probe.out")"; exit 1; }
-  # (b) and (c) do the same work for the client: both add x-ratelimit-{limit,remaining,reset}.
-  if [ "$port" = "$PORT_B" ] || [ "$port" = "$PORT_C" ]; then
+  # (b), (c) and (c-r) do the same work for the client: they add x-ratelimit-{limit,remaining,reset}.
+  if [ "$port" = "$PORT_B" ] || [ "$port" = "$PORT_C" ] || [ "$port" = "$PORT_CR" ]; then
     grep -qi '^x-ratelimit-remaining:' "$OUT/probe.headers" \
       || { log "listener $port added no x-ratelimit-remaining header"; cat "$OUT/probe.headers" >&2; exit 1; }
   fi
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$ENVOY_PID/stat"; }
-rls_calls() { # "<checks + reports + ShouldRateLimit calls> <reports>" so far
-  curl -s "127.0.0.1:$RLS_HTTP/metrics" | awk '/^ratelimit_(check|report|should_rate_limit)_calls_total/ {n += $2} /^ratelimit_report_calls_total/ {r += $2} END {print n + 0, r + 0}'
+# The service's calls so far: "<all> <reports> <checks> <ShouldRateLimit> <reserves> <commits>".
+rls_calls() {
+  curl -s "127.0.0.1:$RLS_HTTP/metrics" | awk '
+    /^ratelimit_(check|report|should_rate_limit|reserve|commit)_calls_total / {n += $2}
+    /^ratelimit_report_calls_total / {r += $2} /^ratelimit_check_calls_total / {c += $2}
+    /^ratelimit_should_rate_limit_calls_total / {s += $2} /^ratelimit_reserve_calls_total / {v += $2}
+    /^ratelimit_commit_calls_total / {m += $2}
+    END {print n + 0, r + 0, c + 0, s + 0, v + 0, m + 0}'
 }
 fstat() { curl -s "127.0.0.1:$ADMIN/stats?filter=token_ratelimit" | awk -v k="$1" -F': ' '$1 ~ "token_ratelimit." k "$" {print $2; f=1} END {if (!f) print 0}'; }
 HZ=$(getconf CLK_TCK)
 
-declare -A RPS P50 P99 CPU CALLS REPORTS N
+declare -A RPS P50 P99 CPU CALLS REPORTS N METHODS
 run() { # variant port lua label
   local v=$1 port=$2 lua=$3
   $PIN_REST wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$OUT/$lua.lua" "http://127.0.0.1:$port" > /dev/null 2>&1 || true
   sleep 0.3
-  local c0 r0 t0 r
-  read -r c0 r0 < <(rls_calls); t0=$(cpu_ticks)
+  local c0 r0 k0 s0 v0 m0 t0 r
+  read -r c0 r0 k0 s0 v0 m0 < <(rls_calls); t0=$(cpu_ticks)
   local perf_pid=""
   if [ "${BENCH_PERF:-0}" = 1 ]; then
     perf record -q -F 999 -g -p "$ENVOY_PID" -o "$OUT/perf-$v.data" -- sleep "$DURATION" > /dev/null 2>&1 &
@@ -302,7 +326,7 @@ run() { # variant port lua label
   [ -z "$perf_pid" ] || wait "$perf_pid" || true
   local t1; t1=$(cpu_ticks)
   sleep 0.3 # the last tick's reports
-  local c1 r1; read -r c1 r1 < <(rls_calls)
+  local c1 r1 k1 s1 v1 m1; read -r c1 r1 k1 s1 v1 m1 < <(rls_calls)
   local n dur p50 p99 errs non2xx
   field() { echo "$r" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
   n=$(field requests); dur=$(field duration_us); p50=$(field p50_us); p99=$(field p99_us)
@@ -316,6 +340,8 @@ run() { # variant port lua label
   CPU[$v]=$(awk -v t="$((t1 - t0))" -v hz="$HZ" -v n="$n" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
   CALLS[$v]=$(awk -v c="$((c1 - c0))" -v n="$n" 'BEGIN {printf "%.3f", c / n}')
   REPORTS[$v]=$((r1 - r0)) N[$v]=$n
+  METHODS[$v]=$(awk -v n="$n" -v k="$((k1 - k0))" -v r="$((r1 - r0))" -v s="$((s1 - s0))" -v v="$((v1 - v0))" -v m="$((m1 - m0))" \
+    'BEGIN {printf "CheckRateLimit %.3f, Report %.4f, ShouldRateLimit %.3f, Reserve %.3f, Commit %.3f", k / n, r / n, s / n, v / n, m / n}')
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$v" "${RPS[$v]}" "${P50[$v]}" "${P99[$v]}" "${CPU[$v]}" "${CALLS[$v]}" >> "$OUT/results.tsv"
 }
 
@@ -342,12 +368,13 @@ if [ "$CALLGRIND" = 1 ]; then
   # Reports go out per tick, not per request: under load they amount to a few calls per
   # thousand requests, but these requests are slow (valgrind), so that nearly every tick would
   # carry one. A 10-minute flushPeriod keeps them (and the tick) out of the count.
-  for f in plugin plugin-none; do
+  for f in plugin plugin-none plugin-reservation; do
     { cat "$OUT/$f.yaml"; echo "reporting: {flushPeriod: 10m}"; } > "$OUT/$f-callgrind.yaml"
   done
   cfg=$(cat "$OUT/envoy.yaml")
-  cfg=${cfg//"$PLUGIN_JSON"/"$(target/debug/token-ratelimit json "$OUT/plugin-callgrind.yaml" | tr -d '\n')"}
-  cfg=${cfg//"$PLUGIN_NONE_JSON"/"$(target/debug/token-ratelimit json "$OUT/plugin-none-callgrind.yaml" | tr -d '\n')"}
+  cfg=${cfg//"$PLUGIN_JSON"/"$("$TOOL" json "$OUT/plugin-callgrind.yaml" | tr -d '\n')"}
+  cfg=${cfg//"$PLUGIN_NONE_JSON"/"$("$TOOL" json "$OUT/plugin-none-callgrind.yaml" | tr -d '\n')"}
+  cfg=${cfg//"$PLUGIN_RES_JSON"/"$("$TOOL" json "$OUT/plugin-reservation-callgrind.yaml" | tr -d '\n')"}
   printf '%s\n' "$cfg" > "$OUT/envoy-callgrind.yaml"
   $PIN_ENVOY valgrind --tool=callgrind --instr-atstart=no --smc-check=all-non-file \
     --callgrind-out-file="$OUT/callgrind.out" "$ENVOY_BIN" -c "$OUT/envoy-callgrind.yaml" --concurrency 1 -l warning \
@@ -385,6 +412,7 @@ echo "token-ratelimit benchmark: Envoy ${envoy_version:-?} --concurrency 1, wrk 
 echo "machine: $ncpu x $cpu_model; load average before: $LOAD0, after: $(cut -d" " -f1-3 /proc/loadavg); pinned: $([ -n "$PIN_ENVOY" ] && echo "envoy cpu 0, rest cpu 1-$((ncpu - 1))" || echo no); wasm module: $wasm_size bytes"
 printf '%-38s %9s %8s %8s %14s %10s\n' variant "req/s" "p50 ms" "p99 ms" "envoy CPU/req" "RLS calls/req"
 label() { case $1 in a) echo "(a) envoy, no rate limiting";; b) echo "(b) native ratelimit (ShouldRateLimit)";; c) echo "(c) token-ratelimit";; d) echo "(d) token-ratelimit, streaming";;
+  c-r) echo "(c-r) token-ratelimit, reservation";;
   e) echo "(e) envoy, streaming, no rate limiting";; n) echo "(n) token-ratelimit, no limit applies";;
   C) echo "(C) = (c), baseline module";; D) echo "(D) = (d), baseline module";; N) echo "(N) = (n), baseline module";; esac; }
 for v in $VARIANTS; do
@@ -399,6 +427,10 @@ if [ "$CALLGRIND" = 1 ]; then
   if [ -n "${INSTR[b]:-}" ] && [ -n "${INSTR[c]:-}" ]; then
     echo "instructions b/c: $(awk -v b="${INSTR[b]}" -v c="${INSTR[c]}" 'BEGIN {printf "%.2f", b / c}') (the ratio c/b a CPU-bound Envoy would reach if time followed instructions)"
   fi
+  if [ -n "${INSTR[b]:-}" ] && [ -n "${INSTR[c-r]:-}" ]; then
+    echo "instructions b/c-r: $(awk -v b="${INSTR[b]}" -v c="${INSTR[c-r]}" 'BEGIN {printf "%.2f", b / c}')$(
+      [ -n "${INSTR[c]:-}" ] && echo " (c-r - c: $((INSTR[c-r] - INSTR[c])) instructions per request: the second call, Commit, and the reservation's own work)")"
+  fi
 fi
 echo "token-ratelimit: $checked requests checked, $missing without usage (streams cut by wrk at the end of a run), $tokens tokens in $reports reports"
 for v in c d; do
@@ -406,12 +438,20 @@ for v in c d; do
     echo "($v): ${REPORTS[$v]} Report calls for ${N[$v]} requests ($(awk -v r="${REPORTS[$v]}" -v n="${N[$v]}" 'BEGIN {printf "%.4f", r / n}') per request): reports are aggregated per tick"
   fi
 done
+echo "rate-limit calls per request, per method (the service's /metrics over each measured run):"
+for v in $VARIANTS; do
+  printf '  %-38s %s\n' "$(label "$v")" "${METHODS[$v]}"
+done
 if [ -n "${RPS[a]:-}" ] && [ -n "${RPS[c]:-}" ]; then
   echo "cpu c-a: $(awk -v c="${CPU[c]}" -v a="${CPU[a]}" 'BEGIN {printf "%.1f", c - a}') us/req (token-ratelimit with its check call)$( [ -n "${CPU[b]:-}" ] && echo "; c-b: $(awk -v c="${CPU[c]}" -v b="${CPU[b]}" 'BEGIN {printf "%.1f", c - b}') us/req (beyond the native filter's call)")"
   echo "ratio c/a: $(awk -v c="${RPS[c]}" -v a="${RPS[a]}" 'BEGIN {printf "%.2f", c / a}')"
 fi
 if [ -n "${RPS[d]:-}" ] && [ -n "${RPS[e]:-}" ]; then
   echo "streaming: cpu d-e: $(awk -v d="${CPU[d]}" -v e="${CPU[e]}" 'BEGIN {printf "%.1f", d - e}') us/req; ratio d/e: $(awk -v d="${RPS[d]}" -v e="${RPS[e]}" 'BEGIN {printf "%.2f", d / e}')"
+fi
+if [ -n "${RPS[c]:-}" ] && [ -n "${RPS[c-r]:-}" ]; then
+  echo "reservation: cpu (c-r)-c: $(awk -v r="${CPU[c-r]}" -v c="${CPU[c]}" 'BEGIN {printf "%.1f", r - c}') us/req$(
+    [ -n "${RPS[b]:-}" ] && echo "; ratio c-r/b: $(awk -v r="${RPS[c-r]}" -v b="${RPS[b]}" 'BEGIN {printf "%.2f", r / b}')")"
 fi
 if [ -n "${RPS[b]:-}" ] && [ -n "${RPS[c]:-}" ]; then
   echo "ratio c/b: $(awk -v c="${RPS[c]}" -v b="${RPS[b]}" 'BEGIN {printf "%.2f", c / b}')"
