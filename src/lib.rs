@@ -23,3 +23,7 @@ pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;
+/// The proxy-wasm encodings of the adapter, tested natively.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+#[path = "wasm/pairs.rs"]
+mod wasm_pairs;
