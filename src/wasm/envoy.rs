@@ -2,6 +2,7 @@
 //! values, makes one host call on the effective context, and converts the answer back. A status
 //! other than OK reads as absent (reads) or is ignored (writes).
 
+use super::contexts;
 use super::hostcalls::{self as host, abi};
 use super::pairs::decode_pairs;
 use crate::filter::{Buffer, GrpcCall, HeaderMap, Host, Level, LocalReply};
@@ -88,10 +89,12 @@ impl Host for Envoy {
             call.message,
             millis(call.timeout),
         )
+        .inspect(|&token| contexts::dispatched(token))
         .map_err(|status| abi::status_name(status).to_string())
     }
 
     fn cancel_grpc(&mut self, token: u32) {
+        contexts::cancelled(token);
         host::grpc_cancel(token);
     }
 
@@ -110,7 +113,11 @@ impl Host for Envoy {
     }
 
     fn set_effective_context(&mut self, context_id: u32) -> bool {
-        host::set_effective_context(context_id)
+        let ok = host::set_effective_context(context_id);
+        if ok {
+            contexts::set_effective(context_id);
+        }
+        ok
     }
 
     fn set_tick_period(&mut self, period: Duration) {

@@ -2,74 +2,26 @@
 //! forward Envoy's callbacks to [`RootFilter`] and [`StreamFilter`], and [`Envoy`], the
 //! [`Host`](crate::filter::Host) over the host calls. It decides nothing.
 //!
-//! Every callback goes to the context whose id Envoy passes: root and stream contexts live in
-//! one registry, keyed by that id. A gRPC reply therefore reaches the context the call belongs
-//! to (the *effective* context when it was dispatched, which may be the root context while a
-//! stream's callback runs), not the one that happened to be running. An id the registry does
-//! not know is ignored, never a panic. The context is already effective when its callback
-//! runs (Envoy makes it so): no `proxy_set_effective_context` before delivering.
+//! Every callback goes to the context whose id Envoy passes (root and stream contexts live in
+//! one registry, [`contexts`]); an id the registry does not know is ignored, never a panic.
+//! That context is already effective when its callback runs: no `proxy_set_effective_context`
+//! before delivering it. The exception is a gRPC reply: Envoy delivers every one to the root
+//! context, and the layer hands it to the context that was *effective* when the call was
+//! dispatched (the stream for a check; the root for a report, also when a stream's callback
+//! dispatched it after `set_effective_context(root)`), making that context effective first
+//! when it is a stream.
 
+mod contexts;
 mod envoy;
 mod hostcalls;
 mod pairs;
 
 use crate::filter::{Action, RootFilter, StreamFilter};
+use contexts::{with_context, with_root, with_stream, Context};
 use envoy::Envoy;
 use hostcalls::abi;
 use std::alloc::Layout;
-use std::cell::RefCell;
-use std::collections::BTreeMap;
 use std::ptr::{null_mut, NonNull};
-use std::rc::Rc;
-
-/// One context of the VM.
-// Each context has its own allocation (the registry's `Rc`) and root contexts are one per
-// plugin: a small root in a stream-sized slot costs less than boxing every stream.
-#[allow(clippy::large_enum_variant)]
-enum Context {
-    /// A plugin's root context (`proxy_on_context_create(id, 0)`).
-    Root(RootFilter),
-    /// An HTTP stream, created by its root context.
-    Stream(StreamFilter),
-}
-
-thread_local! {
-    /// Every live context by id. A context sits behind its own `Rc<RefCell<_>>` so that the
-    /// registry is not borrowed while a callback runs: a callback may lead the host into
-    /// another context's callback (or delete a context) without touching a borrowed cell.
-    static CONTEXTS: RefCell<BTreeMap<u32, Rc<RefCell<Context>>>> =
-        const { RefCell::new(BTreeMap::new()) };
-}
-
-/// The context `id`, if the registry knows it.
-fn lookup(id: u32) -> Option<Rc<RefCell<Context>>> {
-    CONTEXTS
-        .try_with(|contexts| contexts.try_borrow().ok()?.get(&id).cloned())
-        .ok()
-        .flatten()
-}
-
-/// Runs `f` on context `id`; `None` when it is unknown, or busy (a callback of that same
-/// context is running further up the stack).
-fn with_context<R>(id: u32, f: impl FnOnce(&mut Context) -> Option<R>) -> Option<R> {
-    let cell = lookup(id)?;
-    let mut context = cell.try_borrow_mut().ok()?;
-    f(&mut context)
-}
-
-fn with_root<R>(id: u32, f: impl FnOnce(&mut RootFilter) -> R) -> Option<R> {
-    with_context(id, |context| match context {
-        Context::Root(root) => Some(f(root)),
-        Context::Stream(_) => None,
-    })
-}
-
-fn with_stream<R>(id: u32, f: impl FnOnce(&mut StreamFilter) -> R) -> Option<R> {
-    with_context(id, |context| match context {
-        Context::Stream(stream) => Some(f(stream)),
-        Context::Root(_) => None,
-    })
-}
 
 fn action(action: Action) -> u32 {
     match action {
@@ -131,21 +83,13 @@ pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
 /// stream whose root is unknown is not made (its callbacks are then ignored).
 #[no_mangle]
 pub extern "C" fn proxy_on_context_create(context_id: u32, parent_id: u32) {
-    let context = if parent_id == 0 {
+    if parent_id == 0 {
         // Read once per root context: messages before the first configuration follow it too.
         crate::filter::Host::refresh_log_level(&mut Envoy);
-        Context::Root(RootFilter::new(context_id))
-    } else {
-        match with_root(parent_id, |root| root.new_stream(context_id)) {
-            Some(stream) => Context::Stream(stream),
-            None => return,
-        }
-    };
-    let _ = CONTEXTS.try_with(|contexts| {
-        if let Ok(mut contexts) = contexts.try_borrow_mut() {
-            contexts.insert(context_id, Rc::new(RefCell::new(context)));
-        }
-    });
+        contexts::insert_root(context_id, RootFilter::new(context_id));
+    } else if let Some(stream) = with_root(parent_id, |root| root.new_stream(context_id)) {
+        contexts::insert_stream(context_id, parent_id, stream);
+    }
 }
 
 /// Nothing to do at VM start (the VM configuration is not used).
@@ -175,17 +119,7 @@ pub extern "C" fn proxy_on_done(_context_id: u32) -> u32 {
 /// The context is gone: dropped from the registry.
 #[no_mangle]
 pub extern "C" fn proxy_on_delete(context_id: u32) {
-    // The context is dropped after the registry's borrow ends (a drop touches no host).
-    let removed = CONTEXTS
-        .try_with(|contexts| {
-            contexts
-                .try_borrow_mut()
-                .ok()
-                .and_then(|mut contexts| contexts.remove(&context_id))
-        })
-        .ok()
-        .flatten();
-    drop(removed);
+    contexts::remove(context_id);
 }
 
 // --- HTTP stream callbacks ----------------------------------------------------------------
@@ -249,10 +183,19 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
 
 // --- gRPC replies -------------------------------------------------------------------------
 
-/// A gRPC reply for `token`, to the context that owns the call: `status` 0 with the reply's
-/// `size` bytes in the gRPC receive buffer, or a failure's status with no bytes.
+/// A gRPC reply for `token`: `status` 0 with the reply's `size` bytes in the gRPC receive
+/// buffer, or a failure's status with no bytes. Envoy delivers it to the root context (see
+/// [`contexts`]); it goes to the context that dispatched the call, made effective first when
+/// that is another one (a stream's resume or local reply acts on the effective context). A
+/// reply for a context that is gone is dropped.
 fn grpc_reply(context_id: u32, token: u32, status: u32, size: usize) {
-    with_context(context_id, |context| {
+    let owner = contexts::reply_owner(context_id, token);
+    if owner != context_id
+        && !(contexts::contains(owner) && hostcalls::set_effective_context(owner))
+    {
+        return;
+    }
+    with_context(owner, |context| {
         match context {
             Context::Root(root) => root.on_grpc_reply(&mut Envoy, token, status, size),
             Context::Stream(stream) => stream.on_grpc_reply(&mut Envoy, token, status, size),
