@@ -1,5 +1,9 @@
 //! The `token-ratelimit` command on the shipped configurations.
 
+// Test code throughout: with `cfg(test)` on the crate, clippy.toml's allow-*-in-tests covers the
+// helpers as well as the `#[test]` fns (rust-clippy#11119).
+#![cfg(test)]
+
 use std::process::Command;
 
 /// The repository root, where the shipped configurations are (`envoy/`, `istio/`): the command
