@@ -1474,7 +1474,7 @@ fn header_values_that_are_not_utf8_never_trap() {
         ],
         false,
     );
-    stream.response_body(&openai_json(2, 3), true);
+    stream.response_body(openai_json(2, 3), true);
     stream.finish();
     assert!(plugin.trap().is_none());
 }
