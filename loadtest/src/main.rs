@@ -289,6 +289,8 @@ struct KindTally {
     served_expected: u64,
     /// The documented estimate for the 200s of a no-usage kind.
     estimated: u64,
+    /// Of `estimated`, the request's part: ceil(request body bytes / 4).
+    estimated_request: u64,
     /// 200s whose body shows usage (`usage` / `usageMetadata`).
     usage_in_body: u64,
 }
@@ -334,6 +336,7 @@ impl Tally {
             a.errors += b.errors;
             a.served_expected += b.served_expected;
             a.estimated += b.estimated;
+            a.estimated_request += b.estimated_request;
             a.usage_in_body += b.usage_in_body;
         }
         self.connections += other.connections;
@@ -500,6 +503,7 @@ async fn one_request(
                     }
                     if kind.no_usage() {
                         k.estimated += request_bytes.div_ceil(4) + (a.body.len() as u64).div_ceil(4);
+                        k.estimated_request += request_bytes.div_ceil(4);
                     }
                 }
                 429 => k.limited += 1,
@@ -1009,7 +1013,11 @@ fn main() -> ExitCode {
             .collect();
         println!("  by format: {}", by.join(", "));
     }
-    println!("tokens estimated (client, no-usage 200s): {estimated}");
+    let estimated_request: u64 = tally.kinds.iter().map(|k| k.estimated_request).sum();
+    println!(
+        "tokens estimated (client, no-usage 200s): {estimated} (request bodies {estimated_request}, response bodies {})",
+        estimated - estimated_request
+    );
     println!(
         "tokens charged at the rate-limit service: {committed} through Commit, {reported} through Report (drained in {:.1} s)",
         drain.as_secs_f64()
@@ -1118,6 +1126,25 @@ fn main() -> ExitCode {
         "filter:   tokens queued for {via} {queued} {} served {served} + estimated {estimated}",
         if queued == served + estimated { "=" } else { "!=" }
     );
+    // Every checked request ends in one admission outcome; one that got none went on (or ended)
+    // before its check or reservation was answered, and is charged nothing.
+    let outcomes = stat("requests_allowed")
+        + stat("requests_limited")
+        + stat("failure_mode_allowed")
+        + stat("failure_mode_denied");
+    println!(
+        "admission: {checked} requests checked, {outcomes} admission outcomes (allowed {}, limited {}, failure mode \
+         allowed {} / denied {}){}",
+        stat("requests_allowed"),
+        stat("requests_limited"),
+        stat("failure_mode_allowed"),
+        stat("failure_mode_denied"),
+        if outcomes < checked {
+            format!(": {} requests got no admission outcome", checked - outcomes)
+        } else {
+            String::new()
+        }
+    );
     if effective == "reservation" {
         println!(
             "delivery: service received {committed} of {queued} queued ({:+}); Commit calls: envoy dispatched {} \
@@ -1171,13 +1198,13 @@ fn main() -> ExitCode {
         } else {
             holds_ok = false;
             println!(
-                "holds: HOLDS LEFT after {:.1} s (--hold-wait {}): {}; Reserve calls that timed out in Envoy: \
-                 {} (service_timeouts; cluster.ratelimit.upstream_rq_timeout {}): a hold granted after its \
-                 call timed out stays until its TTL",
+                "holds: HOLDS LEFT after {:.1} s (--hold-wait {}): {}; admission calls that failed in Envoy: \
+                 {} (service_errors; cluster.ratelimit.upstream_rq_timeout {}): a hold the service granted \
+                 after Envoy gave up on its Reserve stays until its TTL",
                 waited.as_secs_f64(),
                 args.hold_wait,
                 last.describe(),
-                stat("service_timeouts"),
+                stat("service_errors"),
                 stack.envoy_stat("cluster.ratelimit.upstream_rq_timeout")
             );
         }
