@@ -641,7 +641,7 @@ mod tests {
         ])
         .kind
         else {
-            unreachable!()
+            panic!("obj builds a struct value")
         };
         let cfg = parse_plugin_config(&root.encode_to_vec()).unwrap();
         assert_eq!(cfg.limits["free"].rates[0].limit, 50);

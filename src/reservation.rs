@@ -161,7 +161,7 @@ impl Reservations {
 
     /// What the answers say, once none is pending.
     pub fn outcome(&self) -> Option<Outcome> {
-        if self.holds.iter().any(|h| *h == Hold::Pending) {
+        if self.holds.contains(&Hold::Pending) {
             return None;
         }
         let failed = self.holds.iter().find_map(|h| match h {
