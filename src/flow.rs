@@ -320,8 +320,13 @@ impl RequestFlow {
     }
 
     /// Counts request body bytes (for the fallback estimate).
-    pub fn on_request_body_len(&mut self, len: usize) {
-        self.request_bytes = self.request_bytes.saturating_add(len as u64);
+    pub fn on_request_body_len(&mut self, len: u64) {
+        self.request_bytes = self.request_bytes.saturating_add(len);
+    }
+
+    /// Request body bytes counted so far.
+    pub fn request_bytes(&self) -> u64 {
+        self.request_bytes
     }
 
     /// Whether the response is to be read (its headers, then its body): the request was

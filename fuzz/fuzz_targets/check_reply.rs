@@ -106,7 +106,7 @@ fn check(policy: &Policy, reply: &[u8], body: &[u8]) {
         Verdict::DenyOnFailure { reply, .. } => assert_eq!(reply.status, 500),
         Verdict::FallBackToCheck => panic!("a check reply never falls back"),
     }
-    flow.on_request_body_len(body.len());
+    flow.on_request_body_len(body.len() as u64);
     flow.on_response_headers(policy, Some("application/json"), None);
     if flow.wants_body() {
         flow.on_response_body(body);
@@ -128,7 +128,7 @@ fn reserve(policy: &Policy, reply: &[u8], body: &[u8]) {
             assert_eq!(reply.status, 429);
         }
     }
-    flow.on_request_body_len(body.len());
+    flow.on_request_body_len(body.len() as u64);
     flow.on_response_headers(policy, Some("application/json"), None);
     if flow.wants_body() {
         flow.on_response_body(body);

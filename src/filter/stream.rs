@@ -180,7 +180,7 @@ impl StreamFilter {
         end_of_stream: bool,
     ) -> Action {
         let new_bytes = body_size.saturating_sub(self.buffered);
-        self.flow.on_request_body_len(new_bytes);
+        self.flow.on_request_body_len(new_bytes as u64);
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
@@ -371,6 +371,8 @@ impl StreamFilter {
             headers: self.headers.take(),
         });
         self.record_errors(host, &decision);
+        // The body bytes already counted (a body held for the evaluation) stay counted.
+        let body_bytes = self.flow.request_bytes();
         let calls: Vec<Vec<u8>> = if self.reserving(policy) {
             let bound = self
                 .body_json
@@ -385,6 +387,7 @@ impl StreamFilter {
             self.flow = flow;
             check.into_iter().collect()
         };
+        self.flow.on_request_body_len(body_bytes);
         if calls.is_empty() {
             return self.release_body();
         }

@@ -939,3 +939,35 @@ fn check_report_sends_the_report_at_once_when_the_spend_reaches_what_remains() {
     root.on_tick(&mut host);
     assert_eq!(host.calls(REPORT).len(), 1);
 }
+
+#[test]
+fn a_body_held_for_the_reservation_still_counts_in_the_fallback_estimate() {
+    let (root, mut host) = reserving_root(
+        "reservation",
+        r#""requestBody": {"allowOnHeadersStopIteration": true},"#,
+    );
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    host.request_body = br#"{"model":"m","max_tokens":5,"messages":[]}"#.to_vec();
+    let request_len = host.request_body.len() as u64;
+    stream.on_request_body(&mut host, request_len as usize, true);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(
+        &mut stream,
+        &mut host,
+        token,
+        0,
+        reserve_reply(Code::Ok, "r", 50),
+    );
+    // A response without usage: charged the estimate of both bodies.
+    host.response_headers = vec![("content-type".into(), b"application/json".to_vec())];
+    stream.on_response_headers(&mut host);
+    host.response_body = br#"{"choices":[]}"#.to_vec();
+    let response_len = host.response_body.len() as u64;
+    stream.on_response_body(&mut host, response_len as usize, true);
+    let c = &commits(&host)[0];
+    assert_eq!(
+        c.actual_amount,
+        request_len.div_ceil(4) + response_len.div_ceil(4)
+    );
+}
