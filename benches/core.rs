@@ -8,6 +8,12 @@
 //! - `sse/*`: usage extraction from a streamed response (1 MB of OpenAI chunks) in MB/s;
 //! - `request/*`: the `stream_options.include_usage` decision on a 1 KB chat request body.
 
+// A benchmark is test code: its inputs are constants, and one that fails to parse is a bug in
+// the benchmark, to be reported at once.
+#![allow(clippy::expect_used)]
+// `criterion_group!` defines an undocumented `pub fn benches`; a bench binary has no API.
+#![allow(missing_docs)]
+
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use token_ratelimit::attributes::AttributeHost;
 use token_ratelimit::flow::RequestFlow;

@@ -68,7 +68,7 @@ rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1 || rustup ta
 log "building the wasm module (release) and the services (profile $PROFILE)"
 [ -n "${BENCH_WASM:-}" ] || cargo build --quiet --release --target wasm32-wasip1 --lib >&2
 cargo build --quiet --profile "$PROFILE" -p ratelimit-service -p llm-simulator --bins >&2
-cargo build --quiet -p token-ratelimit --bin token-ratelimit >&2
+cargo build --quiet -p token-ratelimit-cli --bin token-ratelimit >&2
 WASM=$(realpath "${BENCH_WASM:-$ROOT/target/wasm32-wasip1/release/token_ratelimit.wasm}")
 BASELINE=${BENCH_WASM_BASELINE:+$(realpath "$BENCH_WASM_BASELINE")}
 BIN=$ROOT/target/$PROFILE

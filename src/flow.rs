@@ -571,20 +571,14 @@ fn rate_limit_headers(response: &RateLimitResponse, limited: bool) -> Vec<(Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attributes::AttributeHost;
+    use crate::filter::MockHost;
     use ratelimit_proto::{RateLimit, RateLimitRequest, Unit};
 
-    struct Host;
-    impl AttributeHost for Host {
-        fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
-            match path.join(".").as_str() {
-                "request.path" => Some(b"/v1/chat/completions".to_vec()),
-                _ => None,
-            }
-        }
-        fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-            vec![("x-user".into(), b"alice".to_vec())]
-        }
+    /// A chat request of user `alice`.
+    fn host() -> MockHost {
+        let mut h = MockHost::with_request_headers(&[("x-user", "alice")]);
+        h.set_property("request.path", "/v1/chat/completions");
+        h
     }
 
     fn policy(mode: &str) -> Policy {
@@ -604,7 +598,7 @@ mod tests {
     }
 
     fn start(p: &Policy) -> (RequestFlow, RateLimitRequest) {
-        let d = p.evaluate(&mut Host);
+        let d = p.evaluate(&mut host());
         let (flow, bytes) = RequestFlow::start(p, d, "/v1/chat/completions");
         (
             flow,

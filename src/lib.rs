@@ -29,3 +29,11 @@ pub mod usage;
 
 #[cfg(target_arch = "wasm32")]
 mod wasm;
+/// The adapter's context registry and gRPC call routing, tested natively.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+#[path = "wasm/contexts.rs"]
+mod wasm_contexts;
+/// The proxy-wasm encodings of the adapter, tested natively.
+#[cfg(all(test, not(target_arch = "wasm32")))]
+#[path = "wasm/pairs.rs"]
+mod wasm_pairs;

@@ -1,5 +1,9 @@
 //! End-to-end tests of the simulator over real HTTP on a loopback port.
 
+// Test code throughout: with `cfg(test)` on the crate, clippy.toml's allow-*-in-tests covers the
+// helpers as well as the `#[test]` fns (rust-clippy#11119).
+#![cfg(test)]
+
 use std::time::{Duration, Instant};
 
 use llm_simulator::{app, serve, Config};

@@ -2,6 +2,10 @@
 //! added with them (usage on the last choice, compression, abort-after, `by_format`), over
 //! real HTTP on a loopback port.
 
+// Test code throughout: with `cfg(test)` on the crate, clippy.toml's allow-*-in-tests covers the
+// helpers as well as the `#[test]` fns (rust-clippy#11119).
+#![cfg(test)]
+
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 

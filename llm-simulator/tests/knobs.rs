@@ -1,6 +1,10 @@
 //! The knobs for bypass and fault tests: `x-simulator-content`, `x-simulator-usage-override`,
 //! `x-simulator-error-after`, and the lenient routing of paths.
 
+// Test code throughout: with `cfg(test)` on the crate, clippy.toml's allow-*-in-tests covers the
+// helpers as well as the `#[test]` fns (rust-clippy#11119).
+#![cfg(test)]
+
 use llm_simulator::{app, serve, Config};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};

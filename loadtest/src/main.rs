@@ -88,7 +88,7 @@ messages=6,messages-stream=6,gemini=6,gemini-stream-sse=6,gemini-stream-array=4,
     /// Profile of the native stack binaries (ratelimit-service, llm-simulator,
     /// token-ratelimit): `dev` as `make build` builds them (target/debug), or `release`
     /// (target/release, build them first with `cargo build --release -p ratelimit-service
-    /// -p llm-simulator -p token-ratelimit --bins`).
+    /// -p llm-simulator -p token-ratelimit-cli --bins`).
     #[arg(long, default_value = "dev", value_parser = ["dev", "release"])]
     stack_profile: String,
 }

@@ -1,6 +1,10 @@
 //! The `ratelimit-service` binary as a user runs it: refusing bad limits files, validating,
 //! serving on the given ports until SIGTERM.
 
+// Test code throughout: with `cfg(test)` on the crate, clippy.toml's allow-*-in-tests covers the
+// helpers as well as the `#[test]` fns (rust-clippy#11119).
+#![cfg(test)]
+
 mod common;
 
 use std::process::{Command, Stdio};

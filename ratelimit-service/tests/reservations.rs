@@ -1,6 +1,10 @@
 //! `Reserve` and `Commit` (Kuadrant's reservation protocol) on the real server, started
 //! in-process on free loopback ports and driven over real gRPC (HTTP/2) and HTTP/1.1.
 
+// Test code throughout: with `cfg(test)` on the crate, clippy.toml's allow-*-in-tests covers the
+// helpers as well as the `#[test]` fns (rust-clippy#11119).
+#![cfg(test)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -241,7 +241,7 @@ mod tests {
             ("8", "2", true),
         ] {
             let mut h = MapHost {
-                headers: vec![
+                request_headers: vec![
                     ("a".into(), a.as_bytes().to_vec()),
                     ("b".into(), b.as_bytes().to_vec()),
                 ],
@@ -268,7 +268,7 @@ mod tests {
             "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "counters": [{"expression": expr}]}}});
         let p = Policy::from_json(cfg.to_string().as_bytes()).unwrap();
         let mut h = MapHost {
-            headers: vec![
+            request_headers: vec![
                 ("a".into(), a.as_bytes().to_vec()),
                 ("b".into(), b.as_bytes().to_vec()),
             ],

@@ -370,33 +370,21 @@ fn number_literal_converts(t: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use crate::attributes::AttributeHost;
     use crate::policy::test_support::{refused, MapHost};
     use crate::policy::Policy;
 
     #[test]
     fn request_body_json_is_an_attribute() {
-        struct BodyHost(serde_json::Value);
-        impl AttributeHost for BodyHost {
-            fn property(&mut self, _: &[&str]) -> Option<Vec<u8>> {
-                None
-            }
-            fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-                Vec::new()
-            }
-            fn request_body_json(&mut self, pointer: &str) -> Option<serde_json::Value> {
-                self.0.pointer(pointer).cloned()
-            }
-        }
         let cfg = r#"{"rateLimitService": {"cluster": "c", "domain": "d"}, "requestBody": {"allowOnHeadersStopIteration": true},
           "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}],
             "when": [{"predicate": "requestBodyJSON('/model').startsWith('gpt-')"}],
             "counters": [{"expression": "requestBodyJSON('/model')"}, {"expression": "requestBodyJSON('/n') + 1"}]}}}"#;
         let p = Policy::from_json(cfg.as_bytes()).unwrap();
         assert!(p.needs_body);
-        let d = p.evaluate(&mut BodyHost(
-            serde_json::json!({"model": "gpt-4o", "n": 2}),
-        ));
+        let d = p.evaluate(&mut MapHost {
+            body_json: Some(serde_json::json!({"model": "gpt-4o", "n": 2})),
+            ..MapHost::default()
+        });
         assert_eq!(d.errors, vec![]);
         assert_eq!(
             d.applied[0].counters[0],
@@ -407,7 +395,10 @@ mod tests {
         );
         assert_eq!(d.applied[0].counters[1].1, "3");
         assert!(p
-            .evaluate(&mut BodyHost(serde_json::json!({"model": "llama"})))
+            .evaluate(&mut MapHost {
+                body_json: Some(serde_json::json!({"model": "llama"})),
+                ..MapHost::default()
+            })
             .applied
             .is_empty());
         // Without Envoy's knob the policy is refused; a non-constant pointer is refused.

@@ -64,8 +64,8 @@ pub struct MockHost {
     pub tick_period: Option<Duration>,
     /// Counter values by name.
     pub counters: HashMap<String, u64>,
-    /// Counter names by id.
-    counter_ids: Vec<String>,
+    /// Counter names by id (index).
+    pub counter_ids: Vec<String>,
     /// Host calls that defined a counter.
     pub counters_defined: usize,
     /// Host calls that added to a counter.
@@ -80,7 +80,13 @@ pub struct MockHost {
     pub property_reads: usize,
     /// Number of whole header-map reads.
     pub header_map_reads: usize,
-    next_token: u32,
+    /// Attribute reads of policy evaluation (through [`AttributeHost`]), in order: property
+    /// paths (dotted) and `<headers>` for the header map.
+    pub fetched: Vec<String>,
+    /// The request body as JSON, for `requestBodyJSON()` (through [`AttributeHost`]).
+    pub body_json: Option<serde_json::Value>,
+    /// The token the next dispatched call gets.
+    pub next_token: u32,
 }
 
 impl Default for MockHost {
@@ -110,6 +116,8 @@ impl Default for MockHost {
             log_level: Level::Debug,
             property_reads: 0,
             header_map_reads: 0,
+            fetched: Vec::new(),
+            body_json: None,
             next_token: 1,
         }
     }
@@ -302,13 +310,20 @@ impl Host for MockHost {
 
 /// The mock answers attribute reads too, so that policy evaluation can be tested without a
 /// stream: `request.headers` from [`MockHost::request_headers`], properties from
-/// [`MockHost::properties`], and no request body.
+/// [`MockHost::properties`], the body from [`MockHost::body_json`]; each read is logged in
+/// [`MockHost::fetched`].
 impl AttributeHost for MockHost {
     fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
+        self.fetched.push(path.join("."));
         Host::property(self, path)
     }
 
     fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
+        self.fetched.push("<headers>".into());
         self.headers(HeaderMap::RequestHeaders)
+    }
+
+    fn request_body_json(&mut self, pointer: &str) -> Option<serde_json::Value> {
+        self.body_json.as_ref()?.pointer(pointer).cloned()
     }
 }

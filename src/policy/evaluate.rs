@@ -246,7 +246,7 @@ mod tests {
             "counters": [{"expression": "request.headers[\"x-tier\"]"}, {"expression": "source.port"}]}}}"#;
         let p = Policy::from_json(cfg.as_bytes()).unwrap();
         let mut h = MapHost {
-            headers: vec![
+            request_headers: vec![
                 ("x-tier".into(), b"BASIC".to_vec()),
                 ("host".into(), b"example".to_vec()),
             ],
@@ -294,7 +294,7 @@ mod tests {
             )
         };
         let host = || MapHost {
-            headers: vec![
+            request_headers: vec![
                 ("x-a".into(), b"1".to_vec()),
                 ("x-b".into(), b"B".to_vec()),
                 ("x-a".into(), b"2".to_vec()),

@@ -1,30 +1,11 @@
-//! Helpers shared by the policy's and the CEL layer's tests: a map-backed host, the tutorial
+//! Helpers shared by the policy's and the CEL layer's tests: the mock host, the tutorial
 //! configuration, and shortcuts for compiling a configuration.
 
 use super::Policy;
-use crate::attributes::AttributeHost;
 use crate::config::ConfigError;
-use std::collections::HashMap;
 
-/// A host backed by maps.
-#[derive(Default)]
-pub(crate) struct MapHost {
-    pub properties: HashMap<String, Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub fetched: Vec<String>,
-}
-
-impl AttributeHost for MapHost {
-    fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
-        let key = path.join(".");
-        self.fetched.push(key.clone());
-        self.properties.get(&key).cloned()
-    }
-    fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        self.fetched.push("<headers>".into());
-        self.headers.clone()
-    }
-}
+/// The shared mock host plays the attribute host of the policy's tests.
+pub(crate) use crate::filter::MockHost as MapHost;
 
 pub(crate) const TUTORIAL: &str = r#"{
   "rateLimitService": {"cluster": "ratelimit", "domain": "llm"},

@@ -1474,7 +1474,7 @@ fn header_values_that_are_not_utf8_never_trap() {
         ],
         false,
     );
-    stream.response_body(&openai_json(2, 3), true);
+    stream.response_body(openai_json(2, 3), true);
     stream.finish();
     assert!(plugin.trap().is_none());
 }
@@ -1581,7 +1581,7 @@ fn a_response_without_content_type_is_charged_the_estimate() {
 }
 
 /// The host answers only pending calls; what it can deliver for a token the module does not know
-/// as such are stream callbacks (metadata) for the unary check call: the SDK drops them.
+/// as such are stream callbacks (metadata) for the unary check call: the module ignores them.
 #[test]
 fn grpc_callbacks_for_an_unknown_token_are_ignored() {
     let plugin = Config::tutorial().start();
