@@ -796,6 +796,52 @@ impl Stack {
         last
     }
 
+    /// Connections each Envoy worker accepted on the listener so far (the per-worker stats
+    /// `listener.127.0.0.1_<port>.worker_<i>.downstream_cx_total`), indexed by worker.
+    pub fn worker_connections(&self) -> Vec<u64> {
+        let stats = self.get(&format!("http://127.0.0.1:{}/stats", self.ports.admin));
+        let prefix = format!("listener.127.0.0.1_{}.worker_", self.ports.listener);
+        let mut per_worker: Vec<(usize, u64)> = stats
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (worker, value) = rest.split_once(".downstream_cx_total: ")?;
+                Some((worker.parse().ok()?, value.trim().parse().ok()?))
+            })
+            .collect();
+        per_worker.sort();
+        per_worker.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Opens a keep-alive connection and tells which Envoy worker accepted it (bounded wait
+    /// for the worker's stat; `None` when no worker's count moved, e.g. another connection
+    /// was accepted at the same time).
+    pub fn connect_on_worker(&self) -> (Conn, Option<usize>) {
+        let before = self.worker_connections();
+        let conn = self.connect();
+        let mut worker = None;
+        wait_until("the connection's worker", Duration::from_secs(10), || {
+            let after = self.worker_connections();
+            let moved: Vec<usize> = (0..after.len())
+                .filter(|&i| after[i] > before.get(i).copied().unwrap_or(0))
+                .collect();
+            if let [w] = moved[..] {
+                worker = Some(w);
+            }
+            !moved.is_empty()
+        });
+        (conn, worker)
+    }
+
+    /// How many lines of Envoy's log so far contain `needle`.
+    pub fn envoy_log_count(&self, needle: &str) -> usize {
+        self.envoy
+            .output()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
     /// An Envoy stat (from `/stats`), 0 when absent.
     pub fn envoy_stat(&self, name: &str) -> u64 {
         let stats = self.get(&format!("http://127.0.0.1:{}/stats", self.ports.admin));
@@ -968,7 +1014,7 @@ impl Conn {
         self.stream.flush()
     }
 
-    /// A `POST` of the JSON `body` as `api_key` to `target`, in one write, and its answer.
+    /// A `POST` of the JSON `body` as `api_key` to `target`, and its answer.
     pub fn post(
         &mut self,
         target: &str,
@@ -976,9 +1022,23 @@ impl Conn {
         body: &serde_json::Value,
         headers: &[(&str, &str)],
     ) -> std::io::Result<Reply> {
-        self.send_post_head(target, api_key, body, headers)?;
-        self.send_body(body.to_string().as_bytes())?;
+        self.send_post(target, api_key, body, headers)?;
         self.read_response()
+    }
+
+    /// Sends the `POST` of [`Conn::post`] in one write, without reading the answer.
+    pub fn send_post(
+        &mut self,
+        target: &str,
+        api_key: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<()> {
+        use std::io::Write;
+        let head = Conn::post_head(target, api_key, body, headers);
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body.to_string().as_bytes());
+        self.stream.write_all(&request)
     }
 
     /// The head of [`Conn::post`] only: the body is to follow with [`Conn::send_body`].
@@ -989,13 +1049,36 @@ impl Conn {
         body: &serde_json::Value,
         headers: &[(&str, &str)],
     ) -> std::io::Result<()> {
-        let auth = format!("APIKEY {api_key}");
-        let mut all = vec![
-            ("authorization", auth.as_str()),
-            ("content-type", "application/json"),
-        ];
-        all.extend_from_slice(headers);
-        self.send_head("POST", target, &all, body.to_string().len())
+        use std::io::Write;
+        let head = Conn::post_head(target, api_key, body, headers);
+        self.stream.write_all(head.as_bytes())
+    }
+
+    fn post_head(
+        target: &str,
+        api_key: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> String {
+        let mut head = format!(
+            "POST {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: APIKEY {api_key}\r\n\
+             content-type: application/json\r\n"
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!("content-length: {}\r\n\r\n", body.to_string().len()));
+        head
+    }
+
+    /// What was read and not consumed by an answer yet.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Reads once more from the connection into the buffer; an error at its end.
+    pub fn read_more(&mut self) -> std::io::Result<()> {
+        self.fill()
     }
 
     /// Reads more bytes into the buffer; an error at the end of the connection.
@@ -1093,4 +1176,34 @@ impl Conn {
             raw,
         })
     }
+}
+
+/// The body of a chunked HTTP/1.1 message as far as `bytes` (what follows the head) go: the
+/// complete chunks and the part of the last one that arrived.
+pub fn dechunk(mut bytes: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Some(eol) = bytes.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&bytes[..eol])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok());
+        let Some(size) = size else { break };
+        bytes = &bytes[eol + 2..];
+        if size == 0 {
+            break;
+        }
+        let n = size.min(bytes.len());
+        body.extend_from_slice(&bytes[..n]);
+        if n < size {
+            break;
+        }
+        bytes = bytes.get(size + 2..).unwrap_or_default();
+    }
+    body
+}
+
+/// Splits an HTTP/1.1 message as read from the wire into its head (with the blank line) and
+/// what follows; `None` before the head is complete.
+pub fn split_head(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some(bytes.split_at(end))
 }
