@@ -177,8 +177,9 @@ pub struct Options {
     pub service: bool,
     /// Replace `failureMode: deny` in the shipped configuration.
     pub failure_mode: &'static str,
-    /// Replace the check timeout (`timeout: 100ms`): tests run many stacks at once on a small
-    /// machine, where a debug-built service can take longer than 100 ms to answer.
+    /// Replace the admission timeout (`timeout: 100ms`, per `Reserve` or `CheckRateLimit`):
+    /// tests run many stacks at once on a small machine, where a debug-built service can take
+    /// longer than 100 ms to answer.
     pub check_timeout: &'static str,
     /// Further `(from, to)` text replacements in `envoy/envoy.yaml`, each must match once.
     pub edits: Vec<(String, String)>,

@@ -202,7 +202,7 @@ fn negative_float_string_or_huge_usage_is_never_a_discount() {
         assert_eq!(charged, 100_000_000, "stream {stream}");
     }
     assert_eq!(stat(&stack, "usage_clamped"), 2);
-    // 200,000,000 of 1,000,000,000 spent: the next check shows it.
+    // 200,000,000 of 1,000,000,000 spent: the next admission shows it.
     let r = stack.chat(GOLD, 1, 1);
     let remaining: u64 = r.header("x-ratelimit-remaining").unwrap().parse().unwrap();
     assert!(remaining <= 800_000_000, "{remaining}");

@@ -302,7 +302,7 @@ fn service_restart_with_failure_mode_allow(mode: Option<&'static str>) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. The service slower than the check timeout
+// 2. The service slower than the admission timeout (Reserve's, or CheckRateLimit's)
 
 fn slow_service(failure_mode: &'static str) -> Stack {
     Stack::start(Options {
@@ -322,7 +322,7 @@ fn a_service_slower_than_the_timeout_with_deny_refuses_in_bounded_time() {
         let took = t.elapsed();
         assert_eq!(r.status, 500, "{}", r.body);
         assert_eq!(r.json()["error"]["code"], "rate_limit_service_unavailable");
-        // The check timeout (300 ms) decides, not the service (2 s).
+        // The admission timeout (300 ms) decides, not the service (2 s).
         assert!(
             took < Duration::from_millis(1500),
             "request {i} took {took:?}"
