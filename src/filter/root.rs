@@ -44,6 +44,9 @@ pub struct Shared {
     /// The service answered `Reserve` with UNIMPLEMENTED: admission mode `auto` checks
     /// instead for the life of the VM.
     pub reservations_unimplemented: bool,
+    /// `Reserve` calls of streams that ended before the answer, with the descriptor: a hold
+    /// granted that late is released by the root.
+    pub orphaned_reserves: std::collections::HashMap<u32, ratelimit_proto::RateLimitDescriptor>,
     /// The filter's counters.
     pub metrics: Metrics,
     /// Expressions whose failure was already logged at warn level.
@@ -215,6 +218,11 @@ impl RootFilter {
     /// The reply to one of the root's calls (a report): `status` is the gRPC status, `size`
     /// the reply's length in the [`Buffer::GrpcReply`] buffer.
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
+        let orphan = self.shared.borrow_mut().orphaned_reserves.remove(&token);
+        if let Some(descriptor) = orphan {
+            self.release_orphan(host, descriptor, status, size);
+            return;
+        }
         if self.shared.borrow().commits.owns(token) {
             // An empty message is a valid (all-default) answer.
             let answer = if status == 0 {
@@ -238,6 +246,34 @@ impl RootFilter {
         let mut shared = self.shared.borrow_mut();
         let outcome = shared.queue.reply(token, ok);
         record_report_outcome(host, &mut shared, outcome, status);
+    }
+
+    /// A `Reserve` answered after its stream ended: a hold it granted is released at once
+    /// (committed with 0) instead of blocking the budget until it expires.
+    fn release_orphan(
+        &mut self,
+        host: &mut impl Host,
+        descriptor: ratelimit_proto::RateLimitDescriptor,
+        status: u32,
+        size: usize,
+    ) {
+        let Some(policy) = self.policy.clone() else {
+            return;
+        };
+        if status != 0 {
+            return;
+        }
+        let bytes = host.buffer(Buffer::GrpcReply, 0, size).unwrap_or_default();
+        let granted = ratelimit_proto::ReserveResponse::decode(bytes.as_slice())
+            .ok()
+            .filter(|r| r.code == Code::Ok as i32 && !r.reservation_id.is_empty());
+        if let Some(r) = granted {
+            self.shared
+                .borrow_mut()
+                .commits
+                .add(descriptor, r.reservation_id, 0);
+            dispatch_queued(host, &policy, &self.shared, false);
+        }
     }
 
     /// Requests that wait for a body the proxy does not deliver while their headers are held

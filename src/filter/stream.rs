@@ -46,6 +46,8 @@ pub struct StreamFilter {
     check_token: Option<u32>,
     /// Reservation mode: the `Reserve` calls not answered yet, with their reservation's index.
     reserve_tokens: Vec<(u32, usize)>,
+    /// checkReport mode: the shared-data key marking this request's counters as spent.
+    spent_key: Option<String>,
     path: String,
     body_mode: BodyMode,
     /// Bytes the proxy holds for us (we paused body iteration).
@@ -114,6 +116,7 @@ impl StreamFilter {
             flow: RequestFlow::default(),
             check_token: None,
             reserve_tokens: Vec::new(),
+            spent_key: None,
             path: String::new(),
             body_mode: BodyMode::PassThrough,
             buffered: 0,
@@ -255,18 +258,6 @@ impl StreamFilter {
             Ok(body.as_slice())
         };
         let verdict = match reservation {
-            Some(pos) if self.flow.is_finished() => {
-                // The stream ended while this reservation was pending: release its hold now.
-                let (_, index) = self.reserve_tokens.swap_remove(pos);
-                if let Some(c) = self.flow.on_late_reserve_reply(index, reply) {
-                    self.shared
-                        .borrow_mut()
-                        .commits
-                        .add(c.descriptor, c.reservation_id, 0);
-                    self.send_now(host, &policy, false);
-                }
-                None
-            }
             Some(pos) => {
                 let (_, index) = self.reserve_tokens.swap_remove(pos);
                 self.flow.on_reserve_reply(&policy, index, reply)
@@ -352,6 +343,17 @@ impl StreamFilter {
         if self.shared.borrow_mut().stream_ended(self.context_id) {
             return;
         }
+        if !self.reserve_tokens.is_empty() {
+            // Their answers reach the root once this stream is gone.
+            let mut shared = self.shared.borrow_mut();
+            for (token, index) in self.reserve_tokens.drain(..) {
+                if let Some(plan) = self.flow.reservations().plans().get(index) {
+                    shared
+                        .orphaned_reserves
+                        .insert(token, plan.descriptor.clone());
+                }
+            }
+        }
         self.finish(host);
     }
 
@@ -424,6 +426,16 @@ impl StreamFilter {
         } else {
             RESERVE
         };
+        if method == CHECK_RATE_LIMIT {
+            let key = spent_key(calls.first().map_or(&[][..], Vec::as_slice));
+            if let Some(status) = spent_status(host, &key) {
+                // A request of the same counters, on any worker, spent what remained: the
+                // service will refuse once its report lands; refuse now.
+                let verdict = self.flow.refuse_spent(status);
+                return self.apply(host, policy, verdict, false);
+            }
+            self.spent_key = Some(key);
+        }
         self.admit(host, policy, method, calls)
     }
 
@@ -657,6 +669,8 @@ impl StreamFilter {
         };
         let mut done = self.flow.finish(&policy);
         let commits = std::mem::take(&mut done.commits);
+        // The fewest tokens this request spent in any category it reports.
+        let spent = done.reports.iter().map(|r| r.tokens).min();
         let mut send_reports = false;
         {
             let mut shared = self.shared.borrow_mut();
@@ -678,9 +692,37 @@ impl StreamFilter {
                     .is_none_or(|r| shared.queue.unsent_tokens() >= r);
             }
         }
+        if let (true, Some(spent)) = (send_reports, spent) {
+            self.mark_spent(host, spent);
+        }
         if !commits.is_empty() || send_reports {
             self.send_now(host, &policy, send_reports);
         }
+    }
+
+    /// Marks this request's counters as spent in the data every worker's VM shares, until the
+    /// window resets: a check on another worker, made before the service has applied the
+    /// report, could still pass. Only when the check said what remained and this request spent
+    /// it (`spent`: its fewest tokens in any category; without statuses, as behind Limitador,
+    /// nothing is known of the counter).
+    fn mark_spent(&self, host: &mut impl Host, spent: u64) {
+        let (Some(key), Some(status)) = (&self.spent_key, self.flow.restrictive()) else {
+            return;
+        };
+        if u64::from(status.limit_remaining) > spent {
+            return;
+        }
+        let reset = status
+            .duration_until_reset
+            .as_ref()
+            .map_or(0, |d| u64::try_from(d.seconds).unwrap_or(0));
+        if reset == 0 {
+            return;
+        }
+        let now = unix_secs(host);
+        let mut value = now.saturating_add(reset).to_le_bytes().to_vec();
+        value.extend_from_slice(&prost::Message::encode_to_vec(status));
+        host.set_shared_data(key, &value);
     }
 
     /// Dispatches the queued commits (and reports, with `reports`) now, as the root context's
@@ -756,4 +798,42 @@ fn record_service_failure(
     if *failure == ServiceFailure::Grpc(GRPC_DEADLINE_EXCEEDED) {
         metrics.inc(host, names::SERVICE_TIMEOUTS);
     }
+}
+
+/// The shared-data key of a check request's counters: `token_ratelimit.spent.` and the
+/// request's bytes (domain and descriptor) in hex.
+fn spent_key(check: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut key = String::with_capacity(22 + check.len() * 2);
+    key.push_str("token_ratelimit.spent.");
+    for b in check {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
+}
+
+/// Seconds since the Unix epoch, by the proxy's clock.
+fn unix_secs(host: &mut impl Host) -> u64 {
+    host.now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The status a still-running mark at `key` carries (see [`StreamFilter::mark_spent`]):
+/// 8 bytes of the window's end (Unix seconds, little-endian), then the encoded status; its
+/// `duration_until_reset` becomes the time left. `None`: no mark, or one whose window ended.
+fn spent_status(host: &mut impl Host, key: &str) -> Option<ratelimit_proto::DescriptorStatus> {
+    let value = host.shared_data(key)?;
+    let (end, status) = value.split_at_checked(8)?;
+    let end = u64::from_le_bytes(end.try_into().ok()?);
+    let now = unix_secs(host);
+    if end <= now {
+        return None;
+    }
+    let mut status = <ratelimit_proto::DescriptorStatus as prost::Message>::decode(status).ok()?;
+    status.duration_until_reset = Some(prost_types::Duration {
+        seconds: i64::try_from(end - now).unwrap_or(i64::MAX),
+        nanos: 0,
+    });
+    Some(status)
 }

@@ -838,19 +838,17 @@ fn garbage_and_timeouts_from_reserve_follow_the_failure_mode() {
 }
 
 #[test]
-fn abandoned_during_its_reservation_costs_nothing_and_a_late_answer_is_ignored() {
+fn abandoned_during_its_reservation_costs_nothing_and_a_hold_granted_late_is_released_by_the_root()
+{
     let (mut root, mut host) = reserving_root("reservation", "");
     let mut stream = root.new_stream(2);
     stream.on_request_headers(&mut host, true);
     stream.on_log(&mut host);
+    // The stream is gone: the adapter hands its answer to the root context.
     let token = host.calls(RESERVE)[0].token;
-    answer_token(
-        &mut stream,
-        &mut host,
-        token,
-        0,
-        reserve_reply(Code::Ok, "late", 50),
-    );
+    host.grpc_reply = reserve_reply(Code::Ok, "late", 50);
+    let size = host.grpc_reply.len();
+    root.on_grpc_reply(&mut host, token, 0, size);
     root.on_tick(&mut host);
     assert!(host.resumed.is_empty() && host.replies.is_empty());
     // The hold granted after the stream ended is released at once, with nothing spent.
@@ -970,4 +968,47 @@ fn a_body_held_for_the_reservation_still_counts_in_the_fallback_estimate() {
         c.actual_amount,
         request_len.div_ceil(4) + response_len.div_ceil(4)
     );
+}
+
+#[test]
+fn check_report_refuses_on_any_worker_once_a_request_spent_what_remained() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut first = root.new_stream(2);
+    first.on_request_headers(&mut host, true);
+    answer(&mut first, &mut host, 0, ok_reply(5));
+    serve(&mut first, &mut host, 7);
+    // Another worker's VM (its own root), sharing the proxy's data: refused without a check,
+    // with the limit's name and the time left in the window.
+    let mut other = RootFilter::new(9);
+    host.plugin_configuration = config("").into_bytes();
+    assert!(other.on_configure(&mut host));
+    let checks = host.calls(CHECK_RATE_LIMIT).len();
+    let mut second = other.new_stream(10);
+    assert_eq!(second.on_request_headers(&mut host, true), Action::Pause);
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), checks);
+    let reply = &host.replies.last().unwrap().1;
+    assert_eq!(reply.status, 429);
+    assert!(reply.headers.contains(&("retry-after".into(), "30".into())));
+    assert!(String::from_utf8_lossy(&reply.body).contains("'per-user'"));
+    // Once the window has reset, the service is asked again.
+    host.now += Duration::from_secs(31);
+    let mut third = other.new_stream(11);
+    third.on_request_headers(&mut host, true);
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), checks + 1);
+    root.on_tick(&mut host);
+}
+
+#[test]
+fn check_report_does_not_mark_counters_spent_when_the_request_left_some() {
+    let (_root, mut host) = root();
+    chat_headers(&mut host);
+    let mut first = _root.new_stream(2);
+    first.on_request_headers(&mut host, true);
+    answer(&mut first, &mut host, 0, ok_reply(8));
+    serve(&mut first, &mut host, 7);
+    assert!(host.shared.is_empty());
+    let mut second = _root.new_stream(3);
+    second.on_request_headers(&mut host, true);
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), 2);
 }
