@@ -1616,24 +1616,51 @@ fn ticks_with_nothing_to_do_send_nothing() {
     assert_eq!(metric(&plugin, "reports_sent"), 0);
 }
 
-/// The client goes away while the check is in flight: Envoy deletes the stream and cancels its
-/// call. Returns the plugin after ticking once more.
-fn finished_before_the_check_reply(config: Config) -> Plugin {
+/// The client goes away while the check is in flight: Envoy deletes the stream, but not the
+/// check's call, which belongs to the root context; its reply comes later, to the root context,
+/// as `answer` says. Returns the plugin after the reply.
+fn check_answered_after_the_stream_was_deleted(
+    config: Config,
+    answer: impl FnOnce(&Plugin, u32),
+) -> Plugin {
     let plugin = config.start();
     let stream = post(&plugin, Some("alice"), CHAT, &[]);
     stream.request_body(REQUEST_BODY, true);
-    let token = check_of(&stream).token;
+    let check = check_of(&stream);
+    assert_eq!(check.context_id, stream.id());
+    assert_eq!(check.root_context_id, plugin.root_context_id());
     stream.finish();
-    assert_eq!(plugin.grpc_call(token).state, CallState::CancelledByHost);
-    assert_eq!(stream.request_resumed(), 0);
-    assert_eq!(metric(&plugin, "requests_allowed"), 0);
+    assert_eq!(
+        plugin.grpc_call(check.token).state,
+        CallState::Pending,
+        "the stream's end cancels nothing"
+    );
+    answer(&plugin, check.token);
     assert_eq!(plugin.trap().map(|t| t.to_string()), None);
+    assert!(
+        plugin.effective_context_switches().is_empty(),
+        "the module routes the reply nowhere: its stream is gone"
+    );
+    assert_eq!(stream.request_resumed(), 0);
+    assert_eq!(stream.local_reply(), None);
+    assert!(
+        plugin.pending_grpc_calls().is_empty(),
+        "{:?}",
+        plugin.pending_grpc_calls()
+    );
+    plugin.tick();
+    assert_eq!(metric(&plugin, "requests_allowed"), 0);
+    assert_eq!(metric(&plugin, "requests_limited"), 0);
+    assert_eq!(metric(&plugin, "service_errors"), 0);
+    assert_eq!(metric(&plugin, "failure_mode_denied"), 0);
     plugin
 }
 
 #[test]
-fn a_stream_finished_before_the_check_reply_cancels_the_check() {
-    let plugin = finished_before_the_check_reply(Config::tutorial());
+fn a_check_reply_after_the_stream_was_deleted_changes_nothing_and_costs_nothing() {
+    let plugin = check_answered_after_the_stream_was_deleted(Config::tutorial(), |p, token| {
+        p.reply_grpc_message(token, &ok())
+    });
     assert!(tick(&plugin).is_empty(), "the upstream never saw it");
     // The next request works.
     serve(
@@ -1650,11 +1677,40 @@ fn a_stream_finished_before_the_check_reply_cancels_the_check() {
 }
 
 #[test]
-fn a_stream_finished_before_the_check_reply_is_not_charged_the_fixed_fallback() {
-    let plugin = finished_before_the_check_reply(
+fn an_over_limit_or_failed_check_reply_after_the_stream_was_deleted_changes_nothing() {
+    let over = reply(
+        Code::OverLimit,
+        vec![status(
+            Code::OverLimit,
+            "free",
+            50,
+            0,
+            Duration::from_secs(9),
+        )],
+    );
+    let plugin = check_answered_after_the_stream_was_deleted(Config::tutorial(), |p, token| {
+        p.reply_grpc_message(token, &over)
+    });
+    assert!(tick(&plugin).is_empty());
+    let plugin = check_answered_after_the_stream_was_deleted(Config::tutorial(), |p, token| {
+        p.fail_grpc(token, grpc_status::UNAVAILABLE, "down")
+    });
+    assert!(tick(&plugin).is_empty());
+    let plugin = check_answered_after_the_stream_was_deleted(
+        Config::tutorial().failure_mode("allow"),
+        |p, token| p.timeout_grpc(token),
+    );
+    assert!(tick(&plugin).is_empty());
+    assert_eq!(metric(&plugin, "failure_mode_allowed"), 0);
+}
+
+#[test]
+fn a_stream_deleted_before_its_check_reply_is_not_charged_the_fixed_fallback() {
+    let plugin = check_answered_after_the_stream_was_deleted(
         Config::tutorial()
             .fallback("fixed")
             .set(&["usage", "fixedTokens"], json!(100)),
+        |p, token| p.reply_grpc_message(token, &ok()),
     );
     assert!(tick(&plugin).is_empty(), "the upstream never saw it");
     assert_eq!(metric(&plugin, "usage_fixed"), 0);

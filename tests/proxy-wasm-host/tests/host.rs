@@ -244,6 +244,58 @@ fn usage_in_the_response_is_reported_from_the_root_context_on_tick() {
     assert_eq!(plugin.metric("token_ratelimit.reports_sent"), Some(1));
 }
 
+/// Envoy attributes every gRPC call to the root context (proxy-wasm-cpp-host dispatches it on
+/// `contextOrEffectiveContext()->root_context()`): its reply comes with the root context's id,
+/// whichever context dispatched it, and a stream's end cancels nothing; the root context's end
+/// cancels its calls.
+#[test]
+fn a_streams_grpc_call_belongs_to_the_root_context_and_outlives_the_stream() {
+    let plugin = host().plugin(CONFIG).unwrap();
+    let root = plugin.root_context_id();
+    let ok = RateLimitResponse {
+        overall_code: Code::Ok as i32,
+        ..Default::default()
+    };
+    let checked = |user: &str| {
+        let stream = plugin.http_stream();
+        stream.set_property_str(USERID, user);
+        stream.request_headers(
+            &[(":method", "POST"), (":path", "/v1/chat/completions")],
+            true,
+        );
+        let calls = stream.pending_grpc_calls();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0].context_id, stream.id(), "dispatched by the stream");
+        assert_eq!(calls[0].root_context_id, root, "the root context's call");
+        (stream, calls[0].token)
+    };
+
+    // Answered while the stream lives: delivered to the root context, which the module hands
+    // to the stream (it makes the stream effective to resume it).
+    let (stream, token) = checked("alice");
+    plugin.reply_grpc_message(token, &ok);
+    assert_eq!(plugin.effective_context_switches(), [(root, stream.id())]);
+    assert_eq!(stream.request_resumed(), 1);
+
+    // Deleted with its call in flight: the call stays pending and can still be answered.
+    let (gone, token) = checked("bob");
+    gone.finish();
+    assert_eq!(plugin.grpc_call(token).state, CallState::Pending);
+    plugin.reply_grpc_message(token, &ok);
+    assert_eq!(plugin.grpc_call(token).state, CallState::Answered);
+    assert_eq!(
+        plugin.effective_context_switches().len(),
+        1,
+        "the module had no stream to hand it to"
+    );
+    assert_eq!(plugin.trap().map(|t| t.to_string()), None);
+
+    // The root context's end cancels what it still has in flight.
+    let (_stream, token) = checked("carol");
+    assert!(plugin.shutdown());
+    assert_eq!(plugin.grpc_call(token).state, CallState::CancelledByHost);
+}
+
 #[test]
 fn a_refused_host_call_is_an_answer_not_a_trap() {
     // An unknown cluster: Envoy answers BadArgument to the dispatch. (The Rust SDK panicked on
