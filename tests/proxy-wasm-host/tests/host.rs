@@ -6,7 +6,9 @@ mod common;
 use common::{host, CONFIG, USERID};
 use prost::Message;
 use proxy_wasm_host::{Action, CallState, LogLevel};
-use ratelimit_proto::{Code, RateLimitRequest, RateLimitResponse};
+use ratelimit_proto::{
+    Code, DescriptorStatus, RateLimit, RateLimitRequest, RateLimitResponse, Unit,
+};
 
 #[test]
 fn the_module_loads_and_every_import_is_implemented() {
@@ -211,7 +213,22 @@ fn usage_in_the_response_is_reported_from_the_root_context_on_tick() {
         overall_code: Code::Ok as i32,
         ..Default::default()
     };
-    plugin.reply_grpc_message(plugin.pending_grpc_calls()[0].token, &ok);
+    // Plenty of tokens left: the report waits for the tick (with little left, or no statuses at
+    // all, the filter would send it at once from the stream's end).
+    let with_room = RateLimitResponse {
+        statuses: vec![DescriptorStatus {
+            code: Code::Ok as i32,
+            current_limit: Some(RateLimit {
+                name: "free".into(),
+                requests_per_unit: 1_000_000,
+                unit: Unit::Minute as i32,
+            }),
+            limit_remaining: 1_000_000,
+            duration_until_reset: None,
+        }],
+        ..ok.clone()
+    };
+    plugin.reply_grpc_message(plugin.pending_grpc_calls()[0].token, &with_room);
 
     assert_eq!(
         stream.response_headers(
