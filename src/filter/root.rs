@@ -4,7 +4,7 @@
 //! One [`RootFilter`] per plugin and VM owns the compiled [`Policy`] and the state its streams
 //! share ([`Shared`], behind `Rc<RefCell<_>>`: a VM is single-threaded). Checks are dispatched
 //! by the streams; reports by the root's tick, so that a report's call outlives the stream that
-//! spent the tokens (the proxy cancels a stream's outstanding calls when the stream ends).
+//! spent the tokens: its answer reaches the root, which lives as long as the VM and retries.
 
 use super::metrics::{names, Metrics};
 use super::stream::StreamFilter;
@@ -218,9 +218,10 @@ impl RootFilter {
     /// The reply to one of the root's calls (a report): `status` is the gRPC status, `size`
     /// the reply's length in the [`Buffer::GrpcReply`] buffer.
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
-        let orphan = self.shared.borrow_mut().orphaned_reserves.remove(&token);
-        if let Some(descriptor) = orphan {
-            self.release_orphan(host, descriptor, status, size);
+        if queue_orphan_release(host, &self.shared, token, status, size) {
+            if let Some(policy) = self.policy.clone() {
+                dispatch_queued(host, &policy, &self.shared, false);
+            }
             return;
         }
         if self.shared.borrow().commits.owns(token) {
@@ -246,34 +247,6 @@ impl RootFilter {
         let mut shared = self.shared.borrow_mut();
         let outcome = shared.queue.reply(token, ok);
         record_report_outcome(host, &mut shared, outcome, status);
-    }
-
-    /// A `Reserve` answered after its stream ended: a hold it granted is released at once
-    /// (committed with 0) instead of blocking the budget until it expires.
-    fn release_orphan(
-        &mut self,
-        host: &mut impl Host,
-        descriptor: ratelimit_proto::RateLimitDescriptor,
-        status: u32,
-        size: usize,
-    ) {
-        let Some(policy) = self.policy.clone() else {
-            return;
-        };
-        if status != 0 {
-            return;
-        }
-        let bytes = host.buffer(Buffer::GrpcReply, 0, size).unwrap_or_default();
-        let granted = ratelimit_proto::ReserveResponse::decode(bytes.as_slice())
-            .ok()
-            .filter(|r| r.code == Code::Ok as i32 && !r.reservation_id.is_empty());
-        if let Some(r) = granted {
-            self.shared
-                .borrow_mut()
-                .commits
-                .add(descriptor, r.reservation_id, 0);
-            dispatch_queued(host, &policy, &self.shared, false);
-        }
     }
 
     /// Requests that wait for a body the proxy does not deliver while their headers are held
@@ -322,6 +295,34 @@ impl RootFilter {
         }
         host.set_effective_context(self.context_id);
     }
+}
+
+/// The answer to a `Reserve` whose stream had ended (`token` among
+/// [`Shared::orphaned_reserves`]): a hold it granted is queued for release (a commit of 0)
+/// instead of blocking the budget until it expires. Returns whether `token` was such a call.
+pub(crate) fn queue_orphan_release(
+    host: &mut impl Host,
+    shared: &SharedRef,
+    token: u32,
+    status: u32,
+    size: usize,
+) -> bool {
+    let Some(descriptor) = shared.borrow_mut().orphaned_reserves.remove(&token) else {
+        return false;
+    };
+    if status == 0 {
+        let bytes = host.buffer(Buffer::GrpcReply, 0, size).unwrap_or_default();
+        let granted = ratelimit_proto::ReserveResponse::decode(bytes.as_slice())
+            .ok()
+            .filter(|r| r.code == Code::Ok as i32 && !r.reservation_id.is_empty());
+        if let Some(r) = granted {
+            shared
+                .borrow_mut()
+                .commits
+                .add(descriptor, r.reservation_id, 0);
+        }
+    }
+    true
 }
 
 /// Dispatches what the queues hold as the root context's calls: every commit, and the

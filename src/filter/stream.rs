@@ -244,6 +244,12 @@ impl StreamFilter {
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
         let reservation = self.reserve_tokens.iter().position(|(t, _)| *t == token);
         if self.check_token != Some(token) && reservation.is_none() {
+            // A reservation answered after this stream's log phase: its hold is released.
+            if super::root::queue_orphan_release(host, &self.shared, token, status, size) {
+                if let Some(policy) = self.policy.clone() {
+                    self.send_now(host, &policy, false);
+                }
+            }
             return;
         }
         let Some(policy) = self.policy.clone() else {

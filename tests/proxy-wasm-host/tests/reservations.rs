@@ -774,10 +774,6 @@ fn a_reservation_granted_after_the_stream_ended_but_before_its_deletion_is_relea
 /// reservation is granted later (the call is the root context's: not cancelled, answered to the
 /// root context).
 #[test]
-#[ignore = "bug: a Reserve answered after its stream was deleted is dropped (src/wasm/mod.rs \
-            grpc_reply: the dispatching stream is gone), so a granted hold is never released \
-            and waits for its ttl; the release (RequestFlow::on_late_reserve_reply) only runs \
-            between proxy_on_done and proxy_on_delete"]
 fn a_reservation_granted_after_the_stream_was_deleted_is_released_with_a_commit_of_0() {
     let plugin = tutorial("reservation").start();
     let (stream, reserve) = reserving(&plugin);
