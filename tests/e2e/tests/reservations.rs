@@ -566,11 +566,15 @@ fn spend_then_ask(first: &mut e2e::Conn, second: Option<&mut e2e::Conn>, key: &s
 fn check_report_mode_refuses_a_request_sent_right_after_one_that_spent_the_budget_on_either_worker(
 ) {
     let stack = stack(Some("checkReport"), vec![more_free_users(2)]);
+    // A refusal sent before the request body was read ends an HTTP/1.1 connection (Envoy
+    // closes it rather than read the body), so each case takes fresh connections.
     let [mut w0, mut w1] = one_connection_per_worker(&stack);
     // Spent on worker 0, asked on worker 1, and the other way round.
     spend_then_ask(&mut w0, Some(&mut w1), FREE);
+    let [mut w0, mut w1] = one_connection_per_worker(&stack);
     spend_then_ask(&mut w1, Some(&mut w0), FREE_2);
     // On a new connection, wherever it lands.
+    let [mut w0, _] = one_connection_per_worker(&stack);
     let mut b = stack.connect();
     spend_then_ask(&mut w0, Some(&mut b), "iamfree10");
     // On one keep-alive connection.
