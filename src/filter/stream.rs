@@ -188,6 +188,13 @@ impl StreamFilter {
             return Action::Continue;
         };
         if self.body_mode == BodyMode::PassThrough {
+            if self.admission_pending() && !self.headers_released {
+                // Envoy hands the body over while the headers wait for their admission (with
+                // allow_on_headers_stop_iteration): going on here would send the request
+                // upstream before its answer. Envoy keeps the body until the resume.
+                self.buffered = body_size;
+                return Action::Pause;
+            }
             return Action::Continue;
         }
         if self.shared.borrow_mut().body_arrived(self.context_id) {
@@ -547,6 +554,8 @@ impl StreamFilter {
                     // (`release_body`).
                 } else {
                     self.headers_released = true;
+                    // What Envoy kept goes on with the resume; later chunks come one by one.
+                    self.buffered = 0;
                     host.resume_request();
                 }
                 Action::Continue

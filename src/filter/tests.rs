@@ -1012,3 +1012,26 @@ fn check_report_does_not_mark_counters_spent_when_the_request_left_some() {
     second.on_request_headers(&mut host, true);
     assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), 2);
 }
+
+#[test]
+fn a_body_handed_over_while_the_check_is_pending_is_held_until_the_answer() {
+    // checkReport with include_usage off: the body is not the filter's business, but Envoy
+    // (allow_on_headers_stop_iteration) delivers it while the headers wait for the check.
+    let (root, mut host) = root_with(r#""usage": {"injectStreamUsage": false},"#);
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+    host.request_body = vec![b'x'; 40];
+    assert_eq!(stream.on_request_body(&mut host, 40, false), Action::Pause);
+    host.request_body = vec![b'x'; 80];
+    assert_eq!(stream.on_request_body(&mut host, 80, true), Action::Pause);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    assert_eq!(host.resumed, vec![2]);
+    // After the resume, chunks are not held; the estimate counts each byte once.
+    assert_eq!(stream.on_request_body(&mut host, 0, true), Action::Continue);
+    stream.on_log(&mut host);
+    let mut root = root;
+    root.on_tick(&mut host);
+    assert_eq!(reports(&host)[0].hits_addend, 20);
+}
