@@ -459,10 +459,25 @@ pub fn parse_json(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
 /// `google.protobuf.Struct` (what Envoy 1.40 passes for a configuration of `@type`
 /// `google.protobuf.Struct`). Whole numbers in a `Struct` (always doubles there) become integers.
 pub fn parse_plugin_config(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
+    // The first byte cannot tell the two apart: a Struct starts with the tag of its first map
+    // entry (0x0a) and that entry's length, which is `{` (0x7b) for a 123-byte entry. So a
+    // document that looks like JSON and is not is tried as a Struct before it is refused.
     let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
-    if first == Some(&b'{') || first.is_none() {
+    if first.is_none() {
         return parse_json(bytes);
     }
+    let looks_like_json = first == Some(&b'{');
+    if looks_like_json {
+        match parse_json(bytes) {
+            Ok(cfg) => return Ok(cfg),
+            Err(json_error) => return parse_struct(bytes).map_err(|_| json_error),
+        }
+    }
+    parse_struct(bytes)
+}
+
+/// Parses a serialized `google.protobuf.Struct` configuration.
+fn parse_struct(bytes: &[u8]) -> Result<PluginConfig, ConfigError> {
     let structure = <prost_types::Struct as prost::Message>::decode(bytes).map_err(|e| {
         ConfigError::new(
             ".",
@@ -641,12 +656,29 @@ mod tests {
         ])
         .kind
         else {
-            unreachable!()
+            panic!("obj builds a struct value")
         };
         let cfg = parse_plugin_config(&root.encode_to_vec()).unwrap();
         assert_eq!(cfg.limits["free"].rates[0].limit, 50);
         let err = parse_plugin_config(b"\xff\xff").unwrap_err();
         assert!(err.reason.contains("neither JSON"), "{err}");
+
+        // A Struct whose first entry is 123 bytes long starts with "\n{", as if it were JSON.
+        let mut root = root;
+        let limits = root.fields.remove("limits").unwrap();
+        let found = (1..200).find_map(|n| {
+            let mut r = root.clone();
+            let Some(Kind::StructValue(mut l)) = limits.kind.clone() else {
+                panic!("limits is a struct")
+            };
+            let free = l.fields.remove("free").unwrap();
+            l.fields.insert(format!("l{}", "x".repeat(n)), free);
+            r.fields.insert("limits".into(), v(Kind::StructValue(l)));
+            let bytes = r.encode_to_vec();
+            (bytes.get(..2) == Some(b"\n{")).then_some(bytes)
+        });
+        let bytes = found.expect("some padding gives a 123-byte first entry");
+        assert_eq!(parse_plugin_config(&bytes).unwrap().limits.len(), 1);
     }
 
     #[test]

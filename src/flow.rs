@@ -82,8 +82,8 @@ pub struct RequestFlow {
     extractor: Option<UsageExtractor>,
     /// Reservation mode: the request's reservations.
     reservations: Reservations,
-    /// The fewest tokens the check said remain (checkReport mode; `None`: not told).
-    remaining: Option<u64>,
+    /// The most restrictive status the check answered (checkReport mode; `None`: not told).
+    restrictive: Option<DescriptorStatus>,
     denied: bool,
     /// The request was let through (the check allowed it, or the failure mode did).
     allowed: bool,
@@ -99,7 +99,7 @@ impl Default for RequestFlow {
             response_headers: Vec::new(),
             extractor: None,
             reservations: Reservations::default(),
-            remaining: None,
+            restrictive: None,
             denied: false,
             allowed: false,
             finished: false,
@@ -178,23 +178,34 @@ impl RequestFlow {
     /// The fewest tokens the check said remain for the request's counters (checkReport mode;
     /// `None` when the service did not say, as Limitador does not).
     pub fn remaining(&self) -> Option<u64> {
-        self.remaining
+        self.restrictive
+            .as_ref()
+            .map(|s| u64::from(s.limit_remaining))
+    }
+
+    /// The most restrictive status the check answered (checkReport mode).
+    pub fn restrictive(&self) -> Option<&DescriptorStatus> {
+        self.restrictive.as_ref()
+    }
+
+    /// Refuses the request without asking the service: a request of the same counters spent
+    /// what remained of `status`'s window (the service will answer OVER_LIMIT once its report
+    /// lands). `status` names the limit, its size and the time left until the reset.
+    pub fn refuse_spent(&mut self, status: DescriptorStatus) -> Verdict {
+        let response = RateLimitResponse {
+            statuses: vec![DescriptorStatus {
+                code: Code::OverLimit as i32,
+                limit_remaining: 0,
+                ..status
+            }],
+            ..Default::default()
+        };
+        self.limited(&response)
     }
 
     /// Whether the request has ended (charged, or refused).
     pub fn is_finished(&self) -> bool {
         self.finished
-    }
-
-    /// Takes an answer to reservation `index` that came after the request ended: returns the
-    /// release its hold owes, if it was granted.
-    pub fn on_late_reserve_reply(
-        &mut self,
-        index: usize,
-        reply: Result<&[u8], ServiceFailure>,
-    ) -> Option<CommitOrder> {
-        self.reservations.on_reply(index, reply);
-        self.reservations.late_release(index)
     }
 
     /// Takes the answer to reservation `index`; returns the verdict once every reservation is
@@ -254,8 +265,7 @@ impl RequestFlow {
         match Code::try_from(response.overall_code) {
             Ok(Code::Ok) => {
                 self.response_headers = rate_limit_headers(&response, false);
-                self.remaining = most_restrictive(&response.statuses, false)
-                    .map(|s| u64::from(s.limit_remaining));
+                self.restrictive = most_restrictive(&response.statuses, false).cloned();
                 self.allowed = true;
                 Verdict::Allow
             }
@@ -320,8 +330,13 @@ impl RequestFlow {
     }
 
     /// Counts request body bytes (for the fallback estimate).
-    pub fn on_request_body_len(&mut self, len: usize) {
-        self.request_bytes = self.request_bytes.saturating_add(len as u64);
+    pub fn on_request_body_len(&mut self, len: u64) {
+        self.request_bytes = self.request_bytes.saturating_add(len);
+    }
+
+    /// Request body bytes counted so far.
+    pub fn request_bytes(&self) -> u64 {
+        self.request_bytes
     }
 
     /// Whether the response is to be read (its headers, then its body): the request was

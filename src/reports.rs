@@ -2,8 +2,8 @@
 //! mode), and reservations waiting for their `Commit` (reservation mode).
 //!
 //! Streams hand their finished usage here (state shared in the VM); the calls are dispatched as
-//! the root context's, so that they outlive the stream (the proxy cancels a stream's
-//! outstanding calls when the stream is destroyed). Tokens for the same descriptor are summed
+//! the root context's, so that their answers reach the root context, which outlives the stream
+//! and retries what failed. Tokens for the same descriptor are summed
 //! into one report; a call that fails is retried up to `max_retries` times, then dropped and
 //! counted.
 

@@ -145,23 +145,9 @@ impl Reservations {
         self.outcome()
     }
 
-    /// The release a hold granted after the request ended owes: reservation `index` answered
-    /// late, committed with 0 so that its hold does not wait for its expiry.
-    pub fn late_release(&self, index: usize) -> Option<CommitOrder> {
-        match (self.plans.get(index), self.holds.get(index)) {
-            (Some(plan), Some(Hold::Granted(id))) if !id.is_empty() => Some(CommitOrder {
-                category: plan.category,
-                descriptor: plan.descriptor.clone(),
-                reservation_id: id.clone(),
-                actual: 0,
-            }),
-            _ => None,
-        }
-    }
-
     /// What the answers say, once none is pending.
     pub fn outcome(&self) -> Option<Outcome> {
-        if self.holds.iter().any(|h| *h == Hold::Pending) {
+        if self.holds.contains(&Hold::Pending) {
             return None;
         }
         let failed = self.holds.iter().find_map(|h| match h {

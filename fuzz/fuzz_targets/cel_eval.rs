@@ -261,10 +261,10 @@ fuzz_target!(|req: Request| {
         host.properties.insert(path.to_string(), v.encode());
     }
     for (i, v) in &req.headers {
-        host.headers.push((HEADERS[*i as usize % HEADERS.len()].to_string(), v.encode()));
+        host.request_headers.push((HEADERS[*i as usize % HEADERS.len()].to_string(), v.encode()));
     }
-    host.headers.extend(req.other_headers.iter().cloned());
-    host.body = req.body.as_ref().map(|b| match &b.other {
+    host.request_headers.extend(req.other_headers.iter().cloned());
+    host.body_json = req.body.as_ref().map(|b| match &b.other {
         Some(doc) => doc.value(0),
         None => {
             let mut obj = serde_json::Map::new();

@@ -104,8 +104,9 @@ fn check(policy: &Policy, reply: &[u8], body: &[u8]) {
             assert!(serde_json::from_slice::<serde_json::Value>(&reply.body).is_ok());
         }
         Verdict::DenyOnFailure { reply, .. } => assert_eq!(reply.status, 500),
+        Verdict::FallBackToCheck => panic!("a check reply never falls back"),
     }
-    flow.on_request_body_len(body.len());
+    flow.on_request_body_len(body.len() as u64);
     flow.on_response_headers(policy, Some("application/json"), None);
     if flow.wants_body() {
         flow.on_response_body(body);
@@ -116,10 +117,34 @@ fn check(policy: &Policy, reply: &[u8], body: &[u8]) {
     }
 }
 
+/// The same bytes as the answer to a `Reserve` (reservation mode): any verdict but no panic,
+/// and what the request owes at the end carries no more than what it spent.
+fn reserve(policy: &Policy, reply: &[u8], body: &[u8]) {
+    let decision = policy.evaluate(&mut host());
+    let (mut flow, requests) =
+        RequestFlow::start_reservation(policy, decision, "/v1/chat/completions", None);
+    for index in 0..requests.len() {
+        if let Some(Verdict::Limited { reply, .. }) = flow.on_reserve_reply(policy, index, Ok(reply)) {
+            assert_eq!(reply.status, 429);
+        }
+    }
+    flow.on_request_body_len(body.len() as u64);
+    flow.on_response_headers(policy, Some("application/json"), None);
+    if flow.wants_body() {
+        flow.on_response_body(body);
+    }
+    let done = flow.finish(policy);
+    let cap = policy.usage.max_tokens_per_response;
+    for c in &done.commits {
+        assert!(c.actual <= cap);
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let structured = Reply::arbitrary(&mut Unstructured::new(data)).ok().map(Reply::encode);
     for policy in policies() {
         check(policy, data, data);
+        reserve(policy, data, data);
         if let Some(reply) = &structured {
             check(policy, reply, data);
         }

@@ -1,29 +1,10 @@
 //! Helpers shared by the fuzz targets (each target includes this file as `mod common`).
 #![allow(dead_code)]
 
-use std::collections::HashMap;
-use token_ratelimit::attributes::AttributeHost;
-
-/// An attribute host backed by maps: properties by dotted path (in Envoy's encoding), request
+/// The filter's own mock host: properties by dotted path (in Envoy's encoding), request
 /// headers, and the request body as JSON.
-#[derive(Default, Debug)]
-pub struct MapHost {
-    pub properties: HashMap<String, Vec<u8>>,
-    pub headers: Vec<(String, Vec<u8>)>,
-    pub body: Option<serde_json::Value>,
-}
-
-impl AttributeHost for MapHost {
-    fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
-        self.properties.get(&path.join(".")).cloned()
-    }
-    fn request_headers(&mut self) -> Vec<(String, Vec<u8>)> {
-        self.headers.clone()
-    }
-    fn request_body_json(&mut self, pointer: &str) -> Option<serde_json::Value> {
-        self.body.as_ref()?.pointer(pointer).cloned()
-    }
-}
+#[allow(unused_imports)]
+pub use token_ratelimit::filter::MockHost as MapHost;
 
 /// Splits `body` at `cuts` (positions taken modulo the length, sorted): the chunks a filter
 /// would be handed.

@@ -42,13 +42,13 @@ fn request() -> MapHost {
     ] {
         h.properties.insert(k.to_string(), v);
     }
-    h.headers = vec![
+    h.request_headers = vec![
         ("authorization".into(), b"APIKEY iamafreeuser".to_vec()),
         ("x-user".into(), b"alice".to_vec()),
         ("x-n".into(), b"42".to_vec()),
         ("content-type".into(), b"application/json".to_vec()),
     ];
-    h.body = Some(serde_json::json!({
+    h.body_json = Some(serde_json::json!({
         "model": "gpt-4o", "max_tokens": 20, "stream": true,
         "messages": [{"role": "user", "content": "hello there"}]
     }));

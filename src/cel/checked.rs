@@ -282,7 +282,7 @@ mod tests {
         match (d.applied.first(), d.errors.first()) {
             (Some(a), _) => Ok(a.counters[0].1.clone()),
             (None, Some(e)) => Err(e.reason.clone()),
-            (None, None) => unreachable!(),
+            (None, None) => panic!("no case gives neither"),
         }
     }
 

@@ -122,6 +122,11 @@ pub trait Host {
     fn add_to_counter(&mut self, id: u32, n: u64);
     /// The proxy's wall-clock time.
     fn now(&mut self) -> SystemTime;
+    /// The value of `key` in the data every VM of the plugin shares (all worker threads of one
+    /// proxy); `None` when absent.
+    fn shared_data(&mut self, key: &str) -> Option<Vec<u8>>;
+    /// Sets `key` in the shared data to `value` (the last writer wins).
+    fn set_shared_data(&mut self, key: &str, value: &[u8]);
     /// Whether a message at `level` would be logged (so that it is not formatted in vain).
     fn log_enabled(&self, level: Level) -> bool;
     /// Logs `message` at `level` in the proxy's log.

@@ -72,6 +72,8 @@ pub struct MockHost {
     pub counter_adds: usize,
     /// The wall-clock time answered.
     pub now: SystemTime,
+    /// The data shared between VMs, by key.
+    pub shared: HashMap<String, Vec<u8>>,
     /// Messages logged at or above `log_level`.
     pub logs: Vec<(Level, String)>,
     /// The lowest level logged.
@@ -112,6 +114,7 @@ impl Default for MockHost {
             counters_defined: 0,
             counter_adds: 0,
             now: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            shared: HashMap::new(),
             logs: Vec::new(),
             log_level: Level::Debug,
             property_reads: 0,
@@ -297,6 +300,14 @@ impl Host for MockHost {
 
     fn now(&mut self) -> SystemTime {
         self.now
+    }
+
+    fn shared_data(&mut self, key: &str) -> Option<Vec<u8>> {
+        self.shared.get(key).cloned()
+    }
+
+    fn set_shared_data(&mut self, key: &str, value: &[u8]) {
+        self.shared.insert(key.to_string(), value.to_vec());
     }
 
     fn log_enabled(&self, level: Level) -> bool {

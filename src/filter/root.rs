@@ -4,7 +4,7 @@
 //! One [`RootFilter`] per plugin and VM owns the compiled [`Policy`] and the state its streams
 //! share ([`Shared`], behind `Rc<RefCell<_>>`: a VM is single-threaded). Checks are dispatched
 //! by the streams; reports by the root's tick, so that a report's call outlives the stream that
-//! spent the tokens (the proxy cancels a stream's outstanding calls when the stream ends).
+//! spent the tokens: its answer reaches the root, which lives as long as the VM and retries.
 
 use super::metrics::{names, Metrics};
 use super::stream::StreamFilter;
@@ -44,6 +44,9 @@ pub struct Shared {
     /// The service answered `Reserve` with UNIMPLEMENTED: admission mode `auto` checks
     /// instead for the life of the VM.
     pub reservations_unimplemented: bool,
+    /// `Reserve` calls of streams that ended before the answer, with the descriptor: a hold
+    /// granted that late is released by the root.
+    pub orphaned_reserves: std::collections::HashMap<u32, ratelimit_proto::RateLimitDescriptor>,
     /// The filter's counters.
     pub metrics: Metrics,
     /// Expressions whose failure was already logged at warn level.
@@ -215,6 +218,12 @@ impl RootFilter {
     /// The reply to one of the root's calls (a report): `status` is the gRPC status, `size`
     /// the reply's length in the [`Buffer::GrpcReply`] buffer.
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
+        if queue_orphan_release(host, &self.shared, token, status, size) {
+            if let Some(policy) = self.policy.clone() {
+                dispatch_queued(host, &policy, &self.shared, false);
+            }
+            return;
+        }
         if self.shared.borrow().commits.owns(token) {
             // An empty message is a valid (all-default) answer.
             let answer = if status == 0 {
@@ -286,6 +295,34 @@ impl RootFilter {
         }
         host.set_effective_context(self.context_id);
     }
+}
+
+/// The answer to a `Reserve` whose stream had ended (`token` among
+/// [`Shared::orphaned_reserves`]): a hold it granted is queued for release (a commit of 0)
+/// instead of blocking the budget until it expires. Returns whether `token` was such a call.
+pub(crate) fn queue_orphan_release(
+    host: &mut impl Host,
+    shared: &SharedRef,
+    token: u32,
+    status: u32,
+    size: usize,
+) -> bool {
+    let Some(descriptor) = shared.borrow_mut().orphaned_reserves.remove(&token) else {
+        return false;
+    };
+    if status == 0 {
+        let bytes = host.buffer(Buffer::GrpcReply, 0, size).unwrap_or_default();
+        let granted = ratelimit_proto::ReserveResponse::decode(bytes.as_slice())
+            .ok()
+            .filter(|r| r.code == Code::Ok as i32 && !r.reservation_id.is_empty());
+        if let Some(r) = granted {
+            shared
+                .borrow_mut()
+                .commits
+                .add(descriptor, r.reservation_id, 0);
+        }
+    }
+    true
 }
 
 /// Dispatches what the queues hold as the root context's calls: every commit, and the

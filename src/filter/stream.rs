@@ -46,6 +46,8 @@ pub struct StreamFilter {
     check_token: Option<u32>,
     /// Reservation mode: the `Reserve` calls not answered yet, with their reservation's index.
     reserve_tokens: Vec<(u32, usize)>,
+    /// checkReport mode: the shared-data key marking this request's counters as spent.
+    spent_key: Option<String>,
     path: String,
     body_mode: BodyMode,
     /// Bytes the proxy holds for us (we paused body iteration).
@@ -114,6 +116,7 @@ impl StreamFilter {
             flow: RequestFlow::default(),
             check_token: None,
             reserve_tokens: Vec::new(),
+            spent_key: None,
             path: String::new(),
             body_mode: BodyMode::PassThrough,
             buffered: 0,
@@ -180,11 +183,18 @@ impl StreamFilter {
         end_of_stream: bool,
     ) -> Action {
         let new_bytes = body_size.saturating_sub(self.buffered);
-        self.flow.on_request_body_len(new_bytes);
+        self.flow.on_request_body_len(new_bytes as u64);
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
         if self.body_mode == BodyMode::PassThrough {
+            if self.admission_pending() && !self.headers_released {
+                // Envoy hands the body over while the headers wait for their admission (with
+                // allow_on_headers_stop_iteration): going on here would send the request
+                // upstream before its answer. Envoy keeps the body until the resume.
+                self.buffered = body_size;
+                return Action::Pause;
+            }
             return Action::Continue;
         }
         if self.shared.borrow_mut().body_arrived(self.context_id) {
@@ -241,6 +251,12 @@ impl StreamFilter {
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
         let reservation = self.reserve_tokens.iter().position(|(t, _)| *t == token);
         if self.check_token != Some(token) && reservation.is_none() {
+            // A reservation answered after this stream's log phase: its hold is released.
+            if super::root::queue_orphan_release(host, &self.shared, token, status, size) {
+                if let Some(policy) = self.policy.clone() {
+                    self.send_now(host, &policy, false);
+                }
+            }
             return;
         }
         let Some(policy) = self.policy.clone() else {
@@ -255,18 +271,6 @@ impl StreamFilter {
             Ok(body.as_slice())
         };
         let verdict = match reservation {
-            Some(pos) if self.flow.is_finished() => {
-                // The stream ended while this reservation was pending: release its hold now.
-                let (_, index) = self.reserve_tokens.swap_remove(pos);
-                if let Some(c) = self.flow.on_late_reserve_reply(index, reply) {
-                    self.shared
-                        .borrow_mut()
-                        .commits
-                        .add(c.descriptor, c.reservation_id, 0);
-                    self.send_now(host, &policy, false);
-                }
-                None
-            }
             Some(pos) => {
                 let (_, index) = self.reserve_tokens.swap_remove(pos);
                 self.flow.on_reserve_reply(&policy, index, reply)
@@ -352,6 +356,17 @@ impl StreamFilter {
         if self.shared.borrow_mut().stream_ended(self.context_id) {
             return;
         }
+        if !self.reserve_tokens.is_empty() {
+            // Their answers reach the root once this stream is gone.
+            let mut shared = self.shared.borrow_mut();
+            for (token, index) in self.reserve_tokens.drain(..) {
+                if let Some(plan) = self.flow.reservations().plans().get(index) {
+                    shared
+                        .orphaned_reserves
+                        .insert(token, plan.descriptor.clone());
+                }
+            }
+        }
         self.finish(host);
     }
 
@@ -371,6 +386,8 @@ impl StreamFilter {
             headers: self.headers.take(),
         });
         self.record_errors(host, &decision);
+        // The body bytes already counted (a body held for the evaluation) stay counted.
+        let body_bytes = self.flow.request_bytes();
         let calls: Vec<Vec<u8>> = if self.reserving(policy) {
             let bound = self
                 .body_json
@@ -385,6 +402,7 @@ impl StreamFilter {
             self.flow = flow;
             check.into_iter().collect()
         };
+        self.flow.on_request_body_len(body_bytes);
         if calls.is_empty() {
             return self.release_body();
         }
@@ -421,6 +439,16 @@ impl StreamFilter {
         } else {
             RESERVE
         };
+        if method == CHECK_RATE_LIMIT {
+            let key = spent_key(calls.first().map_or(&[][..], Vec::as_slice));
+            if let Some(status) = spent_status(host, &key) {
+                // A request of the same counters, on any worker, spent what remained: the
+                // service will refuse once its report lands; refuse now.
+                let verdict = self.flow.refuse_spent(status);
+                return self.apply(host, policy, verdict, false);
+            }
+            self.spent_key = Some(key);
+        }
         self.admit(host, policy, method, calls)
     }
 
@@ -526,6 +554,8 @@ impl StreamFilter {
                     // (`release_body`).
                 } else {
                     self.headers_released = true;
+                    // What Envoy kept goes on with the resume; later chunks come one by one.
+                    self.buffered = 0;
                     host.resume_request();
                 }
                 Action::Continue
@@ -654,6 +684,8 @@ impl StreamFilter {
         };
         let mut done = self.flow.finish(&policy);
         let commits = std::mem::take(&mut done.commits);
+        // The fewest tokens this request spent in any category it reports.
+        let spent = done.reports.iter().map(|r| r.tokens).min();
         let mut send_reports = false;
         {
             let mut shared = self.shared.borrow_mut();
@@ -675,9 +707,37 @@ impl StreamFilter {
                     .is_none_or(|r| shared.queue.unsent_tokens() >= r);
             }
         }
+        if let (true, Some(spent)) = (send_reports, spent) {
+            self.mark_spent(host, spent);
+        }
         if !commits.is_empty() || send_reports {
             self.send_now(host, &policy, send_reports);
         }
+    }
+
+    /// Marks this request's counters as spent in the data every worker's VM shares, until the
+    /// window resets: a check on another worker, made before the service has applied the
+    /// report, could still pass. Only when the check said what remained and this request spent
+    /// it (`spent`: its fewest tokens in any category; without statuses, as behind Limitador,
+    /// nothing is known of the counter).
+    fn mark_spent(&self, host: &mut impl Host, spent: u64) {
+        let (Some(key), Some(status)) = (&self.spent_key, self.flow.restrictive()) else {
+            return;
+        };
+        if u64::from(status.limit_remaining) > spent {
+            return;
+        }
+        let reset = status
+            .duration_until_reset
+            .as_ref()
+            .map_or(0, |d| u64::try_from(d.seconds).unwrap_or(0));
+        if reset == 0 {
+            return;
+        }
+        let now = unix_secs(host);
+        let mut value = now.saturating_add(reset).to_le_bytes().to_vec();
+        value.extend_from_slice(&prost::Message::encode_to_vec(status));
+        host.set_shared_data(key, &value);
     }
 
     /// Dispatches the queued commits (and reports, with `reports`) now, as the root context's
@@ -753,4 +813,42 @@ fn record_service_failure(
     if *failure == ServiceFailure::Grpc(GRPC_DEADLINE_EXCEEDED) {
         metrics.inc(host, names::SERVICE_TIMEOUTS);
     }
+}
+
+/// The shared-data key of a check request's counters: `token_ratelimit.spent.` and the
+/// request's bytes (domain and descriptor) in hex.
+fn spent_key(check: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut key = String::with_capacity(22 + check.len() * 2);
+    key.push_str("token_ratelimit.spent.");
+    for b in check {
+        let _ = write!(key, "{b:02x}");
+    }
+    key
+}
+
+/// Seconds since the Unix epoch, by the proxy's clock.
+fn unix_secs(host: &mut impl Host) -> u64 {
+    host.now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The status a still-running mark at `key` carries (see [`StreamFilter::mark_spent`]):
+/// 8 bytes of the window's end (Unix seconds, little-endian), then the encoded status; its
+/// `duration_until_reset` becomes the time left. `None`: no mark, or one whose window ended.
+fn spent_status(host: &mut impl Host, key: &str) -> Option<ratelimit_proto::DescriptorStatus> {
+    let value = host.shared_data(key)?;
+    let (end, status) = value.split_at_checked(8)?;
+    let end = u64::from_le_bytes(end.try_into().ok()?);
+    let now = unix_secs(host);
+    if end <= now {
+        return None;
+    }
+    let mut status = <ratelimit_proto::DescriptorStatus as prost::Message>::decode(status).ok()?;
+    status.duration_until_reset = Some(prost_types::Duration {
+        seconds: i64::try_from(end - now).unwrap_or(i64::MAX),
+        nanos: 0,
+    });
+    Some(status)
 }

@@ -838,19 +838,17 @@ fn garbage_and_timeouts_from_reserve_follow_the_failure_mode() {
 }
 
 #[test]
-fn abandoned_during_its_reservation_costs_nothing_and_a_late_answer_is_ignored() {
+fn abandoned_during_its_reservation_costs_nothing_and_a_hold_granted_late_is_released_by_the_root()
+{
     let (mut root, mut host) = reserving_root("reservation", "");
     let mut stream = root.new_stream(2);
     stream.on_request_headers(&mut host, true);
     stream.on_log(&mut host);
+    // The stream is gone: the adapter hands its answer to the root context.
     let token = host.calls(RESERVE)[0].token;
-    answer_token(
-        &mut stream,
-        &mut host,
-        token,
-        0,
-        reserve_reply(Code::Ok, "late", 50),
-    );
+    host.grpc_reply = reserve_reply(Code::Ok, "late", 50);
+    let size = host.grpc_reply.len();
+    root.on_grpc_reply(&mut host, token, 0, size);
     root.on_tick(&mut host);
     assert!(host.resumed.is_empty() && host.replies.is_empty());
     // The hold granted after the stream ended is released at once, with nothing spent.
@@ -938,4 +936,102 @@ fn check_report_sends_the_report_at_once_when_the_spend_reaches_what_remains() {
     assert_eq!(reports(&host)[0].hits_addend, 7);
     root.on_tick(&mut host);
     assert_eq!(host.calls(REPORT).len(), 1);
+}
+
+#[test]
+fn a_body_held_for_the_reservation_still_counts_in_the_fallback_estimate() {
+    let (root, mut host) = reserving_root(
+        "reservation",
+        r#""requestBody": {"allowOnHeadersStopIteration": true},"#,
+    );
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    host.request_body = br#"{"model":"m","max_tokens":5,"messages":[]}"#.to_vec();
+    let request_len = host.request_body.len() as u64;
+    stream.on_request_body(&mut host, request_len as usize, true);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(
+        &mut stream,
+        &mut host,
+        token,
+        0,
+        reserve_reply(Code::Ok, "r", 50),
+    );
+    // A response without usage: charged the estimate of both bodies.
+    host.response_headers = vec![("content-type".into(), b"application/json".to_vec())];
+    stream.on_response_headers(&mut host);
+    host.response_body = br#"{"choices":[]}"#.to_vec();
+    let response_len = host.response_body.len() as u64;
+    stream.on_response_body(&mut host, response_len as usize, true);
+    let c = &commits(&host)[0];
+    assert_eq!(
+        c.actual_amount,
+        request_len.div_ceil(4) + response_len.div_ceil(4)
+    );
+}
+
+#[test]
+fn check_report_refuses_on_any_worker_once_a_request_spent_what_remained() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut first = root.new_stream(2);
+    first.on_request_headers(&mut host, true);
+    answer(&mut first, &mut host, 0, ok_reply(5));
+    serve(&mut first, &mut host, 7);
+    // Another worker's VM (its own root), sharing the proxy's data: refused without a check,
+    // with the limit's name and the time left in the window.
+    let mut other = RootFilter::new(9);
+    host.plugin_configuration = config("").into_bytes();
+    assert!(other.on_configure(&mut host));
+    let checks = host.calls(CHECK_RATE_LIMIT).len();
+    let mut second = other.new_stream(10);
+    assert_eq!(second.on_request_headers(&mut host, true), Action::Pause);
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), checks);
+    let reply = &host.replies.last().unwrap().1;
+    assert_eq!(reply.status, 429);
+    assert!(reply.headers.contains(&("retry-after".into(), "30".into())));
+    assert!(String::from_utf8_lossy(&reply.body).contains("'per-user'"));
+    // Once the window has reset, the service is asked again.
+    host.now += Duration::from_secs(31);
+    let mut third = other.new_stream(11);
+    third.on_request_headers(&mut host, true);
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), checks + 1);
+    root.on_tick(&mut host);
+}
+
+#[test]
+fn check_report_does_not_mark_counters_spent_when_the_request_left_some() {
+    let (_root, mut host) = root();
+    chat_headers(&mut host);
+    let mut first = _root.new_stream(2);
+    first.on_request_headers(&mut host, true);
+    answer(&mut first, &mut host, 0, ok_reply(8));
+    serve(&mut first, &mut host, 7);
+    assert!(host.shared.is_empty());
+    let mut second = _root.new_stream(3);
+    second.on_request_headers(&mut host, true);
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), 2);
+}
+
+#[test]
+fn a_body_handed_over_while_the_check_is_pending_is_held_until_the_answer() {
+    // checkReport with include_usage off: the body is not the filter's business, but Envoy
+    // (allow_on_headers_stop_iteration) delivers it while the headers wait for the check.
+    let (root, mut host) = root_with(r#""usage": {"injectStreamUsage": false},"#);
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+    host.request_body = vec![b'x'; 40];
+    assert_eq!(stream.on_request_body(&mut host, 40, false), Action::Pause);
+    host.request_body = vec![b'x'; 80];
+    assert_eq!(stream.on_request_body(&mut host, 80, true), Action::Pause);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    assert_eq!(host.resumed, vec![2]);
+    // After the resume, chunks are not held; the estimate counts each byte once.
+    assert_eq!(stream.on_request_body(&mut host, 0, true), Action::Continue);
+    stream.on_log(&mut host);
+    let mut root = root;
+    root.on_tick(&mut host);
+    assert_eq!(reports(&host)[0].hits_addend, 20);
 }

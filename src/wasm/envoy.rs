@@ -138,6 +138,14 @@ impl Host for Envoy {
             .unwrap_or(UNIX_EPOCH)
     }
 
+    fn shared_data(&mut self, key: &str) -> Option<Vec<u8>> {
+        host::shared_data(key)
+    }
+
+    fn set_shared_data(&mut self, key: &str, value: &[u8]) {
+        host::set_shared_data(key, value);
+    }
+
     fn log_enabled(&self, level: Level) -> bool {
         log_level(level) >= LOG_LEVEL.load(Ordering::Relaxed)
     }

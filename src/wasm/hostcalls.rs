@@ -80,6 +80,20 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_get_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
+        return_cas: *mut u32,
+    ) -> u32;
+    fn proxy_set_shared_data(
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+        cas: u32,
+    ) -> u32;
     fn proxy_get_header_map_pairs(
         map_type: u32,
         return_map_data: *mut *mut u8,
@@ -218,6 +232,25 @@ pub(crate) fn property(path: &[&str]) -> Option<Vec<u8>> {
     })
     .ok()
     .flatten()
+}
+
+/// `proxy_get_shared_data`: the value of `key` in the data the VMs of one plugin share (every
+/// worker's); `None` when absent or refused.
+pub(crate) fn shared_data(key: &str) -> Option<Vec<u8>> {
+    let mut cas = 0u32;
+    returned_buffer(|data, size| {
+        // SAFETY: the key is a live slice the host only reads; `data`/`size` point to locals
+        // of `returned_buffer` and `cas` to a local here, each written once by the host.
+        unsafe { proxy_get_shared_data(key.as_ptr(), key.len(), data, size, &mut cas) }
+    })
+    .ok()
+    .flatten()
+}
+
+/// `proxy_set_shared_data` without a compare-and-swap (cas 0); a refusal is ignored.
+pub(crate) fn set_shared_data(key: &str, value: &[u8]) {
+    // SAFETY: key and value are live slices the host only reads.
+    unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), 0) };
 }
 
 /// `proxy_get_header_map_pairs`, as the encoded map (see [`super::pairs::decode_pairs`]);

@@ -187,15 +187,18 @@ pub extern "C" fn proxy_on_log(context_id: u32) {
 /// buffer, or a failure's status with no bytes. Envoy delivers it to the root context (see
 /// [`contexts`]); it goes to the context that dispatched the call, made effective first when
 /// that is another one (a stream's resume or local reply acts on the effective context). A
-/// reply for a context that is gone is dropped.
+/// reply for a stream that is gone goes to the root context, which owns what the stream left
+/// behind (a hold granted too late to be used).
 fn grpc_reply(context_id: u32, token: u32, status: u32, size: usize) {
     let owner = contexts::reply_owner(context_id, token);
-    if owner != context_id
-        && !(contexts::contains(owner) && hostcalls::set_effective_context(owner))
+    let target = if owner == context_id
+        || (contexts::contains(owner) && hostcalls::set_effective_context(owner))
     {
-        return;
-    }
-    with_context(owner, |context| {
+        owner
+    } else {
+        context_id
+    };
+    with_context(target, |context| {
         match context {
             Context::Root(root) => root.on_grpc_reply(&mut Envoy, token, status, size),
             Context::Stream(stream) => stream.on_grpc_reply(&mut Envoy, token, status, size),

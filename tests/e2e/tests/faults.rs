@@ -2,8 +2,10 @@
 //! service, upstream errors, upstream resets and client aborts in the middle of a stream, a
 //! 50 MB response, and an invalid plugin configuration pushed to a running Envoy. Each test
 //! checks that no request hangs (every client call has a timeout), what the client sees, and
-//! that the tokens add up: reported (+ dropped, when reports could not be delivered) = served,
-//! or the documented estimate when the upstream reported no usage.
+//! that the tokens add up: charged (+ dropped, when charges could not be delivered) = served,
+//! or the documented estimate when the upstream reported no usage. Charges are commits in
+//! reservation mode (the shipped `auto` against ratelimit-service) and reports in checkReport
+//! mode; the service-restart tests run in both.
 
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -117,12 +119,32 @@ fn read_all(mut resp: reqwest::blocking::Response) -> (Vec<u8>, Option<std::io::
 // ---------------------------------------------------------------------------------------------
 // 1. The rate-limit service killed and restarted during traffic
 
+/// The charge calls of an admission mode, as the filter's metrics name them.
+fn charges(mode: Option<&str>) -> &'static str {
+    if mode == Some("checkReport") {
+        "reports"
+    } else {
+        "commits"
+    }
+}
+
 #[test]
 fn service_restart_with_failure_mode_deny_refuses_while_down_and_counts_lost_reports() {
-    // Default reporting (maxRetries 3, flushPeriod 100 ms): a report that fails for ~400 ms is
-    // dropped, and counted.
+    service_restart_with_failure_mode_deny(Some("checkReport"));
+}
+
+#[test]
+fn service_restart_with_failure_mode_deny_refuses_while_down_and_counts_lost_commits() {
+    service_restart_with_failure_mode_deny(None);
+}
+
+/// `mode`: `None` for the shipped `auto` (reservation).
+fn service_restart_with_failure_mode_deny(mode: Option<&'static str>) {
+    // Default reporting (maxRetries 3, flushPeriod 100 ms): a report or commit that fails for
+    // ~400 ms is dropped, and counted.
     let mut stack = Stack::start(Options {
         edits: vec![gold_unlimited()],
+        mode,
         ..Options::default()
     });
     let r = stack.chat(GOLD, 2, 20);
@@ -169,7 +191,8 @@ fn service_restart_with_failure_mode_deny_refuses_while_down_and_counts_lost_rep
     let text = String::from_utf8_lossy(&bytes);
     assert!(text.contains("\"total_tokens\":23") && text.ends_with("data: [DONE]\n\n"));
 
-    // Its report fails, is retried 3 times and dropped: counted, not lost silently.
+    // Its report (commit) fails, is retried 3 times and dropped: counted, not lost silently.
+    let calls = charges(mode);
     assert!(
         wait_until("the dropped report", Duration::from_secs(15), || stat(
             &stack,
@@ -179,8 +202,8 @@ fn service_restart_with_failure_mode_deny_refuses_while_down_and_counts_lost_rep
         stat(&stack, "tokens_dropped")
     );
     assert_eq!(stat(&stack, "tokens_dropped"), 23);
-    assert_eq!(stat(&stack, "reports_dropped"), 1);
-    assert!(stat(&stack, "reports_retried") >= 3);
+    assert_eq!(stat(&stack, &format!("{calls}_dropped")), 1);
+    assert!(stat(&stack, &format!("{calls}_retried")) >= 3);
     eprintln!("outage before restart: {:?}", crash.elapsed());
 
     // Back on the same ports (with fresh counters): requests pass again.
@@ -199,21 +222,39 @@ fn service_restart_with_failure_mode_deny_refuses_while_down_and_counts_lost_rep
 
 #[test]
 fn service_restart_with_failure_mode_allow_delivers_the_retried_reports() {
+    service_restart_with_failure_mode_allow(Some("checkReport"));
+}
+
+#[test]
+fn service_restart_with_failure_mode_allow_delivers_the_retried_commits() {
+    service_restart_with_failure_mode_allow(None);
+}
+
+/// `mode`: `None` for the shipped `auto` (reservation).
+fn service_restart_with_failure_mode_allow(mode: Option<&'static str>) {
     // Retries span the outage: 200 retries, one per 100 ms tick (20 s).
     let mut stack = Stack::start(Options {
         failure_mode: "allow",
         edits: vec![reporting(200, "100ms")],
+        mode,
         ..Options::default()
     });
+    // What `chat(_, 2, 20)` holds in reservation mode ("word word": 3 tokens, + 20): the
+    // headers of an admitted reservation say what is left after its hold; a check's, before.
+    let held = if mode == Some("checkReport") { 0 } else { 3 + 20 };
     let r = stack.chat(GOLD, 2, 20);
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-ratelimit-remaining"), Some("200"));
+    assert_eq!(
+        r.header("x-ratelimit-remaining"),
+        Some((200 - held).to_string().as_str())
+    );
     assert_reported_exactly(&stack, 22, "before the crash");
     let reported_by_first = stack.reported_tokens();
 
     stack.stop_service();
     let crash = Instant::now();
-    // While it is down: failure mode allow, the requests are served (and their tokens owed).
+    // While it is down: failure mode allow, the requests are served (and their tokens owed;
+    // in reservation mode committed without a reservation id, which charges like a report).
     for words in [1, 2, 3] {
         let r = stack.chat(GOLD, words, 10);
         assert_eq!(r.status, 200, "{}", r.body);
@@ -226,10 +267,11 @@ fn service_restart_with_failure_mode_allow_delivers_the_retried_reports() {
     let owed = (1 + 10) + (2 + 10) + (3 + 10);
     assert_eq!(stack.served_tokens(GOLD), 22 + owed);
     assert_eq!(stat(&stack, "failure_mode_allowed"), 3);
+    let calls = charges(mode);
     assert!(wait_until(
         "report retries",
         Duration::from_secs(10),
-        || stat(&stack, "reports_retried") >= 5
+        || stat(&stack, &format!("{calls}_retried")) >= 5
     ));
     std::thread::sleep(Duration::from_millis(500));
     let outage = crash.elapsed();
@@ -239,28 +281,28 @@ fn service_restart_with_failure_mode_allow_delivers_the_retried_reports() {
     // The retried reports reach the new instance: every token served while it was down.
     assert_reported_exactly(&stack, owed, "after the restart");
     let delivered_in = recovery.elapsed();
-    assert_eq!(stat(&stack, "reports_dropped"), 0);
+    assert_eq!(stat(&stack, &format!("{calls}_dropped")), 0);
     assert_eq!(stat(&stack, "tokens_dropped"), 0);
     assert_eq!(
         reported_by_first + stack.reported_tokens(),
         stack.served_tokens(GOLD),
         "reported = served"
     );
-    // And the budget sees them: the next check reports what is left after them.
+    // And the budget sees them: the next admission reports what is left after them.
     let r = stack.chat(GOLD, 2, 20);
     assert_eq!(r.status, 200);
     assert_eq!(
         r.header("x-ratelimit-remaining"),
-        Some((200 - owed).to_string().as_str())
+        Some((200 - owed - held).to_string().as_str())
     );
     eprintln!(
-        "outage {outage:?}, {} report retries, delivered {delivered_in:?} after the restart",
-        stat(&stack, "reports_retried")
+        "outage {outage:?}, {} {calls} retried, delivered {delivered_in:?} after the restart",
+        stat(&stack, &format!("{calls}_retried"))
     );
 }
 
 // ---------------------------------------------------------------------------------------------
-// 2. The service slower than the check timeout
+// 2. The service slower than the admission timeout (Reserve's, or CheckRateLimit's)
 
 fn slow_service(failure_mode: &'static str) -> Stack {
     Stack::start(Options {
@@ -280,7 +322,7 @@ fn a_service_slower_than_the_timeout_with_deny_refuses_in_bounded_time() {
         let took = t.elapsed();
         assert_eq!(r.status, 500, "{}", r.body);
         assert_eq!(r.json()["error"]["code"], "rate_limit_service_unavailable");
-        // The check timeout (300 ms) decides, not the service (2 s).
+        // The admission timeout (300 ms) decides, not the service (2 s).
         assert!(
             took < Duration::from_millis(1500),
             "request {i} took {took:?}"
@@ -309,8 +351,9 @@ fn a_service_slower_than_the_timeout_with_allow_serves_in_bounded_time() {
     }
     assert_eq!(stat(&stack, "failure_mode_allowed"), 3);
     assert_eq!(stack.served_tokens(FREE), 66);
-    // Reports time out too (reporting.timeout 1 s < 2 s): retried, then dropped and counted.
-    // The accounting still adds up: reported + dropped = served.
+    // Charges (commits without a reservation id: no Reserve was answered) time out too
+    // (reporting.timeout 1 s < 2 s): retried, then dropped and counted. The accounting still
+    // adds up: charged + dropped = served.
     assert!(
         wait_until("dropped reports", Duration::from_secs(20), || {
             stack.reported_tokens() + stat(&stack, "tokens_dropped") >= 66
@@ -321,11 +364,11 @@ fn a_service_slower_than_the_timeout_with_allow_serves_in_bounded_time() {
     );
     assert_eq!(stack.reported_tokens() + stat(&stack, "tokens_dropped"), 66);
     eprintln!(
-        "allow: reported {}, dropped {} in {} report(s), {} retries",
+        "allow: charged {}, dropped {} in {} commit(s), {} retries",
         stack.reported_tokens(),
         stat(&stack, "tokens_dropped"),
-        stat(&stack, "reports_dropped"),
-        stat(&stack, "reports_retried")
+        stat(&stack, "commits_dropped"),
+        stat(&stack, "commits_retried")
     );
 }
 
@@ -601,15 +644,17 @@ fn an_invalid_configuration_pushed_over_lds_is_rejected_and_the_old_one_keeps_li
     let lds_ok = |n: u64| stack.envoy_stat("listener_manager.lds.update_success") >= n;
     assert!(lds_ok(1));
 
-    // The free user spends its 50 tokens (22 a request): 200, 200, 200, then 429.
+    // The free user spends its 50 tokens (22 a request, each reserving 23 in reservation mode,
+    // the shipped auto): 0 + 23 and 22 + 23 fit in 50, 44 + 23 does not: 200, 200, then 429.
+    // (checkReport would admit a third: its checks see 0, 22, 44 < 50.)
     let mut statuses = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..3 {
         let r = raw_chat(&stack, "/v1/chat/completions", FREE, 2, 20);
         statuses.push(r.status);
         let served = stack.served_tokens(FREE);
         stack.await_reported(served);
     }
-    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    assert_eq!(statuses, vec![200, 200, 429]);
     // /v1/completions is not limited by this configuration.
     let completions = json!({"model": "sim", "prompt": "a b", "max_tokens": 2});
     assert_eq!(
@@ -694,14 +739,17 @@ fn an_invalid_configuration_pushed_over_lds_is_rejected_and_the_old_one_keeps_li
         "{}",
         stack.envoy.output()
     );
-    // The filter applies it at once: /v1/completions now counts against the (spent) free
-    // budget.
-    let r = stack.raw_post("/v1/completions", FREE, &completions, &[]);
+    // The filter applies it at once: /v1/completions now counts against the free budget,
+    // which the service still knows as 50 with 44 spent. (A request reserving 3, as
+    // `completions` does, would fit in the 6 left: this one reserves 1 + 10.)
+    let completions_10 = json!({"model": "sim", "prompt": "a b", "max_tokens": 10});
+    let r = stack.raw_post("/v1/completions", FREE, &completions_10, &[]);
     assert_eq!(r.status, 429, "{}", r.body);
 
     // The service gets the limits generated from the new configuration (ratelimit-service
-    // keeps counters in memory: they restart from zero). 10 tokens a request: checks see 0,
-    // 10, ..., 50 (< 60), then 60.
+    // keeps counters in memory: they restart from zero). 10 tokens a request, each reserving
+    // 11 (3 + 8): 10 k + 11 <= 60 up to k = 4, five requests, then 429. (checkReport: checks
+    // see 0, 10, ..., 50 (< 60), then 60: six.)
     stack.regenerate_limits(&stack.dir.path().join("lds.yaml"));
     stack.stop_service();
     stack.restart_service();
@@ -718,7 +766,7 @@ fn an_invalid_configuration_pushed_over_lds_is_rejected_and_the_old_one_keeps_li
         let served = stack.reported_tokens() + 10;
         stack.await_reported(served);
     }
-    assert_eq!(statuses, [vec![200; 6], vec![429]].concat());
+    assert_eq!(statuses, [vec![200; 5], vec![429]].concat());
     eprintln!(
         "LDS: update_success {}, update_rejected {}",
         stack.envoy_stat("listener_manager.lds.update_success"),

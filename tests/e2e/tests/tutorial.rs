@@ -1,5 +1,12 @@
 //! The TokenRateLimitPolicy tutorial of `envoy/envoy.yaml` in a real Envoy: free users have 50
 //! tokens per minute, gold users 200, counted per user on `/v1/chat/completions`.
+//!
+//! The budget tests run in both admission modes, whose arithmetic differs: checkReport admits
+//! while the counter is below its limit (22-token requests: 0, 22, 44 pass, 66 is refused);
+//! reservation (the shipped `auto` against ratelimit-service) admits when the counter plus
+//! what the request reserves fits. Envoy hands the filter the body first, so a request of two
+//! words (`"word word"`, 9 characters: 3 tokens at 4 characters a token) and `max_tokens: 20`
+//! reserves 23 and is served 22: 0 + 23 and 22 + 23 fit in 50, 44 + 23 does not.
 
 use e2e::{Options, Stack};
 
@@ -16,8 +23,9 @@ fn spend_until_limited(stack: &Stack, key: &str, max_requests: usize) -> Vec<u16
         if r.status != 200 {
             break;
         }
-        // Reports go out on the filter's next tick: wait until the service has them all, so
-        // the next check sees the spend.
+        // Wait until the service has every charge (commits, and reports of a budget nearly
+        // spent, go out at once; other reports on the filter's next tick), so that the next
+        // admission sees the spend.
         let served =
             stack.served_tokens(FREE) + stack.served_tokens(FREE_2) + stack.served_tokens(GOLD);
         assert_eq!(
@@ -29,12 +37,67 @@ fn spend_until_limited(stack: &Stack, key: &str, max_requests: usize) -> Vec<u16
     statuses
 }
 
+/// What `chat(_, 2, 20)` reserves in reservation mode: 3 prompt tokens (9 characters / 4,
+/// rounded up) + 20.
+const RESERVED_2_20: u64 = 3 + 20;
+
+/// The two admission modes the budget tests run in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mode {
+    CheckReport,
+    /// The shipped `auto`, which reserves against ratelimit-service.
+    Reservation,
+}
+
+fn stack_in(mode: Mode) -> Stack {
+    Stack::start(Options {
+        mode: match mode {
+            Mode::CheckReport => Some("checkReport"),
+            Mode::Reservation => None,
+        },
+        ..Options::default()
+    })
+}
+
+/// How many 22-token requests (`chat(_, 2, 20)`) a budget of `limit` admits one after another.
+fn admitted(mode: Mode, limit: u64) -> usize {
+    let mut spent = 0;
+    let mut n = 0;
+    loop {
+        let fits = match mode {
+            Mode::CheckReport => spent < limit,
+            Mode::Reservation => spent + RESERVED_2_20 <= limit,
+        };
+        if !fits {
+            return n;
+        }
+        spent += 22;
+        n += 1;
+    }
+}
+
 #[test]
-fn free_user_is_limited_after_50_tokens_and_the_upstream_is_not_called() {
-    let stack = Stack::start(Options::default());
-    // 22 tokens per request: checks see 0, 22, 44 (< 50: allowed), then 66 (refused).
+fn free_user_is_limited_after_50_tokens_and_the_upstream_is_not_called_in_check_report_mode() {
+    free_user_is_limited_after_50_tokens(Mode::CheckReport);
+}
+
+#[test]
+fn free_user_is_limited_after_50_tokens_and_the_upstream_is_not_called_in_reservation_mode() {
+    free_user_is_limited_after_50_tokens(Mode::Reservation);
+}
+
+fn free_user_is_limited_after_50_tokens(mode: Mode) {
+    let stack = stack_in(mode);
+    // checkReport: checks see 0, 22, 44 (< 50: allowed), then 66 (refused).
+    // reservation: 0 + 23 and 22 + 23 fit in 50, 44 + 23 does not.
     let statuses = spend_until_limited(&stack, FREE, 10);
-    assert_eq!(statuses, vec![200, 200, 200, 429]);
+    let expected = match mode {
+        Mode::CheckReport => vec![200, 200, 200, 429],
+        Mode::Reservation => vec![200, 200, 429],
+    };
+    assert_eq!(statuses, expected);
+    assert_eq!(admitted(mode, 50), expected.len() - 1);
+    let spent = 22 * (expected.len() as u64 - 1);
 
     let upstream_before = stack.upstream_requests();
     let r = stack.chat(FREE, 2, 20);
@@ -53,7 +116,13 @@ fn free_user_is_limited_after_50_tokens_and_the_upstream_is_not_called() {
         .contains("'free'"));
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("x-ratelimit-limit"), Some("50"));
-    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    // What the refusing answer says is left: nothing (the counter is past its limit), or, for
+    // a refused reservation, what the counter has left (50 - 44), too little for 23.
+    let remaining = match mode {
+        Mode::CheckReport => "0".to_string(),
+        Mode::Reservation => (50 - spent).to_string(),
+    };
+    assert_eq!(r.header("x-ratelimit-remaining"), Some(remaining.as_str()));
     let retry_after: u64 = r
         .header("retry-after")
         .expect("retry-after")
@@ -65,32 +134,63 @@ fn free_user_is_limited_after_50_tokens_and_the_upstream_is_not_called() {
         stack.envoy_stat("wasmcustom.token_ratelimit.requests_limited.free"),
         2
     );
-    assert_eq!(
-        stack.envoy_stat("wasmcustom.token_ratelimit.tokens_reported.total"),
-        66
-    );
+    // Counters that move on every request reach Envoy's stats on the filter's next tick (they
+    // lag a charge sent at once by up to one flushPeriod).
+    let tokens_stat = || stack.envoy_stat("wasmcustom.token_ratelimit.tokens_reported.total");
+    e2e::wait_until("the tokens_reported stat", std::time::Duration::from_secs(10), || {
+        tokens_stat() >= spent
+    });
+    assert_eq!(tokens_stat(), spent);
+    assert_eq!(stack.reported_tokens(), spent);
+    // Each mode charges through its own call.
+    match mode {
+        Mode::CheckReport => assert_eq!(stack.committed_tokens(), 0),
+        Mode::Reservation => assert_eq!(stack.report_hits(), 0),
+    }
+    assert!(stack.await_no_holds(std::time::Duration::from_secs(10)));
 }
 
 #[test]
-fn gold_user_is_unaffected_and_counters_are_per_user() {
-    let stack = Stack::start(Options::default());
-    assert_eq!(
-        spend_until_limited(&stack, FREE, 10),
-        vec![200, 200, 200, 429]
-    );
+fn gold_user_is_unaffected_and_counters_are_per_user_in_check_report_mode() {
+    gold_user_is_unaffected_and_counters_are_per_user(Mode::CheckReport);
+}
 
-    // Another free user has a counter of its own.
+#[test]
+fn gold_user_is_unaffected_and_counters_are_per_user_in_reservation_mode() {
+    gold_user_is_unaffected_and_counters_are_per_user(Mode::Reservation);
+}
+
+fn gold_user_is_unaffected_and_counters_are_per_user(mode: Mode) {
+    let stack = stack_in(mode);
+    let free = spend_until_limited(&stack, FREE, 10);
+    assert_eq!(free, [vec![200; admitted(mode, 50)], vec![429]].concat());
+
+    // Another free user has a counter of its own. The headers say what is left: before this
+    // request (a check), or after this request's hold (a reservation).
     let r = stack.chat(FREE_2, 2, 20);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-ratelimit-limit"), Some("50"));
-    assert_eq!(r.header("x-ratelimit-remaining"), Some("50"));
+    let remaining = match mode {
+        Mode::CheckReport => 50,
+        Mode::Reservation => 50 - RESERVED_2_20,
+    };
+    assert_eq!(
+        r.header("x-ratelimit-remaining"),
+        Some(remaining.to_string().as_str())
+    );
 
-    // The gold user's checks see 22, 44, ..., 198 (< 200: allowed), then 220 (refused).
+    // checkReport: the gold user's checks see 22, 44, ..., 198 (< 200: allowed), then 220
+    // (refused): 10 requests. reservation: 22 k + 23 <= 200 up to k = 8: 9 requests.
     let r = stack.chat(GOLD, 2, 20);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-ratelimit-limit"), Some("200"));
     let gold = spend_until_limited(&stack, GOLD, 20);
-    assert_eq!(gold, [vec![200; 9], vec![429]].concat());
+    assert_eq!(
+        gold,
+        [vec![200; admitted(mode, 200) - 1], vec![429]].concat()
+    );
+    assert_eq!(admitted(Mode::CheckReport, 200), 10);
+    assert_eq!(admitted(Mode::Reservation, 200), 9);
 }
 
 #[test]
@@ -117,7 +217,12 @@ fn tokens_reported_equal_tokens_served_streaming_included() {
     assert_eq!(stack.served_tokens(GOLD), expected);
     assert_eq!(stack.await_reported(expected), expected);
 
-    // Unlimited paths are neither checked nor reported.
+    // Unlimited paths are neither admitted (no Reserve, no check) nor charged.
+    let admissions = || {
+        stack.service_metric("ratelimit_reserve_calls_total")
+            + stack.service_metric("ratelimit_check_calls_total")
+    };
+    assert_eq!(admissions(), 5);
     let r = stack.post(
         "/v1/completions",
         Some(GOLD),
@@ -126,6 +231,7 @@ fn tokens_reported_equal_tokens_served_streaming_included() {
     assert_eq!(r.status, 200);
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(stack.reported_tokens(), expected);
+    assert_eq!(admissions(), 5);
 }
 
 #[test]
@@ -209,13 +315,27 @@ fn an_unknown_rate_limit_cluster_is_a_service_failure() {
 }
 
 #[test]
-fn several_workers_share_one_budget_and_report_every_token() {
+fn several_workers_share_one_budget_and_report_every_token_in_check_report_mode() {
+    several_workers_share_one_budget_and_charge_every_token(Mode::CheckReport);
+}
+
+#[test]
+fn several_workers_share_one_budget_and_commit_every_token_in_reservation_mode() {
+    several_workers_share_one_budget_and_charge_every_token(Mode::Reservation);
+}
+
+fn several_workers_share_one_budget_and_charge_every_token(mode: Mode) {
     let stack = Stack::start(Options {
         concurrency: 4,
+        mode: match mode {
+            Mode::CheckReport => Some("checkReport"),
+            Mode::Reservation => None,
+        },
         ..Options::default()
     });
     // Concurrent clients land on different workers (different wasm VMs, each with its own
-    // report queue); the service must still see every token once.
+    // report and commit queue); the service must still see every token once. 110 tokens at
+    // most, in requests that reserve 4 to 8: the gold budget (200) admits them all.
     let served: u64 = std::thread::scope(|s| {
         let handles: Vec<_> = (0..4)
             .map(|i| {
@@ -245,4 +365,6 @@ fn several_workers_share_one_budget_and_report_every_token() {
         served,
         "a token was reported twice"
     );
+    assert_eq!(served, 110, "every request was admitted");
+    assert!(stack.await_no_holds(std::time::Duration::from_secs(10)));
 }

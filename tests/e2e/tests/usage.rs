@@ -1,6 +1,7 @@
 //! Token usage in a real Envoy: every format, streaming and not, compressed or not, and the
 //! fallback charge when a response reports no usage. In each case the tokens the rate-limit
-//! service received must equal the tokens the simulator served, or the documented estimate:
+//! service was charged (committed in reservation mode, the shipped `auto`; reported in
+//! checkReport mode) must equal the tokens the simulator served, or the documented estimate:
 //! ceil(request body bytes / 4) + ceil(response body bytes / 4).
 
 use e2e::{Options, Reply, Stack};
@@ -133,7 +134,20 @@ fn a_server_that_ignores_include_usage_is_charged_the_estimate() {
 
 #[test]
 fn an_upstream_error_without_usage_completes_and_is_charged_the_estimate() {
-    let stack = stack();
+    an_upstream_error_without_usage_is_charged_the_estimate(stack());
+}
+
+#[test]
+fn an_upstream_error_without_usage_completes_and_is_charged_the_estimate_in_check_report_mode() {
+    // checkReport does not hold the request body (no limit reads it): the same estimate.
+    an_upstream_error_without_usage_is_charged_the_estimate(Stack::start(Options {
+        edits: vec![everything_limit()],
+        mode: Some("checkReport"),
+        ..Options::default()
+    }));
+}
+
+fn an_upstream_error_without_usage_is_charged_the_estimate(stack: Stack) {
     let body = json!({"model": "sim", "max_tokens": 7, "messages": [{"role": "user", "content": "a b c"}]});
     let r = assert_charged(
         &stack,
@@ -278,32 +292,42 @@ fn compressed_responses_are_counted_and_reach_the_client_compressed() {
     assert_eq!(stack.await_reported(want), want);
 }
 
+/// A limit of 30 tokens on the model `big` (read from the request body), per user and model.
+fn big_model_limit() -> (String, String) {
+    (
+        "                    limits:\n".into(),
+        concat!(
+            "                    limits:\n",
+            "                      big-model:\n",
+            "                        rates:\n",
+            "                        - {limit: 30, window: 1m}\n",
+            "                        when:\n",
+            "                        - predicate: requestBodyJSON('/model') == \"big\"\n",
+            "                        counters:\n",
+            "                        - expression: auth.identity.userid\n",
+            "                        - expression: requestBodyJSON('/model')\n",
+        )
+        .into(),
+    )
+}
+
 #[test]
-fn per_model_limits_read_the_request_body() {
+fn per_model_limits_read_the_request_body_in_check_report_mode() {
+    per_model_limits_read_the_request_body(Some("checkReport"));
+}
+
+#[test]
+fn per_model_limits_read_the_request_body_in_reservation_mode() {
+    per_model_limits_read_the_request_body(None);
+}
+
+/// `mode`: `None` for the shipped `auto` (reservation against ratelimit-service).
+fn per_model_limits_read_the_request_body(mode: Option<&'static str>) {
+    // The shipped envoy.yaml hands the filter the body first (Envoy's
+    // allow_on_headers_stop_iteration and the plugin's requestBody.allowOnHeadersStopIteration).
     let stack = Stack::start(Options {
-        edits: vec![
-            (
-                "failure_policy: FAIL_CLOSED\n".into(),
-                "failure_policy: FAIL_CLOSED\n                allow_on_headers_stop_iteration: true\n".into(),
-            ),
-            (
-                "                    limits:\n".into(),
-                concat!(
-                    "                    requestBody:\n",
-                    "                      allowOnHeadersStopIteration: true\n",
-                    "                    limits:\n",
-                    "                      big-model:\n",
-                    "                        rates:\n",
-                    "                        - {limit: 30, window: 1m}\n",
-                    "                        when:\n",
-                    "                        - predicate: requestBodyJSON('/model') == \"big\"\n",
-                    "                        counters:\n",
-                    "                        - expression: auth.identity.userid\n",
-                    "                        - expression: requestBodyJSON('/model')\n",
-                )
-                .into(),
-            ),
-        ],
+        edits: vec![big_model_limit()],
+        mode,
         ..Options::default()
     });
     let chat = |model: &str| {
@@ -320,8 +344,14 @@ fn per_model_limits_read_the_request_body() {
         let served = stack.served_tokens(GOLD);
         stack.await_reported(served);
     }
-    // 22 tokens a request: checks see 0 and 22 (< 30), then 44.
-    assert_eq!(statuses, vec![200, 200, 429]);
+    if mode == Some("checkReport") {
+        // 22 tokens a request: checks see 0 and 22 (< 30), then 44.
+        assert_eq!(statuses, vec![200, 200, 429]);
+    } else {
+        // Each request reserves 21 ("a b": 3 characters, 1 token, + 20) and is served 22:
+        // 0 + 21 fits in 30, 22 + 21 does not.
+        assert_eq!(statuses, vec![200, 429, 429]);
+    }
     let r = chat("big");
     assert_eq!(r.status, 429);
     assert!(r.body.contains("'big-model'"), "{}", r.body);
@@ -334,25 +364,32 @@ fn per_model_limits_read_the_request_body() {
 }
 
 #[test]
-fn a_body_envoy_does_not_deliver_is_refused_not_hung() {
-    // The plugin is told Envoy delivers the body while the headers are held, but Envoy is not
-    // configured so. After 5 s the root context gives up on the request: failure mode deny
-    // refuses it (and every later such request at once), with a log line saying what is missing.
+fn a_body_envoy_does_not_deliver_is_refused_not_hung_in_check_report_mode() {
+    a_body_envoy_does_not_deliver_is_refused_not_hung(Some("checkReport"));
+}
+
+#[test]
+fn a_body_envoy_does_not_deliver_is_refused_not_hung_in_reservation_mode() {
+    a_body_envoy_does_not_deliver_is_refused_not_hung(None);
+}
+
+fn a_body_envoy_does_not_deliver_is_refused_not_hung(mode: Option<&'static str>) {
+    // The plugin is told Envoy delivers the body while the headers are held
+    // (requestBody.allowOnHeadersStopIteration, as shipped), but Envoy is not configured so:
+    // the shipped allow_on_headers_stop_iteration is taken out. After 5 s the root context
+    // gives up on the request: failure mode deny refuses it (and every later such request at
+    // once), with a log line saying what is missing. The body is needed for the big-model
+    // limit's requestBodyJSON() in either mode, and in reservation mode also to reserve what
+    // the request declares.
     let stack = Stack::start(Options {
-        edits: vec![(
-            "                    limits:\n".into(),
-            concat!(
-                "                    requestBody:\n",
-                "                      allowOnHeadersStopIteration: true\n",
-                "                    limits:\n",
-                "                      big-model:\n",
-                "                        rates:\n",
-                "                        - {limit: 30, window: 1m}\n",
-                "                        when:\n",
-                "                        - predicate: requestBodyJSON('/model') == \"big\"\n",
-            )
-            .into(),
-        )],
+        edits: vec![
+            (
+                "                allow_on_headers_stop_iteration: true\n".into(),
+                String::new(),
+            ),
+            big_model_limit(),
+        ],
+        mode,
         ..Options::default()
     });
     let body =

@@ -543,10 +543,15 @@ impl Vm {
         let (logs_before, stderr_before) = {
             let s = self.store.data_mut();
             s.effective = context;
+            s.callback_context = context;
             (s.logs.len(), s.stderr.len())
         };
         let r = f.call(&mut self.store, &params, &mut results);
-        self.store.data_mut().effective = 0;
+        {
+            let s = self.store.data_mut();
+            s.effective = 0;
+            s.callback_context = 0;
+        }
         match r {
             Ok(()) => Ok(results.first().and_then(|v| v.i32())),
             Err(e) => {
@@ -616,13 +621,6 @@ impl Vm {
 
     fn note(&mut self, id: u32, callback: String) {
         self.stream(id).callbacks.push(callback);
-    }
-
-    /// Notes a callback for a context when that context is a stream.
-    fn note_call(&mut self, context: u32, callback: String) {
-        if let Some(s) = self.store.data_mut().streams.get_mut(&context) {
-            s.callbacks.push(callback);
-        }
     }
 
     /// Envoy's after-VM-call actions: a local reply goes out through the encoder filters (this
@@ -1029,14 +1027,13 @@ impl Plugin {
             s.scope.grpc_receive = Some(message);
             s.status = (0, String::new());
         }
-        vm.note_call(
-            call.context_id,
-            format!("proxy_on_grpc_receive(token={token}, {len} bytes)"),
-        );
+        // Envoy delivers the reply to the root context the call belongs to, whichever context
+        // dispatched it (and even if that stream is gone).
+        let root = call.root_context_id;
         let r = vm.run(
             "proxy_on_grpc_receive",
-            call.context_id,
-            &[call.context_id as i32, token as i32, len],
+            root,
+            &[root as i32, token as i32, len],
         );
         vm.store.data_mut().scope = Default::default();
         r.map(|_| ())
@@ -1074,14 +1071,11 @@ impl Plugin {
             };
             s.status = (status, message.to_string());
         }
-        vm.note_call(
-            call.context_id,
-            format!("proxy_on_grpc_close(token={token}, status={status})"),
-        );
+        let root = call.root_context_id;
         let r = vm.run(
             "proxy_on_grpc_close",
-            call.context_id,
-            &[call.context_id as i32, token as i32, status as i32],
+            root,
+            &[root as i32, token as i32, status as i32],
         );
         vm.store.data_mut().status = (0, String::new());
         r.map(|_| ())
@@ -1133,11 +1127,8 @@ impl Plugin {
             vm.store.data_mut().scope.grpc_trailing_metadata = Some(map);
             "proxy_on_grpc_receive_trailing_metadata"
         };
-        let r = vm.run(
-            name,
-            call.context_id,
-            &[call.context_id as i32, token as i32, n],
-        );
+        let root = call.root_context_id;
+        let r = vm.run(name, root, &[root as i32, token as i32, n]);
         vm.store.data_mut().scope = Default::default();
         r.map(|_| ())
     }
@@ -1238,15 +1229,12 @@ impl Plugin {
                 }
             }
         };
-        let ctx = call.context_id as i32;
-        vm.note_call(
-            call.context_id,
-            format!("proxy_on_http_call_response(token={token}, {nh}, {nb}, {nt})"),
-        );
+        // Delivered to the root context the call belongs to, as Envoy does.
+        let root = call.root_context_id;
         let r = vm.run(
             "proxy_on_http_call_response",
-            call.context_id,
-            &[ctx, token as i32, nh as i32, nb as i32, nt as i32],
+            root,
+            &[root as i32, token as i32, nh as i32, nb as i32, nt as i32],
         );
         vm.store.data_mut().scope = Default::default();
         r.map(|_| ())
@@ -1403,6 +1391,12 @@ impl Plugin {
         self.state(|s| s.done_calls.clone())
     }
 
+    /// Every successful `proxy_set_effective_context`, in order: (the context whose callback
+    /// ran, the context it made effective).
+    pub fn effective_context_switches(&self) -> Vec<(u32, u32)> {
+        self.state(|s| s.effective_switches.clone())
+    }
+
     /// Ends the plugin: `proxy_on_done(root)`; when it answers true, `proxy_on_delete(root)`.
     /// Returns what `proxy_on_done` answered (false: the module calls `proxy_done` later).
     pub fn shutdown(&self) -> bool {
@@ -1415,7 +1409,23 @@ impl Plugin {
         let done = vm.run("proxy_on_done", root, &[root as i32])?.unwrap_or(1) != 0;
         if done {
             vm.run("proxy_on_delete", root, &[root as i32])?;
-            vm.store.data_mut().contexts.remove(&root);
+            let s = vm.store.data_mut();
+            s.contexts.remove(&root);
+            // Envoy cancels a root context's outstanding calls when it goes.
+            for c in s
+                .grpc_calls
+                .values_mut()
+                .filter(|c| c.root_context_id == root && c.state == CallState::Pending)
+            {
+                c.state = CallState::CancelledByHost;
+            }
+            for c in s
+                .http_calls
+                .values_mut()
+                .filter(|c| c.root_context_id == root && c.state == CallState::Pending)
+            {
+                c.state = CallState::CancelledByHost;
+            }
         }
         Ok(done)
     }
@@ -1628,8 +1638,8 @@ impl Stream {
         self.headers(Dir::Response, true, trailers, true)
     }
 
-    /// Ends the stream as Envoy does: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`; the
-    /// context's outstanding gRPC and HTTP calls are then cancelled (`CancelledByHost`).
+    /// Ends the stream as Envoy does: `proxy_on_log`, `proxy_on_done`, `proxy_on_delete`. The
+    /// calls it dispatched stay pending (they are the root context's, as in Envoy).
     pub fn finish(&self) {
         self.try_finish().unwrap_or_else(|t| trap_panic(t))
     }
@@ -1671,7 +1681,8 @@ impl Stream {
             != 0)
     }
 
-    /// `proxy_on_delete`, then the host forgets the context and cancels its calls.
+    /// `proxy_on_delete`, then the host forgets the context. Its gRPC and HTTP calls are not
+    /// cancelled: as in Envoy they belong to the root context, and can still be answered.
     pub fn delete(&self) {
         self.try_delete().unwrap_or_else(|t| trap_panic(t))
     }
@@ -1688,20 +1699,8 @@ impl Stream {
         if let Some(st) = s.streams.get_mut(&self.id) {
             st.deleted = true;
         }
-        for c in s
-            .grpc_calls
-            .values_mut()
-            .filter(|c| c.context_id == self.id && c.state == CallState::Pending)
-        {
-            c.state = CallState::CancelledByHost;
-        }
-        for c in s
-            .http_calls
-            .values_mut()
-            .filter(|c| c.context_id == self.id && c.state == CallState::Pending)
-        {
-            c.state = CallState::CancelledByHost;
-        }
+        // The stream's calls are its root context's (Envoy): they stay pending, and their
+        // replies still come, to the root context.
         r.map(|_| ())
     }
 
@@ -1823,7 +1822,21 @@ impl Stream {
             .collect()
     }
 
-    /// gRPC calls this stream made that are still pending.
+    /// The contexts the module made effective (`proxy_set_effective_context`) during this
+    /// stream's callbacks, in order: e.g. `[1, 2]` for a call dispatched as the root context's
+    /// (1) and the stream (2) made effective again.
+    pub fn effective_context_switches(&self) -> Vec<u32> {
+        let vm = self.vm.borrow();
+        vm.store
+            .data()
+            .effective_switches
+            .iter()
+            .filter(|(callback, _)| *callback == self.id)
+            .map(|(_, to)| *to)
+            .collect()
+    }
+
+    /// gRPC calls this stream made (it was the effective context) that are still pending.
     pub fn pending_grpc_calls(&self) -> Vec<GrpcCall> {
         let vm = self.vm.borrow();
         vm.store

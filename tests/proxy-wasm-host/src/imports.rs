@@ -510,6 +510,8 @@ fn proxy_set_effective_context(c: &mut C<'_>, id: i32) -> R {
         return Err(WasmResult::BadArgument.into());
     }
     state.effective = id;
+    let callback = state.callback_context;
+    state.effective_switches.push((callback, id));
     Ok(())
 }
 
@@ -564,11 +566,13 @@ fn proxy_http_call(
     let token = state.next_http_call;
     state.next_http_call += 1;
     let context_id = state.effective;
+    let root_context_id = state.root_of(context_id);
     state.http_calls.insert(
         token,
         HttpCall {
             token,
             context_id,
+            root_context_id,
             upstream,
             headers,
             body,
@@ -605,12 +609,15 @@ fn proxy_grpc_call(
     let state = c.data_mut();
     let token = state.next_grpc_call;
     state.next_grpc_call += 2; // calls odd, streams even, as in proxy-wasm-cpp-host
+                               // Envoy: the call belongs to the root of the effective context, whichever context made it.
     let context_id = state.effective;
+    let root_context_id = state.root_of(context_id);
     state.grpc_calls.insert(
         token,
         GrpcCall {
             token,
             context_id,
+            root_context_id,
             upstream,
             service,
             method,
@@ -647,12 +654,15 @@ fn proxy_grpc_stream(
     let state = c.data_mut();
     let token = state.next_grpc_stream;
     state.next_grpc_stream += 2;
+    // Envoy: the call belongs to the root of the effective context, whichever context made it.
     let context_id = state.effective;
+    let root_context_id = state.root_of(context_id);
     state.grpc_calls.insert(
         token,
         GrpcCall {
             token,
             context_id,
+            root_context_id,
             upstream,
             service,
             method,

@@ -53,7 +53,8 @@ pub enum CallState {
     Failed(u32),
     /// Cancelled (or closed) by the module (`proxy_grpc_cancel` / `proxy_grpc_close`).
     CancelledByModule,
-    /// Cancelled by the host because the context that made it was deleted, as Envoy does.
+    /// Cancelled by the host because the root context it belongs to was deleted, as Envoy does.
+    /// (Deleting a stream cancels nothing: Envoy attributes every call to the root context.)
     CancelledByHost,
 }
 
@@ -61,8 +62,13 @@ pub enum CallState {
 #[derive(Clone, Debug)]
 pub struct GrpcCall {
     pub token: u32,
-    /// The context that dispatched it (its callbacks go there).
+    /// The effective context when the module dispatched it (a stream's callback, or whatever
+    /// context the module made effective with `proxy_set_effective_context`).
     pub context_id: u32,
+    /// The root context the call belongs to, as in Envoy (proxy-wasm-cpp-host dispatches on
+    /// `contextOrEffectiveContext()->root_context()`): its callbacks are delivered with this id,
+    /// and only this context's deletion cancels it.
+    pub root_context_id: u32,
     /// The cluster name (or serialized `GrpcService`), as given.
     pub upstream: String,
     pub service: String,
@@ -103,7 +109,11 @@ impl GrpcCall {
 #[derive(Clone, Debug)]
 pub struct HttpCall {
     pub token: u32,
+    /// The effective context when the module dispatched it.
     pub context_id: u32,
+    /// The root context the call belongs to (its callback is delivered with this id), as for
+    /// [`GrpcCall::root_context_id`].
+    pub root_context_id: u32,
     pub upstream: String,
     pub headers: Pairs,
     pub body: Vec<u8>,
@@ -242,6 +252,11 @@ pub(crate) struct HostState {
     pub streams: BTreeMap<u32, StreamState>,
     /// The context host calls act on (`proxy_set_effective_context` changes it).
     pub effective: u32,
+    /// The context whose callback runs (0 outside any callback).
+    pub callback_context: u32,
+    /// Successful `proxy_set_effective_context` calls: (the context whose callback ran, the
+    /// context made effective).
+    pub effective_switches: Vec<(u32, u32)>,
     pub scope: CallbackScope,
     /// (code, message) returned by `proxy_get_status` during a gRPC callback.
     pub status: (u32, String),
@@ -291,6 +306,8 @@ impl HostState {
             contexts: BTreeMap::new(),
             streams: BTreeMap::new(),
             effective: 0,
+            callback_context: 0,
+            effective_switches: Vec::new(),
             scope: CallbackScope::default(),
             status: (0, String::new()),
             properties: HashMap::new(),
@@ -318,6 +335,16 @@ impl HostState {
             shared,
             done_calls: Vec::new(),
             exit_code: None,
+        }
+    }
+
+    /// The root context of context `id` (itself for a root context). Envoy attributes gRPC and
+    /// HTTP calls to it.
+    pub fn root_of(&self, id: u32) -> u32 {
+        match self.contexts.get(&id) {
+            Some(0) => id,
+            Some(root) => *root,
+            None => self.root_id,
         }
     }
 

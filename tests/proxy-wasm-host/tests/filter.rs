@@ -152,7 +152,8 @@ fn assert_denied_on(failure: Failure) {
     assert!(tick(&plugin).is_empty(), "a refused request costs nothing");
 }
 
-/// `failureMode: allow`: the request goes on, and its tokens are still reported.
+/// `failureMode: allow`: the request goes on, and its tokens are still reported: at once, as the
+/// failed check said nothing about the budget left.
 fn assert_allowed_on(failure: Failure) {
     let (plugin, stream) = check_failing("allow", failure);
     assert_eq!(stream.local_reply(), None);
@@ -164,7 +165,7 @@ fn assert_allowed_on(failure: Failure) {
     respond(&stream, Some("application/json"), &[&openai_json(3, 4)]);
     stream.finish();
     assert_eq!(
-        tick_delivered(&plugin),
+        delivered_at_once(&plugin),
         vec![(user_descriptor("free", "alice"), 7)]
     );
 }
@@ -467,7 +468,7 @@ fn assert_tuned(plugin: &Plugin) {
         entries_of(&check),
         pairs(&[("limit.free", "1"), ("auth.identity.userid", "alice")])
     );
-    answer(plugin, &stream, &ok());
+    answer(plugin, &stream, &ok_with_room());
     respond(&stream, Some("application/json"), &[&openai_json(1, 2)]);
     stream.finish();
     let reports = tick(plugin);
@@ -538,7 +539,11 @@ fn a_path_predicate_selects_the_requests_that_are_checked() {
         0
     );
     // Per-request counters reach Envoy's stats on the root context's tick.
-    assert_eq!(metric(&plugin, "requests_checked"), 0, "not before the tick");
+    assert_eq!(
+        metric(&plugin, "requests_checked"),
+        0,
+        "not before the tick"
+    );
     plugin.tick();
     assert_eq!(metric(&plugin, "requests_checked"), 1);
 }
@@ -1040,8 +1045,9 @@ fn a_gzip_response_is_counted_and_accept_encoding_keeps_readable_codings() {
     );
     stream.finish();
     assert_eq!(
-        tick_delivered(&plugin),
-        vec![(user_descriptor("free", "alice"), 42)]
+        delivered_at_once(&plugin),
+        vec![(user_descriptor("free", "alice"), 42)],
+        "no statuses in the check: reported at once"
     );
 
     // Nothing readable left: the header goes (identity).
@@ -1307,6 +1313,127 @@ fn a_reconfiguration_keeps_the_tokens_still_owed() {
     );
 }
 
+// Reports sent at once: when the tokens not yet reported reach what the check said remains (the
+// most restrictive status), or when the check said nothing (no statuses, as Limitador answers),
+// the stream dispatches the reports at its end, as the root context's calls.
+
+/// Alice's chat request checked with `check`, answered with `prompt` + `completion` tokens in one
+/// JSON chunk that ends the stream (not finished yet).
+fn served_with(
+    plugin: &Plugin,
+    check: &ratelimit_proto::RateLimitResponse,
+    prompt: u64,
+    completion: u64,
+) -> Stream {
+    let stream = post(plugin, Some("alice"), CHAT, &[]);
+    stream.request_body(REQUEST_BODY, true);
+    answer(plugin, &stream, check);
+    assert_eq!(stream.request_resumed(), 1);
+    respond(
+        &stream,
+        Some("application/json"),
+        &[&openai_json(prompt, completion)],
+    );
+    stream
+}
+
+#[test]
+fn a_check_with_little_room_left_sends_the_report_at_once_from_the_root_context() {
+    let plugin = Config::tutorial().start();
+    let little = reply(
+        Code::Ok,
+        vec![status(Code::Ok, "free", 50, 5, Duration::from_secs(30))],
+    );
+    let stream = served_with(&plugin, &little, 3, 4);
+    // At the end of the stream (its last body chunk), before the log phase and the tick.
+    let reports = pending_reports(&plugin);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let report = &reports[0];
+    assert_eq!(
+        report.call.full_method(),
+        "kuadrant.service.ratelimit.v1.RateLimitService/Report"
+    );
+    assert_eq!(
+        report.call.context_id,
+        plugin.root_context_id(),
+        "dispatched as the root's call"
+    );
+    assert_eq!(report.call.root_context_id, plugin.root_context_id());
+    assert_eq!(
+        stream.effective_context_switches(),
+        [plugin.root_context_id(), stream.id()],
+        "the root made effective for the dispatch, then the stream again"
+    );
+    assert_eq!(
+        (report.entries(), report.hits()),
+        (user_descriptor("free", "alice"), 7)
+    );
+    assert_eq!(metric(&plugin, "reports_sent"), 1);
+    plugin.reply_grpc_message(report.call.token, &ok());
+    stream.finish();
+    assert!(tick(&plugin).is_empty(), "sent once");
+    assert_eq!(metric(&plugin, "tokens_reported.total"), 7);
+}
+
+#[test]
+fn a_check_without_statuses_sends_the_report_at_once_as_limitador_answers() {
+    let plugin = Config::tutorial().start();
+    let stream = served_with(&plugin, &ok(), 2, 9);
+    assert_eq!(
+        stream.effective_context_switches(),
+        [plugin.root_context_id(), stream.id()]
+    );
+    stream.finish();
+    assert_eq!(
+        delivered_at_once(&plugin),
+        vec![(user_descriptor("free", "alice"), 11)]
+    );
+}
+
+#[test]
+fn reports_wait_for_the_tick_until_the_unreported_tokens_reach_the_remaining_budget() {
+    let plugin = Config::tutorial().start();
+    let ten_left = reply(
+        Code::Ok,
+        vec![
+            status(Code::Ok, "daily", 1000, 900, Duration::from_secs(3600)),
+            status(Code::Ok, "free", 50, 10, Duration::from_secs(30)),
+        ],
+    );
+    // 4, then 4 + 5 = 9 tokens unreported: fewer than the 10 the check said remain.
+    for (prompt, completion) in [(1, 3), (2, 3)] {
+        let stream = served_with(&plugin, &ten_left, prompt, completion);
+        stream.finish();
+        assert!(pending_reports(&plugin).is_empty(), "waits for the tick");
+        assert!(stream.effective_context_switches().is_empty());
+    }
+    // 9 + 3 = 12 ≥ 10: everything unreported goes at once, summed.
+    let stream = served_with(&plugin, &ten_left, 1, 2);
+    stream.finish();
+    assert_eq!(
+        delivered_at_once(&plugin),
+        vec![(user_descriptor("free", "alice"), 12)]
+    );
+    assert_eq!(metric(&plugin, "reports_sent"), 1);
+}
+
+#[test]
+fn a_report_sent_at_once_that_fails_is_retried_on_the_tick() {
+    let plugin = Config::tutorial().start();
+    served_with(&plugin, &ok(), 5, 5).finish();
+    let at_once = pending_reports(&plugin);
+    assert_eq!(at_once.len(), 1);
+    plugin.fail_grpc(at_once[0].call.token, grpc_status::UNAVAILABLE, "down");
+    assert_eq!(metric(&plugin, "reports_retried"), 1);
+    assert_eq!(
+        tick_delivered(&plugin),
+        vec![(user_descriptor("free", "alice"), 10)]
+    );
+    assert!(tick(&plugin).is_empty());
+    assert_eq!(metric(&plugin, "reports_sent"), 2);
+    assert_eq!(metric(&plugin, "reports_dropped"), 0);
+}
+
 // =============================================================================================
 // Aborted streams
 
@@ -1331,9 +1458,9 @@ fn an_abort_after_the_usage_chunk_charges_the_reported_usage() {
     assert_eq!(metric(&plugin, "usage_missing"), 0);
 }
 
-/// Alice's request with a body in two chunks, aborted after the first SSE event of the
-/// response (no usage); returns the estimate of the bytes seen.
-fn abort_without_usage(plugin: &Plugin) -> u32 {
+/// Alice's request with a body in two chunks, checked OK without statuses, aborted after the first
+/// SSE event of the response (no usage); returns the stream and the estimate of the bytes seen.
+fn abort_without_usage(plugin: &Plugin) -> (Stream, u32) {
     let stream = post(plugin, Some("alice"), CHAT, &[]);
     let (first, second) = REQUEST_BODY.split_at(20);
     assert_eq!(stream.request_body(first, false), Action::Buffered);
@@ -1343,15 +1470,20 @@ fn abort_without_usage(plugin: &Plugin) -> u32 {
     let partial = event(r#"{"choices":[{"index":0,"delta":{"content":"Hello"}}]}"#);
     stream.response_body(&partial, false);
     stream.finish();
-    estimate(REQUEST_BODY.len(), partial.len())
+    (stream, estimate(REQUEST_BODY.len(), partial.len()))
 }
 
 #[test]
-fn an_abort_without_usage_charges_the_estimate() {
+fn an_abort_without_usage_charges_the_estimate_reported_at_once_from_on_log() {
     let plugin = Config::tutorial().start();
-    let expected = abort_without_usage(&plugin);
+    let (stream, expected) = abort_without_usage(&plugin);
     assert_eq!(
-        tick_delivered(&plugin),
+        stream.effective_context_switches(),
+        [plugin.root_context_id(), stream.id()],
+        "on_log made the root effective to dispatch the report, then the stream again"
+    );
+    assert_eq!(
+        delivered_at_once(&plugin),
         vec![(user_descriptor("free", "alice"), expected)]
     );
     assert_eq!(metric(&plugin, "usage_missing"), 1);
@@ -1375,7 +1507,7 @@ fn an_abort_without_usage_under_fallback_fixed_charges_fixed_tokens() {
         .start();
     abort_without_usage(&plugin);
     assert_eq!(
-        tick_delivered(&plugin),
+        delivered_at_once(&plugin),
         vec![(user_descriptor("free", "alice"), 100)]
     );
     assert_eq!(metric(&plugin, "usage_fixed"), 1);
@@ -1511,7 +1643,7 @@ fn invalid_utf8_never_traps() {
     stream.response_body(&sse, true);
     stream.finish();
     assert_eq!(
-        tick_delivered(&plugin),
+        delivered_at_once(&plugin),
         vec![(user_descriptor("free", "\u{fffd}al\u{fffd}"), 7)]
     );
 
@@ -1556,7 +1688,7 @@ fn huge_headers_never_trap() {
     response_headers(&stream, Some("application/json"), &[("x-big", &big)]);
     stream.response_body(openai_json(2, 3), true);
     stream.finish();
-    let reports = tick_delivered(&plugin);
+    let reports = delivered_at_once(&plugin);
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].1, 5);
     assert_eq!(plugin.trap().map(|t| t.to_string()), None);
@@ -1616,24 +1748,51 @@ fn ticks_with_nothing_to_do_send_nothing() {
     assert_eq!(metric(&plugin, "reports_sent"), 0);
 }
 
-/// The client goes away while the check is in flight: Envoy deletes the stream and cancels its
-/// call. Returns the plugin after ticking once more.
-fn finished_before_the_check_reply(config: Config) -> Plugin {
+/// The client goes away while the check is in flight: Envoy deletes the stream, but not the
+/// check's call, which belongs to the root context; its reply comes later, to the root context,
+/// as `answer` says. Returns the plugin after the reply.
+fn check_answered_after_the_stream_was_deleted(
+    config: Config,
+    answer: impl FnOnce(&Plugin, u32),
+) -> Plugin {
     let plugin = config.start();
     let stream = post(&plugin, Some("alice"), CHAT, &[]);
     stream.request_body(REQUEST_BODY, true);
-    let token = check_of(&stream).token;
+    let check = check_of(&stream);
+    assert_eq!(check.context_id, stream.id());
+    assert_eq!(check.root_context_id, plugin.root_context_id());
     stream.finish();
-    assert_eq!(plugin.grpc_call(token).state, CallState::CancelledByHost);
-    assert_eq!(stream.request_resumed(), 0);
-    assert_eq!(metric(&plugin, "requests_allowed"), 0);
+    assert_eq!(
+        plugin.grpc_call(check.token).state,
+        CallState::Pending,
+        "the stream's end cancels nothing"
+    );
+    answer(&plugin, check.token);
     assert_eq!(plugin.trap().map(|t| t.to_string()), None);
+    assert!(
+        plugin.effective_context_switches().is_empty(),
+        "the module routes the reply nowhere: its stream is gone"
+    );
+    assert_eq!(stream.request_resumed(), 0);
+    assert_eq!(stream.local_reply(), None);
+    assert!(
+        plugin.pending_grpc_calls().is_empty(),
+        "{:?}",
+        plugin.pending_grpc_calls()
+    );
+    plugin.tick();
+    assert_eq!(metric(&plugin, "requests_allowed"), 0);
+    assert_eq!(metric(&plugin, "requests_limited"), 0);
+    assert_eq!(metric(&plugin, "service_errors"), 0);
+    assert_eq!(metric(&plugin, "failure_mode_denied"), 0);
     plugin
 }
 
 #[test]
-fn a_stream_finished_before_the_check_reply_cancels_the_check() {
-    let plugin = finished_before_the_check_reply(Config::tutorial());
+fn a_check_reply_after_the_stream_was_deleted_changes_nothing_and_costs_nothing() {
+    let plugin = check_answered_after_the_stream_was_deleted(Config::tutorial(), |p, token| {
+        p.reply_grpc_message(token, &ok())
+    });
     assert!(tick(&plugin).is_empty(), "the upstream never saw it");
     // The next request works.
     serve(
@@ -1650,11 +1809,40 @@ fn a_stream_finished_before_the_check_reply_cancels_the_check() {
 }
 
 #[test]
-fn a_stream_finished_before_the_check_reply_is_not_charged_the_fixed_fallback() {
-    let plugin = finished_before_the_check_reply(
+fn an_over_limit_or_failed_check_reply_after_the_stream_was_deleted_changes_nothing() {
+    let over = reply(
+        Code::OverLimit,
+        vec![status(
+            Code::OverLimit,
+            "free",
+            50,
+            0,
+            Duration::from_secs(9),
+        )],
+    );
+    let plugin = check_answered_after_the_stream_was_deleted(Config::tutorial(), |p, token| {
+        p.reply_grpc_message(token, &over)
+    });
+    assert!(tick(&plugin).is_empty());
+    let plugin = check_answered_after_the_stream_was_deleted(Config::tutorial(), |p, token| {
+        p.fail_grpc(token, grpc_status::UNAVAILABLE, "down")
+    });
+    assert!(tick(&plugin).is_empty());
+    let plugin = check_answered_after_the_stream_was_deleted(
+        Config::tutorial().failure_mode("allow"),
+        |p, token| p.timeout_grpc(token),
+    );
+    assert!(tick(&plugin).is_empty());
+    assert_eq!(metric(&plugin, "failure_mode_allowed"), 0);
+}
+
+#[test]
+fn a_stream_deleted_before_its_check_reply_is_not_charged_the_fixed_fallback() {
+    let plugin = check_answered_after_the_stream_was_deleted(
         Config::tutorial()
             .fallback("fixed")
             .set(&["usage", "fixedTokens"], json!(100)),
+        |p, token| p.reply_grpc_message(token, &ok()),
     );
     assert!(tick(&plugin).is_empty(), "the upstream never saw it");
     assert_eq!(metric(&plugin, "usage_fixed"), 0);

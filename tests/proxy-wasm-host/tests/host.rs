@@ -6,7 +6,9 @@ mod common;
 use common::{host, CONFIG, USERID};
 use prost::Message;
 use proxy_wasm_host::{Action, CallState, LogLevel};
-use ratelimit_proto::{Code, RateLimitRequest, RateLimitResponse};
+use ratelimit_proto::{
+    Code, DescriptorStatus, RateLimit, RateLimitRequest, RateLimitResponse, Unit,
+};
 
 #[test]
 fn the_module_loads_and_every_import_is_implemented() {
@@ -211,7 +213,22 @@ fn usage_in_the_response_is_reported_from_the_root_context_on_tick() {
         overall_code: Code::Ok as i32,
         ..Default::default()
     };
-    plugin.reply_grpc_message(plugin.pending_grpc_calls()[0].token, &ok);
+    // Plenty of tokens left: the report waits for the tick (with little left, or no statuses at
+    // all, the filter would send it at once from the stream's end).
+    let with_room = RateLimitResponse {
+        statuses: vec![DescriptorStatus {
+            code: Code::Ok as i32,
+            current_limit: Some(RateLimit {
+                name: "free".into(),
+                requests_per_unit: 1_000_000,
+                unit: Unit::Minute as i32,
+            }),
+            limit_remaining: 1_000_000,
+            duration_until_reset: None,
+        }],
+        ..ok.clone()
+    };
+    plugin.reply_grpc_message(plugin.pending_grpc_calls()[0].token, &with_room);
 
     assert_eq!(
         stream.response_headers(
@@ -242,6 +259,58 @@ fn usage_in_the_response_is_reported_from_the_root_context_on_tick() {
     assert_eq!(reports[0].decode::<RateLimitRequest>().hits_addend, 12);
     plugin.reply_grpc_message(reports[0].token, &ok);
     assert_eq!(plugin.metric("token_ratelimit.reports_sent"), Some(1));
+}
+
+/// Envoy attributes every gRPC call to the root context (proxy-wasm-cpp-host dispatches it on
+/// `contextOrEffectiveContext()->root_context()`): its reply comes with the root context's id,
+/// whichever context dispatched it, and a stream's end cancels nothing; the root context's end
+/// cancels its calls.
+#[test]
+fn a_streams_grpc_call_belongs_to_the_root_context_and_outlives_the_stream() {
+    let plugin = host().plugin(CONFIG).unwrap();
+    let root = plugin.root_context_id();
+    let ok = RateLimitResponse {
+        overall_code: Code::Ok as i32,
+        ..Default::default()
+    };
+    let checked = |user: &str| {
+        let stream = plugin.http_stream();
+        stream.set_property_str(USERID, user);
+        stream.request_headers(
+            &[(":method", "POST"), (":path", "/v1/chat/completions")],
+            true,
+        );
+        let calls = stream.pending_grpc_calls();
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0].context_id, stream.id(), "dispatched by the stream");
+        assert_eq!(calls[0].root_context_id, root, "the root context's call");
+        (stream, calls[0].token)
+    };
+
+    // Answered while the stream lives: delivered to the root context, which the module hands
+    // to the stream (it makes the stream effective to resume it).
+    let (stream, token) = checked("alice");
+    plugin.reply_grpc_message(token, &ok);
+    assert_eq!(plugin.effective_context_switches(), [(root, stream.id())]);
+    assert_eq!(stream.request_resumed(), 1);
+
+    // Deleted with its call in flight: the call stays pending and can still be answered.
+    let (gone, token) = checked("bob");
+    gone.finish();
+    assert_eq!(plugin.grpc_call(token).state, CallState::Pending);
+    plugin.reply_grpc_message(token, &ok);
+    assert_eq!(plugin.grpc_call(token).state, CallState::Answered);
+    assert_eq!(
+        plugin.effective_context_switches().len(),
+        1,
+        "the module had no stream to hand it to"
+    );
+    assert_eq!(plugin.trap().map(|t| t.to_string()), None);
+
+    // The root context's end cancels what it still has in flight.
+    let (_stream, token) = checked("carol");
+    assert!(plugin.shutdown());
+    assert_eq!(plugin.grpc_call(token).state, CallState::CancelledByHost);
 }
 
 #[test]

@@ -285,8 +285,28 @@ pub fn reply(code: Code, statuses: Vec<DescriptorStatus>) -> RateLimitResponse {
     }
 }
 
+/// OK without statuses, as Limitador answers: the filter knows nothing of the budget left, so it
+/// sends the request's report at once, at the end of the stream.
 pub fn ok() -> RateLimitResponse {
     reply(Code::Ok, vec![])
+}
+
+/// Tokens a [`ok_with_room`] check says remain: more than any scenario spends.
+pub const ROOM: u32 = u32::MAX;
+
+/// OK with a status that leaves plenty of tokens ([`ROOM`]): the request's report waits for the
+/// root context's tick (the scenarios of aggregation, retries and report contents use it).
+pub fn ok_with_room() -> RateLimitResponse {
+    reply(
+        Code::Ok,
+        vec![status(
+            Code::Ok,
+            "room",
+            ROOM,
+            ROOM,
+            Duration::from_secs(60),
+        )],
+    )
 }
 
 /// The status of one limit: `remaining` of `per_unit` tokens a minute, resetting in `reset`.
@@ -317,12 +337,12 @@ pub fn answer(plugin: &Plugin, stream: &Stream, response: &RateLimitResponse) {
     plugin.reply_grpc(check_of(stream).token, response.encode_to_vec());
 }
 
-/// A request of `user` to `path` with `body`, allowed by the service (its body reaches the filter
-/// after the check).
+/// A request of `user` to `path` with `body`, allowed by the service with plenty of room (its
+/// body reaches the filter after the check; its report waits for the tick).
 pub fn allowed(plugin: &Plugin, user: &str, path: &str, body: &[u8]) -> Stream {
     let stream = post(plugin, Some(user), path, &[]);
     stream.request_body(body, true);
-    answer(plugin, &stream, &ok());
+    answer(plugin, &stream, &ok_with_room());
     assert_eq!(stream.request_resumed(), 1, "allowed requests resume");
     stream
 }
@@ -444,6 +464,30 @@ pub fn tick(plugin: &Plugin) -> Vec<Report> {
         assert!(r.hits() > 0, "no report of 0 tokens: {r:?}");
     }
     reports
+}
+
+/// The reports the filter dispatched at once (from a stream's end, not on the tick), which
+/// the service accepts: `(descriptor entries, hits)` per report. Each was the root context's call
+/// (the stream made the root effective to dispatch it), and a tick then sends nothing more.
+pub fn delivered_at_once(plugin: &Plugin) -> Vec<(Vec<(String, String)>, u32)> {
+    let reports = pending_reports(plugin);
+    assert!(!reports.is_empty(), "a report was sent at once");
+    let delivered = reports
+        .into_iter()
+        .map(|r| {
+            assert_eq!(
+                r.call.context_id,
+                plugin.root_context_id(),
+                "dispatched as the root context's call: {r:?}"
+            );
+            assert_eq!(r.call.root_context_id, plugin.root_context_id());
+            assert_eq!(r.request.domain, "llm");
+            plugin.reply_grpc_message(r.call.token, &ok());
+            (r.entries(), r.hits())
+        })
+        .collect();
+    assert!(tick(plugin).is_empty(), "sent once");
+    delivered
 }
 
 /// One tick whose reports the service accepts: `(descriptor entries, hits)` per report.
