@@ -502,6 +502,33 @@ fn an_envoy_killed_mid_request_leaves_a_hold_that_expires_after_the_services_max
     }));
 }
 
+/// A request that outlives its hold (a 2 s answer, a 1 s hold) is still charged in full: its
+/// commit adds what was served although the hold had expired, and the filter counts it.
+#[test]
+fn a_request_that_outlives_its_hold_is_charged_in_full_and_counted() {
+    let stack = stack(Some("reservation"), vec![reservation_ttl("1s")]);
+    let r = stack.post_with(
+        "/v1/chat/completions",
+        Some(GOLD),
+        &chat_body(3, 40, false),
+        &[("x-simulator-latency-ms", "2000")],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let served = usage_total(&r);
+    assert_eq!(stack.served_tokens(GOLD), served);
+    assert_eq!(settled_charge(&stack), served);
+    assert!(
+        wait_until("the expired hold counted", WAIT, || stat(
+            &stack,
+            "reservations_expired"
+        ) == 1),
+        "reservations_expired: {}",
+        stat(&stack, "reservations_expired")
+    );
+    let c = stack.counter_of("user-2").expect("the counter");
+    assert_eq!((c.value, c.reserved), (served, 0));
+}
+
 // ---------------------------------------------------------------------------------------------
 // checkReport: a request right after one that spent the budget
 
