@@ -8,6 +8,7 @@ pub mod metrics;
 #[cfg(any(test, feature = "test-util"))]
 pub mod mock;
 pub mod root;
+mod spent;
 pub mod stream;
 
 pub(crate) use host::host_log;

@@ -440,8 +440,8 @@ impl StreamFilter {
             RESERVE
         };
         if method == CHECK_RATE_LIMIT {
-            let key = spent_key(calls.first().map_or(&[][..], Vec::as_slice));
-            if let Some(status) = spent_status(host, &key) {
+            let key = super::spent::key(calls.first().map_or(&[][..], Vec::as_slice));
+            if let Some(status) = super::spent::status(host, &key) {
                 // A request of the same counters, on any worker, spent what remained: the
                 // service will refuse once its report lands; refuse now.
                 let verdict = self.flow.refuse_spent(status);
@@ -715,29 +715,11 @@ impl StreamFilter {
         }
     }
 
-    /// Marks this request's counters as spent in the data every worker's VM shares, until the
-    /// window resets: a check on another worker, made before the service has applied the
-    /// report, could still pass. Only when the check said what remained and this request spent
-    /// it (`spent`: its fewest tokens in any category; without statuses, as behind Limitador,
-    /// nothing is known of the counter).
+    /// Marks this request's counters spent for every worker (see [`super::spent::mark`]).
     fn mark_spent(&self, host: &mut impl Host, spent: u64) {
-        let (Some(key), Some(status)) = (&self.spent_key, self.flow.restrictive()) else {
-            return;
-        };
-        if u64::from(status.limit_remaining) > spent {
-            return;
+        if let (Some(key), Some(status)) = (&self.spent_key, self.flow.restrictive()) {
+            super::spent::mark(host, key, status, spent);
         }
-        let reset = status
-            .duration_until_reset
-            .as_ref()
-            .map_or(0, |d| u64::try_from(d.seconds).unwrap_or(0));
-        if reset == 0 {
-            return;
-        }
-        let now = unix_secs(host);
-        let mut value = now.saturating_add(reset).to_le_bytes().to_vec();
-        value.extend_from_slice(&prost::Message::encode_to_vec(status));
-        host.set_shared_data(key, &value);
     }
 
     /// Dispatches the queued commits (and reports, with `reports`) now, as the root context's
@@ -813,42 +795,4 @@ fn record_service_failure(
     if *failure == ServiceFailure::Grpc(GRPC_DEADLINE_EXCEEDED) {
         metrics.inc(host, names::SERVICE_TIMEOUTS);
     }
-}
-
-/// The shared-data key of a check request's counters: `token_ratelimit.spent.` and the
-/// request's bytes (domain and descriptor) in hex.
-fn spent_key(check: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut key = String::with_capacity(22 + check.len() * 2);
-    key.push_str("token_ratelimit.spent.");
-    for b in check {
-        let _ = write!(key, "{b:02x}");
-    }
-    key
-}
-
-/// Seconds since the Unix epoch, by the proxy's clock.
-fn unix_secs(host: &mut impl Host) -> u64 {
-    host.now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// The status a still-running mark at `key` carries (see [`StreamFilter::mark_spent`]):
-/// 8 bytes of the window's end (Unix seconds, little-endian), then the encoded status; its
-/// `duration_until_reset` becomes the time left. `None`: no mark, or one whose window ended.
-fn spent_status(host: &mut impl Host, key: &str) -> Option<ratelimit_proto::DescriptorStatus> {
-    let value = host.shared_data(key)?;
-    let (end, status) = value.split_at_checked(8)?;
-    let end = u64::from_le_bytes(end.try_into().ok()?);
-    let now = unix_secs(host);
-    if end <= now {
-        return None;
-    }
-    let mut status = <ratelimit_proto::DescriptorStatus as prost::Message>::decode(status).ok()?;
-    status.duration_until_reset = Some(prost_types::Duration {
-        seconds: i64::try_from(end - now).unwrap_or(i64::MAX),
-        nanos: 0,
-    });
-    Some(status)
 }
