@@ -46,8 +46,9 @@ pub struct StreamFilter {
     check_token: Option<u32>,
     /// Reservation mode: the `Reserve` calls not answered yet, with their reservation's index.
     reserve_tokens: Vec<(u32, usize)>,
-    /// checkReport mode: the shared-data key marking this request's counters as spent.
-    spent_key: Option<String>,
+    /// checkReport mode: the shared-data key marking this request's counters as spent, and
+    /// the check request's bytes.
+    spent_key: Option<(String, Vec<u8>)>,
     path: String,
     body_mode: BodyMode,
     /// Bytes the proxy holds for us (we paused body iteration).
@@ -440,14 +441,15 @@ impl StreamFilter {
             RESERVE
         };
         if method == CHECK_RATE_LIMIT {
-            let key = super::spent::key(calls.first().map_or(&[][..], Vec::as_slice));
-            if let Some(status) = super::spent::status(host, &key) {
+            let check = calls.first().map_or(&[][..], Vec::as_slice);
+            let key = super::spent::key(check);
+            if let Some(status) = super::spent::status(host, &key, check) {
                 // A request of the same counters, on any worker, spent what remained: the
                 // service will refuse once its report lands; refuse now.
                 let verdict = self.flow.refuse_spent(status);
                 return self.apply(host, policy, verdict, false);
             }
-            self.spent_key = Some(key);
+            self.spent_key = Some((key, check.to_vec()));
         }
         self.admit(host, policy, method, calls)
     }
@@ -717,8 +719,8 @@ impl StreamFilter {
 
     /// Marks this request's counters spent for every worker (see [`super::spent::mark`]).
     fn mark_spent(&self, host: &mut impl Host, spent: u64) {
-        if let (Some(key), Some(status)) = (&self.spent_key, self.flow.restrictive()) {
-            super::spent::mark(host, key, status, spent);
+        if let (Some((key, check)), Some(status)) = (&self.spent_key, self.flow.restrictive()) {
+            super::spent::mark(host, key, check, status, spent);
         }
     }
 
