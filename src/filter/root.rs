@@ -342,14 +342,7 @@ pub(crate) fn dispatch_queued(
             reservation_id: commit.reservation_id.clone(),
             actual_amount: commit.actual,
         };
-        let bytes = request.encode_to_vec();
-        let result = host.dispatch_grpc(&GrpcCall {
-            cluster: &policy.service.cluster,
-            service: KUADRANT_SERVICE,
-            method: COMMIT,
-            message: &bytes,
-            timeout: policy.service.report_timeout,
-        });
+        let result = charge_call(host, policy, COMMIT, &request.encode_to_vec());
         let mut shared = shared.borrow_mut();
         match result {
             Ok(token) => {
@@ -373,14 +366,7 @@ pub(crate) fn dispatch_queued(
             descriptors: vec![report.descriptor.clone()],
             hits_addend: report.hits,
         };
-        let bytes = request.encode_to_vec();
-        let result = host.dispatch_grpc(&GrpcCall {
-            cluster: &policy.service.cluster,
-            service: KUADRANT_SERVICE,
-            method: REPORT,
-            message: &bytes,
-            timeout: policy.service.report_timeout,
-        });
+        let result = charge_call(host, policy, REPORT, &request.encode_to_vec());
         let mut shared = shared.borrow_mut();
         match result {
             Ok(token) => {
@@ -394,6 +380,23 @@ pub(crate) fn dispatch_queued(
             }
         }
     }
+}
+
+/// Dispatches a `Commit` or `Report` (`method`) of `message` to the rate-limit service, with the
+/// reporting timeout.
+fn charge_call(
+    host: &mut impl Host,
+    policy: &Policy,
+    method: &str,
+    message: &[u8],
+) -> Result<u32, String> {
+    host.dispatch_grpc(&GrpcCall {
+        cluster: &policy.service.cluster,
+        service: KUADRANT_SERVICE,
+        method,
+        message,
+        timeout: policy.service.report_timeout,
+    })
 }
 
 /// Logs and counts what became of a commit's call.
