@@ -108,11 +108,6 @@ impl Reservations {
         &self.plans
     }
 
-    /// Where each reservation stands, in plan order.
-    pub fn holds(&self) -> &[Hold] {
-        &self.holds
-    }
-
     /// The statuses the answers carried.
     pub fn statuses(&self) -> &[DescriptorStatus] {
         &self.statuses

@@ -116,11 +116,6 @@ impl Metrics {
         }
     }
 
-    /// The [`Hot`] count gathered since the last flush (for tests and diagnostics).
-    pub fn pending(&self, counter: Hot) -> u64 {
-        self.hot.get(counter as usize).copied().unwrap_or(0)
-    }
-
     /// Adds the [`Hot`] counts gathered since the last flush to the proxy's counters.
     pub fn flush(&mut self, host: &mut impl Host) {
         for (i, name) in HOT_NAMES.iter().enumerate() {

@@ -145,11 +145,6 @@ impl RootFilter {
         self.policy.as_ref()
     }
 
-    /// The state shared with the streams (for inspection in tests).
-    pub fn shared(&self) -> &SharedRef {
-        &self.shared
-    }
-
     /// Reads and compiles the plugin configuration. `false` refuses it: the proxy then keeps
     /// the previous configuration (or none). Tokens the previous configuration still owes
     /// are kept and reported under the new one's service settings.

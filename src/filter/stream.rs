@@ -131,11 +131,6 @@ impl StreamFilter {
         }
     }
 
-    /// The per-request state (for inspection in tests).
-    pub fn flow(&self) -> &RequestFlow {
-        &self.flow
-    }
-
     /// What the filter does with the request body now.
     pub fn body_mode(&self) -> BodyMode {
         self.body_mode
