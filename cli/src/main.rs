@@ -1,6 +1,6 @@
-//! `token-ratelimit`: validates a plugin configuration with the filter's own code and prints the
-//! matching Limitador `limits.yaml`; a Kuadrant `TokenRateLimitPolicy` is read as the plugin
-//! configuration it makes.
+//! `token-ratelimit`: validates a plugin configuration with the filter's own code, prints the
+//! matching Limitador `limits.yaml`, and turns a Kuadrant `TokenRateLimitPolicy` into the Istio
+//! resources that enforce it with token-ratelimit.
 //!
 //! The FILE of `validate`, `limits` and `json` is either
 //! - a plugin configuration: the configuration itself (YAML or JSON), an Envoy configuration
@@ -13,8 +13,12 @@
 //!   the flags `--cluster`, `--domain`, `--timeout`, `--failure-mode`, `--mode` and
 //!   `--auth-namespace` (refused with a plugin configuration, which sets them itself). A file
 //!   may hold one policy, or plugin configurations, not both.
+//!
+//! `wasmplugin` reads a policy only and prints a `WasmPlugin` and the `limitador-limits`
+//! ConfigMap for `kubectl apply -f -` (see `wasmplugin.rs` and docs/KUADRANT.md).
 
 mod trlp;
+mod wasmplugin;
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -62,6 +66,23 @@ enum Command {
         file: PathBuf,
         #[command(flatten)]
         service: ServiceFlags,
+    },
+    /// Print an Istio WasmPlugin enforcing a TokenRateLimitPolicy with token-ratelimit, and the
+    /// ConfigMap `limitador-limits` (kuadrant-system) with its Limitador limits, for
+    /// `kubectl apply -f -`.
+    Wasmplugin {
+        /// Kuadrant TokenRateLimitPolicy manifest (YAML or JSON).
+        file: PathBuf,
+        #[command(flatten)]
+        service: ServiceFlags,
+        /// Address of the token-ratelimit module (an OCI image, or https://...).
+        #[arg(long, value_name = "URL", default_value = wasmplugin::DEFAULT_URL)]
+        url: String,
+        /// Gateway (in the policy's namespace) the WasmPlugin targets instead of the policy's
+        /// target; needed for a policy that targets an HTTPRoute or a Gateway listener, whose
+        /// limits then apply to all the Gateway's traffic their `when` predicates match.
+        #[arg(long, value_name = "NAME")]
+        gateway: Option<String>,
     },
 }
 
@@ -183,7 +204,8 @@ fn command_line() -> String {
 fn run(cli: Cli) -> Result<(), String> {
     let (Command::Validate { file, service }
     | Command::Limits { file, service }
-    | Command::Json { file, service }) = &cli.command;
+    | Command::Json { file, service }
+    | Command::Wasmplugin { file, service, .. }) = &cli.command;
     let at_file = |e: String| format!("{}: {e}", file.display());
     let (loaded, policy) = load(file, service).map_err(at_file)?;
     match (&cli.command, &loaded) {
@@ -216,6 +238,27 @@ fn run(cli: Cli) -> Result<(), String> {
             "{}",
             serde_json::to_string(&p.config).map_err(|e| e.to_string())?
         ),
+        (Command::Wasmplugin { .. }, Loaded::Plugin(_)) => {
+            return Err(at_file(
+                "`wasmplugin` reads a TokenRateLimitPolicy; this is a plugin configuration \
+                 (istio/wasmplugin.yaml shows a WasmPlugin written by hand)"
+                    .into(),
+            ))
+        }
+        (Command::Wasmplugin { url, gateway, .. }, Loaded::Policy(p)) => {
+            let rendered = wasmplugin::render(
+                p,
+                &limitador_limits(&policy),
+                url,
+                gateway.as_deref(),
+                &command_line(),
+            )
+            .map_err(at_file)?;
+            if let Some(note) = rendered.note {
+                eprintln!("token-ratelimit: note: {note}");
+            }
+            print!("{}", rendered.yaml);
+        }
     }
     Ok(())
 }

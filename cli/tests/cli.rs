@@ -122,6 +122,12 @@ fn policy_file(file: &str, target: &str, spec: &str) -> std::path::PathBuf {
     path
 }
 
+fn yaml_documents(text: &str) -> Vec<serde_yaml::Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect()
+}
+
 #[test]
 fn a_token_rate_limit_policy_in_a_multi_document_file_validates_with_the_default_service() {
     let (ok, stdout, stderr) = run(&["validate", TIERS]);
@@ -375,6 +381,145 @@ fn a_kubectl_list_of_one_policy_is_read_and_two_policies_in_a_file_are_refused()
     assert!(!ok);
     assert!(
         stderr.contains("holds 2 TokenRateLimitPolicies: give one per file"),
+        "{stderr}"
+    );
+}
+
+// --- wasmplugin --------------------------------------------------------------------------------
+
+#[test]
+fn wasmplugin_prints_a_wasmplugin_and_the_limits_configmap_that_round_trip() {
+    let (ok, stdout, stderr) = run(&["wasmplugin", TIERS]);
+    assert!(ok, "{stderr}");
+    let docs = yaml_documents(&stdout);
+    assert_eq!(docs.len(), 2, "{stdout}");
+    for doc in &docs {
+        let again = serde_yaml::to_string(doc).unwrap();
+        assert_eq!(
+            &serde_yaml::from_str::<serde_yaml::Value>(&again).unwrap(),
+            doc
+        );
+    }
+
+    let plugin = &docs[0];
+    assert_eq!(plugin["apiVersion"], "extensions.istio.io/v1alpha1");
+    assert_eq!(plugin["kind"], "WasmPlugin");
+    assert_eq!(plugin["metadata"]["name"], "token-ratelimit-tiers");
+    assert_eq!(plugin["metadata"]["namespace"], "gateway-system");
+    let spec = &plugin["spec"];
+    assert_eq!(
+        spec["targetRefs"],
+        serde_yaml::from_str::<serde_yaml::Value>(
+            "[{group: gateway.networking.k8s.io, kind: Gateway, name: ai-gateway}]"
+        )
+        .unwrap()
+    );
+    // The settings of istio/wasmplugin.yaml.
+    let shipped: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(format!("{ROOT}/istio/wasmplugin.yaml")).unwrap(),
+    )
+    .unwrap();
+    for key in ["url", "imagePullPolicy", "phase", "failStrategy"] {
+        assert_eq!(spec[key], shipped["spec"][key], "{key}");
+    }
+    assert_eq!(spec["phase"], "STATS");
+    assert_eq!(spec["failStrategy"], "FAIL_CLOSE");
+
+    let configmap = &docs[1];
+    assert_eq!(configmap["kind"], "ConfigMap");
+    assert_eq!(configmap["metadata"]["name"], "limitador-limits");
+    assert_eq!(configmap["metadata"]["namespace"], "kuadrant-system");
+    let (ok, limits, _) = run(&["limits", TIERS]);
+    assert!(ok);
+    let in_configmap = configmap["data"]["limits.yaml"].as_str().unwrap();
+    assert_eq!(body(in_configmap), body(&limits));
+}
+
+#[test]
+fn the_generated_wasmplugin_validates_when_fed_back() {
+    let (ok, stdout, stderr) = run(&["wasmplugin", TIERS, "--url", "oci://example.org/trl:1"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        yaml_documents(&stdout)[0]["spec"]["url"],
+        "oci://example.org/trl:1"
+    );
+    let file = tempfile_dir().join("generated-wasmplugin.yaml");
+    std::fs::write(&file, &stdout).unwrap();
+    let (ok, validated, stderr) = run(&["validate", file.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    assert!(
+        validated.starts_with("ok: 2 limit(s), 2 rate(s), domain `gateway-system/ai-gateway`"),
+        "{validated}"
+    );
+    // And its pluginConfig is the one `json` prints for the policy.
+    let (_, from_file, _) = run(&["json", file.to_str().unwrap()]);
+    let (_, from_policy, _) = run(&["json", TIERS]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&from_file).unwrap(),
+        serde_json::from_str::<serde_json::Value>(&from_policy).unwrap()
+    );
+}
+
+#[test]
+fn an_httproute_target_is_refused_by_wasmplugin_unless_a_gateway_is_given() {
+    let file = policy_file(
+        "route.yaml",
+        "kind: HTTPRoute, name: chat",
+        "  limits: {free: {rates: [{limit: 5, window: 1m}]}}\n",
+    );
+    let file = file.to_str().unwrap();
+    // The limits themselves are fine, in the route's Limitador namespace as Kuadrant keeps them.
+    let (ok, stdout, _) = run(&["validate", file]);
+    assert!(ok);
+    assert!(stdout.contains("domain `ns/chat`"), "{stdout}");
+
+    let (ok, stdout, stderr) = run(&["wasmplugin", file]);
+    assert!(!ok);
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.contains(
+            "invalid configuration at `spec.targetRef`: a WasmPlugin cannot target an HTTPRoute \
+             (`chat`): give `--gateway NAME`"
+        ),
+        "{stderr}"
+    );
+
+    let (ok, stdout, stderr) = run(&["wasmplugin", file, "--gateway", "ai-gateway"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("note: the policy targets HTTPRoute `chat`; the WasmPlugin applies its limits to all the traffic of Gateway `ai-gateway`"),
+        "{stderr}"
+    );
+    let plugin = &yaml_documents(&stdout)[0];
+    assert_eq!(plugin["spec"]["targetRefs"][0]["kind"], "Gateway");
+    assert_eq!(plugin["spec"]["targetRefs"][0]["name"], "ai-gateway");
+    assert_eq!(
+        plugin["spec"]["pluginConfig"]["rateLimitService"]["domain"],
+        "ns/chat"
+    );
+}
+
+#[test]
+fn a_gateway_listener_target_is_refused_by_wasmplugin() {
+    let file = policy_file(
+        "listener.yaml",
+        "kind: Gateway, name: gw, sectionName: https",
+        "  limits: {free: {rates: [{limit: 5, window: 1m}]}}\n",
+    );
+    let (ok, _, stderr) = run(&["wasmplugin", file.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("invalid configuration at `spec.targetRef.sectionName`: a WasmPlugin applies to a whole Gateway"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn wasmplugin_refuses_a_plugin_configuration() {
+    let (ok, _, stderr) = run(&["wasmplugin", "istio/wasmplugin.yaml"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("`wasmplugin` reads a TokenRateLimitPolicy"),
         "{stderr}"
     );
 }
