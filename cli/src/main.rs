@@ -137,11 +137,10 @@ fn load(path: &Path, flags: &ServiceFlags) -> Result<(Loaded, Policy), String> {
         docs.push(serde_json::to_value(value).map_err(|e| e.to_string())?);
     }
     for doc in &docs {
-        let found = find_policies(doc)?;
-        if found.is_empty() && plugin.is_none() {
+        policies.extend(find_policies(doc)?);
+        if plugin.is_none() {
             plugin = find_plugin_config(doc);
         }
-        policies.extend(found);
     }
     match (policies.as_slice(), plugin) {
         ([], None) => Err(

@@ -361,7 +361,8 @@ fn reservation_and_data_extraction_become_the_plugin_settings() {
 }
 
 #[test]
-fn a_kubectl_list_of_one_policy_is_read_and_two_policies_in_a_file_are_refused() {
+fn a_kubectl_list_of_one_policy_is_read_and_two_policies_or_a_policy_and_a_plugin_configuration_are_refused(
+) {
     let one = "- apiVersion: kuadrant.io/v1alpha1\n  kind: TokenRateLimitPolicy\n  \
                metadata: {name: a, namespace: ns, resourceVersion: '1'}\n  \
                spec: {targetRef: {group: gateway.networking.k8s.io, kind: Gateway, name: gw}, \
@@ -384,6 +385,20 @@ fn a_kubectl_list_of_one_policy_is_read_and_two_policies_in_a_file_are_refused()
     assert!(!ok);
     assert!(
         stderr.contains("holds 2 TokenRateLimitPolicies: give one per file"),
+        "{stderr}"
+    );
+
+    let plugin = "- {kind: WasmPlugin, spec: {pluginConfig: \
+                  {rateLimitService: {cluster: c, domain: d}, limits: {}}}}\n";
+    std::fs::write(
+        &list,
+        format!("apiVersion: v1\nkind: List\nitems:\n{one}{plugin}"),
+    )
+    .unwrap();
+    let (ok, _, stderr) = run(&["validate", list.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("holds both a TokenRateLimitPolicy and a plugin configuration"),
         "{stderr}"
     );
 }
