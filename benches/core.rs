@@ -59,10 +59,11 @@ fn host() -> MockHost {
         ("x-forwarded-proto", "http"),
         ("x-request-id", "1a2b3c4d-0000-4000-8000-0123456789ab"),
     ]);
-    let identity = "metadata.filter_metadata.envoy.filters.http.ext_authz.identity";
     h.set_property("request.path", "/v1/chat/completions");
-    h.set_property(&format!("{identity}.userid"), "user-1");
-    h.set_property(&format!("{identity}.groups"), "free");
+    h.set_metadata(&[(
+        "envoy.filters.http.ext_authz",
+        serde_json::json!({"identity": {"userid": "user-1", "groups": "free"}}),
+    )]);
     h
 }
 

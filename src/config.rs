@@ -414,6 +414,24 @@ pub struct LimitConfig {
     /// What reservation mode reserves for this limit (default: the request's own bound).
     #[serde(default)]
     pub reservation: Option<LimitReservationConfig>,
+    /// What a request gets when a predicate, counter or reservation amount of this limit
+    /// cannot be evaluated for it (default `deny`).
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// What happens to a request for which a limit's expression fails at run time (a missing
+/// attribute or key, a value of the wrong type, an overflow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum OnError {
+    /// Refuse the request (403, an error in OpenAI's shape): a limit that cannot be evaluated
+    /// never turns into an unlimited budget.
+    #[default]
+    Deny,
+    /// The limit does not apply to the request (the others still do); a failing
+    /// reservation amount falls back to the request's own bound.
+    Skip,
 }
 
 /// A budget of `limit` tokens per `window`.

@@ -67,6 +67,14 @@ pub enum Verdict {
     /// Admission mode `auto` and the service has no `Reserve`: check the request instead
     /// (and every later one).
     FallBackToCheck,
+    /// A limit with `onError: deny` could not be evaluated for the request: refused before
+    /// any call to the service, nothing charged.
+    Unevaluable {
+        /// The 403 to send.
+        reply: LocalReply,
+        /// The limit whose expression failed.
+        limit: String,
+    },
 }
 
 /// One request's state.
@@ -518,6 +526,24 @@ pub fn body_unavailable_reply() -> LocalReply {
             "The token rate limiter could not read the request body (Envoy lacks allow_on_headers_stop_iteration).",
             "server_error",
             "rate_limit_body_unavailable",
+        ),
+    }
+}
+
+/// The 403 for a request a limit with `onError: deny` cannot be evaluated for (its identity
+/// lacks a field the limit reads, ...). The message names the limit, not the expression: the
+/// policy's details stay in the proxy's log.
+pub fn unevaluable_reply(limit: &str) -> LocalReply {
+    LocalReply {
+        status: 403,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: error_body(
+            &format!(
+                "The token rate limit `{limit}` cannot be evaluated for this request (for example, \
+                 the identity lacks a field the limit reads), so the request is refused."
+            ),
+            "permission_error",
+            "rate_limit_policy_error",
         ),
     }
 }

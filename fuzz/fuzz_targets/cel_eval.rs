@@ -1,10 +1,12 @@
 //! CEL evaluation over arbitrary attribute values.
 //!
-//! A fixed policy with representative predicates and counters (headers, path, `auth.*`,
-//! typed properties, `requestBodyJSON()`, the string extensions, arithmetic with `/` and `%`,
-//! comparisons, timestamps and durations, the macros) is evaluated over a request whose
-//! properties (raw bytes in Envoy's encoding: ints are 8 little-endian bytes), headers and
-//! body JSON come from the fuzz input. Requests are what an attacker controls; nothing they
+//! A fixed policy with representative predicates and counters (headers, path, typed `auth.*`
+//! and `request.auth.*` identities, typed properties, `requestBodyJSON()`, the string
+//! extensions, arithmetic with `/` and `%`, comparisons, timestamps and durations, the macros)
+//! is evaluated over a request whose properties (raw bytes in Envoy's encoding: ints are 8
+//! little-endian bytes), dynamic metadata (a serialized Metadata message of arbitrary Structs,
+//! or arbitrary bytes), headers and body JSON come from the fuzz input. Limits alternate
+//! between `onError: skip` and `deny`. Requests are what an attacker controls; nothing they
 //! send may panic the filter.
 #![no_main]
 
@@ -32,11 +34,6 @@ const PROPERTIES: &[&str] = &[
     "destination.port",
     "connection.mtls",
     "connection.id",
-    "metadata.filter_metadata.envoy.filters.http.ext_authz.identity.userid",
-    "metadata.filter_metadata.envoy.filters.http.ext_authz.identity.groups",
-    "metadata.filter_metadata.envoy.filters.http.ext_authz.identity.tier",
-    "metadata.filter_metadata.envoy.filters.http.ext_authz.identity.n",
-    "metadata.filter_metadata.custom.plan",
     "filter_state.x-plan",
 ];
 
@@ -79,6 +76,13 @@ const LIMITS: &[(&[&str], &[&str])] = &[
     (&[r#"request.time + duration(request.headers["x-dur"]) > request.time"#], &[]),
     (&["request.time - request.duration < request.time"], &[]),
     (&[r#"metadata.filter_metadata["custom"].plan in ["pro", "team"]"#], &[]),
+    (&[r#"auth.claims.groups.exists(g, g == "gold")"#], &["auth.claims.sub"]),
+    (&[r#"auth.claims.level >= 2 && auth.claims.premium == true"#], &["auth.claims.level"]),
+    (&[r#"has(auth.claims.exp) && auth.claims.exp > 1700000000"#], &[]),
+    (&[r#"request.auth.identity.metadata.annotations["kuadrant.io/groups"].split(",").exists(g, g == "free")"#], &[]),
+    (&[r#"size(auth.identity) > 0"#], &["auth.identity"]),
+    (&[], &["auth.claims.groups", "auth.claims.org", "request.auth.claims"]),
+    (&[], &[r#"auth.claims.ratio * 2.0"#, r#"auth.claims.groups[int(request.headers["x-i"])]"#]),
     (&[r#"filter_state["x-plan"] == "pro""#], &[]),
     (&[r#"request.headers["x-groups"].split(",").map(g, g.trim()).filter(g, g != "").size() > 0"#], &[]),
     (&["request.size + request.total_size > 100"], &[]),
@@ -140,6 +144,7 @@ fn policy() -> &'static Policy {
                             "when": when.iter().map(|p| serde_json::json!({"predicate": p})).collect::<Vec<_>>(),
                             "counters": counters.iter().map(|c| serde_json::json!({"expression": c})).collect::<Vec<_>>(),
                             "tokens": tokens,
+                            "onError": if i % 4 == 3 { "deny" } else { "skip" },
                         }),
                     )
                 })
@@ -243,10 +248,23 @@ struct Body {
     other: Option<Json>,
 }
 
+/// The stream's dynamic metadata (the property `metadata`).
+#[derive(Arbitrary, Debug)]
+enum Metadata {
+    /// Namespaces (index into NAMESPACES) with an object each, serialized as Envoy does.
+    Typed(Vec<(u8, Vec<(String, Json)>)>),
+    /// Bytes that may not be a Metadata message at all.
+    Raw(Vec<u8>),
+}
+
+/// The namespaces the policy reads (`auth` is ext_authz's).
+const NAMESPACES: &[&str] = &["envoy.filters.http.ext_authz", "custom", "other"];
+
 #[derive(Arbitrary, Debug)]
 struct Request {
     /// (index into PROPERTIES, value)
     properties: Vec<(u8, Prop)>,
+    metadata: Option<Metadata>,
     /// (index into HEADERS, value)
     headers: Vec<(u8, HeaderValue)>,
     other_headers: Vec<(String, Vec<u8>)>,
@@ -259,6 +277,22 @@ fuzz_target!(|req: Request| {
     for (i, v) in &req.properties {
         let path = PROPERTIES[*i as usize % PROPERTIES.len()];
         host.properties.insert(path.to_string(), v.encode());
+    }
+    match &req.metadata {
+        Some(Metadata::Typed(namespaces)) => {
+            let entries: Vec<(&str, serde_json::Value)> = namespaces
+                .iter()
+                .map(|(i, fields)| {
+                    let obj = fields.iter().map(|(k, j)| (k.clone(), j.value(1))).collect();
+                    (NAMESPACES[*i as usize % NAMESPACES.len()], serde_json::Value::Object(obj))
+                })
+                .collect();
+            host.set_metadata(&entries);
+        }
+        Some(Metadata::Raw(bytes)) => {
+            host.properties.insert("metadata".into(), bytes.clone());
+        }
+        None => {}
     }
     for (i, v) in &req.headers {
         host.request_headers.push((HEADERS[*i as usize % HEADERS.len()].to_string(), v.encode()));

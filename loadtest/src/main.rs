@@ -630,8 +630,8 @@ fn shipped_mode(config: &str) -> Result<(String, String), String> {
     }
 }
 
-/// The edits that make the `free` and `gold` limits apply on every path: their
-/// `/v1/chat/completions` predicate (the line before the group predicate) is removed.
+/// The edits that make the `free` and `gold` limits apply on every path: their path predicate
+/// (the one before the group predicate, which may span several lines) is removed.
 fn every_path_edits(config: &str) -> Result<Vec<(String, String)>, String> {
     let lines: Vec<&str> = config.lines().collect();
     ["free", "gold"]
@@ -642,11 +642,15 @@ fn every_path_edits(config: &str) -> Result<Vec<(String, String)>, String> {
                 .iter()
                 .position(|l| l.contains("- predicate:") && l.contains(&needle))
                 .ok_or_else(|| format!("no `{needle}` predicate in envoy/envoy.yaml"))?;
-            let prev = lines.get(i.wrapping_sub(1)).copied().unwrap_or("");
-            if !(prev.contains("- predicate:") && prev.contains("\"/v1/chat/completions\"")) {
-                return Err(format!("the predicate before `{needle}` is not the chat path: `{}`", prev.trim()));
+            let start = lines[..i]
+                .iter()
+                .rposition(|l| l.contains("- predicate:"))
+                .ok_or_else(|| format!("no predicate before `{needle}`"))?;
+            let block = lines[start..i].join("\n");
+            if !block.contains("\"/v1/chat/completions\"") {
+                return Err(format!("the predicate before `{needle}` is not the path predicate: `{}`", block.trim()));
             }
-            Ok((format!("{prev}\n{}\n", lines[i]), format!("{}\n", lines[i])))
+            Ok((format!("{block}\n{}\n", lines[i]), format!("{}\n", lines[i])))
         })
         .collect()
 }

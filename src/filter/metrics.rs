@@ -21,8 +21,12 @@ pub mod names {
     pub const SERVICE_ERRORS: &str = "token_ratelimit.service_errors";
     /// Checks that timed out (gRPC status 4).
     pub const SERVICE_TIMEOUTS: &str = "token_ratelimit.service_timeouts";
-    /// Expressions that failed to evaluate for a request.
+    /// Expressions that failed to evaluate for a request (also per limit:
+    /// `expression_errors.<limit>`).
     pub const EXPRESSION_ERRORS: &str = "token_ratelimit.expression_errors";
+    /// Requests refused with 403 because a limit with `onError: deny` could not be evaluated
+    /// for them (also per limit: `requests_refused_on_error.<limit>`).
+    pub const REFUSED_ON_ERROR: &str = "token_ratelimit.requests_refused_on_error";
     /// Responses without usage (charged by the fallback).
     pub const USAGE_MISSING: &str = "token_ratelimit.usage_missing";
     /// Responses charged the fallback estimate.

@@ -126,7 +126,56 @@ impl Default for MockHost {
     }
 }
 
+/// A JSON value as a `google.protobuf.Value`, as an auth filter's Struct holds it.
+fn json_to_proto(v: serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(f64::NAN)),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.into_iter().map(json_to_proto).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(json_to_struct(map)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// A JSON object as a `google.protobuf.Struct`.
+fn json_to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: map.into_iter().map(|(k, v)| (k, json_to_proto(v))).collect(),
+    }
+}
+
+/// Serialized `envoy.config.core.v3.Metadata` with one namespace per entry of `namespaces`
+/// (a JSON object per namespace), as Envoy answers the property `metadata`.
+pub fn encode_metadata(namespaces: &[(&str, serde_json::Value)]) -> Vec<u8> {
+    use prost::Message;
+    let metadata = crate::attributes::Metadata {
+        filter_metadata: namespaces
+            .iter()
+            .map(|(ns, v)| {
+                let fields = match v {
+                    serde_json::Value::Object(m) => json_to_struct(m.clone()),
+                    _ => prost_types::Struct::default(),
+                };
+                (ns.to_string(), fields)
+            })
+            .collect(),
+    };
+    metadata.encode_to_vec()
+}
+
 impl MockHost {
+    /// Sets the stream's dynamic metadata (the property `metadata`) to these namespaces, each a
+    /// JSON object, as auth filters leave them.
+    pub fn set_metadata(&mut self, namespaces: &[(&str, serde_json::Value)]) {
+        self.properties
+            .insert("metadata".into(), encode_metadata(namespaces));
+    }
+
     /// A host whose request carries `headers` (`(name, value)`, names lowercase).
     pub fn with_request_headers(headers: &[(&str, &str)]) -> Self {
         MockHost {

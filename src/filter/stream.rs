@@ -17,7 +17,7 @@ use super::metrics::{names, Hot};
 use super::root::{SharedRef, GRPC_DEADLINE_EXCEEDED};
 use super::{host_log, Action, Buffer, GrpcCall, HeaderMap, Host};
 use crate::attributes::AttributeHost;
-use crate::config::{AdmissionMode, FailureMode};
+use crate::config::{AdmissionMode, FailureMode, OnError};
 use crate::estimate::RequestBound;
 use crate::flow::{body_unavailable_reply, Charge, RequestFlow, ServiceFailure, Verdict};
 use crate::policy::{Decision, Policy};
@@ -382,6 +382,16 @@ impl StreamFilter {
             headers: self.headers.take(),
         });
         self.record_errors(host, &decision);
+        if let Some(refusal) = decision.refusal() {
+            // `onError: deny`: no budget can be named for the request; nothing is asked or
+            // charged.
+            let limit = refusal.limit.clone();
+            let verdict = Verdict::Unevaluable {
+                reply: crate::flow::unevaluable_reply(&limit),
+                limit,
+            };
+            return self.apply(host, policy, verdict, false);
+        }
         // The body bytes already counted (a body held for the evaluation) stay counted.
         let body_bytes = self.flow.request_bytes();
         let calls: Vec<Vec<u8>> = if self.reserving(policy) {
@@ -537,6 +547,11 @@ impl StreamFilter {
                     metrics.inc(host, names::FAILURE_DENIED);
                     Some(reply)
                 }
+                Verdict::Unevaluable { reply, limit } => {
+                    metrics.inc(host, names::REFUSED_ON_ERROR);
+                    metrics.inc(host, &format!("{}.{limit}", names::REFUSED_ON_ERROR));
+                    Some(reply)
+                }
                 Verdict::FallBackToCheck => None,
             }
         };
@@ -622,15 +637,22 @@ impl StreamFilter {
         let mut shared = self.shared.borrow_mut();
         for e in &decision.errors {
             shared.metrics.inc(host, names::EXPRESSION_ERRORS);
+            shared
+                .metrics
+                .inc(host, &format!("{}.{}", names::EXPRESSION_ERRORS, e.limit));
+            let consequence = match e.on_error {
+                OnError::Deny => "onError deny: the request is refused",
+                OnError::Skip => "onError skip: the limit does not apply",
+            };
             let key = format!("{}\u{0}{}", e.limit, e.expression);
             if shared.first_warning(key) {
                 host_log!(
                     host,
                     Warn,
-                    "{e} (the limit does not apply; logged once, then at debug level)"
+                    "{e} ({consequence}; logged once, then at debug level)"
                 );
             } else {
-                host_log!(host, Debug, "{e}");
+                host_log!(host, Debug, "{e} ({consequence})");
             }
         }
     }

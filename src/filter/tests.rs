@@ -522,8 +522,49 @@ fn failing_expression_is_warned_once_and_counted_every_time() {
         root.new_stream(id).on_request_headers(&mut host, true);
     }
     assert_eq!(host.counter(names::EXPRESSION_ERRORS), 2);
+    assert_eq!(host.counter(&format!("{}.l", names::EXPRESSION_ERRORS)), 2);
     assert_eq!(host.logged(Level::Warn).len(), 1);
     assert_eq!(host.logged(Level::Debug).len(), 1);
+}
+
+#[test]
+fn unevaluable_limit_refuses_with_403_before_any_call_unless_it_skips() {
+    let cfg = |on_error: &str| {
+        format!(
+            r#"{{"rateLimitService": {{"cluster": "rl", "domain": "llm"}},
+            "limits": {{"l": {{"rates": [{{"limit": 10, "window": "1m"}}], {on_error}
+              "counters": [{{"expression": "auth.identity.userid"}}]}}}}}}"#
+        )
+    };
+    // Default (deny): no identity, so the counter cannot be evaluated.
+    let mut host = MockHost::with_configuration(cfg("").into_bytes());
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+    assert!(host.dispatched.is_empty());
+    let (_, reply) = &host.replies[0];
+    assert_eq!(reply.status, 403);
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(body["error"]["code"], "rate_limit_policy_error");
+    assert!(body["error"]["message"].as_str().unwrap().contains("`l`"));
+    assert_eq!(host.counter(names::REFUSED_ON_ERROR), 1);
+    assert_eq!(host.counter(&format!("{}.l", names::REFUSED_ON_ERROR)), 1);
+    stream.on_log(&mut host);
+    root.on_tick(&mut host);
+    assert!(reports(&host).is_empty(), "a refused request is charged nothing");
+
+    // skip: the limit does not apply and the request goes on unchecked.
+    let mut host = MockHost::with_configuration(cfg(r#""onError": "skip","#).into_bytes());
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Continue);
+    assert!(host.replies.is_empty() && host.dispatched.is_empty());
+    assert_eq!(host.counter(names::REFUSED_ON_ERROR), 0);
+    assert_eq!(host.counter(names::EXPRESSION_ERRORS), 1);
 }
 
 #[test]

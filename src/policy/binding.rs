@@ -100,10 +100,12 @@ impl Binding {
         out
     }
 
-    /// The root variable's value: always a map (empty when no attribute is there).
+    /// The root variable's value: the attribute bound to the root itself (`auth`: the whole
+    /// identity Struct), else a map of the entries whose values are there; an empty map when
+    /// nothing is there.
     pub(super) fn build(&self, values: &[Option<Option<Value>>]) -> Value {
-        Value::Map(Map {
-            map: Arc::new(self.node.map(values)),
-        })
+        self.node.build(values).unwrap_or_else(|| Value::Map(Map {
+            map: Arc::new(HashMap::new()),
+        }))
     }
 }

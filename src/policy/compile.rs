@@ -9,6 +9,7 @@ use super::{
 use crate::attributes::{self, Attribute};
 use crate::cel::checked::checked_arithmetic;
 use crate::cel::functions::root_context;
+use crate::cel::vocabulary::{check_names, static_type};
 use crate::cel::guards::{
     body_json_as_attribute, check_literals, check_macro_arguments, nested_deeper_than,
     MAX_EXPRESSION_BYTES, MAX_EXPRESSION_DEPTH,
@@ -45,6 +46,39 @@ fn valid_limit_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Where an expression stands, which decides the type its value must have.
+#[derive(Debug, Clone, Copy)]
+enum Place {
+    /// A `when` predicate: a bool.
+    Predicate,
+    /// A counter: anything with a string form.
+    Counter,
+    /// A reservation amount: an int or uint.
+    Amount,
+}
+
+impl Place {
+    /// Refuses `found`, a type the syntax tree shows, where it cannot stand.
+    fn check_type(self, found: &str) -> Result<(), String> {
+        match (self, found) {
+            (Place::Predicate, "bool")
+            | (Place::Amount, "int" | "uint")
+            | (Place::Counter, "string" | "int" | "uint" | "double" | "bool" | "list" | "map") => {
+                Ok(())
+            }
+            (Place::Predicate, t) => Err(format!(
+                "a predicate must be a bool, and this expression is a {t}: compare it, e.g. `request.url_path == \"/v1/chat/completions\"`"
+            )),
+            (Place::Amount, t) => Err(format!(
+                "a reservation amount must be an int or uint (tokens), and this expression is a {t}"
+            )),
+            (Place::Counter, t) => Err(format!(
+                "a counter must be a string, number, bool, list or map, and this expression is a {t}"
+            )),
+        }
+    }
+}
+
 impl Policy {
     /// Validates and compiles a configuration. Errors name the field and the reason.
     ///
@@ -60,7 +94,10 @@ impl Policy {
     /// - a CEL expression that is empty, longer than 16 KiB, nested deeper than 100 levels,
     ///   does not parse (or holds a literal the parser cannot convert), calls a macro without
     ///   its variable and expression, calls `requestBodyJSON()` with anything but one constant
-    ///   JSON pointer, or reads an attribute that cannot be read as a whole;
+    ///   JSON pointer, names an identifier that is no attribute root nor macro variable or a
+    ///   function that does not exist, reads an attribute outside Envoy's vocabulary (or one
+    ///   only known after the upstream is picked, or a whole root), or whose type, when the
+    ///   syntax tree shows it, does not fit its place (a predicate that is not a bool);
     /// - `requestBodyJSON()` used without `requestBody.allowOnHeadersStopIteration`.
     pub fn compile(cfg: &PluginConfig) -> Result<Policy, ConfigError> {
         let svc = &cfg.rate_limit_service;
@@ -130,7 +167,7 @@ impl Policy {
         // The request headers the policy reads by name; `None` once an expression needs the
         // whole map (`request.headers` itself, a computed name).
         let mut header_names: Option<Vec<String>> = Some(Vec::new());
-        let mut compile_expr = |text: &str, at: String| -> Result<CompiledExpr, ConfigError> {
+        let mut compile_expr = |text: &str, at: String, place: Place| -> Result<CompiledExpr, ConfigError> {
             let source = text.trim().to_string();
             if source.is_empty() {
                 return Err(field(at, "empty CEL expression"));
@@ -152,6 +189,10 @@ impl Policy {
                 ));
             }
             check_macro_arguments(&expr).map_err(|e| field(&at, e))?;
+            check_names(&expr).map_err(|e| field(&at, e))?;
+            if let Some(found) = static_type(&expr) {
+                place.check_type(found).map_err(|e| field(&at, e))?;
+            }
             let expr = checked_arithmetic(expr);
             let expr = body_json_as_attribute(expr).map_err(|e| field(&at, e))?;
             let mut paths = Vec::new();
@@ -168,15 +209,8 @@ impl Policy {
                         }
                     }
                 }
-                let Some(attr) = Attribute::resolve(&p, &cfg.auth.metadata_namespace) else {
-                    return Err(field(
-                        &at,
-                        format!(
-                            "`{}` cannot be read as a whole; select a field of it",
-                            p.join(".")
-                        ),
-                    ));
-                };
+                let attr = Attribute::resolve(&p, &cfg.auth.metadata_namespace)
+                    .map_err(|e| field(&at, e))?;
                 let idx = match attributes.iter().position(|a| a == &attr) {
                     Some(i) => i,
                     None => {
@@ -228,18 +262,30 @@ impl Policy {
                 .when
                 .iter()
                 .enumerate()
-                .map(|(i, p)| compile_expr(&p.predicate, format!("{at}.when[{i}].predicate")))
+                .map(|(i, p)| {
+                    compile_expr(
+                        &p.predicate,
+                        format!("{at}.when[{i}].predicate"),
+                        Place::Predicate,
+                    )
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let counters = limit
                 .counters
                 .iter()
                 .enumerate()
-                .map(|(i, c)| compile_expr(&c.expression, format!("{at}.counters[{i}].expression")))
+                .map(|(i, c)| {
+                    compile_expr(
+                        &c.expression,
+                        format!("{at}.counters[{i}].expression"),
+                        Place::Counter,
+                    )
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let own = limit.reservation.as_ref();
             let reservation_amount = own
                 .and_then(|r| r.amount.as_deref())
-                .map(|a| compile_expr(a, format!("{at}.reservation.amount")))
+                .map(|a| compile_expr(a, format!("{at}.reservation.amount"), Place::Amount))
                 .transpose()?;
             let reservation_ttl = own
                 .and_then(|r| r.ttl.as_deref())
@@ -254,6 +300,7 @@ impl Policy {
                 tokens: limit.tokens,
                 reservation_amount,
                 reservation_ttl,
+                on_error: limit.on_error,
             });
         }
         let needs_body = attributes
@@ -404,6 +451,73 @@ fn attribute_path(e: &Expression) -> Option<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use crate::policy::test_support::refused;
+    use crate::policy::Policy;
+
+    fn with_predicate(predicate: &str) -> String {
+        format!(
+            r#"{{"rateLimitService": {{"cluster": "c", "domain": "d"}},
+              "limits": {{"l": {{"rates": [{{"limit": 1, "window": "1s"}}],
+                "when": [{{"predicate": {}}}]}}}}}}"#,
+            serde_json::to_string(predicate).unwrap()
+        )
+    }
+
+    #[test]
+    fn a_typo_under_every_attribute_root_is_refused_at_configure_time() {
+        for (predicate, says) in [
+            (r#"request.url_pth == "/v1""#, "`request.url_pth` is not an Envoy attribute"),
+            (r#"source.adress == "a""#, "`source.adress` is not an Envoy attribute"),
+            (r#"destination.prt == 1"#, "`destination.prt` is not an Envoy attribute"),
+            (r#"connection.mtsl"#, "`connection.mtsl` is not an Envoy attribute"),
+            (r#"upstream.adress == "a""#, "`upstream.adress` is not an Envoy attribute"),
+            (r#"upstream.address == "a""#, "only known once the upstream is picked"),
+            (r#"xds.route_nam == "r""#, "`xds.route_nam` is not an Envoy attribute"),
+            (r#"metadata.filtr_metadata.ns.x == "a""#, "dynamic metadata is read by namespace"),
+            (r#"filter_state.a.b == "a""#, "filter state object is read as a whole"),
+            (r#"reqest.url_path == "/v1""#, "`reqest` is not defined"),
+            (r#"response.code == 200"#, "not known before the upstream answers"),
+            (r#"request.url_path.lower() == "/v1""#, "write `lowerAscii`"),
+            (r#"request.url_path"#, "a predicate must be a bool, and this expression is a string"),
+            (r#""free""#, "a predicate must be a bool"),
+            (r#"size(request.headers)"#, "a predicate must be a bool, and this expression is a int"),
+        ] {
+            let e = refused(&with_predicate(predicate));
+            assert_eq!(e.field, "limits.l.when[0].predicate", "{predicate}");
+            assert!(e.reason.contains(says), "{predicate}: {}", e.reason);
+        }
+    }
+
+    #[test]
+    fn kuadrant_spellings_and_typed_fields_compile() {
+        for predicate in [
+            r#"request.auth.identity.metadata.annotations["kuadrant.io/groups"].split(",").exists(g, g == "free")"#,
+            r#"auth.identity.groups.split(",").exists(g, g == "free")"#,
+            r#"has(auth.claims.groups) && auth.claims.groups.exists(g, g == "gold")"#,
+            r#"auth.claims.exp > 1700000000 && auth.claims.admin"#,
+            r#"metadata.filter_metadata["envoy.filters.http.jwt_authn"].claims.sub != """#,
+            r#"xds.route_metadata.filter_metadata["llm"].tier == "gold""#,
+            r#"filter_state["my.key"] == "v" && xds.node.id != "" && connection.mtls"#,
+        ] {
+            Policy::from_json(with_predicate(predicate).as_bytes())
+                .unwrap_or_else(|e| panic!("{predicate}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_reservation_amount_that_is_no_number_is_refused() {
+        let e = refused(
+            r#"{"rateLimitService": {"cluster": "c", "domain": "d"},
+              "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}],
+                "reservation": {"amount": "\"many\""}}}}"#,
+        );
+        assert_eq!(e.field, "limits.l.reservation.amount", "{e}");
+        assert!(e.reason.contains("must be an int or uint"), "{e}");
+        let e = refused(
+            r#"{"rateLimitService": {"cluster": "c", "domain": "d"},
+              "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "onError": "ignore"}}}"#,
+        );
+        assert!(e.reason.contains("unknown variant `ignore`"), "{e}");
+    }
 
     #[test]
     fn bad_configurations_name_the_field() {

@@ -3,16 +3,20 @@
 
 use super::{Applied, CompiledExpr, Decision, EvalError, Policy};
 use crate::attributes::{self, AttributeHost};
+use crate::config::OnError;
+use cel_interpreter::objects::Key;
 use cel_interpreter::{ExecutionError, Value};
 
 impl Policy {
     /// Evaluates every limit for one request, reading attributes from `host` lazily.
     ///
     /// Never fails as a whole: [`Decision::applied`] holds the limits whose predicates are
-    /// all `true` and whose counters all evaluated, in [`Policy::limits`] order; a limit whose
-    /// predicate is not a bool or whose expression fails (a missing attribute, an overflow, a
-    /// counter that is not a string, int, uint, double or bool) does not apply, and the
-    /// failure is in [`Decision::errors`].
+    /// all `true` and whose counters all evaluated, in [`Policy::limits`] order. An expression
+    /// that fails (a missing attribute or key, a predicate that is not a bool, an overflow, a
+    /// counter of a type that has no string form) is in [`Decision::errors`]: with its limit's
+    /// `onError: skip` the limit does not apply (a failing reservation amount falls back to
+    /// the request's own bound); with `deny` evaluation stops there and
+    /// [`Decision::refusal`] names it.
     pub fn evaluate(&self, host: &mut dyn AttributeHost) -> Decision {
         let mut eval = Evaluation {
             policy: self,
@@ -22,60 +26,51 @@ impl Policy {
         };
         let mut decision = Decision::default();
         'limits: for (index, limit) in self.limits.iter().enumerate() {
+            let fail = |decision: &mut Decision, expr: &CompiledExpr, reason: String| {
+                decision.errors.push(EvalError {
+                    limit: limit.name.clone(),
+                    on_error: limit.on_error,
+                    expression: expr.source.clone(),
+                    reason,
+                });
+                limit.on_error == OnError::Deny
+            };
             for pred in &limit.when {
-                match eval.run(pred) {
-                    Ok(Value::Bool(true)) => {}
+                let reason = match eval.run(pred) {
+                    Ok(Value::Bool(true)) => continue,
                     Ok(Value::Bool(false)) => continue 'limits,
-                    Ok(other) => {
-                        decision.errors.push(EvalError {
-                            limit: limit.name.clone(),
-                            expression: pred.source.clone(),
-                            reason: format!(
-                                "a predicate must be a bool, got {:?}",
-                                other.type_of()
-                            ),
-                        });
-                        continue 'limits;
-                    }
-                    Err(reason) => {
-                        decision.errors.push(EvalError {
-                            limit: limit.name.clone(),
-                            expression: pred.source.clone(),
-                            reason,
-                        });
-                        continue 'limits;
-                    }
+                    Ok(other) => format!("a predicate must be a bool, got {:?}", other.type_of()),
+                    Err(reason) => reason,
+                };
+                if fail(&mut decision, pred, reason) {
+                    return decision;
                 }
+                continue 'limits;
             }
             let mut counters = Vec::with_capacity(limit.counters.len());
             for counter in &limit.counters {
                 match eval.run(counter).and_then(counter_value) {
                     Ok(v) => counters.push((counter.source.clone(), v)),
                     Err(reason) => {
-                        decision.errors.push(EvalError {
-                            limit: limit.name.clone(),
-                            expression: counter.source.clone(),
-                            reason,
-                        });
+                        if fail(&mut decision, counter, reason) {
+                            return decision;
+                        }
                         continue 'limits;
                     }
                 }
             }
-            // A limit whose amount cannot be evaluated still applies (it is enforced with the
-            // request's own bound); the error is counted like any other.
-            let amount = limit.reservation_amount.as_ref().and_then(|e| {
+            let mut amount = None;
+            if let Some(e) = &limit.reservation_amount {
                 match eval.run(e).and_then(amount_value) {
-                    Ok(n) => Some(n),
+                    Ok(n) => amount = Some(n),
                     Err(reason) => {
-                        decision.errors.push(EvalError {
-                            limit: limit.name.clone(),
-                            expression: e.source.clone(),
-                            reason,
-                        });
-                        None
+                        // `skip`: the limit still applies, with the request's own bound.
+                        if fail(&mut decision, e, reason) {
+                            return decision;
+                        }
                     }
                 }
-            });
+            }
             decision.applied.push(Applied {
                 limit: index,
                 counters,
@@ -109,6 +104,19 @@ impl Evaluation<'_, '_> {
         let Some(attr) = self.policy.attributes.get(index) else {
             return;
         };
+        // `auth` and `request.auth` are two attributes of one source: read it once.
+        let same_source = self
+            .policy
+            .attributes
+            .iter()
+            .zip(&self.cache)
+            .find_map(|(a, v)| v.as_ref().filter(|_| a.source == attr.source));
+        if let Some(v) = same_source.cloned() {
+            if let Some(slot) = self.cache.get_mut(index) {
+                *slot = Some(v);
+            }
+            return;
+        }
         let v = match (&attr.source, &self.policy.header_names) {
             (attributes::Source::RequestHeaders, Some(names)) => {
                 Some(attributes::fetch_headers(self.host, Some(names)))
@@ -154,7 +162,9 @@ fn describe(e: &ExecutionError) -> String {
     e.to_string()
 }
 
-/// The string form of a counter value (the descriptor entry's value).
+/// The string form of a counter value (the descriptor entry's value): a string as is, a
+/// number or bool in CEL's notation, a list or map as compact JSON with map keys in sorted
+/// order (so one value always gives one counter).
 fn counter_value(v: Value) -> Result<String, String> {
     match v {
         Value::String(s) => Ok(s.as_ref().clone()),
@@ -162,11 +172,58 @@ fn counter_value(v: Value) -> Result<String, String> {
         Value::UInt(u) => Ok(u.to_string()),
         Value::Float(f) => Ok(f.to_string()),
         Value::Bool(b) => Ok(b.to_string()),
+        v @ (Value::List(_) | Value::Map(_)) => {
+            let json = canonical_json(&v, 0)?;
+            serde_json::to_string(&json).map_err(|e| e.to_string())
+        }
         other => Err(format!(
-            "a counter must be a string, int, uint, double or bool, got {:?}",
+            "a counter must be a string, int, uint, double, bool, list or map, got {:?}",
             other.type_of()
         )),
     }
+}
+
+/// How deep a list or map counter may nest (bounded: the conversion recurses).
+const MAX_COUNTER_DEPTH: usize = 32;
+
+/// A list or map counter value as JSON, map keys sorted.
+fn canonical_json(v: &Value, depth: usize) -> Result<serde_json::Value, String> {
+    use serde_json::Value as J;
+    if depth > MAX_COUNTER_DEPTH {
+        return Err(format!(
+            "a counter may nest at most {MAX_COUNTER_DEPTH} lists or maps deep"
+        ));
+    }
+    Ok(match v {
+        Value::Null => J::Null,
+        Value::Bool(b) => J::Bool(*b),
+        Value::Int(i) => J::from(*i),
+        Value::UInt(u) => J::from(*u),
+        Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        Value::String(s) => J::String(s.as_ref().clone()),
+        Value::List(items) => J::Array(
+            items
+                .iter()
+                .map(|x| canonical_json(x, depth + 1))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Map(m) => {
+            // Sorted here: serde_json keeps insertion order when a crate enables its
+            // `preserve_order` feature, and a CEL map iterates in hash order.
+            let mut sorted = std::collections::BTreeMap::new();
+            for (k, x) in m.map.iter() {
+                let key = match k {
+                    Key::String(s) => s.as_ref().clone(),
+                    Key::Int(i) => i.to_string(),
+                    Key::Uint(u) => u.to_string(),
+                    Key::Bool(b) => b.to_string(),
+                };
+                sorted.insert(key, canonical_json(x, depth + 1)?);
+            }
+            J::Object(sorted.into_iter().collect())
+        }
+        other => J::String(format!("{other:?}")),
+    })
 }
 
 /// A reservation amount: a non-negative int or uint (tokens).
@@ -184,6 +241,7 @@ fn amount_value(v: Value) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    use crate::config::OnError;
     use crate::policy::test_support::{host, MapHost, TUTORIAL};
     use crate::policy::{Policy, Rate};
 
@@ -223,19 +281,84 @@ mod tests {
     }
 
     #[test]
-    fn missing_identity_means_the_limit_does_not_apply() {
+    fn missing_identity_refuses_the_request_by_default() {
         let p = Policy::from_json(TUTORIAL.as_bytes()).unwrap();
         let mut h = MapHost::default();
         h.properties
             .insert("request.path".into(), b"/v1/chat/completions".to_vec());
         let d = p.evaluate(&mut h);
         assert!(d.applied.is_empty());
-        assert_eq!(d.errors.len(), 2);
+        // Evaluation stops at the first failure of an `onError: deny` limit.
+        assert_eq!(d.errors.len(), 1);
+        let refusal = d.refusal().unwrap();
+        assert_eq!(refusal.limit, "free");
         assert!(
-            d.errors[0].reason.to_lowercase().contains("no such key"),
+            refusal.reason.to_lowercase().contains("no such key"),
             "{:?}",
             d.errors
         );
+    }
+
+    #[test]
+    fn on_error_skip_keeps_the_other_limits() {
+        let cfg = TUTORIAL.replace(
+            r#""counters": [{"expression": "auth.identity.userid"}]
+    },"#,
+            r#""counters": [{"expression": "auth.identity.userid"}], "onError": "skip"
+    },"#,
+        );
+        assert_ne!(cfg, TUTORIAL);
+        let p = Policy::from_json(cfg.as_bytes()).unwrap();
+        // The identity has no groups: `free` (skip) does not apply, `gold` (deny) refuses.
+        let mut h = host("/v1/chat/completions", "user-1", "gold");
+        h.set_metadata(&[(
+            "envoy.filters.http.ext_authz",
+            serde_json::json!({"identity": {"userid": "user-1"}}),
+        )]);
+        let d = p.evaluate(&mut h);
+        assert_eq!(d.errors.len(), 2);
+        assert_eq!(d.errors[0].on_error, OnError::Skip);
+        assert_eq!(d.refusal().map(|e| e.limit.as_str()), Some("gold"));
+        // With groups the skipped limit's failure is gone and gold applies.
+        let d = p.evaluate(&mut host("/v1/chat/completions", "user-2", "gold"));
+        assert_eq!((d.errors.len(), d.applied.len()), (0, 1));
+    }
+
+    #[test]
+    fn typed_identity_in_predicates_and_counters() {
+        let cfg = r#"{"rateLimitService": {"cluster": "c", "domain": "d"},
+          "auth": {"metadataNamespace": "envoy.filters.http.jwt_authn"},
+          "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}],
+            "when": [
+              {"predicate": "auth.claims.groups.exists(g, g == \"gold\")"},
+              {"predicate": "auth.claims.level >= 2 && auth.claims.premium"},
+              {"predicate": "request.auth.claims.org.name == \"acme\""}
+            ],
+            "counters": [
+              {"expression": "auth.claims.sub"},
+              {"expression": "auth.claims.level"},
+              {"expression": "auth.claims.groups"},
+              {"expression": "auth.claims.org"}
+            ]}}}"#;
+        let p = Policy::from_json(cfg.as_bytes()).unwrap();
+        let claims = |groups: serde_json::Value| {
+            serde_json::json!({"claims": {"sub": "alice", "groups": groups, "level": 2,
+                "premium": true, "org": {"name": "acme", "id": 7}}})
+        };
+        let mut h = MapHost::default();
+        h.set_metadata(&[("envoy.filters.http.jwt_authn", claims(serde_json::json!(["free", "gold"])))]);
+        let d = p.evaluate(&mut h);
+        assert_eq!(d.errors, vec![]);
+        let values: Vec<&str> = d.applied[0].counters.iter().map(|(_, v)| v.as_str()).collect();
+        assert_eq!(
+            values,
+            vec!["alice", "2", r#"["free","gold"]"#, r#"{"id":7,"name":"acme"}"#]
+        );
+        // `auth` and `request.auth` are one read of the metadata per request.
+        assert_eq!(h.fetched, vec!["metadata".to_string()]);
+        let mut h = MapHost::default();
+        h.set_metadata(&[("envoy.filters.http.jwt_authn", claims(serde_json::json!(["free"])))]);
+        assert!(p.evaluate(&mut h).applied.is_empty());
     }
 
     #[test]
@@ -272,14 +395,13 @@ mod tests {
 
     #[test]
     fn a_non_bool_predicate_is_an_error_not_a_match() {
+        // The type is only known at run time: an identity field.
         let cfg = r#"{"rateLimitService": {"cluster": "c", "domain": "d"},
-          "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "when": [{"predicate": "request.path"}]}}}"#;
+          "limits": {"l": {"rates": [{"limit": 1, "window": "1s"}], "when": [{"predicate": "auth.identity.userid"}]}}}"#;
         let p = Policy::from_json(cfg.as_bytes()).unwrap();
-        let mut h = MapHost::default();
-        h.properties.insert("request.path".into(), b"/".to_vec());
-        let d = p.evaluate(&mut h);
+        let d = p.evaluate(&mut host("/", "user-1", "free"));
         assert!(d.applied.is_empty());
-        assert!(d.errors[0].reason.contains("must be a bool"));
+        assert!(d.refusal().unwrap().reason.contains("must be a bool"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ mod reservations;
 pub(crate) mod test_support;
 
 use crate::attributes::Attribute;
-use crate::config::{AdmissionMode, FailureMode, Fallback, TokenCategory};
+use crate::config::{AdmissionMode, FailureMode, Fallback, OnError, TokenCategory};
 use crate::usage::UsagePaths;
 use binding::Binding;
 use cel_interpreter::Context;
@@ -92,6 +92,8 @@ pub struct Limit {
     pub reservation_amount: Option<CompiledExpr>,
     /// The longest hold of this limit's reservations (default: [`ReservationSettings::ttl`]).
     pub reservation_ttl: Option<Duration>,
+    /// What a request gets when one of this limit's expressions fails for it.
+    pub on_error: OnError,
 }
 
 /// What reservation mode reserves by default.
@@ -191,11 +193,14 @@ impl std::fmt::Debug for Policy {
     }
 }
 
-/// Why an expression could not be evaluated for a request (its limit then does not apply).
+/// Why an expression could not be evaluated for a request: with `onError: deny` the request
+/// is refused, with `skip` the limit does not apply.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalError {
     /// Name of the limit the expression belongs to.
     pub limit: String,
+    /// The limit's `onError`.
+    pub on_error: OnError,
     /// The expression's source text (trimmed, as in [`CompiledExpr::source`]).
     pub expression: String,
     /// Why it failed: the interpreter's error (a missing attribute, an overflow, ...), or the
@@ -229,6 +234,15 @@ pub struct Applied {
 pub struct Decision {
     /// Limits whose predicates all held and whose counters all evaluated.
     pub applied: Vec<Applied>,
-    /// Expressions that failed (their limit does not apply).
+    /// Expressions that failed. Evaluation stops at the first one of a limit with
+    /// `onError: deny` (see [`Decision::refusal`]).
     pub errors: Vec<EvalError>,
+}
+
+impl Decision {
+    /// The failure that refuses the request: an expression of a limit with `onError: deny`
+    /// that could not be evaluated. `None`: the request goes on to admission.
+    pub fn refusal(&self) -> Option<&EvalError> {
+        self.errors.iter().find(|e| e.on_error == OnError::Deny)
+    }
 }

@@ -33,9 +33,10 @@ pub(crate) const TUTORIAL: &str = r#"{
 pub(crate) fn host(path: &str, user: &str, groups: &str) -> MapHost {
     let mut h = MapHost::default();
     h.properties.insert("request.path".into(), path.into());
-    let ns = "metadata.filter_metadata.envoy.filters.http.ext_authz.identity";
-    h.properties.insert(format!("{ns}.userid"), user.into());
-    h.properties.insert(format!("{ns}.groups"), groups.into());
+    h.set_metadata(&[(
+        "envoy.filters.http.ext_authz",
+        serde_json::json!({"identity": {"userid": user, "groups": groups}}),
+    )]);
     h
 }
 

@@ -629,6 +629,29 @@ fn a_50_mb_stream_keeps_envoy_memory_bounded_and_is_counted() {
 // ---------------------------------------------------------------------------------------------
 // 7. An invalid plugin configuration pushed to a running Envoy (file-based LDS)
 
+/// The shipped free tier's path predicate (every model endpoint) and its group predicate.
+const FREE_PATHS: &str = concat!(
+    "                        - predicate: >-\n",
+    "                            request.url_path in [\"/v1/chat/completions\", \"/v1/completions\",\n",
+    "                            \"/v1/embeddings\", \"/v1/responses\", \"/v1/messages\"] ||\n",
+    "                            request.url_path.matches(\"^/v1(beta)?/models/[^/:]+:(generateContent|streamGenerateContent)$\")\n",
+    "                        - predicate: auth.identity.groups.split(\",\").exists(g, g == \"free\")\n",
+);
+
+/// The free tier scoped to `paths` (a CEL list literal) instead of every model endpoint.
+fn free_on(paths: &str) -> (String, String) {
+    (
+        FREE_PATHS.into(),
+        format!(
+            concat!(
+                "                        - predicate: request.url_path in {}\n",
+                "                        - predicate: auth.identity.groups.split(\",\").exists(g, g == \"free\")\n",
+            ),
+            paths
+        ),
+    )
+}
+
 fn raw_chat(stack: &Stack, path: &str, key: &str, words: usize, max_tokens: u64) -> Reply {
     // A new connection per request: connections opened before a listener update keep the
     // old filter chain while they drain.
@@ -637,8 +660,11 @@ fn raw_chat(stack: &Stack, path: &str, key: &str, words: usize, max_tokens: u64)
 
 #[test]
 fn an_invalid_configuration_pushed_over_lds_is_rejected_and_the_old_one_keeps_limiting() {
+    // The free tier starts on chat completions only.
+    let chat_only = free_on(r#"["/v1/chat/completions"]"#);
     let mut stack = Stack::start(Options {
         dynamic_listener: true,
+        edits: vec![chat_only.clone()],
         ..Options::default()
     });
     let lds_ok = |n: u64| stack.envoy_stat("listener_manager.lds.update_success") >= n;
@@ -668,10 +694,13 @@ fn an_invalid_configuration_pushed_over_lds_is_rejected_and_the_old_one_keeps_li
     let bad = Stack::render_config(
         &stack.ports,
         &Options {
-            edits: vec![(
-                "- {limit: 50, window: 1m}".into(),
-                "- {limit: 50, window: 1x}".into(),
-            )],
+            edits: vec![
+                (
+                    "- {limit: 50, window: 1m}".into(),
+                    "- {limit: 50, window: 1x}".into(),
+                ),
+                chat_only,
+            ],
             ..Options::default()
         },
     );
@@ -715,18 +744,7 @@ fn an_invalid_configuration_pushed_over_lds_is_rejected_and_the_old_one_keeps_li
                     "- {limit: 50, window: 1m}".into(),
                     "- {limit: 60, window: 1m}".into(),
                 ),
-                (
-                    concat!(
-                        "                        - predicate: request.url_path == \"/v1/chat/completions\"\n",
-                        "                        - predicate: auth.identity.groups.split(\",\").exists(g, g == \"free\")\n"
-                    )
-                    .into(),
-                    concat!(
-                        "                        - predicate: request.url_path in [\"/v1/chat/completions\", \"/v1/completions\"]\n",
-                        "                        - predicate: auth.identity.groups.split(\",\").exists(g, g == \"free\")\n"
-                    )
-                    .into(),
-                ),
+                free_on(r#"["/v1/chat/completions", "/v1/completions"]"#),
             ],
             ..Options::default()
         },

@@ -534,11 +534,11 @@ fn a_request_that_outlives_its_hold_is_charged_in_full_and_counted() {
 
 /// Free users user-10, user-11, ... (keys `iamfree10`, ...) added to the auth step.
 fn more_free_users(n: usize) -> (String, String) {
-    let line = "                    [\"iamanotherfreeuser\"] = {userid = \"user-3\", groups = \"free\"},\n";
+    let line = "                    [\"iamanotherfreeuser\"] = identity(\"user-3\", \"free\"),\n";
     let mut to = line.to_string();
     for i in 0..n {
         to.push_str(&format!(
-            "                    [\"iamfree{}\"] = {{userid = \"user-{}\", groups = \"free\"}},\n",
+            "                    [\"iamfree{}\"] = identity(\"user-{}\", \"free\"),\n",
             10 + i,
             10 + i
         ));

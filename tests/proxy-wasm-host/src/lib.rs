@@ -11,7 +11,7 @@
 //! let plugin = host.plugin(br#"{"some": "config"}"#).expect("configuration accepted");
 //!
 //! let stream = plugin.http_stream();
-//! stream.set_property_str(&["metadata", "filter_metadata", "envoy.filters.http.ext_authz", "identity", "userid"], "alice");
+//! stream.set_property(&["metadata"], b"...");                // a serialized envoy.config.core.v3.Metadata
 //! let action = stream.request_headers(&[(":method", "POST"), (":path", "/v1/chat/completions")], false);
 //! assert_eq!(action, Action::Pause);
 //!

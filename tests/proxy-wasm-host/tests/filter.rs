@@ -600,8 +600,7 @@ fn counters_read_headers_properties_and_metadata() {
     let stream = plugin.http_stream();
     stream.set_property_str(&["source", "address"], "10.0.0.7:54321");
     stream.set_property_i64(&["source", "port"], 54321);
-    set_identity(&stream, "userid", "alice");
-    set_identity(&stream, "groups", "free,beta");
+    set_identity(&stream, &[("userid", "alice"), ("groups", "free,beta")]);
     stream.request_headers(
         &[(":method", "POST"), (":path", CHAT), ("x-api-key", "k-123")],
         true,
@@ -1581,8 +1580,7 @@ fn random_response_bodies_never_trap() {
 fn header_values_that_are_not_utf8_never_trap() {
     let plugin = Config::tutorial().start();
     let stream = plugin.http_stream();
-    stream.set_property_str(&identity_path("userid"), "alice");
-    stream.set_property_str(&identity_path("groups"), "free");
+    set_identity(&stream, &[("userid", "alice"), ("groups", "free")]);
     stream.request_headers_bytes(
         &[
             (":method", b"POST"),
@@ -1594,8 +1592,7 @@ fn header_values_that_are_not_utf8_never_trap() {
     );
     let _ = plugin.pending_grpc_calls();
     let stream = plugin.http_stream();
-    stream.set_property_str(&identity_path("userid"), "alice");
-    stream.set_property_str(&identity_path("groups"), "free");
+    set_identity(&stream, &[("userid", "alice"), ("groups", "free")]);
     stream.request_headers(&[(":method", "POST"), (":path", CHAT)], true);
     answer(&plugin, &stream, &ok());
     stream.response_headers_bytes(
@@ -1612,10 +1609,26 @@ fn header_values_that_are_not_utf8_never_trap() {
 }
 
 #[test]
+fn dynamic_metadata_that_does_not_decode_refuses_without_trapping() {
+    // Not an envoy.config.core.v3.Metadata message: no identity can be read, and the limit
+    // (onError deny by default) refuses the request before any call.
+    let plugin = Config::tutorial().start();
+    let stream = plugin.http_stream();
+    stream.set_property(&["metadata"], b"\xffal\xc3");
+    stream.request_headers(&[(":method", "POST"), (":path", CHAT)], true);
+    assert!(plugin.pending_grpc_calls().is_empty());
+    let reply = stream.local_reply().expect("a local reply");
+    assert_eq!(reply.status, 403);
+    assert_eq!(plugin.metric("token_ratelimit.requests_refused_on_error.free"), Some(1));
+    stream.finish();
+    assert!(plugin.trap().is_none());
+}
+
+#[test]
 fn invalid_utf8_never_traps() {
     let plugin = Config::tutorial().start();
     let stream = plugin.http_stream();
-    stream.set_property(&identity_path("userid"), b"\xffal\xc3");
+    set_identity(&stream, &[("userid", "al\u{fffd}")]);
     stream.request_headers(
         &[
             (":method", "POST"),
@@ -1629,7 +1642,7 @@ fn invalid_utf8_never_traps() {
         entries_of(&check_of(&stream)),
         pairs(&[
             ("limit.free", "1"),
-            ("auth.identity.userid", "\u{fffd}al\u{fffd}")
+            ("auth.identity.userid", "al\u{fffd}")
         ])
     );
     stream.request_body(b"{\"content\":\"\xff\xfe\"}", true);
@@ -1644,7 +1657,7 @@ fn invalid_utf8_never_traps() {
     stream.finish();
     assert_eq!(
         delivered_at_once(&plugin),
-        vec![(user_descriptor("free", "\u{fffd}al\u{fffd}"), 7)]
+        vec![(user_descriptor("free", "al\u{fffd}"), 7)]
     );
 
     // A JSON document with invalid UTF-8 does not parse: the estimate applies.

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{host, CONFIG, USERID};
+use common::{host, set_identity, CONFIG};
 use prost::Message;
 use proxy_wasm_host::{Action, CallState, LogLevel};
 use ratelimit_proto::{
@@ -62,7 +62,7 @@ fn a_request_through_a_limit_checks_with_zero_hits() {
     let plugin = host().plugin(CONFIG).expect("configuration accepted");
     let stream = plugin.http_stream();
     assert_eq!(stream.id(), 2);
-    stream.set_property_str(USERID, "alice");
+    set_identity(&stream, &[("userid", "alice")]);
     let action = stream.request_headers(
         &[
             (":method", "POST"),
@@ -137,7 +137,7 @@ fn a_request_through_a_limit_checks_with_zero_hits() {
 fn over_limit_is_a_local_429_sent_through_the_filters_response_callbacks() {
     let plugin = host().plugin(CONFIG).unwrap();
     let stream = plugin.http_stream();
-    stream.set_property_str(USERID, "bob");
+    set_identity(&stream, &[("userid", "bob")]);
     assert_eq!(
         stream.request_headers(
             &[(":method", "POST"), (":path", "/v1/chat/completions")],
@@ -183,7 +183,7 @@ fn over_limit_is_a_local_429_sent_through_the_filters_response_callbacks() {
 fn a_timeout_in_failure_mode_deny_refuses_the_request() {
     let plugin = host().plugin(CONFIG).unwrap();
     let stream = plugin.http_stream();
-    stream.set_property_str(USERID, "carol");
+    set_identity(&stream, &[("userid", "carol")]);
     stream.request_headers(
         &[(":method", "POST"), (":path", "/v1/chat/completions")],
         true,
@@ -204,7 +204,7 @@ fn a_timeout_in_failure_mode_deny_refuses_the_request() {
 fn usage_in_the_response_is_reported_from_the_root_context_on_tick() {
     let plugin = host().plugin(CONFIG).unwrap();
     let stream = plugin.http_stream();
-    stream.set_property_str(USERID, "dave");
+    set_identity(&stream, &[("userid", "dave")]);
     stream.request_headers(
         &[(":method", "POST"), (":path", "/v1/chat/completions")],
         true,
@@ -275,7 +275,7 @@ fn a_streams_grpc_call_belongs_to_the_root_context_and_outlives_the_stream() {
     };
     let checked = |user: &str| {
         let stream = plugin.http_stream();
-        stream.set_property_str(USERID, user);
+        set_identity(&stream, &[("userid", user)]);
         stream.request_headers(
             &[(":method", "POST"), (":path", "/v1/chat/completions")],
             true,
@@ -323,7 +323,7 @@ fn a_refused_host_call_is_an_answer_not_a_trap() {
         .start(CONFIG)
         .unwrap();
     let stream = plugin.http_stream();
-    stream.set_property_str(USERID, "eve");
+    set_identity(&stream, &[("userid", "eve")]);
     let action = stream
         .try_request_headers(
             &[(":method", "POST"), (":path", "/v1/chat/completions")],

@@ -75,13 +75,6 @@ pub const CONFIG: &str = r#"{
   }
 }"#;
 
-pub const USERID: &[&str] = &[
-    "metadata",
-    "filter_metadata",
-    "envoy.filters.http.ext_authz",
-    "identity",
-    "userid",
-];
 
 // ---------------------------------------------------------------------------------------------
 // Scenario helpers (tests/filter.rs): a configuration builder, identities, requests, the rate-limit
@@ -199,20 +192,48 @@ pub fn per_user_limit(tokens: &str) -> Value {
     })
 }
 
-/// The property path of an identity field an auth filter left: `auth.identity.<field>`.
-pub fn identity_path(field: &str) -> [&str; 5] {
-    [
-        "metadata",
-        "filter_metadata",
-        AUTH_NAMESPACE,
-        "identity",
-        field,
-    ]
+/// The stream's dynamic metadata as Envoy answers the property `metadata`: a serialized
+/// `envoy.config.core.v3.Metadata` whose `filter_metadata` (field 1) maps each namespace to a
+/// `google.protobuf.Struct`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Metadata {
+    #[prost(map = "string, message", tag = "1")]
+    pub filter_metadata: std::collections::HashMap<String, prost_types::Struct>,
 }
 
-/// Sets `auth.identity.<field>` for the stream, as ext_authz would.
-pub fn set_identity(stream: &Stream, field: &str, value: &str) {
-    stream.set_property_str(&identity_path(field), value);
+/// The `metadata` bytes of an identity `{field: value, ...}` (strings) that ext_authz left
+/// under `identity` in its namespace.
+pub fn identity_metadata(fields: &[(&str, &str)]) -> Vec<u8> {
+    use prost_types::value::Kind;
+    let identity = prost_types::Struct {
+        fields: fields
+            .iter()
+            .map(|(k, v)| {
+                let v = prost_types::Value {
+                    kind: Some(Kind::StringValue(v.to_string())),
+                };
+                (k.to_string(), v)
+            })
+            .collect(),
+    };
+    let namespace = prost_types::Struct {
+        fields: [(
+            "identity".to_string(),
+            prost_types::Value {
+                kind: Some(Kind::StructValue(identity)),
+            },
+        )]
+        .into(),
+    };
+    Metadata {
+        filter_metadata: [(AUTH_NAMESPACE.to_string(), namespace)].into(),
+    }
+    .encode_to_vec()
+}
+
+/// Sets `auth.identity` for the stream to these string fields, as ext_authz would.
+pub fn set_identity(stream: &Stream, fields: &[(&str, &str)]) {
+    stream.set_property(&["metadata"], identity_metadata(fields));
 }
 
 /// A new stream of `user` (no identity for `None`) that sends `POST path` headers with
@@ -231,7 +252,7 @@ pub fn request(
 ) -> Stream {
     let stream = plugin.http_stream();
     if let Some(user) = user {
-        set_identity(&stream, "userid", user);
+        set_identity(&stream, &[("userid", user)]);
     }
     let mut headers = vec![
         (":method", method),
