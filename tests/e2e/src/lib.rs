@@ -9,6 +9,12 @@
 //! [`Stack::push_listener`]), send raw HTTP/1.1 requests ([`Stack::raw_request`]) and read
 //! Envoy's memory ([`Stack::envoy_rss_kib`]).
 //!
+//! Another Envoy configuration of the repository can be rendered instead of `envoy/envoy.yaml`
+//! ([`Options::config`], e.g. `envoy/jwt-authn.yaml`), with the same substitutions; a stack
+//! can run the test authorization server of [`authz`] for `envoy.filters.http.ext_authz`
+//! ([`Options::authz`], on the port the configuration names `port_value: 9191`), and [`jwt`]
+//! signs tokens for `envoy.filters.http.jwt_authn`.
+//!
 //! Prerequisites (what `make build` produces): `target/wasm32-wasip1/release/token_ratelimit.wasm`,
 //! `target/debug/{token-ratelimit,ratelimit-service,llm-simulator}`, and Envoy at `$ENVOY` or
 //! `.venv/bin/envoy`.
@@ -18,6 +24,15 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod authz;
+pub mod jwt;
+
+/// The Envoy configuration rendered when [`Options::config`] names none.
+pub const DEFAULT_CONFIG: &str = "envoy/envoy.yaml";
+
+/// The port of the authorization cluster in a configuration for [`Options::authz`].
+pub const AUTHZ_PORT_IN_CONFIG: &str = "port_value: 9191";
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -169,6 +184,8 @@ pub struct Ports {
     pub rls: u16,
     pub rls_http: u16,
     pub llm: u16,
+    /// The test authorization server's ([`Options::authz`]; unused without it).
+    pub authz: u16,
 }
 
 /// How to start a stack.
@@ -194,6 +211,15 @@ pub struct Options {
     /// `lds.yaml` in the stack's directory) instead of `static_resources`, so that a test can
     /// push listener updates with [`Stack::push_listener`].
     pub dynamic_listener: bool,
+    /// The Envoy configuration to render, a path relative to the repository root (e.g.
+    /// `envoy/jwt-authn.yaml`); `None`: [`DEFAULT_CONFIG`]. It gets the same substitutions
+    /// (ports `8080`, `9901`, `8081`, `9000`, the wasm path, `failureMode: deny`,
+    /// `timeout: 100ms`, `mode: auto`, then `edits`), so each must occur once in it.
+    pub config: Option<&'static str>,
+    /// Start the test authorization server ([`authz::AuthzServer`]) with these identities
+    /// (API key → the `dynamic_metadata` object it answers) on [`Ports::authz`], which replaces
+    /// [`AUTHZ_PORT_IN_CONFIG`] in the configuration.
+    pub authz: Option<Vec<(&'static str, serde_json::Value)>>,
 }
 
 impl Default for Options {
@@ -207,6 +233,8 @@ impl Default for Options {
             service_args: Vec::new(),
             mode: None,
             dynamic_listener: false,
+            config: None,
+            authz: None,
         }
     }
 }
@@ -216,7 +244,7 @@ pub fn replace_once(text: &str, from: &str, to: &str) -> String {
     assert_eq!(
         text.matches(from).count(),
         1,
-        "`{from}` must occur exactly once in envoy/envoy.yaml"
+        "`{from}` must occur exactly once in the Envoy configuration"
     );
     text.replacen(from, to, 1)
 }
@@ -231,6 +259,8 @@ pub struct Stack {
     /// The rendered Envoy configuration (with `dynamic_listener`: the bootstrap, whose
     /// listener is in `lds.yaml` next to it).
     pub envoy_config: PathBuf,
+    /// The test authorization server, with [`Options::authz`].
+    pub authz: Option<authz::AuthzServer>,
     client: reqwest::blocking::Client,
     /// The extra arguments of `ratelimit-service` and how often it was started (restarts
     /// reuse `limits.yaml` of `dir`).
@@ -290,10 +320,11 @@ pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool
 }
 
 impl Stack {
-    /// Renders `envoy/envoy.yaml` for these ports and options.
+    /// Renders `envoy/envoy.yaml` (or [`Options::config`]) for these ports and options.
     pub fn render_config(ports: &Ports, opts: &Options) -> String {
-        let text =
-            std::fs::read_to_string(repo_root().join("envoy/envoy.yaml")).expect("envoy.yaml");
+        let file = opts.config.unwrap_or(DEFAULT_CONFIG);
+        let text = std::fs::read_to_string(repo_root().join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
         let fixed = [
             (
                 "port_value: 8080".to_string(),
@@ -327,9 +358,16 @@ impl Stack {
         let mode = opts
             .mode
             .map(|m| ("mode: auto\n".to_string(), format!("mode: {m}\n")));
+        let authz = opts.authz.as_ref().map(|_| {
+            (
+                AUTHZ_PORT_IN_CONFIG.to_string(),
+                format!("port_value: {}", ports.authz),
+            )
+        });
         fixed
             .iter()
             .chain(&mode)
+            .chain(&authz)
             .chain(&opts.edits)
             .fold(text, |text, (from, to)| replace_once(&text, from, to))
     }
@@ -369,6 +407,7 @@ impl Stack {
             rls: free_port(),
             rls_http: free_port(),
             llm: free_port(),
+            authz: free_port(),
         };
         let config = Stack::render_config(&ports, &opts);
         let envoy_config = dir.path().join("envoy.yaml");
@@ -409,6 +448,11 @@ impl Stack {
             simulator.output()
         );
 
+        let authz = opts
+            .authz
+            .as_ref()
+            .map(|identities| authz::AuthzServer::start(ports.authz, identities));
+
         let mut envoy = Stack::start_envoy(&envoy_config, &ports, opts.concurrency, dir.path());
         if let Some(code) = envoy.exited() {
             panic!("envoy exited with {code}:\n{}", envoy.output());
@@ -430,6 +474,7 @@ impl Stack {
             simulator,
             dir,
             envoy_config,
+            authz,
             client,
             service_args: opts.service_args,
             service_starts: 1,
@@ -621,6 +666,7 @@ impl Stack {
             rls: free_port(),
             rls_http: free_port(),
             llm: free_port(),
+            authz: free_port(),
         };
         let config = Stack::render_config(&ports, &opts);
         let path = dir.path().join("envoy.yaml");
@@ -678,6 +724,31 @@ impl Stack {
                 "max_tokens": max_tokens
             }),
         )
+    }
+
+    /// [`Stack::chat`] with `Authorization: <authorization>` as given (e.g. `Bearer <jwt>`);
+    /// `None` sends no `Authorization` header.
+    pub fn chat_as(&self, authorization: Option<&str>, words: usize, max_tokens: u64) -> Reply {
+        let prompt = vec!["word"; words].join(" ");
+        let headers: Vec<(&str, &str)> = authorization
+            .map(|a| ("authorization", a))
+            .into_iter()
+            .collect();
+        self.post_with(
+            "/v1/chat/completions",
+            None,
+            &serde_json::json!({
+                "model": "sim",
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": max_tokens
+            }),
+            &headers,
+        )
+    }
+
+    /// The rendered Envoy configuration's text.
+    pub fn config_text(&self) -> String {
+        std::fs::read_to_string(&self.envoy_config).expect("the rendered configuration")
     }
 
     /// `GET` a URL and return its body.
