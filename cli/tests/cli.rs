@@ -25,7 +25,11 @@ fn run(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn shipped_configurations_validate() {
-    for file in ["envoy/envoy.yaml", "istio/wasmplugin.yaml"] {
+    for file in [
+        "envoy/envoy.yaml",
+        "envoy/jwt-authn.yaml",
+        "istio/wasmplugin.yaml",
+    ] {
         let (ok, stdout, stderr) = run(&["validate", file]);
         assert!(ok, "{file}: {stderr}");
         assert!(
