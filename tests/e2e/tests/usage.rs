@@ -29,9 +29,18 @@ fn everything_limit() -> (String, String) {
     )
 }
 
+/// user-3 in no tier: only the `everything` limit applies to it (the free tier's 50 tokens,
+/// on every model endpoint, would refuse the suite's requests).
+fn user3_in_no_tier() -> (String, String) {
+    (
+        "[\"iamanotherfreeuser\"] = identity(\"user-3\", \"free\"),".into(),
+        "[\"iamanotherfreeuser\"] = identity(\"user-3\", \"tests\"),".into(),
+    )
+}
+
 fn stack() -> Stack {
     Stack::start(Options {
-        edits: vec![everything_limit()],
+        edits: vec![everything_limit(), user3_in_no_tier()],
         ..Options::default()
     })
 }
