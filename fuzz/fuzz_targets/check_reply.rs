@@ -105,6 +105,7 @@ fn check(policy: &Policy, reply: &[u8], body: &[u8]) {
         }
         Verdict::DenyOnFailure { reply, .. } => assert_eq!(reply.status, 500),
         Verdict::FallBackToCheck => panic!("a check reply never falls back"),
+        Verdict::Unevaluable { .. } => panic!("a check reply never makes a limit unevaluable"),
     }
     flow.on_request_body_len(body.len() as u64);
     flow.on_response_headers(policy, Some("application/json"), None);
