@@ -42,10 +42,10 @@ fn policies() -> &'static [Policy; 2] {
 fn host() -> MapHost {
     let mut h = MapHost::default();
     h.properties.insert("request.path".into(), b"/v1/chat/completions".to_vec());
-    h.properties.insert(
-        "metadata.filter_metadata.envoy.filters.http.ext_authz.identity.userid".into(),
-        b"user-1".to_vec(),
-    );
+    h.set_metadata(&[(
+        "envoy.filters.http.ext_authz",
+        serde_json::json!({"identity": {"userid": "user-1"}}),
+    )]);
     h
 }
 

@@ -22,7 +22,6 @@ use token_ratelimit::policy::Policy;
 /// A request with every kind of attribute set.
 fn request() -> MapHost {
     let mut h = MapHost::default();
-    let ns = "metadata.filter_metadata.envoy.filters.http.ext_authz";
     for (k, v) in [
         ("request.path", b"/v1/chat/completions".to_vec()),
         ("request.url_path", b"/v1/chat/completions".to_vec()),
@@ -36,12 +35,15 @@ fn request() -> MapHost {
         ("destination.port", 8080i64.to_le_bytes().to_vec()),
         ("connection.mtls", vec![1]),
         ("connection.id", 7u64.to_le_bytes().to_vec()),
-        (&format!("{ns}.identity.userid"), b"user-1".to_vec()),
-        (&format!("{ns}.identity.groups"), b"free,beta".to_vec()),
         ("filter_state.plan", b"pro".to_vec()),
     ] {
         h.properties.insert(k.to_string(), v);
     }
+    h.set_metadata(&[(
+        "envoy.filters.http.ext_authz",
+        serde_json::json!({"identity": {"userid": "user-1", "groups": "free,beta", "n": 3,
+            "admin": true, "tags": ["a", "b"], "org": {"id": 7}}}),
+    )]);
     h.request_headers = vec![
         ("authorization".into(), b"APIKEY iamafreeuser".to_vec()),
         ("x-user".into(), b"alice".to_vec()),
