@@ -10,7 +10,7 @@
 //! end of stream or on_log ─▶ finish once ─▶ reports per token category ─▶ root queue
 //! ```
 
-use crate::config::{AdmissionMode, FailureMode, Fallback, TokenCategory};
+use crate::config::{AdmissionMode, ErrorCharge, FailureMode, Fallback, TokenCategory};
 use crate::estimate::RequestBound;
 pub use crate::filter::LocalReply;
 use crate::policy::{Applied, Decision, Policy};
@@ -96,6 +96,26 @@ pub struct RequestFlow {
     /// The request was let through (the check allowed it, or the failure mode did).
     allowed: bool,
     finished: bool,
+    /// The client sent the whole request (its body's end, or a request without body).
+    request_complete: bool,
+    /// The response's status and who sent it, once its headers went by.
+    response: Option<(u16, Responder)>,
+    /// What the request body declares (`None`: the filter did not read it).
+    bound: Option<RequestBound>,
+}
+
+/// Who sent a request's response, as seen at its headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Responder {
+    /// The upstream (Envoy's `response.code_details` is `via_upstream`, or was not told).
+    Upstream,
+    /// Envoy itself, without an upstream connection: the request never reached the upstream
+    /// (a 413 for a body over its buffer, a 503 with no healthy or reachable upstream, a
+    /// direct response).
+    ProxyBeforeUpstream,
+    /// Envoy itself, after the request went upstream: a timeout, or an upstream reset before
+    /// any response.
+    ProxyAfterUpstream,
 }
 
 impl Default for RequestFlow {
@@ -111,6 +131,9 @@ impl Default for RequestFlow {
             denied: false,
             allowed: false,
             finished: false,
+            request_complete: false,
+            response: None,
+            bound: None,
         }
     }
 }
@@ -129,6 +152,14 @@ pub enum Charge {
     Fixed,
     /// No usage, and the fallback is `none`.
     Missing,
+    /// No usage, and nothing owed: an upstream error the configuration lets go free (`4xx` by
+    /// default), or a request that never reached the upstream (Envoy's own reply, an upload
+    /// the client abandoned).
+    Free,
+    /// No answer after the request reached the upstream (the client hung up, a timeout, a
+    /// reset): the prompt estimate plus the completion maximum the request declared, what
+    /// reservation mode holds for it.
+    Declared,
 }
 
 impl RequestFlow {
@@ -167,6 +198,7 @@ impl RequestFlow {
             ..Default::default()
         };
         flow.reservations = Reservations::new(policy.plan_reservations(&flow.applied, bound));
+        flow.bound = bound;
         let requests = flow.reservations.requests(&policy.service.domain);
         (flow, requests)
     }
@@ -342,6 +374,31 @@ impl RequestFlow {
         self.request_bytes = self.request_bytes.saturating_add(len);
     }
 
+    /// The client sent the whole request: the end of its body, or headers without a body. A
+    /// request that ends before (an abandoned upload) and had no answer of the upstream costs
+    /// nothing.
+    pub fn on_request_complete(&mut self) {
+        self.request_complete = true;
+    }
+
+    /// What the request body declares, when the filter read it (checkReport mode; reservation
+    /// mode takes it at its start): a request that reached the upstream and ended without an
+    /// answer is charged its prompt estimate plus its declared completion maximum.
+    pub fn set_request_bound(&mut self, bound: Option<RequestBound>) {
+        if bound.is_some() {
+            self.bound = bound;
+        }
+    }
+
+    /// The response's status (`None`: unreadable) and who sent it: decides what a response
+    /// without usage costs.
+    pub fn on_response_status(&mut self, status: Option<u16>, responder: Responder) {
+        if !self.reads_response() {
+            return;
+        }
+        self.response = Some((status.unwrap_or(200), responder));
+    }
+
     /// Request body bytes counted so far.
     pub fn request_bytes(&self) -> u64 {
         self.request_bytes
@@ -424,6 +481,53 @@ impl RequestFlow {
         }
     }
 
+    /// What a response without usage costs, from how the request ended:
+    ///
+    /// | how it ended | charge |
+    /// | --- | --- |
+    /// | no answer, upload not complete | nothing |
+    /// | Envoy answered before the upstream | nothing |
+    /// | no answer (hang-up), or Envoy answered after the upstream (timeout, reset) | [`Charge::Declared`], else the fallback |
+    /// | the upstream answered `4xx` / `5xx` | `usage.errorResponses` |
+    /// | the upstream answered anything else | the fallback |
+    fn without_usage(&self, policy: &Policy) -> (Charge, Option<Usage>) {
+        let errors = &policy.usage.error_responses;
+        let charge = |c: ErrorCharge| match c {
+            ErrorCharge::Free => (Charge::Free, None),
+            ErrorCharge::Fallback => self.fallback(policy),
+        };
+        match self.response {
+            None | Some((_, Responder::ProxyAfterUpstream)) if !self.request_complete => {
+                (Charge::Free, None)
+            }
+            Some((_, Responder::ProxyBeforeUpstream)) => (Charge::Free, None),
+            None | Some((_, Responder::ProxyAfterUpstream)) => self.hang_up(policy),
+            Some((400..=499, Responder::Upstream)) => charge(errors.client_errors),
+            Some((500..=599, Responder::Upstream)) => charge(errors.server_errors),
+            Some((_, Responder::Upstream)) => self.fallback(policy),
+        }
+    }
+
+    /// The charge of a request that reached the upstream and got no answer: the prompt
+    /// estimate plus the declared completion maximum (each capped by `reservation.maxAmount`,
+    /// as its hold is), or the fallback when the filter did not read a declared maximum.
+    fn hang_up(&self, policy: &Policy) -> (Charge, Option<Usage>) {
+        let Some(RequestBound {
+            prompt,
+            completion: Some(max),
+        }) = self.bound
+        else {
+            return self.fallback(policy);
+        };
+        let cap = policy.reservation.max_amount;
+        let usage = Usage {
+            prompt: Some(prompt.min(cap)),
+            completion: Some(max.min(cap)),
+            total: Some(prompt.saturating_add(max).min(cap)),
+        };
+        (Charge::Declared, Some(usage))
+    }
+
     /// Ends the request (end of stream, or `on_log` after an abort): returns the reports to
     /// queue, `(descriptor, tokens)` per token category with tokens > 0, and the usage found.
     /// Only the first call returns anything.
@@ -444,7 +548,7 @@ impl RequestFlow {
         let reported = self.extractor.as_mut().and_then(UsageExtractor::finish);
         let (charge, usage) = match reported {
             Some(u) => (Charge::Reported, Some(u)),
-            None => self.fallback(policy),
+            None => self.without_usage(policy),
         };
         let cap = policy.usage.max_tokens_per_response;
         let mut clamped = false;
@@ -794,6 +898,7 @@ mod tests {
         // No usage: the estimate charges ceil(bytes / 4) per side.
         let (mut flow, _) = start(&p);
         flow.on_request_body_len(10);
+        flow.on_request_complete();
         flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
         flow.on_response_headers(&p, Some("text/plain"), None);
         assert!(flow.wants_body());
@@ -858,6 +963,7 @@ mod tests {
         )
         .unwrap();
         let (mut flow, _) = start(&fixed);
+        flow.on_request_complete();
         flow.on_check_reply(
             &fixed,
             Ok(&RateLimitResponse {
@@ -875,6 +981,7 @@ mod tests {
         )
         .unwrap();
         let (mut flow, _) = start(&none);
+        flow.on_request_complete();
         flow.on_check_reply(
             &none,
             Ok(&RateLimitResponse {

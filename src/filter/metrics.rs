@@ -33,6 +33,12 @@ pub mod names {
     pub const USAGE_ESTIMATED: &str = "token_ratelimit.usage_estimated";
     /// Responses charged the fallback's fixed amount.
     pub const USAGE_FIXED: &str = "token_ratelimit.usage_fixed";
+    /// Requests without usage charged nothing: an upstream error `usage.errorResponses` lets go
+    /// free (`4xx` by default), Envoy's own reply before the upstream, an abandoned upload.
+    pub const USAGE_FREE: &str = "token_ratelimit.usage_free";
+    /// Requests without an answer after they reached the upstream, charged their prompt
+    /// estimate plus their declared completion maximum.
+    pub const USAGE_DECLARED: &str = "token_ratelimit.usage_declared";
     /// Responses whose usage exceeded `usage.maxTokensPerResponse` and was cut to it.
     pub const USAGE_CLAMPED: &str = "token_ratelimit.usage_clamped";
     /// Streaming requests to which `stream_options.include_usage` was added.

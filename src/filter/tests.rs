@@ -575,8 +575,9 @@ fn client_abort_after_the_check_charges_what_arrived() {
     stream.on_request_headers(&mut host, false);
     answer(&mut stream, &mut host, 0, ok_reply(50));
     host.request_body = vec![b'a'; 400];
-    stream.on_request_body(&mut host, 400, false);
-    // No response at all: the fallback estimate charges the request bytes (400 / 4).
+    stream.on_request_body(&mut host, 400, true);
+    // The whole request went upstream, no response at all, and the filter did not read a
+    // declared maximum: the fallback estimate charges the request bytes (400 / 4).
     stream.on_log(&mut host);
     root.on_tick(&mut host);
     assert_eq!(reports(&host)[0].hits_addend, 100);
@@ -918,7 +919,7 @@ fn client_abort_after_admission_commits_the_estimate_and_a_expired_hold_is_count
         reserve_reply(Code::Ok, "r", 50),
     );
     host.request_body = vec![b'a'; 40];
-    stream.on_request_body(&mut host, 40, false);
+    stream.on_request_body(&mut host, 40, true);
     stream.on_log(&mut host);
     let c = &commits(&host)[0];
     assert_eq!((c.reservation_id.as_str(), c.actual_amount), ("r", 10));
