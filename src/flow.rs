@@ -996,4 +996,251 @@ mod tests {
         assert_eq!(done.charge, Charge::Missing);
         assert!(done.reports.is_empty());
     }
+
+    /// An allowed checkReport request of `policy`, its whole body sent.
+    fn allowed(p: &Policy) -> RequestFlow {
+        let (mut flow, _) = start(p);
+        flow.on_request_body_len(40);
+        flow.on_request_complete();
+        let ok = RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            flow.on_check_reply(p, Ok(&ok.encode_to_vec())),
+            Verdict::Allow
+        );
+        flow
+    }
+
+    /// An admitted reservation-mode request of `policy` (hold `h` per category), its body
+    /// read: `bound`.
+    fn reserved(p: &Policy, bound: Option<RequestBound>) -> RequestFlow {
+        let d = p.evaluate(&mut host());
+        let (mut flow, calls) = RequestFlow::start_reservation(p, d, "/v1/chat/completions", bound);
+        flow.on_request_body_len(40);
+        flow.on_request_complete();
+        let mut verdict = None;
+        for i in 0..calls.len() {
+            let reply = ratelimit_proto::ReserveResponse {
+                code: Code::Ok as i32,
+                reservation_id: format!("h{i}"),
+                statuses: Vec::new(),
+            };
+            verdict = flow.on_reserve_reply(p, i, Ok(&reply.encode_to_vec()));
+        }
+        assert_eq!(verdict, Some(Verdict::Allow));
+        flow
+    }
+
+    fn tokens(done: &Finished) -> Vec<(TokenCategory, u64)> {
+        done.reports
+            .iter()
+            .map(|r| (r.category, r.tokens))
+            .collect()
+    }
+
+    fn committed(done: &Finished) -> Vec<(String, u64)> {
+        done.commits
+            .iter()
+            .map(|c| (c.reservation_id.clone(), c.actual))
+            .collect()
+    }
+
+    #[test]
+    fn an_upstream_4xx_without_usage_costs_nothing_in_both_modes_and_releases_the_holds() {
+        let p = policy("deny");
+        for status in [400, 404, 413, 429] {
+            let mut flow = allowed(&p);
+            flow.on_response_headers(&p, Some("application/json"), None);
+            flow.on_response_status(Some(status), Responder::Upstream);
+            flow.on_response_body(br#"{"error":{"message":"prompt too long"}}"#);
+            let done = flow.finish(&p);
+            assert_eq!(done.charge, Charge::Free, "{status}");
+            assert!(done.reports.is_empty() && done.usage.is_none());
+
+            let mut flow = reserved(&p, None);
+            flow.on_response_headers(&p, Some("application/json"), None);
+            flow.on_response_status(Some(status), Responder::Upstream);
+            let done = flow.finish(&p);
+            assert_eq!(done.charge, Charge::Free);
+            // Every hold is released by a commit of 0, none left to expire.
+            assert_eq!(
+                committed(&done),
+                vec![("h0".to_string(), 0), ("h1".to_string(), 0)]
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_with_usage_is_charged_its_usage_whatever_its_status() {
+        let p = policy("deny");
+        for status in [400, 500] {
+            let mut flow = allowed(&p);
+            flow.on_response_headers(&p, Some("application/json"), None);
+            flow.on_response_status(Some(status), Responder::Upstream);
+            flow.on_response_body(
+                br#"{"usage":{"prompt_tokens":3,"completion_tokens":0,"total_tokens":3}}"#,
+            );
+            let done = flow.finish(&p);
+            assert_eq!(done.charge, Charge::Reported);
+            assert_eq!(
+                tokens(&done),
+                vec![(TokenCategory::Total, 3), (TokenCategory::Prompt, 3)]
+            );
+        }
+    }
+
+    #[test]
+    fn an_upstream_5xx_without_usage_is_charged_the_fallback_unless_configured_free() {
+        let p = policy("deny");
+        let mut flow = allowed(&p);
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(500), Responder::Upstream);
+        flow.on_response_body(&[b'x'; 8]);
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Estimated);
+        // 40 request bytes, 8 response bytes.
+        assert_eq!(
+            tokens(&done),
+            vec![(TokenCategory::Total, 10 + 2), (TokenCategory::Prompt, 10)]
+        );
+
+        let json = r#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+            "usage": {"errorResponses": {"clientErrors": "fallback", "serverErrors": "free"}},
+            "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#;
+        let p = Policy::from_json(json.as_bytes()).unwrap();
+        let mut flow = allowed(&p);
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(503), Responder::Upstream);
+        assert_eq!(flow.finish(&p).charge, Charge::Free);
+        let mut flow = allowed(&p);
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(400), Responder::Upstream);
+        assert_eq!(flow.finish(&p).charge, Charge::Estimated);
+        assert!(Policy::from_json(
+            br#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+                "usage": {"errorResponses": {"clientErrors": "estimate"}},
+                "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn envoys_own_reply_before_the_upstream_costs_nothing_even_when_errors_are_charged() {
+        let json = r#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+            "usage": {"errorResponses": {"clientErrors": "fallback", "serverErrors": "fallback"}},
+            "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#;
+        let p = Policy::from_json(json.as_bytes()).unwrap();
+        for status in [413, 431, 503] {
+            let mut flow = allowed(&p);
+            flow.on_response_headers(&p, Some("text/plain"), None);
+            flow.on_response_status(Some(status), Responder::ProxyBeforeUpstream);
+            flow.on_response_body(b"upstream connect error");
+            let done = flow.finish(&p);
+            assert_eq!(done.charge, Charge::Free, "{status}");
+            assert!(done.reports.is_empty());
+        }
+        let mut flow = reserved(&p, None);
+        flow.on_response_status(Some(503), Responder::ProxyBeforeUpstream);
+        let done = flow.finish(&p);
+        assert_eq!(
+            (done.charge, committed(&done)),
+            (Charge::Free, vec![("h0".to_string(), 0)])
+        );
+    }
+
+    #[test]
+    fn an_abandoned_upload_costs_nothing_and_its_hold_is_released() {
+        let p = policy("deny");
+        let (mut flow, _) = start(&p);
+        flow.on_request_body_len(4000);
+        let ok = RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            ..Default::default()
+        };
+        flow.on_check_reply(&p, Ok(&ok.encode_to_vec()));
+        // No end of body, no response: the client gave up mid-upload.
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Free);
+        assert!(done.reports.is_empty());
+
+        let d = p.evaluate(&mut host());
+        let (mut flow, calls) = RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None);
+        for i in 0..calls.len() {
+            let reply = ratelimit_proto::ReserveResponse {
+                code: Code::Ok as i32,
+                reservation_id: format!("h{i}"),
+                statuses: Vec::new(),
+            };
+            flow.on_reserve_reply(&p, i, Ok(&reply.encode_to_vec()));
+        }
+        flow.on_request_body_len(4000);
+        // Envoy's local reply after the upstream (a reset) of an upload never finished: free.
+        flow.on_response_status(Some(503), Responder::ProxyAfterUpstream);
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Free);
+        assert_eq!(
+            committed(&done),
+            vec![("h0".to_string(), 0), ("h1".to_string(), 0)]
+        );
+    }
+
+    #[test]
+    fn a_hang_up_after_a_declared_maximum_is_charged_the_prompt_estimate_plus_the_maximum() {
+        let p = policy("deny");
+        let bound = Some(RequestBound {
+            prompt: 7,
+            completion: Some(50),
+        });
+        // checkReport with the body read (a limit reads requestBodyJSON()).
+        let mut flow = allowed(&p);
+        flow.set_request_bound(bound);
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Declared);
+        assert_eq!(
+            tokens(&done),
+            vec![(TokenCategory::Total, 57), (TokenCategory::Prompt, 7)]
+        );
+        // Reservation mode: the holds are committed as that amount.
+        let mut flow = reserved(&p, bound);
+        let done = flow.finish(&p);
+        assert_eq!(
+            committed(&done),
+            vec![("h0".to_string(), 57), ("h1".to_string(), 7)]
+        );
+        // Envoy's timeout (its own 504 after the upstream had the request): the same.
+        let mut flow = reserved(&p, bound);
+        flow.on_response_headers(&p, Some("text/plain"), None);
+        flow.on_response_status(Some(504), Responder::ProxyAfterUpstream);
+        flow.on_response_body(b"upstream request timeout");
+        assert_eq!(flow.finish(&p).charge, Charge::Declared);
+        // Capped by reservation.maxAmount; without a declared maximum, the estimate.
+        let capped = Policy::from_json(
+            br#"{"rateLimitService": {"cluster": "rl", "domain": "llm"}, "reservation": {"maxAmount": 30},
+                 "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#,
+        )
+        .unwrap();
+        let mut flow = allowed(&capped);
+        flow.set_request_bound(bound);
+        assert_eq!(
+            tokens(&flow.finish(&capped)),
+            vec![(TokenCategory::Total, 30)]
+        );
+        let mut flow = allowed(&p);
+        flow.set_request_bound(Some(RequestBound {
+            prompt: 7,
+            completion: None,
+        }));
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Estimated);
+        assert_eq!(tokens(&done)[0], (TokenCategory::Total, 10));
+        // An answer was seen (a stream cut short): the estimate over what passed, as before.
+        let mut flow = allowed(&p);
+        flow.set_request_bound(bound);
+        flow.on_response_headers(&p, Some("text/event-stream"), None);
+        flow.on_response_status(Some(200), Responder::Upstream);
+        flow.on_response_body(b"data: {\"choices\":[]}\n\n");
+        assert_eq!(flow.finish(&p).charge, Charge::Estimated);
+    }
 }
