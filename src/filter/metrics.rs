@@ -27,7 +27,7 @@ pub mod names {
     /// Requests refused with 403 because a limit with `onError: deny` could not be evaluated
     /// for them (also per limit: `requests_refused_on_error.<limit>`).
     pub const REFUSED_ON_ERROR: &str = "token_ratelimit.requests_refused_on_error";
-    /// Responses without usage (charged by the fallback).
+    /// Responses without usage (requests that ended without usage), however charged.
     pub const USAGE_MISSING: &str = "token_ratelimit.usage_missing";
     /// Responses charged the fallback estimate.
     pub const USAGE_ESTIMATED: &str = "token_ratelimit.usage_estimated";

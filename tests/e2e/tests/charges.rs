@@ -247,6 +247,24 @@ fn a_hang_up_in_check_report_mode_without_the_body_read_is_charged_the_byte_esti
     assert_eq!(stat(&stack, "usage_estimated"), 1);
 }
 
+#[test]
+fn envoys_timeout_after_the_upstream_got_the_request_is_charged_like_a_hang_up() {
+    // Envoy's own 504 after the upstream connection (`upstream.local_address` is set): the
+    // request reached the model, which may have been generating until the timeout.
+    let stack = stack(None, vec![("timeout: 300s".into(), "timeout: 1s".into())]);
+    let r = stack.post_with(
+        "/v1/chat/completions",
+        Some(GOLD),
+        &chat_body(4, 40),
+        &[("x-simulator-latency-ms", "3000")],
+    );
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_eq!(stack.await_reported(45), 45, "prompt estimate + max_tokens");
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(stack.committed_tokens(), 45);
+    assert_eq!(stat(&stack, "usage_declared"), 1);
+}
+
 /// Sends `body` as the gold user to an upstream that answers after 5 s, and hangs up 1 s
 /// later, when the upstream has it (the simulator counts a request when it answers: it
 /// counts none here).
