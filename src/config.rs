@@ -246,6 +246,47 @@ pub enum Fallback {
     None,
 }
 
+/// What an error response the upstream answered without usage costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ErrorCharge {
+    /// Nothing: the upstream generated no tokens for it.
+    Free,
+    /// What `usage.fallback` charges any response without usage (the estimate by default).
+    Fallback,
+}
+
+/// What error responses of the upstream cost when they carry no usage, per status class. A
+/// response with usage is always charged its usage, whatever its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ErrorResponsesConfig {
+    /// `4xx` (the request was refused before any generation: a prompt over the context, a bad
+    /// parameter, the upstream's own rate limit). Default `free`.
+    #[serde(default = "error_charge_free")]
+    pub client_errors: ErrorCharge,
+    /// `5xx` sent by the upstream (it may have generated before failing). Default `fallback`.
+    #[serde(default = "error_charge_fallback")]
+    pub server_errors: ErrorCharge,
+}
+
+fn error_charge_free() -> ErrorCharge {
+    ErrorCharge::Free
+}
+
+fn error_charge_fallback() -> ErrorCharge {
+    ErrorCharge::Fallback
+}
+
+impl Default for ErrorResponsesConfig {
+    fn default() -> Self {
+        ErrorResponsesConfig {
+            client_errors: error_charge_free(),
+            server_errors: error_charge_fallback(),
+        }
+    }
+}
+
 /// Custom usage locations: JSON pointers per category, tried in order before the format's own.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -274,6 +315,10 @@ pub struct UsageConfig {
     /// Tokens charged per category with `fallback: fixed`.
     #[serde(default)]
     pub fixed_tokens: u64,
+    /// What error responses of the upstream without usage cost (default: `4xx` free, `5xx`
+    /// the fallback).
+    #[serde(default)]
+    pub error_responses: ErrorResponsesConfig,
     /// Most bytes kept to find usage: a whole JSON document, or one event of a stream
     /// (default 4 MiB).
     #[serde(default = "default_max_body_bytes")]
@@ -389,6 +434,7 @@ impl Default for UsageConfig {
             paths: UsagePathsConfig::default(),
             fallback: Fallback::default(),
             fixed_tokens: 0,
+            error_responses: ErrorResponsesConfig::default(),
             max_body_bytes: default_max_body_bytes(),
             inject_stream_usage: true,
             max_tokens_per_response: default_max_tokens_per_response(),

@@ -10,7 +10,7 @@
 //! end of stream or on_log ─▶ finish once ─▶ reports per token category ─▶ root queue
 //! ```
 
-use crate::config::{AdmissionMode, FailureMode, Fallback, TokenCategory};
+use crate::config::{AdmissionMode, ErrorCharge, FailureMode, Fallback, TokenCategory};
 use crate::estimate::RequestBound;
 pub use crate::filter::LocalReply;
 use crate::policy::{Applied, Decision, Policy};
@@ -96,6 +96,26 @@ pub struct RequestFlow {
     /// The request was let through (the check allowed it, or the failure mode did).
     allowed: bool,
     finished: bool,
+    /// The client sent the whole request (its body's end, or a request without body).
+    request_complete: bool,
+    /// The response's status and who sent it, once its headers went by.
+    response: Option<(u16, Responder)>,
+    /// What the request body declares (`None`: the filter did not read it).
+    bound: Option<RequestBound>,
+}
+
+/// Who sent a request's response, as seen at its headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Responder {
+    /// The upstream (Envoy's `response.code_details` is `via_upstream`, or was not told).
+    Upstream,
+    /// Envoy itself, without an upstream connection: the request never reached the upstream
+    /// (a 413 for a body over its buffer, a 503 with no healthy or reachable upstream, a
+    /// direct response).
+    ProxyBeforeUpstream,
+    /// Envoy itself, after the request went upstream: a timeout, or an upstream reset before
+    /// any response.
+    ProxyAfterUpstream,
 }
 
 impl Default for RequestFlow {
@@ -111,6 +131,9 @@ impl Default for RequestFlow {
             denied: false,
             allowed: false,
             finished: false,
+            request_complete: false,
+            response: None,
+            bound: None,
         }
     }
 }
@@ -129,6 +152,14 @@ pub enum Charge {
     Fixed,
     /// No usage, and the fallback is `none`.
     Missing,
+    /// No usage, and nothing owed: an upstream error the configuration lets go free (`4xx` by
+    /// default), or a request that never reached the upstream (Envoy's own reply, an upload
+    /// the client abandoned).
+    Free,
+    /// No answer after the request reached the upstream (the client hung up, a timeout, a
+    /// reset): the prompt estimate plus the completion maximum the request declared, what
+    /// reservation mode holds for it.
+    Declared,
 }
 
 impl RequestFlow {
@@ -167,6 +198,7 @@ impl RequestFlow {
             ..Default::default()
         };
         flow.reservations = Reservations::new(policy.plan_reservations(&flow.applied, bound));
+        flow.bound = bound;
         let requests = flow.reservations.requests(&policy.service.domain);
         (flow, requests)
     }
@@ -342,6 +374,31 @@ impl RequestFlow {
         self.request_bytes = self.request_bytes.saturating_add(len);
     }
 
+    /// The client sent the whole request: the end of its body, or headers without a body. A
+    /// request that ends before (an abandoned upload) and had no answer of the upstream costs
+    /// nothing.
+    pub fn on_request_complete(&mut self) {
+        self.request_complete = true;
+    }
+
+    /// What the request body declares, when the filter read it (checkReport mode; reservation
+    /// mode takes it at its start): a request that reached the upstream and ended without an
+    /// answer is charged its prompt estimate plus its declared completion maximum.
+    pub fn set_request_bound(&mut self, bound: Option<RequestBound>) {
+        if bound.is_some() {
+            self.bound = bound;
+        }
+    }
+
+    /// The response's status (`None`: unreadable) and who sent it: decides what a response
+    /// without usage costs.
+    pub fn on_response_status(&mut self, status: Option<u16>, responder: Responder) {
+        if !self.reads_response() {
+            return;
+        }
+        self.response = Some((status.unwrap_or(200), responder));
+    }
+
     /// Request body bytes counted so far.
     pub fn request_bytes(&self) -> u64 {
         self.request_bytes
@@ -424,6 +481,53 @@ impl RequestFlow {
         }
     }
 
+    /// What a response without usage costs, from how the request ended:
+    ///
+    /// | how it ended | charge |
+    /// | --- | --- |
+    /// | no answer, upload not complete | nothing |
+    /// | Envoy answered before the upstream | nothing |
+    /// | no answer (hang-up), or Envoy answered after the upstream (timeout, reset) | [`Charge::Declared`], else the fallback |
+    /// | the upstream answered `4xx` / `5xx` | `usage.errorResponses` |
+    /// | the upstream answered anything else | the fallback |
+    fn without_usage(&self, policy: &Policy) -> (Charge, Option<Usage>) {
+        let errors = &policy.usage.error_responses;
+        let charge = |c: ErrorCharge| match c {
+            ErrorCharge::Free => (Charge::Free, None),
+            ErrorCharge::Fallback => self.fallback(policy),
+        };
+        match self.response {
+            None | Some((_, Responder::ProxyAfterUpstream)) if !self.request_complete => {
+                (Charge::Free, None)
+            }
+            Some((_, Responder::ProxyBeforeUpstream)) => (Charge::Free, None),
+            None | Some((_, Responder::ProxyAfterUpstream)) => self.hang_up(policy),
+            Some((400..=499, Responder::Upstream)) => charge(errors.client_errors),
+            Some((500..=599, Responder::Upstream)) => charge(errors.server_errors),
+            Some((_, Responder::Upstream)) => self.fallback(policy),
+        }
+    }
+
+    /// The charge of a request that reached the upstream and got no answer: the prompt
+    /// estimate plus the declared completion maximum (each capped by `reservation.maxAmount`,
+    /// as its hold is), or the fallback when the filter did not read a declared maximum.
+    fn hang_up(&self, policy: &Policy) -> (Charge, Option<Usage>) {
+        let Some(RequestBound {
+            prompt,
+            completion: Some(max),
+        }) = self.bound
+        else {
+            return self.fallback(policy);
+        };
+        let cap = policy.reservation.max_amount;
+        let usage = Usage {
+            prompt: Some(prompt.min(cap)),
+            completion: Some(max.min(cap)),
+            total: Some(prompt.saturating_add(max).min(cap)),
+        };
+        (Charge::Declared, Some(usage))
+    }
+
     /// Ends the request (end of stream, or `on_log` after an abort): returns the reports to
     /// queue, `(descriptor, tokens)` per token category with tokens > 0, and the usage found.
     /// Only the first call returns anything.
@@ -444,7 +548,7 @@ impl RequestFlow {
         let reported = self.extractor.as_mut().and_then(UsageExtractor::finish);
         let (charge, usage) = match reported {
             Some(u) => (Charge::Reported, Some(u)),
-            None => self.fallback(policy),
+            None => self.without_usage(policy),
         };
         let cap = policy.usage.max_tokens_per_response;
         let mut clamped = false;
@@ -794,6 +898,7 @@ mod tests {
         // No usage: the estimate charges ceil(bytes / 4) per side.
         let (mut flow, _) = start(&p);
         flow.on_request_body_len(10);
+        flow.on_request_complete();
         flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
         flow.on_response_headers(&p, Some("text/plain"), None);
         assert!(flow.wants_body());
@@ -858,6 +963,7 @@ mod tests {
         )
         .unwrap();
         let (mut flow, _) = start(&fixed);
+        flow.on_request_complete();
         flow.on_check_reply(
             &fixed,
             Ok(&RateLimitResponse {
@@ -875,6 +981,7 @@ mod tests {
         )
         .unwrap();
         let (mut flow, _) = start(&none);
+        flow.on_request_complete();
         flow.on_check_reply(
             &none,
             Ok(&RateLimitResponse {
@@ -888,5 +995,252 @@ mod tests {
         let done = flow.finish(&none);
         assert_eq!(done.charge, Charge::Missing);
         assert!(done.reports.is_empty());
+    }
+
+    /// An allowed checkReport request of `policy`, its whole body sent.
+    fn allowed(p: &Policy) -> RequestFlow {
+        let (mut flow, _) = start(p);
+        flow.on_request_body_len(40);
+        flow.on_request_complete();
+        let ok = RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            ..Default::default()
+        };
+        assert_eq!(
+            flow.on_check_reply(p, Ok(&ok.encode_to_vec())),
+            Verdict::Allow
+        );
+        flow
+    }
+
+    /// An admitted reservation-mode request of `policy` (hold `h` per category), its body
+    /// read: `bound`.
+    fn reserved(p: &Policy, bound: Option<RequestBound>) -> RequestFlow {
+        let d = p.evaluate(&mut host());
+        let (mut flow, calls) = RequestFlow::start_reservation(p, d, "/v1/chat/completions", bound);
+        flow.on_request_body_len(40);
+        flow.on_request_complete();
+        let mut verdict = None;
+        for i in 0..calls.len() {
+            let reply = ratelimit_proto::ReserveResponse {
+                code: Code::Ok as i32,
+                reservation_id: format!("h{i}"),
+                statuses: Vec::new(),
+            };
+            verdict = flow.on_reserve_reply(p, i, Ok(&reply.encode_to_vec()));
+        }
+        assert_eq!(verdict, Some(Verdict::Allow));
+        flow
+    }
+
+    fn tokens(done: &Finished) -> Vec<(TokenCategory, u64)> {
+        done.reports
+            .iter()
+            .map(|r| (r.category, r.tokens))
+            .collect()
+    }
+
+    fn committed(done: &Finished) -> Vec<(String, u64)> {
+        done.commits
+            .iter()
+            .map(|c| (c.reservation_id.clone(), c.actual))
+            .collect()
+    }
+
+    #[test]
+    fn an_upstream_4xx_without_usage_costs_nothing_in_both_modes_and_releases_the_holds() {
+        let p = policy("deny");
+        for status in [400, 404, 413, 429] {
+            let mut flow = allowed(&p);
+            flow.on_response_headers(&p, Some("application/json"), None);
+            flow.on_response_status(Some(status), Responder::Upstream);
+            flow.on_response_body(br#"{"error":{"message":"prompt too long"}}"#);
+            let done = flow.finish(&p);
+            assert_eq!(done.charge, Charge::Free, "{status}");
+            assert!(done.reports.is_empty() && done.usage.is_none());
+
+            let mut flow = reserved(&p, None);
+            flow.on_response_headers(&p, Some("application/json"), None);
+            flow.on_response_status(Some(status), Responder::Upstream);
+            let done = flow.finish(&p);
+            assert_eq!(done.charge, Charge::Free);
+            // Every hold is released by a commit of 0, none left to expire.
+            assert_eq!(
+                committed(&done),
+                vec![("h0".to_string(), 0), ("h1".to_string(), 0)]
+            );
+        }
+    }
+
+    #[test]
+    fn an_error_with_usage_is_charged_its_usage_whatever_its_status() {
+        let p = policy("deny");
+        for status in [400, 500] {
+            let mut flow = allowed(&p);
+            flow.on_response_headers(&p, Some("application/json"), None);
+            flow.on_response_status(Some(status), Responder::Upstream);
+            flow.on_response_body(
+                br#"{"usage":{"prompt_tokens":3,"completion_tokens":0,"total_tokens":3}}"#,
+            );
+            let done = flow.finish(&p);
+            assert_eq!(done.charge, Charge::Reported);
+            assert_eq!(
+                tokens(&done),
+                vec![(TokenCategory::Total, 3), (TokenCategory::Prompt, 3)]
+            );
+        }
+    }
+
+    #[test]
+    fn an_upstream_5xx_without_usage_is_charged_the_fallback_unless_configured_free() {
+        let p = policy("deny");
+        let mut flow = allowed(&p);
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(500), Responder::Upstream);
+        flow.on_response_body(&[b'x'; 8]);
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Estimated);
+        // 40 request bytes, 8 response bytes.
+        assert_eq!(
+            tokens(&done),
+            vec![(TokenCategory::Total, 10 + 2), (TokenCategory::Prompt, 10)]
+        );
+
+        let json = r#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+            "usage": {"errorResponses": {"clientErrors": "fallback", "serverErrors": "free"}},
+            "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#;
+        let p = Policy::from_json(json.as_bytes()).unwrap();
+        let mut flow = allowed(&p);
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(503), Responder::Upstream);
+        assert_eq!(flow.finish(&p).charge, Charge::Free);
+        let mut flow = allowed(&p);
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(400), Responder::Upstream);
+        assert_eq!(flow.finish(&p).charge, Charge::Estimated);
+        assert!(Policy::from_json(
+            br#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+                "usage": {"errorResponses": {"clientErrors": "estimate"}},
+                "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn envoys_own_reply_before_the_upstream_costs_nothing_even_when_errors_are_charged() {
+        let json = r#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+            "usage": {"errorResponses": {"clientErrors": "fallback", "serverErrors": "fallback"}},
+            "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#;
+        let p = Policy::from_json(json.as_bytes()).unwrap();
+        for status in [413, 431, 503] {
+            let mut flow = allowed(&p);
+            flow.on_response_headers(&p, Some("text/plain"), None);
+            flow.on_response_status(Some(status), Responder::ProxyBeforeUpstream);
+            flow.on_response_body(b"upstream connect error");
+            let done = flow.finish(&p);
+            assert_eq!(done.charge, Charge::Free, "{status}");
+            assert!(done.reports.is_empty());
+        }
+        let mut flow = reserved(&p, None);
+        flow.on_response_status(Some(503), Responder::ProxyBeforeUpstream);
+        let done = flow.finish(&p);
+        assert_eq!(
+            (done.charge, committed(&done)),
+            (Charge::Free, vec![("h0".to_string(), 0)])
+        );
+    }
+
+    #[test]
+    fn an_abandoned_upload_costs_nothing_and_its_hold_is_released() {
+        let p = policy("deny");
+        let (mut flow, _) = start(&p);
+        flow.on_request_body_len(4000);
+        let ok = RateLimitResponse {
+            overall_code: Code::Ok as i32,
+            ..Default::default()
+        };
+        flow.on_check_reply(&p, Ok(&ok.encode_to_vec()));
+        // No end of body, no response: the client gave up mid-upload.
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Free);
+        assert!(done.reports.is_empty());
+
+        let d = p.evaluate(&mut host());
+        let (mut flow, calls) = RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None);
+        for i in 0..calls.len() {
+            let reply = ratelimit_proto::ReserveResponse {
+                code: Code::Ok as i32,
+                reservation_id: format!("h{i}"),
+                statuses: Vec::new(),
+            };
+            flow.on_reserve_reply(&p, i, Ok(&reply.encode_to_vec()));
+        }
+        flow.on_request_body_len(4000);
+        // Envoy's local reply after the upstream (a reset) of an upload never finished: free.
+        flow.on_response_status(Some(503), Responder::ProxyAfterUpstream);
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Free);
+        assert_eq!(
+            committed(&done),
+            vec![("h0".to_string(), 0), ("h1".to_string(), 0)]
+        );
+    }
+
+    #[test]
+    fn a_hang_up_after_a_declared_maximum_is_charged_the_prompt_estimate_plus_the_maximum() {
+        let p = policy("deny");
+        let bound = Some(RequestBound {
+            prompt: 7,
+            completion: Some(50),
+        });
+        // checkReport with the body read (a limit reads requestBodyJSON()).
+        let mut flow = allowed(&p);
+        flow.set_request_bound(bound);
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Declared);
+        assert_eq!(
+            tokens(&done),
+            vec![(TokenCategory::Total, 57), (TokenCategory::Prompt, 7)]
+        );
+        // Reservation mode: the holds are committed as that amount.
+        let mut flow = reserved(&p, bound);
+        let done = flow.finish(&p);
+        assert_eq!(
+            committed(&done),
+            vec![("h0".to_string(), 57), ("h1".to_string(), 7)]
+        );
+        // Envoy's timeout (its own 504 after the upstream had the request): the same.
+        let mut flow = reserved(&p, bound);
+        flow.on_response_headers(&p, Some("text/plain"), None);
+        flow.on_response_status(Some(504), Responder::ProxyAfterUpstream);
+        flow.on_response_body(b"upstream request timeout");
+        assert_eq!(flow.finish(&p).charge, Charge::Declared);
+        // Capped by reservation.maxAmount; without a declared maximum, the estimate.
+        let capped = Policy::from_json(
+            br#"{"rateLimitService": {"cluster": "rl", "domain": "llm"}, "reservation": {"maxAmount": 30},
+                 "limits": {"all": {"rates": [{"limit": 1000, "window": "1m"}]}}}"#,
+        )
+        .unwrap();
+        let mut flow = allowed(&capped);
+        flow.set_request_bound(bound);
+        assert_eq!(
+            tokens(&flow.finish(&capped)),
+            vec![(TokenCategory::Total, 30)]
+        );
+        let mut flow = allowed(&p);
+        flow.set_request_bound(Some(RequestBound {
+            prompt: 7,
+            completion: None,
+        }));
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Estimated);
+        assert_eq!(tokens(&done)[0], (TokenCategory::Total, 10));
+        // An answer was seen (a stream cut short): the estimate over what passed, as before.
+        let mut flow = allowed(&p);
+        flow.set_request_bound(bound);
+        flow.on_response_headers(&p, Some("text/event-stream"), None);
+        flow.on_response_status(Some(200), Responder::Upstream);
+        flow.on_response_body(b"data: {\"choices\":[]}\n\n");
+        assert_eq!(flow.finish(&p).charge, Charge::Estimated);
     }
 }

@@ -27,12 +27,18 @@ pub mod names {
     /// Requests refused with 403 because a limit with `onError: deny` could not be evaluated
     /// for them (also per limit: `requests_refused_on_error.<limit>`).
     pub const REFUSED_ON_ERROR: &str = "token_ratelimit.requests_refused_on_error";
-    /// Responses without usage (charged by the fallback).
+    /// Responses without usage (requests that ended without usage), however charged.
     pub const USAGE_MISSING: &str = "token_ratelimit.usage_missing";
     /// Responses charged the fallback estimate.
     pub const USAGE_ESTIMATED: &str = "token_ratelimit.usage_estimated";
     /// Responses charged the fallback's fixed amount.
     pub const USAGE_FIXED: &str = "token_ratelimit.usage_fixed";
+    /// Requests without usage charged nothing: an upstream error `usage.errorResponses` lets go
+    /// free (`4xx` by default), Envoy's own reply before the upstream, an abandoned upload.
+    pub const USAGE_FREE: &str = "token_ratelimit.usage_free";
+    /// Requests without an answer after they reached the upstream, charged their prompt
+    /// estimate plus their declared completion maximum.
+    pub const USAGE_DECLARED: &str = "token_ratelimit.usage_declared";
     /// Responses whose usage exceeded `usage.maxTokensPerResponse` and was cut to it.
     pub const USAGE_CLAMPED: &str = "token_ratelimit.usage_clamped";
     /// Streaming requests to which `stream_options.include_usage` was added.

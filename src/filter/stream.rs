@@ -19,7 +19,9 @@ use super::{host_log, Action, Buffer, GrpcCall, HeaderMap, Host};
 use crate::attributes::AttributeHost;
 use crate::config::{AdmissionMode, FailureMode, OnError};
 use crate::estimate::RequestBound;
-use crate::flow::{body_unavailable_reply, Charge, RequestFlow, ServiceFailure, Verdict};
+use crate::flow::{
+    body_unavailable_reply, Charge, RequestFlow, Responder, ServiceFailure, Verdict,
+};
 use crate::policy::{Decision, Policy};
 use crate::usage::Format;
 use ratelimit_proto::{CHECK_RATE_LIMIT, KUADRANT_SERVICE, RESERVE};
@@ -180,6 +182,9 @@ impl StreamFilter {
     ) -> Action {
         let new_bytes = body_size.saturating_sub(self.buffered);
         self.flow.on_request_body_len(new_bytes as u64);
+        if end_of_stream {
+            self.flow.on_request_complete();
+        }
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
@@ -321,7 +326,15 @@ impl StreamFilter {
             let encoding = lossy(host.header(HeaderMap::ResponseHeaders, "content-encoding"));
             self.flow
                 .on_response_headers(&policy, content_type.as_deref(), encoding.as_deref());
+            let (status, responder) = responder(host);
+            self.flow.on_response_status(status, responder);
         }
+        Action::Continue
+    }
+
+    /// The request's trailers arrived: the request is complete.
+    pub fn on_request_trailers(&mut self) -> Action {
+        self.flow.on_request_complete();
         Action::Continue
     }
 
@@ -394,11 +407,11 @@ impl StreamFilter {
         }
         // The body bytes already counted (a body held for the evaluation) stay counted.
         let body_bytes = self.flow.request_bytes();
+        let bound = self
+            .body_json
+            .as_ref()
+            .map(|b| RequestBound::of_request(&self.path, b));
         let calls: Vec<Vec<u8>> = if self.reserving(policy) {
-            let bound = self
-                .body_json
-                .as_ref()
-                .map(|b| RequestBound::of_request(&self.path, b));
             let (flow, requests) =
                 RequestFlow::start_reservation(policy, decision, &self.path, bound);
             self.flow = flow;
@@ -406,9 +419,13 @@ impl StreamFilter {
         } else {
             let (flow, check) = RequestFlow::start(policy, decision, &self.path);
             self.flow = flow;
+            self.flow.set_request_bound(bound);
             check.into_iter().collect()
         };
         self.flow.on_request_body_len(body_bytes);
+        if complete {
+            self.flow.on_request_complete();
+        }
         if calls.is_empty() {
             return self.release_body();
         }
@@ -774,6 +791,22 @@ impl StreamFilter {
         match done.charge {
             Charge::Nothing => return,
             Charge::Reported => {}
+            Charge::Free | Charge::Declared => {
+                host_log!(
+                    host,
+                    Debug,
+                    "response carried no usage; charged: {:?} {:?}",
+                    done.charge,
+                    done.usage
+                );
+                metrics.inc(host, names::USAGE_MISSING);
+                let name = if done.charge == Charge::Free {
+                    names::USAGE_FREE
+                } else {
+                    names::USAGE_DECLARED
+                };
+                metrics.inc(host, name);
+            }
             Charge::Estimated | Charge::Fixed | Charge::Missing => {
                 host_log!(
                     host,
@@ -797,6 +830,34 @@ impl StreamFilter {
             shared.queue.add(r.descriptor, r.tokens);
         }
     }
+}
+
+/// The response's status and who sent it. A `2xx` is taken as the upstream's without asking
+/// (one header read per response); otherwise Envoy's `response.code_details` tells: anything
+/// but `via_upstream` is Envoy's own reply, sent before the request reached the upstream when
+/// there was no upstream connection (`upstream.local_address` unset). Properties the proxy
+/// does not answer count as the upstream's answer (charged as before).
+fn responder(host: &mut impl Host) -> (Option<u16>, Responder) {
+    let status = lossy(host.header(HeaderMap::ResponseHeaders, ":status"))
+        .and_then(|s| s.trim().parse::<u16>().ok());
+    if status.is_some_and(|s| (200..300).contains(&s)) {
+        return (status, Responder::Upstream);
+    }
+    let details = host.property(&["response", "code_details"]);
+    let responder = match details.as_deref() {
+        None | Some(b"via_upstream") => Responder::Upstream,
+        Some(_) => {
+            let connected = host
+                .property(&["upstream", "local_address"])
+                .is_some_and(|a| !a.is_empty());
+            if connected {
+                Responder::ProxyAfterUpstream
+            } else {
+                Responder::ProxyBeforeUpstream
+            }
+        }
+    };
+    (status, responder)
 }
 
 /// A header value as text; invalid UTF-8 becomes U+FFFD.

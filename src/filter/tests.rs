@@ -575,8 +575,9 @@ fn client_abort_after_the_check_charges_what_arrived() {
     stream.on_request_headers(&mut host, false);
     answer(&mut stream, &mut host, 0, ok_reply(50));
     host.request_body = vec![b'a'; 400];
-    stream.on_request_body(&mut host, 400, false);
-    // No response at all: the fallback estimate charges the request bytes (400 / 4).
+    stream.on_request_body(&mut host, 400, true);
+    // The whole request went upstream, no response at all, and the filter did not read a
+    // declared maximum: the fallback estimate charges the request bytes (400 / 4).
     stream.on_log(&mut host);
     root.on_tick(&mut host);
     assert_eq!(reports(&host)[0].hits_addend, 100);
@@ -918,7 +919,7 @@ fn client_abort_after_admission_commits_the_estimate_and_a_expired_hold_is_count
         reserve_reply(Code::Ok, "r", 50),
     );
     host.request_body = vec![b'a'; 40];
-    stream.on_request_body(&mut host, 40, false);
+    stream.on_request_body(&mut host, 40, true);
     stream.on_log(&mut host);
     let c = &commits(&host)[0];
     assert_eq!((c.reservation_id.as_str(), c.actual_amount), ("r", 10));
@@ -1075,4 +1076,162 @@ fn a_body_handed_over_while_the_check_is_pending_is_held_until_the_answer() {
     let mut root = root;
     root.on_tick(&mut host);
     assert_eq!(reports(&host)[0].hits_addend, 20);
+}
+
+// What a request that was not served costs.
+
+/// A response of `status` with a small JSON error body and no usage.
+fn error_response(stream: &mut StreamFilter, host: &mut MockHost, status: &str) {
+    host.response_headers = vec![
+        (":status".into(), status.as_bytes().to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+    ];
+    assert_eq!(stream.on_response_headers(host), Action::Continue);
+    host.response_body = br#"{"error":{"message":"the prompt exceeds the context"}}"#.to_vec();
+    let size = host.response_body.len();
+    stream.on_response_body(host, size, true);
+}
+
+#[test]
+fn an_upstream_4xx_without_usage_reports_nothing_and_a_4xx_with_usage_its_usage() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    host.set_property("response.code_details", "via_upstream");
+    error_response(&mut stream, &mut host, "400");
+    stream.on_log(&mut host);
+    root.on_tick(&mut host);
+    assert!(reports(&host).is_empty(), "nothing queued");
+    assert_eq!(host.counter(names::USAGE_FREE), 1);
+    assert_eq!(host.counter(names::USAGE_ESTIMATED), 0);
+
+    let mut stream = root.new_stream(3);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    host.response_headers = vec![
+        (":status".into(), b"400".to_vec()),
+        ("content-type".into(), b"application/json".to_vec()),
+    ];
+    stream.on_response_headers(&mut host);
+    host.response_body = br#"{"error":{},"usage":{"prompt_tokens":4,"total_tokens":4}}"#.to_vec();
+    let size = host.response_body.len();
+    stream.on_response_body(&mut host, size, true);
+    root.on_tick(&mut host);
+    assert_eq!(reports(&host)[0].hits_addend, 4);
+}
+
+#[test]
+fn an_upstream_4xx_without_usage_releases_the_hold_with_a_commit_of_0() {
+    let (root, mut host) = reserving_root("reservation", "");
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(
+        &mut stream,
+        &mut host,
+        token,
+        0,
+        reserve_reply(Code::Ok, "r", 50),
+    );
+    host.set_property("response.code_details", "via_upstream");
+    error_response(&mut stream, &mut host, "429");
+    let c = &commits(&host)[0];
+    assert_eq!((c.reservation_id.as_str(), c.actual_amount), ("r", 0));
+    stream.on_log(&mut host);
+    assert_eq!(host.calls(COMMIT).len(), 1, "released once");
+}
+
+#[test]
+fn envoys_own_reply_without_an_upstream_connection_costs_nothing_in_both_modes() {
+    // A 503 of Envoy when no upstream answers the connection: charged nothing even with
+    // 5xx errors charged (the default).
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    host.set_property(
+        "response.code_details",
+        "upstream_reset_before_response_started{remote_connection_failure}",
+    );
+    error_response(&mut stream, &mut host, "503");
+    stream.on_log(&mut host);
+    root.on_tick(&mut host);
+    assert!(reports(&host).is_empty());
+    assert_eq!(host.counter(names::USAGE_FREE), 1);
+
+    let (root, mut host) = reserving_root("reservation", "");
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(
+        &mut stream,
+        &mut host,
+        token,
+        0,
+        reserve_reply(Code::Ok, "r", 50),
+    );
+    host.set_property("response.code_details", "request_payload_too_large");
+    error_response(&mut stream, &mut host, "413");
+    let c = &commits(&host)[0];
+    assert_eq!((c.reservation_id.as_str(), c.actual_amount), ("r", 0));
+
+    // The same 503 from the upstream itself is charged (serverErrors: fallback).
+    let (mut root, mut host) = root_with("");
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    host.set_property("response.code_details", "via_upstream");
+    error_response(&mut stream, &mut host, "503");
+    root.on_tick(&mut host);
+    assert_eq!(host.counter(names::USAGE_ESTIMATED), 1);
+    assert!(reports(&host)[0].hits_addend > 0);
+}
+
+#[test]
+fn an_upload_abandoned_mid_body_costs_nothing() {
+    let (mut root, mut host) = root();
+    chat_headers(&mut host);
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    answer(&mut stream, &mut host, 0, ok_reply(50));
+    host.request_body = vec![b'a'; 400];
+    stream.on_request_body(&mut host, 400, false);
+    stream.on_log(&mut host);
+    root.on_tick(&mut host);
+    assert!(reports(&host).is_empty());
+    assert_eq!(host.counter(names::USAGE_FREE), 1);
+}
+
+#[test]
+fn a_hang_up_after_a_declared_max_tokens_commits_the_prompt_estimate_plus_the_maximum() {
+    let (root, mut host) = reserving_root(
+        "reservation",
+        r#""requestBody": {"allowOnHeadersStopIteration": true},"#,
+    );
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    host.request_body =
+        br#"{"model":"m","max_tokens":40,"messages":[{"role":"user","content":"abcdefghijkl"}]}"#
+            .to_vec();
+    let size = host.request_body.len();
+    stream.on_request_body(&mut host, size, true);
+    let token = host.calls(RESERVE)[0].token;
+    answer_token(
+        &mut stream,
+        &mut host,
+        token,
+        0,
+        reserve_reply(Code::Ok, "r", 50),
+    );
+    // The client hangs up before any answer.
+    stream.on_log(&mut host);
+    let c = &commits(&host)[0];
+    // 12 characters: 3 tokens, plus the declared 40 (the hold's amount).
+    assert_eq!((c.reservation_id.as_str(), c.actual_amount), ("r", 43));
+    assert_eq!(reserves(&host)[0].amount, 43);
+    assert_eq!(host.counter(names::USAGE_DECLARED), 1);
 }

@@ -138,6 +138,7 @@ impl Policy {
             .map_err(|e| field("usage.paths", e))?,
             fallback: u.fallback,
             fixed_tokens: u.fixed_tokens,
+            error_responses: u.error_responses,
             max_body_bytes: u.max_body_bytes,
             inject_stream_usage: u.inject_stream_usage,
             max_tokens_per_response: u.max_tokens_per_response,

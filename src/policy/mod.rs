@@ -28,7 +28,9 @@ mod reservations;
 pub(crate) mod test_support;
 
 use crate::attributes::Attribute;
-use crate::config::{AdmissionMode, FailureMode, Fallback, OnError, TokenCategory};
+use crate::config::{
+    AdmissionMode, ErrorResponsesConfig, FailureMode, Fallback, OnError, TokenCategory,
+};
 use crate::usage::UsagePaths;
 use binding::Binding;
 use cel_interpreter::Context;
@@ -140,6 +142,8 @@ pub struct UsageSettings {
     pub fallback: Fallback,
     /// Tokens charged per category with [`Fallback::Fixed`] (greater than 0 then).
     pub fixed_tokens: u64,
+    /// What error responses of the upstream without usage cost, per status class.
+    pub error_responses: ErrorResponsesConfig,
     /// Most response bytes kept to find usage: a whole JSON document, or one event of a
     /// stream (greater than 0).
     pub max_body_bytes: usize,

@@ -147,8 +147,8 @@ pub extern "C" fn proxy_on_request_body(
 }
 
 #[no_mangle]
-pub extern "C" fn proxy_on_request_trailers(_context_id: u32, _num_trailers: usize) -> u32 {
-    abi::ACTION_CONTINUE
+pub extern "C" fn proxy_on_request_trailers(context_id: u32, _num_trailers: usize) -> u32 {
+    stream_action(context_id, |stream, _| stream.on_request_trailers())
 }
 
 #[no_mangle]

@@ -398,10 +398,16 @@ fn upstream_errors_complete_and_are_charged_the_estimate() {
         );
         assert_eq!(r.status.to_string(), status, "{}", r.body);
         assert_eq!(r.json()["error"]["code"], "simulated_error");
-        let want = estimate(&body, r.raw.len());
+        // A 4xx without usage costs nothing (usage.errorResponses.clientErrors: free); a 5xx
+        // is charged the estimate (serverErrors: fallback).
+        let want = if status.starts_with('4') {
+            0
+        } else {
+            estimate(&body, r.raw.len())
+        };
         charged += want;
         assert_reported_exactly(&stack, charged, status);
-        eprintln!("upstream {status}: charged {want} (estimate)");
+        eprintln!("upstream {status}: charged {want}");
     }
 
     // An error in the middle of a stream (200, then `data: {"error": ..}` and `[DONE]`, as
@@ -421,7 +427,8 @@ fn upstream_errors_complete_and_are_charged_the_estimate() {
     assert_reported_exactly(&stack, charged, "streamed error");
     eprintln!("streamed error after 5 words: charged {want} (estimate)");
     assert_eq!(stat(&stack, "usage_missing"), 4);
-    assert_eq!(stat(&stack, "usage_estimated"), 4);
+    assert_eq!(stat(&stack, "usage_estimated"), 2);
+    assert_eq!(stat(&stack, "usage_free"), 2);
     // The simulator served no tokens for the errors, 3 + 5 for the stream: errors are never
     // free, so the estimate can exceed what was served.
     assert_eq!(stack.served_tokens(GOLD), 3 + 5);
