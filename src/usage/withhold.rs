@@ -217,6 +217,9 @@ impl UsageEventWithholder {
     /// Takes the next body chunk; answers what goes on to the client in its place, or `None`
     /// when that is the chunk as it is (the usual case).
     pub fn chunk(&mut self, chunk: &[u8]) -> Option<Vec<u8>> {
+        if chunk.is_empty() {
+            return None;
+        }
         // The current event's bytes from earlier chunks, held.
         let mut prefix = std::mem::take(&mut self.held);
         let mut changed = !prefix.is_empty();
