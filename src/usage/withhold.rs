@@ -479,6 +479,31 @@ mod tests {
     }
 
     #[test]
+    fn real_llama_server_capture() {
+        // Real bytes from llama.cpp's `llama-server` (the samples folder beside the repository;
+        // skipped when it is not there): its usage chunk has `"choices":[]` and more fields.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/samples/llama-server/chat-stream-include-usage.sse"
+        );
+        let Ok(body) = std::fs::read(path) else {
+            return;
+        };
+        let text = String::from_utf8_lossy(&body).into_owned();
+        let at = text.find("data: {\"choices\":[],").unwrap();
+        let end = at + text[at..].find("\n\n").unwrap() + 2;
+        let want = format!("{}{}", &text[..at], &text[end..]);
+        for size in [1, 7, 64, 4096] {
+            let cuts: Vec<usize> = (size..body.len()).step_by(size).collect();
+            let (got, n) = through(&body, &cuts, 1 << 16);
+            assert_eq!(
+                (String::from_utf8_lossy(&got).into_owned(), n),
+                (want.clone(), 1)
+            );
+        }
+    }
+
+    #[test]
     fn random_bytes_never_panic_and_lose_nothing_but_usage_events() {
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         let alphabet = b"data: {}[]\"choices:usage,\r\n\\x";
