@@ -118,7 +118,7 @@ pub(crate) fn nested_deeper_than(e: &Expression, limit: usize) -> bool {
 }
 
 /// The interpreter's macros: they take a variable and an expression (`list.exists(x, x > 1)`).
-const MACROS: [&str; 5] = ["map", "filter", "all", "exists", "exists_one"];
+pub(crate) const MACROS: [&str; 5] = ["map", "filter", "all", "exists", "exists_one"];
 
 /// Refuses a macro call without its variable and expression (`list.map(x)`): the interpreter
 /// reads a macro's arguments by position without checking their number, so such a call

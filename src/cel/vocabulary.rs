@@ -4,6 +4,7 @@
 //! at run time (a missing attribute, a key absent from a map): the limit's `onError` decides
 //! then.
 
+use super::guards::MACROS;
 use crate::attributes::{self, Field};
 use cel_parser::{Atom, Expression, Member, RelationOp, UnaryOp};
 
@@ -64,8 +65,6 @@ const HINTS: [(&str, &str); 8] = [
     ("length", "size"),
 ];
 
-/// The macros: they bind a variable in their second argument (`list.exists(x, x > 1)`).
-const MACROS: [&str; 5] = ["map", "filter", "all", "exists", "exists_one"];
 
 /// Refuses a free identifier that is neither an attribute root nor the variable of an
 /// enclosing macro, and a call of a function that does not exist.
