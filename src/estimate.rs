@@ -12,6 +12,7 @@
 //!   `generationConfig.maxOutputTokens`; times the number of choices asked for (`n`,
 //!   Gemini's `generationConfig.candidateCount`). Embeddings generate nothing (0).
 
+use crate::config::TokenCategory;
 use serde_json::Value;
 
 /// Characters of English text per token: the common rule of thumb for GPT-style tokenizers
@@ -34,6 +35,17 @@ pub struct RequestBound {
 }
 
 impl RequestBound {
+    /// The bound's tokens in `category`: the prompt estimate, the completion maximum (or
+    /// `undeclared_completion` when the request declares none), or their sum for `total`.
+    pub fn tokens(self, category: TokenCategory, undeclared_completion: u64) -> u64 {
+        let completion = self.completion.unwrap_or(undeclared_completion);
+        match category {
+            TokenCategory::Prompt => self.prompt,
+            TokenCategory::Completion => completion,
+            TokenCategory::Total => self.prompt.saturating_add(completion),
+        }
+    }
+
     /// Reads `body` (the request's JSON) sent to `path`.
     pub fn of_request(path: &str, body: &Value) -> RequestBound {
         let mut chars = 0u64;

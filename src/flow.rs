@@ -512,18 +512,21 @@ impl RequestFlow {
     /// estimate plus the declared completion maximum (each capped by `reservation.maxAmount`,
     /// as its hold is), or the fallback when the filter did not read a declared maximum.
     fn hang_up(&self, policy: &Policy) -> (Charge, Option<Usage>) {
-        let Some(RequestBound {
-            prompt,
-            completion: Some(max),
-        }) = self.bound
+        let Some(
+            bound @ RequestBound {
+                completion: Some(max),
+                ..
+            },
+        ) = self.bound
         else {
             return self.fallback(policy);
         };
         let cap = policy.reservation.max_amount;
+        let of = |category| Some(bound.tokens(category, max).min(cap));
         let usage = Usage {
-            prompt: Some(prompt.min(cap)),
-            completion: Some(max.min(cap)),
-            total: Some(prompt.saturating_add(max).min(cap)),
+            prompt: of(TokenCategory::Prompt),
+            completion: of(TokenCategory::Completion),
+            total: of(TokenCategory::Total),
         };
         (Charge::Declared, Some(usage))
     }

@@ -42,17 +42,7 @@ impl Policy {
                 continue;
             };
             let category = limit.tokens;
-            let base = match bound {
-                Some(b) => {
-                    let completion = b.completion.unwrap_or(r.default_amount);
-                    match category {
-                        TokenCategory::Prompt => b.prompt,
-                        TokenCategory::Completion => completion,
-                        TokenCategory::Total => b.prompt.saturating_add(completion),
-                    }
-                }
-                None => r.default_amount,
-            };
+            let base = bound.map_or(r.default_amount, |b| b.tokens(category, r.default_amount));
             let smallest_rate = limit
                 .rates
                 .iter()
