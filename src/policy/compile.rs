@@ -336,6 +336,16 @@ impl Policy {
                 }
             }
         }
+        let first_of_source = attributes
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                attributes
+                    .iter()
+                    .position(|b| b.source == a.source)
+                    .unwrap_or(i)
+            })
+            .collect();
         let mut encoded_domain = Vec::new();
         if !service.domain.is_empty() {
             prost::encoding::string::encode(1, &service.domain, &mut encoded_domain);
@@ -347,6 +357,7 @@ impl Policy {
             needs_body,
             limits,
             attributes,
+            first_of_source,
             header_names,
             bindings,
             encoded_domain,

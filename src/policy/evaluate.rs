@@ -105,15 +105,12 @@ impl Evaluation<'_, '_> {
             return;
         };
         // `auth` and `request.auth` are two attributes of one source: read it once.
-        let same_source = self
-            .policy
-            .attributes
-            .iter()
-            .zip(&self.cache)
-            .find_map(|(a, v)| v.as_ref().filter(|_| a.source == attr.source));
-        if let Some(v) = same_source.cloned() {
+        let first = self.policy.first_of_source.get(index).copied().unwrap_or(index);
+        if first != index {
+            self.fetch(first);
+            let v = self.cache.get(first).cloned().flatten();
             if let Some(slot) = self.cache.get_mut(index) {
-                *slot = Some(v);
+                *slot = v;
             }
             return;
         }

@@ -175,6 +175,9 @@ pub struct Policy {
     pub limits: Vec<Limit>,
     /// Every attribute any expression reads, deduplicated.
     pub attributes: Vec<Attribute>,
+    /// Per attribute, the index of the first attribute of the same source (itself when none
+    /// comes before): attributes of one source (`auth`, `request.auth`) are read once.
+    first_of_source: Vec<usize>,
     /// The request headers the policy reads, when it reads them by name only: the others are
     /// not converted for CEL (`None`: the whole map).
     header_names: Option<Vec<String>>,
