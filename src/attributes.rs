@@ -390,7 +390,10 @@ fn proto_value_to_cel(v: prost_types::Value) -> Value {
 pub fn decode_metadata_namespace(bytes: &[u8], namespace: &str) -> Option<Value> {
     use prost::Message;
     let mut metadata = Metadata::decode(bytes).ok()?;
-    metadata.filter_metadata.remove(namespace).map(struct_to_cel)
+    metadata
+        .filter_metadata
+        .remove(namespace)
+        .map(struct_to_cel)
 }
 
 /// The host as seen by attribute evaluation. Implemented by the wasm layer over proxy-wasm
@@ -526,7 +529,10 @@ mod tests {
         for (p, cel) in [
             ("auth.identity.userid", "auth"),
             ("request.auth.identity.metadata", "request.auth"),
-            ("metadata.filter_metadata.ns.identity", "metadata.filter_metadata.ns"),
+            (
+                "metadata.filter_metadata.ns.identity",
+                "metadata.filter_metadata.ns",
+            ),
         ] {
             let a = Attribute::resolve(&path(p), "ns").unwrap();
             assert_eq!(a.cel_path, path(cel), "{p}");
@@ -573,8 +579,13 @@ mod tests {
         assert!(refused("filter_state").contains("filter_state[\"<key>\"]"));
         assert!(refused("xds.node.metadata").contains("xds.node.id"));
         assert_eq!(
-            Attribute::resolve(&path("connection.mtls"), "ns").unwrap().source,
-            Source::Property { path: path("connection.mtls"), kind: Kind::Bool }
+            Attribute::resolve(&path("connection.mtls"), "ns")
+                .unwrap()
+                .source,
+            Source::Property {
+                path: path("connection.mtls"),
+                kind: Kind::Bool
+            }
         );
     }
 
@@ -598,7 +609,10 @@ mod tests {
         assert_eq!(eval("auth.identity.exp"), Value::Int(1_700_000_000));
         assert_eq!(eval("auth.identity.ratio"), Value::Float(0.5));
         assert_eq!(eval("auth.identity.admin"), Value::Bool(true));
-        assert_eq!(eval(r#"auth.identity.groups.exists(g, g == "x")"#), Value::Bool(true));
+        assert_eq!(
+            eval(r#"auth.identity.groups.exists(g, g == "x")"#),
+            Value::Bool(true)
+        );
         assert_eq!(eval("size(auth.identity.groups)"), Value::Int(2));
         assert_eq!(
             eval(r#"auth.identity.metadata.annotations["kuadrant.io/groups"].split(",")[1]"#),

@@ -65,7 +65,6 @@ const HINTS: [(&str, &str); 8] = [
     ("length", "size"),
 ];
 
-
 /// Refuses a free identifier that is neither an attribute root nor the variable of an
 /// enclosing macro, and a call of a function that does not exist.
 pub(crate) fn check_names(e: &Expression) -> Result<(), String> {
@@ -108,8 +107,7 @@ fn unknown_function(name: &str) -> String {
 fn check(e: &Expression, bound: &mut Vec<String>) -> Result<(), String> {
     match e {
         Expression::Ident(name) => {
-            if attributes::ROOTS.contains(&name.as_str()) || bound.iter().any(|b| b == &**name)
-            {
+            if attributes::ROOTS.contains(&name.as_str()) || bound.iter().any(|b| b == &**name) {
                 Ok(())
             } else {
                 Err(unknown_identifier(name))
@@ -264,7 +262,10 @@ mod tests {
 
     #[test]
     fn macro_variables_are_bound_only_in_their_body() {
-        assert_eq!(names(r#"auth.identity.groups.exists(g, g == "free")"#), Ok(()));
+        assert_eq!(
+            names(r#"auth.identity.groups.exists(g, g == "free")"#),
+            Ok(())
+        );
         assert_eq!(names(r#"[1, 2].all(x, [3].exists(y, x < y))"#), Ok(()));
         let e = names(r#"auth.identity.groups.exists(g, g == "free") && g == "x""#).unwrap_err();
         assert!(e.starts_with("`g` is not defined"), "{e}");
@@ -279,8 +280,14 @@ mod tests {
         let e = names(r#"request.path.lower() == "a""#).unwrap_err();
         assert_eq!(e, "there is no function `lower`; write `lowerAscii`");
         let e = names(r#"frobnicate(request.path)"#).unwrap_err();
-        assert!(e.contains("there is no function `frobnicate`; the functions are: contains"), "{e}");
-        assert_eq!(names(r#"has(auth.identity.groups) && request.path.startsWith("/v1")"#), Ok(()));
+        assert!(
+            e.contains("there is no function `frobnicate`; the functions are: contains"),
+            "{e}"
+        );
+        assert_eq!(
+            names(r#"has(auth.identity.groups) && request.path.startsWith("/v1")"#),
+            Ok(())
+        );
         assert_eq!(names(r#"requestBodyJSON('/model') == "m""#), Ok(()));
     }
 

@@ -145,7 +145,10 @@ fn json_to_proto(v: serde_json::Value) -> prost_types::Value {
 /// A JSON object as a `google.protobuf.Struct`.
 fn json_to_struct(map: serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
     prost_types::Struct {
-        fields: map.into_iter().map(|(k, v)| (k, json_to_proto(v))).collect(),
+        fields: map
+            .into_iter()
+            .map(|(k, v)| (k, json_to_proto(v)))
+            .collect(),
     }
 }
 

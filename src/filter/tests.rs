@@ -553,7 +553,10 @@ fn unevaluable_limit_refuses_with_403_before_any_call_unless_it_skips() {
     assert_eq!(host.counter(&format!("{}.l", names::REFUSED_ON_ERROR)), 1);
     stream.on_log(&mut host);
     root.on_tick(&mut host);
-    assert!(reports(&host).is_empty(), "a refused request is charged nothing");
+    assert!(
+        reports(&host).is_empty(),
+        "a refused request is charged nothing"
+    );
 
     // skip: the limit does not apply and the request goes on unchecked.
     let mut host = MockHost::with_configuration(cfg(r#""onError": "skip","#).into_bytes());

@@ -104,8 +104,10 @@ impl Binding {
     /// identity Struct), else a map of the entries whose values are there; an empty map when
     /// nothing is there.
     pub(super) fn build(&self, values: &[Option<Option<Value>>]) -> Value {
-        self.node.build(values).unwrap_or_else(|| Value::Map(Map {
-            map: Arc::new(HashMap::new()),
-        }))
+        self.node.build(values).unwrap_or_else(|| {
+            Value::Map(Map {
+                map: Arc::new(HashMap::new()),
+            })
+        })
     }
 }

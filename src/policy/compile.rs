@@ -9,11 +9,11 @@ use super::{
 use crate::attributes::{self, Attribute};
 use crate::cel::checked::checked_arithmetic;
 use crate::cel::functions::root_context;
-use crate::cel::vocabulary::{check_names, static_type};
 use crate::cel::guards::{
     body_json_as_attribute, check_literals, check_macro_arguments, nested_deeper_than,
     MAX_EXPRESSION_BYTES, MAX_EXPRESSION_DEPTH,
 };
+use crate::cel::vocabulary::{check_names, static_type};
 use crate::config::{self, ConfigError, Fallback, PluginConfig};
 use crate::usage::UsagePaths;
 use cel_parser::{Atom, Expression, Member};
@@ -168,7 +168,10 @@ impl Policy {
         // The request headers the policy reads by name; `None` once an expression needs the
         // whole map (`request.headers` itself, a computed name).
         let mut header_names: Option<Vec<String>> = Some(Vec::new());
-        let mut compile_expr = |text: &str, at: String, place: Place| -> Result<CompiledExpr, ConfigError> {
+        let mut compile_expr = |text: &str,
+                                at: String,
+                                place: Place|
+         -> Result<CompiledExpr, ConfigError> {
             let source = text.trim().to_string();
             if source.is_empty() {
                 return Err(field(at, "empty CEL expression"));
@@ -477,21 +480,57 @@ mod tests {
     #[test]
     fn a_typo_under_every_attribute_root_is_refused_at_configure_time() {
         for (predicate, says) in [
-            (r#"request.url_pth == "/v1""#, "`request.url_pth` is not an Envoy attribute"),
-            (r#"source.adress == "a""#, "`source.adress` is not an Envoy attribute"),
-            (r#"destination.prt == 1"#, "`destination.prt` is not an Envoy attribute"),
-            (r#"connection.mtsl"#, "`connection.mtsl` is not an Envoy attribute"),
-            (r#"upstream.adress == "a""#, "`upstream.adress` is not an Envoy attribute"),
-            (r#"upstream.address == "a""#, "only known once the upstream is picked"),
-            (r#"xds.route_nam == "r""#, "`xds.route_nam` is not an Envoy attribute"),
-            (r#"metadata.filtr_metadata.ns.x == "a""#, "dynamic metadata is read by namespace"),
-            (r#"filter_state.a.b == "a""#, "filter state object is read as a whole"),
+            (
+                r#"request.url_pth == "/v1""#,
+                "`request.url_pth` is not an Envoy attribute",
+            ),
+            (
+                r#"source.adress == "a""#,
+                "`source.adress` is not an Envoy attribute",
+            ),
+            (
+                r#"destination.prt == 1"#,
+                "`destination.prt` is not an Envoy attribute",
+            ),
+            (
+                r#"connection.mtsl"#,
+                "`connection.mtsl` is not an Envoy attribute",
+            ),
+            (
+                r#"upstream.adress == "a""#,
+                "`upstream.adress` is not an Envoy attribute",
+            ),
+            (
+                r#"upstream.address == "a""#,
+                "only known once the upstream is picked",
+            ),
+            (
+                r#"xds.route_nam == "r""#,
+                "`xds.route_nam` is not an Envoy attribute",
+            ),
+            (
+                r#"metadata.filtr_metadata.ns.x == "a""#,
+                "dynamic metadata is read by namespace",
+            ),
+            (
+                r#"filter_state.a.b == "a""#,
+                "filter state object is read as a whole",
+            ),
             (r#"reqest.url_path == "/v1""#, "`reqest` is not defined"),
-            (r#"response.code == 200"#, "not known before the upstream answers"),
+            (
+                r#"response.code == 200"#,
+                "not known before the upstream answers",
+            ),
             (r#"request.url_path.lower() == "/v1""#, "write `lowerAscii`"),
-            (r#"request.url_path"#, "a predicate must be a bool, and this expression is a string"),
+            (
+                r#"request.url_path"#,
+                "a predicate must be a bool, and this expression is a string",
+            ),
             (r#""free""#, "a predicate must be a bool"),
-            (r#"size(request.headers)"#, "a predicate must be a bool, and this expression is a int"),
+            (
+                r#"size(request.headers)"#,
+                "a predicate must be a bool, and this expression is a int",
+            ),
         ] {
             let e = refused(&with_predicate(predicate));
             assert_eq!(e.field, "limits.l.when[0].predicate", "{predicate}");

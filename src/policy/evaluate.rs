@@ -105,7 +105,12 @@ impl Evaluation<'_, '_> {
             return;
         };
         // `auth` and `request.auth` are two attributes of one source: read it once.
-        let first = self.policy.first_of_source.get(index).copied().unwrap_or(index);
+        let first = self
+            .policy
+            .first_of_source
+            .get(index)
+            .copied()
+            .unwrap_or(index);
         if first != index {
             self.fetch(first);
             let v = self.cache.get(first).cloned().flatten();
@@ -343,18 +348,33 @@ mod tests {
                 "premium": true, "org": {"name": "acme", "id": 7}}})
         };
         let mut h = MapHost::default();
-        h.set_metadata(&[("envoy.filters.http.jwt_authn", claims(serde_json::json!(["free", "gold"])))]);
+        h.set_metadata(&[(
+            "envoy.filters.http.jwt_authn",
+            claims(serde_json::json!(["free", "gold"])),
+        )]);
         let d = p.evaluate(&mut h);
         assert_eq!(d.errors, vec![]);
-        let values: Vec<&str> = d.applied[0].counters.iter().map(|(_, v)| v.as_str()).collect();
+        let values: Vec<&str> = d.applied[0]
+            .counters
+            .iter()
+            .map(|(_, v)| v.as_str())
+            .collect();
         assert_eq!(
             values,
-            vec!["alice", "2", r#"["free","gold"]"#, r#"{"id":7,"name":"acme"}"#]
+            vec![
+                "alice",
+                "2",
+                r#"["free","gold"]"#,
+                r#"{"id":7,"name":"acme"}"#
+            ]
         );
         // `auth` and `request.auth` are one read of the metadata per request.
         assert_eq!(h.fetched, vec!["metadata".to_string()]);
         let mut h = MapHost::default();
-        h.set_metadata(&[("envoy.filters.http.jwt_authn", claims(serde_json::json!(["free"])))]);
+        h.set_metadata(&[(
+            "envoy.filters.http.jwt_authn",
+            claims(serde_json::json!(["free"])),
+        )]);
         assert!(p.evaluate(&mut h).applied.is_empty());
     }
 
