@@ -36,8 +36,15 @@ pub enum Buffer {
 pub enum Action {
     /// Let the headers or body go on to the next filter.
     Continue,
-    /// Hold them (a reply or a resume follows later).
+    /// Hold them (a reply or a resume follows later). For a body: the proxy buffers it for the
+    /// filter, and the next body callback sees all of it so far (Envoy's
+    /// StopIterationAndBuffer; a body beyond Envoy's buffer limit is refused with `413`).
     Pause,
+    /// For a body callback only: hold the body without buffering it for the filter. The proxy
+    /// keeps what arrives and stops reading from the client while its buffer is full (Envoy's
+    /// StopIterationAndWatermark: flow control, never a `413`); the next body callback sees
+    /// only the chunks after this one. A resume sends everything kept.
+    PauseWithWatermark,
 }
 
 /// Log levels, as proxy-wasm names them.

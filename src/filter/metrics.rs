@@ -43,6 +43,9 @@ pub mod names {
     pub const USAGE_CLAMPED: &str = "token_ratelimit.usage_clamped";
     /// Streaming requests to which `stream_options.include_usage` was added.
     pub const USAGE_INJECTED: &str = "token_ratelimit.usage_requested";
+    /// Requests whose body outgrew `requestBody.maxBytes` while the filter held it: it went on
+    /// unread (no `include_usage` added; policy and reservation without the body).
+    pub const BODY_OVER_LIMIT: &str = "token_ratelimit.request_bodies_unread";
     /// Requests whose body did not arrive while their headers were held.
     pub const BODY_TIMEOUTS: &str = "token_ratelimit.request_body_timeouts";
     /// `Report` calls dispatched.

@@ -59,6 +59,8 @@ pub struct StreamFilter {
     headers_released: bool,
     /// The request body parsed as JSON (for `requestBodyJSON()`).
     body_json: Option<serde_json::Value>,
+    /// The body outgrew `requestBody.maxBytes` and went on unread.
+    body_unread: bool,
     /// Released (or refused) by the root context: no more host calls for this stream.
     released: bool,
     /// The request headers, read once (one host call) with the request headers; handed to
@@ -130,6 +132,7 @@ impl StreamFilter {
             buffered: 0,
             headers_released: false,
             body_json: None,
+            body_unread: false,
             released: false,
             headers: None,
             method: String::new(),
@@ -179,8 +182,14 @@ impl StreamFilter {
         self.check(host, &policy, end_of_stream, None)
     }
 
-    /// A request body chunk arrived: `body_size` is what the proxy holds now (all of the body
-    /// so far while the filter pauses it, else this chunk).
+    /// A request body chunk arrived: `body_size` is what the proxy holds for the filter now
+    /// (all of the body so far while the filter buffers it, else this chunk).
+    ///
+    /// The body is held (buffered by the proxy) only while the filter still needs it whole:
+    /// for the policy (`requestBodyJSON()`, a reservation's bound) or to add `include_usage`,
+    /// and never beyond `requestBody.maxBytes`; a body that grows beyond goes on unread. While
+    /// the request only waits for its admission, the proxy keeps the body under flow control
+    /// ([`Action::PauseWithWatermark`]) and the filter reads none of it.
     pub fn on_request_body(
         &mut self,
         host: &mut impl Host,
@@ -196,12 +205,12 @@ impl StreamFilter {
             return Action::Continue;
         };
         if self.body_mode == BodyMode::PassThrough {
-            if self.admission_pending() && !self.headers_released {
+            self.buffered = 0;
+            if self.waiting_for_admission() {
                 // Envoy hands the body over while the headers wait for their admission (with
                 // allow_on_headers_stop_iteration): going on here would send the request
                 // upstream before its answer. Envoy keeps the body until the resume.
-                self.buffered = body_size;
-                return Action::Pause;
+                return Action::PauseWithWatermark;
             }
             return Action::Continue;
         }
@@ -212,45 +221,81 @@ impl StreamFilter {
             self.released = true;
             self.headers_released = true;
             self.body_mode = BodyMode::PassThrough;
+            self.buffered = 0;
             return Action::Continue;
         }
+        if body_size > policy.usage.max_request_body_bytes {
+            return self.body_over_limit(host, &policy, end_of_stream);
+        }
         if !end_of_stream {
-            if self.body_mode == BodyMode::Inject && body_size > policy.usage.max_request_body_bytes
-            {
-                host_log!(
-                    host,
-                    Debug,
-                    "request body over requestBody.maxBytes: include_usage not added"
-                );
-                self.body_mode = BodyMode::PassThrough;
-                self.buffered = 0;
-                return self.release_body();
-            }
             // Hold it (the proxy buffers) until it is complete.
             self.buffered = body_size;
             return Action::Pause;
         }
+        self.body_complete(host, &policy, body_size)
+    }
+
+    /// The held body is complete (its end, or the request's trailers): `body_size` bytes.
+    fn body_complete(
+        &mut self,
+        host: &mut impl Host,
+        policy: &Rc<Policy>,
+        body_size: usize,
+    ) -> Action {
         let mut body = host
             .buffer(Buffer::RequestBody, 0, body_size)
             .unwrap_or_default();
         self.buffered = 0;
-        match self.body_mode {
+        match std::mem::replace(&mut self.body_mode, BodyMode::PassThrough) {
             BodyMode::Evaluate => {
-                self.body_mode = BodyMode::PassThrough;
                 self.body_json = serde_json::from_slice(&body).ok();
                 // The whole request is here: inject now if the policy allows it.
-                let action = self.check(host, &policy, true, Some(&mut body));
+                let action = self.check(host, policy, true, Some(&mut body));
                 if action == Action::Continue {
                     self.headers_released = true;
                 }
                 action
             }
             BodyMode::Inject => {
-                self.body_mode = BodyMode::PassThrough;
                 self.inject(host, &mut body);
                 self.release_body()
             }
             BodyMode::PassThrough => Action::Continue,
+        }
+    }
+
+    /// The held body outgrew `requestBody.maxBytes`: it goes on unread and unmodified, the
+    /// policy is evaluated without it (`requestBodyJSON()` finds nothing; a reservation holds
+    /// `reservation.defaultAmount`), and no `include_usage` is added.
+    fn body_over_limit(
+        &mut self,
+        host: &mut impl Host,
+        policy: &Rc<Policy>,
+        complete: bool,
+    ) -> Action {
+        host_log!(
+            host,
+            Debug,
+            "request body over requestBody.maxBytes ({} bytes): it goes on unread",
+            policy.usage.max_request_body_bytes
+        );
+        self.shared
+            .borrow_mut()
+            .metrics
+            .inc(host, names::BODY_OVER_LIMIT);
+        self.buffered = 0;
+        self.body_unread = true;
+        match std::mem::replace(&mut self.body_mode, BodyMode::PassThrough) {
+            BodyMode::Evaluate => match self.check(host, policy, complete, None) {
+                Action::Continue => {
+                    self.headers_released = true;
+                    Action::Continue
+                }
+                // Waiting for the admission (or refused): Envoy keeps the rest under flow
+                // control, never beyond its buffer.
+                _ => Action::PauseWithWatermark,
+            },
+            _ => self.release_body(),
         }
     }
 
@@ -316,6 +361,11 @@ impl StreamFilter {
         self.check_token.is_some() || !self.reserve_tokens.is_empty()
     }
 
+    /// Whether the request's headers are held until its admission is answered.
+    fn waiting_for_admission(&self) -> bool {
+        self.admission_pending() && !self.headers_released
+    }
+
     /// The response headers arrived: adds the rate-limit headers and chooses how to read usage.
     pub fn on_response_headers(&mut self, host: &mut impl Host) -> Action {
         if self.is_released() {
@@ -347,9 +397,32 @@ impl StreamFilter {
         Action::Continue
     }
 
-    /// The request's trailers arrived: the request is complete.
-    pub fn on_request_trailers(&mut self) -> Action {
+    /// The request's trailers arrived (HTTP/2, or chunked HTTP/1.1): the request is complete,
+    /// and a body held for the filter is complete with it. The trailers wait while the request
+    /// waits for its admission.
+    pub fn on_request_trailers(&mut self, host: &mut impl Host) -> Action {
         self.flow.on_request_complete();
+        let Some(policy) = self.policy.clone() else {
+            return Action::Continue;
+        };
+        if self.body_mode != BodyMode::PassThrough {
+            if self.shared.borrow_mut().body_arrived(self.context_id) {
+                // Released by the root context (see `on_request_body`).
+                self.released = true;
+                self.headers_released = true;
+                self.body_mode = BodyMode::PassThrough;
+                self.buffered = 0;
+                return Action::Continue;
+            }
+            let size = self.buffered;
+            return match self.body_complete(host, &policy, size) {
+                Action::Continue => Action::Continue,
+                _ => Action::Pause,
+            };
+        }
+        if self.waiting_for_admission() {
+            return Action::Pause;
+        }
         Action::Continue
     }
 
@@ -500,7 +573,7 @@ impl StreamFilter {
         {
             match body {
                 Some(body) => self.inject(host, body),
-                None if !complete => {
+                None if !complete && !self.body_unread => {
                     // The body may change length: let the proxy frame it (chunked) instead of a
                     // content-length that could turn stale. (The headers cannot wait for the
                     // body: Envoy delivers no body while a plugin holds the headers.)
@@ -761,8 +834,10 @@ impl StreamFilter {
     /// The body may go on: continue now (headers and body, if the check allowed the request
     /// while its body was held), unless the check is still pending (its reply resumes).
     fn release_body(&mut self) -> Action {
-        if self.admission_pending() && !self.headers_released {
-            return Action::Pause;
+        if self.waiting_for_admission() {
+            // The filter needs no more of the body: Envoy keeps it under flow control.
+            self.buffered = 0;
+            return Action::PauseWithWatermark;
         }
         self.headers_released = true;
         Action::Continue

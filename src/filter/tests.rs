@@ -1067,10 +1067,16 @@ fn a_body_handed_over_while_the_check_is_pending_is_held_until_the_answer() {
     host.effective_context = 2;
     let mut stream = root.new_stream(2);
     assert_eq!(stream.on_request_headers(&mut host, false), Action::Pause);
+    // Held under Envoy's flow control, unread: each callback sees only its own chunk.
     host.request_body = vec![b'x'; 40];
-    assert_eq!(stream.on_request_body(&mut host, 40, false), Action::Pause);
-    host.request_body = vec![b'x'; 80];
-    assert_eq!(stream.on_request_body(&mut host, 80, true), Action::Pause);
+    assert_eq!(
+        stream.on_request_body(&mut host, 40, false),
+        Action::PauseWithWatermark
+    );
+    assert_eq!(
+        stream.on_request_body(&mut host, 40, true),
+        Action::PauseWithWatermark
+    );
     answer(&mut stream, &mut host, 0, ok_reply(50));
     assert_eq!(host.resumed, vec![2]);
     // After the resume, chunks are not held; the estimate counts each byte once.

@@ -37,6 +37,8 @@ pub(crate) mod abi {
     pub const ACTION_CONTINUE: u32 = 0;
     /// `StopIteration` (headers) / `StopIterationAndBuffer` (body).
     pub const ACTION_PAUSE: u32 = 1;
+    /// `FilterDataStatus::StopIterationAndWatermark` (body callbacks only).
+    pub const ACTION_PAUSE_WATERMARK: u32 = 2;
 
     /// `LogLevel::Trace` .. `LogLevel::Error`; `Critical` is 5.
     pub const LOG_TRACE: u32 = 0;

@@ -27,6 +27,7 @@ fn action(action: Action) -> u32 {
     match action {
         Action::Continue => abi::ACTION_CONTINUE,
         Action::Pause => abi::ACTION_PAUSE,
+        Action::PauseWithWatermark => abi::ACTION_PAUSE_WATERMARK,
     }
 }
 
@@ -148,7 +149,7 @@ pub extern "C" fn proxy_on_request_body(
 
 #[no_mangle]
 pub extern "C" fn proxy_on_request_trailers(context_id: u32, _num_trailers: usize) -> u32 {
-    stream_action(context_id, |stream, _| stream.on_request_trailers())
+    stream_action(context_id, |stream, host| stream.on_request_trailers(host))
 }
 
 #[no_mangle]

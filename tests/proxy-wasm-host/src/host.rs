@@ -298,6 +298,7 @@ impl Host {
             vm_id: String::new(),
             echo_logs: true,
             allow_stop_iteration: false,
+            buffer_limit: 1024 * 1024,
         }
     }
 }
@@ -314,6 +315,7 @@ pub struct PluginBuilder {
     vm_id: String,
     echo_logs: bool,
     allow_stop_iteration: bool,
+    buffer_limit: usize,
 }
 
 impl PluginBuilder {
@@ -384,6 +386,14 @@ impl PluginBuilder {
         self
     }
 
+    /// Envoy's buffer limit in bytes (`per_connection_buffer_limit_bytes`, default 1 MiB, as
+    /// Envoy's): a request body the filter has Envoy buffer (StopIterationAndBuffer) beyond it
+    /// is refused with Envoy's `413`; under StopIterationAndWatermark it is only flow control.
+    pub fn buffer_limit(mut self, bytes: usize) -> Self {
+        self.buffer_limit = bytes;
+        self
+    }
+
     /// Do not echo the module's logs and stdout/stderr to the test's output.
     pub fn quiet(mut self) -> Self {
         self.echo_logs = false;
@@ -400,6 +410,7 @@ impl PluginBuilder {
         state.log_level = self.log_level;
         state.echo_logs = self.echo_logs;
         state.allow_stop_iteration = self.allow_stop_iteration;
+        state.buffer_limit = self.buffer_limit;
         if let Some(t) = self.time {
             state.time_ns = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
         }
@@ -659,8 +670,8 @@ impl Vm {
                         if let Some(t) = trailers {
                             self.deliver_headers(id, dir, true, t, true)?;
                         }
-                    } else if let Some(body) = side.body.as_mut() {
-                        side.forwarded.append(body);
+                    } else {
+                        side.forward();
                     }
                 }
             }
@@ -756,6 +767,10 @@ impl Vm {
         self.note(id, format!("{name}({n}, eos={eos}) -> {action:?}"));
         let allow_stop = self.store.data().allow_stop_iteration;
         let side = dir.side(self.stream(id));
+        if trailers && matches!(dir, Dir::Request) && action == Action::Continue {
+            // The request goes on: what the filter had Envoy keep, then the trailers.
+            side.forward();
+        }
         let slot = if trailers {
             &mut side.trailers
         } else {
@@ -789,21 +804,40 @@ impl Vm {
             .map(|v| Action::from_u32(v as u32))
             .unwrap_or(Action::Continue);
         self.note(id, format!("{name}({len}, eos={eos}) -> {action:?}"));
+        let limit = self.store.data().buffer_limit;
         let side = dir.side(self.stream(id));
+        let mut too_large = false;
         match action {
-            Action::Continue => {
-                if let Some(b) = side.body.as_mut() {
-                    side.forwarded.append(b);
-                }
-            }
+            Action::Continue => side.forward(),
             // StopIterationNoBuffer: the filter took the data; nothing is kept.
             Action::Other(3) => {
                 if let Some(b) = side.body.as_mut() {
                     b.clear();
                 }
             }
-            // StopIterationAndBuffer / AndWatermark: the next call sees everything so far.
-            _ => {}
+            // StopIterationAndWatermark: Envoy keeps the data (flow control, no limit) and the
+            // next call sees only what comes after.
+            Action::Other(2) => {
+                if let Some(b) = side.body.as_mut() {
+                    side.kept.append(b);
+                }
+            }
+            // StopIterationAndBuffer: the next call sees everything so far; beyond Envoy's
+            // buffer limit a request is refused with 413.
+            _ => too_large = matches!(dir, Dir::Request) && len > limit,
+        }
+        if too_large && self.stream(id).local_reply.is_none() {
+            self.note(
+                id,
+                format!("request body of {len} bytes over the buffer limit: 413"),
+            );
+            self.stream(id).local_reply = Some(crate::state::LocalReply {
+                status: 413,
+                details: "request_payload_too_large".into(),
+                body: b"Payload Too Large".to_vec(),
+                headers: Vec::new(),
+                grpc_status: -1,
+            });
         }
         self.after_call()?;
         Ok(action)

@@ -173,6 +173,9 @@ pub(crate) struct Side {
     pub body: Option<Vec<u8>>,
     /// What left the filter (what the next filter or the client received).
     pub forwarded: Vec<u8>,
+    /// What Envoy keeps without showing it to the filter again (the filter answered
+    /// StopIterationAndWatermark): it goes on before `body` when the side continues.
+    pub kept: Vec<u8>,
     /// The headers callback stopped all iteration (a `Pause`, which Envoy turns into
     /// StopAllIterationAndWatermark): body and trailers wait, unseen, until the filter resumes.
     pub held: bool,
@@ -186,6 +189,16 @@ pub(crate) struct Side {
     pub reset: bool,
     /// This side is over (a local reply ended the stream): no more callbacks.
     pub over: bool,
+}
+
+impl Side {
+    /// The side continues: what Envoy kept, then the buffered body, leave the filter.
+    pub(crate) fn forward(&mut self) {
+        self.forwarded.append(&mut self.kept);
+        if let Some(b) = self.body.as_mut() {
+            self.forwarded.append(b);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -267,6 +280,9 @@ pub(crate) struct HostState {
     pub dispatch_failure: Option<WasmResult>,
     /// Envoy's `allow_on_headers_stop_iteration` (default false).
     pub allow_stop_iteration: bool,
+    /// Envoy's buffer limit (`per_connection_buffer_limit_bytes`, default 1 MiB): a request
+    /// body buffered for the filter beyond it is refused with `413`.
+    pub buffer_limit: usize,
 
     pub logs: Vec<LogEntry>,
     pub log_level: LogLevel,
@@ -315,6 +331,7 @@ impl HostState {
             clusters: None,
             dispatch_failure: None,
             allow_stop_iteration: false,
+            buffer_limit: 1024 * 1024,
             logs: Vec::new(),
             log_level: LogLevel::Trace,
             echo_logs: true,
