@@ -630,7 +630,7 @@ pub fn body_unavailable_reply() -> LocalReply {
         status: 500,
         headers: vec![("content-type".into(), "application/json".into())],
         body: error_body(
-            "The token rate limiter could not read the request body (Envoy lacks allow_on_headers_stop_iteration).",
+            "The token rate limiter could not read the request body (Envoy lacks allow_on_headers_stop_iteration, or buffers less than requestBody.maxBytes).",
             "server_error",
             "rate_limit_body_unavailable",
         ),

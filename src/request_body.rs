@@ -15,9 +15,10 @@ use serde_json::Value;
 ///
 /// Returns the new body, or `None` when nothing is to change (not UTF-8, not one JSON object,
 /// not streaming, usage already requested). As when the body is read as a `serde_json::Value`,
-/// the last of duplicate keys counts. Without a `stream_options` member, the member is inserted
-/// first and the client's bytes are kept as they are; otherwise the body is parsed and
-/// serialized again (compact, the other members of `stream_options` kept).
+/// the last of duplicate keys counts. Without a `stream_options` member, the member is added
+/// last, before the closing brace, and the client's bytes before it are kept as they are (so
+/// that only the body's last bytes change: the proxy may have sent the rest on); otherwise the
+/// body is parsed and serialized again (compact, the other members of `stream_options` kept).
 pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     // Most bodies need no rewrite: find out without building the document (its messages).
     let text = std::str::from_utf8(body).ok()?;
@@ -26,16 +27,16 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     if !streaming.has_options {
-        // The usual case: the member goes first, the client's bytes stay as they are.
-        let open = body.iter().position(|b| !b.is_ascii_whitespace())?;
-        if body.get(open) != Some(&b'{') {
+        // The usual case: the member goes last, the client's bytes stay as they are.
+        let close = body.iter().rposition(|b| !b.is_ascii_whitespace())?;
+        if body.get(close) != Some(&b'}') {
             return None;
         }
-        let member = br#""stream_options":{"include_usage":true},"#;
+        let member = br#","stream_options":{"include_usage":true}"#;
         let mut out = Vec::with_capacity(body.len() + member.len());
-        out.extend_from_slice(body.get(..=open)?);
+        out.extend_from_slice(body.get(..close)?);
         out.extend_from_slice(member);
-        out.extend_from_slice(body.get(open + 1..)?);
+        out.extend_from_slice(body.get(close..)?);
         return Some(out);
     }
     let mut doc: Value = serde_json::from_slice(body).ok()?;
@@ -57,17 +58,25 @@ pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&doc).ok()
 }
 
+/// Whether `body` is one complete JSON document (an object or array, as its last byte other
+/// than whitespace closes it): a cheap test first, a parse (without building values) only then.
+pub fn is_complete_json(body: &[u8]) -> bool {
+    let last = body.iter().rposition(|b| !b.is_ascii_whitespace());
+    matches!(last.and_then(|i| body.get(i)), Some(b'}' | b']'))
+        && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn include_usage_is_injected_only_into_streaming_requests_without_it() {
-        // Without stream_options, the member is added first and the client's bytes are kept.
+        // Without stream_options, the member is added last and the client's bytes are kept.
         assert_eq!(
-            inject_include_usage(b" \n{ \"messages\": [{\"content\": \"stream\"}], \"stream\" : true }")
+            inject_include_usage(b" \n{ \"messages\": [{\"content\": \"stream\"}], \"stream\" : true }\n")
                 .as_deref(),
-            Some(&b" \n{\"stream_options\":{\"include_usage\":true}, \"messages\": [{\"content\": \"stream\"}], \"stream\" : true }"[..])
+            Some(&b" \n{ \"messages\": [{\"content\": \"stream\"}], \"stream\" : true ,\"stream_options\":{\"include_usage\":true}}\n"[..])
         );
         // Duplicate keys: the last one counts, as when the body is read as a `Value`.
         assert!(inject_include_usage(br#"{"stream":true,"stream":false}"#).is_none());
@@ -93,5 +102,14 @@ mod tests {
         assert_eq!(inject_include_usage(br#"{"model":"m"}"#), None);
         assert_eq!(inject_include_usage(b"[1,2]"), None);
         assert_eq!(inject_include_usage(b"\xff not json"), None);
+    }
+
+    #[test]
+    fn a_body_is_complete_json_only_when_its_document_closes() {
+        assert!(is_complete_json(b"{\"a\": [1, {\"b\": 2}]} \r\n"));
+        assert!(!is_complete_json(b"{\"a\": [1, {\"b\": 2}]"));
+        assert!(!is_complete_json(b"{\"a\": [1, {\"b\": 2}"));
+        assert!(!is_complete_json(b"{\"a\": \"}\""));
+        assert!(!is_complete_json(b""));
     }
 }

@@ -28,8 +28,10 @@ pub(crate) const GRPC_DEADLINE_EXCEEDED: u32 = 4;
 /// gRPC status the filter records for a call that could not be dispatched.
 const GRPC_UNAVAILABLE: u32 = 14;
 
-/// How long a request may hold its headers waiting for its first body chunk before the root
-/// context releases it (the body-evaluating mode, `requestBodyJSON()`).
+/// How long a request whose body the filter reads may wait for its next body chunk before the
+/// root context releases it: Envoy delivers no body while the headers are held (without
+/// `allow_on_headers_stop_iteration`), or stops reading the client because its buffer limit is
+/// below `requestBody.maxBytes`.
 pub const BODY_WAIT: Duration = Duration::from_secs(5);
 
 /// State shared by the root context and its streams.
@@ -70,6 +72,15 @@ impl Shared {
     /// Starts waiting for stream `id`'s body.
     pub(crate) fn await_body(&mut self, id: u32) {
         self.awaiting_body.push((id, 0));
+    }
+
+    /// Stream `id`'s body made progress (a chunk the filter reads arrived): it waits anew,
+    /// from now, for the rest.
+    pub(crate) fn body_progress(&mut self, id: u32) {
+        match self.awaiting_body.iter_mut().find(|(s, _)| *s == id) {
+            Some(entry) => entry.1 = 0,
+            None => self.awaiting_body.push((id, 0)),
+        }
     }
 
     /// Stream `id`'s body arrived, or the stream ended: it no longer waits. Returns whether the
@@ -270,9 +281,9 @@ impl RootFilter {
             host_log!(
                 host,
                 Error,
-                "request {id}: no body while its headers were held: Envoy needs allow_on_headers_stop_iteration: true \
-                 in its Wasm plugin configuration for requestBodyJSON(); request {} (failure mode), \
-                 and later requests are evaluated without their body",
+                "request {id}: its body stopped arriving while the filter read it: Envoy needs allow_on_headers_stop_iteration: true \
+                 in its Wasm plugin configuration, and a per_connection_buffer_limit_bytes of at least requestBody.maxBytes; \
+                 request {} (failure mode), and later requests are evaluated without their body",
                 if deny { "refused" } else { "released unchecked" }
             );
         }

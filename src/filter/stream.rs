@@ -38,6 +38,17 @@ pub enum BodyMode {
     Inject,
 }
 
+/// What of a complete request body the proxy still lets the filter change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Rewrite {
+    /// All of it (the proxy shows everything it keeps, after a [`Action::Pause`]).
+    Whole,
+    /// The bytes from this offset on (the last chunk; the rest went to the proxy's keeping).
+    From(usize),
+    /// None of it.
+    None,
+}
+
 /// One stream (HTTP context) of the filter.
 #[derive(Debug)]
 pub struct StreamFilter {
@@ -53,8 +64,14 @@ pub struct StreamFilter {
     spent_key: Option<(String, Vec<u8>)>,
     path: String,
     body_mode: BodyMode,
-    /// Bytes the proxy holds for us (we paused body iteration).
-    buffered: usize,
+    /// Request body bytes the proxy keeps for this stream (not sent on yet).
+    kept: usize,
+    /// The last body callback answered [`Action::Pause`]: the proxy shows all it keeps.
+    buffering: bool,
+    /// The body copied while the filter needs it (at most `requestBody.maxBytes`).
+    held: Vec<u8>,
+    /// What of the complete body the proxy lets the filter change (during its completion).
+    rewrite: Rewrite,
     /// The request's headers went on (returned Continue or resumed).
     headers_released: bool,
     /// The request body parsed as JSON (for `requestBodyJSON()`).
@@ -129,7 +146,10 @@ impl StreamFilter {
             spent_key: None,
             path: String::new(),
             body_mode: BodyMode::PassThrough,
-            buffered: 0,
+            kept: 0,
+            buffering: false,
+            held: Vec::new(),
+            rewrite: Rewrite::None,
             headers_released: false,
             body_json: None,
             body_unread: false,
@@ -162,10 +182,11 @@ impl StreamFilter {
         self.headers = Some(headers);
         let needs_body = policy.needs_body || self.reads_bound(&policy);
         if needs_body && !end_of_stream && self.shared.borrow().body_unavailable() {
-            // The proxy was seen not to deliver bodies while headers are held: the failure
-            // mode decides (allow: evaluate without the body, where requestBodyJSON() finds
-            // nothing).
-            if policy.service.failure_mode == FailureMode::Deny {
+            // The proxy was seen not to deliver bodies (or all of them) while the filter read
+            // them: for requestBodyJSON() the failure mode decides (allow: evaluate without the
+            // body, where requestBodyJSON() finds nothing); a reservation's bound is not worth
+            // a refusal: it holds reservation.defaultAmount.
+            if policy.needs_body && policy.service.failure_mode == FailureMode::Deny {
                 host.send_reply(&body_unavailable_reply());
                 return Action::Pause;
             }
@@ -182,22 +203,28 @@ impl StreamFilter {
         self.check(host, &policy, end_of_stream, None)
     }
 
-    /// A request body chunk arrived: `body_size` is what the proxy holds for the filter now
-    /// (all of the body so far while the filter buffers it, else this chunk).
+    /// A request body chunk arrived: `body_size` is what the proxy shows the filter now (all of
+    /// what it keeps after a [`Action::Pause`], else this chunk).
     ///
-    /// The body is held (buffered by the proxy) only while the filter still needs it whole:
-    /// for the policy (`requestBodyJSON()`, a reservation's bound) or to add `include_usage`,
-    /// and never beyond `requestBody.maxBytes`; a body that grows beyond goes on unread. While
-    /// the request only waits for its admission, the proxy keeps the body under flow control
-    /// ([`Action::PauseWithWatermark`]) and the filter reads none of it.
+    /// Envoy never buffers the body against its buffer limit for the filter: while the filter
+    /// needs the body (for the policy: `requestBodyJSON()`, a reservation's bound; or to add
+    /// `include_usage`) it copies each chunk, at most `requestBody.maxBytes` in all, and Envoy
+    /// keeps the chunks under flow control ([`Action::PauseWithWatermark`]); a body that grows
+    /// beyond goes on unread. The chunk that completes the JSON document is held with
+    /// [`Action::Pause`], so that a body ending with trailers can still be rewritten.
     pub fn on_request_body(
         &mut self,
         host: &mut impl Host,
         body_size: usize,
         end_of_stream: bool,
     ) -> Action {
-        let new_bytes = body_size.saturating_sub(self.buffered);
-        self.flow.on_request_body_len(new_bytes as u64);
+        // After a Pause, Envoy shows everything it keeps; otherwise only this chunk.
+        let (offset, chunk_len) = if self.buffering {
+            (self.kept, body_size.saturating_sub(self.kept))
+        } else {
+            (0, body_size)
+        };
+        self.flow.on_request_body_len(chunk_len as u64);
         if end_of_stream {
             self.flow.on_request_complete();
         }
@@ -205,66 +232,108 @@ impl StreamFilter {
             return Action::Continue;
         };
         if self.body_mode == BodyMode::PassThrough {
-            self.buffered = 0;
             if self.waiting_for_admission() {
                 // Envoy hands the body over while the headers wait for their admission (with
                 // allow_on_headers_stop_iteration): going on here would send the request
                 // upstream before its answer. Envoy keeps the body until the resume.
-                return Action::PauseWithWatermark;
+                return self.keep(chunk_len);
             }
-            return Action::Continue;
+            return self.forward();
         }
-        if self.shared.borrow_mut().body_arrived(self.context_id) {
-            // Released by the root context: this callback runs inside its resume call, where
-            // the proxy answers no header or property call. The request goes on unchecked
-            // (logged and counted there).
+        if self.shared.borrow().is_released(self.context_id) {
+            // Released by the root context (the body stopped arriving): this callback runs
+            // inside its resume call, where the proxy answers no header or property call. The
+            // request goes on unchecked (logged and counted there).
             self.released = true;
             self.headers_released = true;
             self.body_mode = BodyMode::PassThrough;
-            self.buffered = 0;
-            return Action::Continue;
+            self.held = Vec::new();
+            return self.forward();
         }
-        if body_size > policy.usage.max_request_body_bytes {
+        if self.held.len().saturating_add(chunk_len) > policy.usage.max_request_body_bytes {
+            self.kept = self.kept.saturating_add(chunk_len);
+            self.buffering = false;
             return self.body_over_limit(host, &policy, end_of_stream);
         }
-        if !end_of_stream {
-            // Hold it (the proxy buffers) until it is complete.
-            self.buffered = body_size;
-            return Action::Pause;
+        match host.buffer(Buffer::RequestBody, offset, chunk_len) {
+            Some(chunk) => self.held.extend_from_slice(&chunk),
+            None if chunk_len == 0 => {}
+            None => {
+                // The proxy did not show the chunk: the body cannot be read whole.
+                self.kept = self.kept.saturating_add(chunk_len);
+                self.buffering = false;
+                return self.body_over_limit(host, &policy, end_of_stream);
+            }
         }
-        self.body_complete(host, &policy, body_size)
+        if !end_of_stream {
+            // The root context releases the request should the rest not come.
+            self.shared.borrow_mut().body_progress(self.context_id);
+            // Copied; Envoy keeps it. The chunk that completes the document stays in view.
+            if crate::request_body::is_complete_json(&self.held) {
+                self.kept = self.kept.saturating_add(chunk_len);
+                self.buffering = true;
+                return Action::Pause;
+            }
+            return self.keep(chunk_len);
+        }
+        // What of the body the proxy still lets the filter change: all of it after a Pause,
+        // else the last chunk (at `kept`).
+        let rewrite = if self.buffering {
+            Rewrite::Whole
+        } else {
+            Rewrite::From(self.kept)
+        };
+        self.body_complete(host, &policy, rewrite)
     }
 
-    /// The held body is complete (its end, or the request's trailers): `body_size` bytes.
+    /// Envoy keeps this chunk of `len` bytes (flow control) and the filter reads no more of it.
+    fn keep(&mut self, len: usize) -> Action {
+        self.kept = self.kept.saturating_add(len);
+        self.buffering = false;
+        Action::PauseWithWatermark
+    }
+
+    /// The body goes on: Envoy sends what it kept and this chunk.
+    fn forward(&mut self) -> Action {
+        self.kept = 0;
+        self.buffering = false;
+        Action::Continue
+    }
+
+    /// The body the filter copied is complete (its end, or the request's trailers); `rewrite`:
+    /// what of it the proxy still lets the filter change.
     fn body_complete(
         &mut self,
         host: &mut impl Host,
         policy: &Rc<Policy>,
-        body_size: usize,
+        rewrite: Rewrite,
     ) -> Action {
-        let mut body = host
-            .buffer(Buffer::RequestBody, 0, body_size)
-            .unwrap_or_default();
-        self.buffered = 0;
-        match std::mem::replace(&mut self.body_mode, BodyMode::PassThrough) {
+        self.shared.borrow_mut().body_arrived(self.context_id);
+        let mut body = std::mem::take(&mut self.held);
+        self.rewrite = rewrite;
+        let action = match std::mem::replace(&mut self.body_mode, BodyMode::PassThrough) {
             BodyMode::Evaluate => {
                 self.body_json = serde_json::from_slice(&body).ok();
                 // The whole request is here: inject now if the policy allows it.
-                let action = self.check(host, policy, true, Some(&mut body));
-                if action == Action::Continue {
-                    self.headers_released = true;
+                match self.check(host, policy, true, Some(&mut body)) {
+                    Action::Continue => {
+                        self.headers_released = true;
+                        self.forward()
+                    }
+                    _ => Action::PauseWithWatermark,
                 }
-                action
             }
             BodyMode::Inject => {
                 self.inject(host, &mut body);
                 self.release_body()
             }
-            BodyMode::PassThrough => Action::Continue,
-        }
+            BodyMode::PassThrough => self.forward(),
+        };
+        self.rewrite = Rewrite::None;
+        action
     }
 
-    /// The held body outgrew `requestBody.maxBytes`: it goes on unread and unmodified, the
+    /// The copied body outgrew `requestBody.maxBytes`: it goes on unread and unmodified, the
     /// policy is evaluated without it (`requestBodyJSON()` finds nothing; a reservation holds
     /// `reservation.defaultAmount`), and no `include_usage` is added.
     fn body_over_limit(
@@ -283,13 +352,14 @@ impl StreamFilter {
             .borrow_mut()
             .metrics
             .inc(host, names::BODY_OVER_LIMIT);
-        self.buffered = 0;
+        self.shared.borrow_mut().body_arrived(self.context_id);
+        self.held = Vec::new();
         self.body_unread = true;
         match std::mem::replace(&mut self.body_mode, BodyMode::PassThrough) {
             BodyMode::Evaluate => match self.check(host, policy, complete, None) {
                 Action::Continue => {
                     self.headers_released = true;
-                    Action::Continue
+                    self.forward()
                 }
                 // Waiting for the admission (or refused): Envoy keeps the rest under flow
                 // control, never beyond its buffer.
@@ -406,16 +476,23 @@ impl StreamFilter {
             return Action::Continue;
         };
         if self.body_mode != BodyMode::PassThrough {
-            if self.shared.borrow_mut().body_arrived(self.context_id) {
+            if self.shared.borrow().is_released(self.context_id) {
                 // Released by the root context (see `on_request_body`).
                 self.released = true;
                 self.headers_released = true;
                 self.body_mode = BodyMode::PassThrough;
-                self.buffered = 0;
+                self.held = Vec::new();
+                self.kept = 0;
                 return Action::Continue;
             }
-            let size = self.buffered;
-            return match self.body_complete(host, &policy, size) {
+            // After a Pause the proxy still shows (and lets the filter change) the whole body;
+            // otherwise the last chunk went by.
+            let rewrite = if self.buffering {
+                Rewrite::Whole
+            } else {
+                Rewrite::None
+            };
+            return match self.body_complete(host, &policy, rewrite) {
                 Action::Continue => Action::Continue,
                 _ => Action::Pause,
             };
@@ -703,15 +780,16 @@ impl StreamFilter {
         match reply {
             None if paused => {
                 if self.body_mode != BodyMode::PassThrough
-                    && self.buffered > 0
+                    && self.kept > 0
                     && !self.headers_released
                 {
-                    // The body is being held for a rewrite: it all goes on at its end
+                    // The body is being read for a rewrite: it all goes on at its end
                     // (`release_body`).
                 } else {
                     self.headers_released = true;
                     // What Envoy kept goes on with the resume; later chunks come one by one.
-                    self.buffered = 0;
+                    self.kept = 0;
+                    self.buffering = false;
                     host.resume_request();
                 }
                 Action::Continue
@@ -806,29 +884,48 @@ impl StreamFilter {
         method.eq_ignore_ascii_case("POST") && content_type.to_ascii_lowercase().contains("json")
     }
 
-    /// Adds `stream_options.include_usage` to the complete request body in hand.
+    /// Adds `stream_options.include_usage` to the complete request body in hand, where the
+    /// proxy still lets the filter change it ([`Rewrite`]): the whole body, or its last chunk
+    /// when the member goes in there (it is added before the closing brace).
     fn inject(&mut self, host: &mut impl Host, body: &mut Vec<u8>) {
-        if let Some(new) = crate::request_body::inject_include_usage(body) {
-            host_log!(
-                host,
-                Debug,
-                "added stream_options.include_usage to the request"
-            );
-            host.set_buffer(Buffer::RequestBody, 0, body.len(), &new);
-            self.injected = true;
-            if !self.headers_released {
-                host.set_header(
-                    HeaderMap::RequestHeaders,
-                    "content-length",
-                    Some(&new.len().to_string()),
-                );
+        let Some(new) = crate::request_body::inject_include_usage(body) else {
+            return;
+        };
+        match self.rewrite {
+            Rewrite::Whole => host.set_buffer(Buffer::RequestBody, 0, body.len(), &new),
+            Rewrite::From(start)
+                if start <= body.len() && new.get(..start) == body.get(..start) =>
+            {
+                let tail = new.get(start..).unwrap_or_default();
+                host.set_buffer(Buffer::RequestBody, 0, body.len() - start, tail)
             }
-            self.shared
-                .borrow_mut()
-                .metrics
-                .inc(host, names::USAGE_INJECTED);
-            *body = new;
+            _ => {
+                host_log!(
+                    host,
+                    Debug,
+                    "stream_options.include_usage not added: the part of the body to change already went on"
+                );
+                return;
+            }
         }
+        host_log!(
+            host,
+            Debug,
+            "added stream_options.include_usage to the request"
+        );
+        self.injected = true;
+        if !self.headers_released {
+            host.set_header(
+                HeaderMap::RequestHeaders,
+                "content-length",
+                Some(&new.len().to_string()),
+            );
+        }
+        self.shared
+            .borrow_mut()
+            .metrics
+            .inc(host, names::USAGE_INJECTED);
+        *body = new;
     }
 
     /// The body may go on: continue now (headers and body, if the check allowed the request
@@ -836,11 +933,11 @@ impl StreamFilter {
     fn release_body(&mut self) -> Action {
         if self.waiting_for_admission() {
             // The filter needs no more of the body: Envoy keeps it under flow control.
-            self.buffered = 0;
+            self.buffering = false;
             return Action::PauseWithWatermark;
         }
         self.headers_released = true;
-        Action::Continue
+        self.forward()
     }
 
     /// Charges the request once: its usage (or the fallback) is queued for report.

@@ -352,20 +352,23 @@ fn streaming_openai_request_gets_include_usage_added_at_its_end() {
     );
     assert_eq!(stream.body_mode(), stream::BodyMode::Inject);
     answer(&mut stream, &mut host, 0, ok_reply(50));
-    host.request_body = br#"{"model":"m","stream":true,"#.to_vec();
-    // Held while incomplete.
+    let first = br#"{"model":"m","stream":true,"#.to_vec();
+    host.request_body = first.clone();
+    // Copied while incomplete; Envoy keeps it (flow control) and shows only later chunks.
     let size = host.request_body.len();
     assert_eq!(
         stream.on_request_body(&mut host, size, false),
-        Action::Pause
+        Action::PauseWithWatermark
     );
-    host.request_body.extend_from_slice(br#""messages":[]}"#);
+    host.request_body = br#""messages":[]}"#.to_vec();
     let size = host.request_body.len();
     assert_eq!(
         stream.on_request_body(&mut host, size, true),
         Action::Continue
     );
-    let body: serde_json::Value = serde_json::from_slice(&host.request_body).unwrap();
+    // The member went into the last chunk, before the closing brace.
+    let sent = [first, host.request_body.clone()].concat();
+    let body: serde_json::Value = serde_json::from_slice(&sent).unwrap();
     assert_eq!(body["stream_options"]["include_usage"], true);
     assert_eq!(host.counter(names::USAGE_INJECTED), 1);
 }
@@ -416,7 +419,10 @@ fn body_predicate_holds_headers_and_is_evaluated_on_the_complete_body() {
     assert!(host.dispatched.is_empty());
     host.request_body = br#"{"model":"big"}"#.to_vec();
     let size = host.request_body.len();
-    assert_eq!(stream.on_request_body(&mut host, size, true), Action::Pause);
+    assert_eq!(
+        stream.on_request_body(&mut host, size, true),
+        Action::PauseWithWatermark
+    );
     assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), 1);
 
     // Another model: the limit does not apply, the request goes on at once.
@@ -763,7 +769,10 @@ fn reservation_reserves_the_declared_bound_when_the_body_is_handed_over() {
         br#"{"model":"m","max_tokens":40,"messages":[{"role":"user","content":"abcdefghijkl"}]}"#
             .to_vec();
     let size = host.request_body.len();
-    assert_eq!(stream.on_request_body(&mut host, size, true), Action::Pause);
+    assert_eq!(
+        stream.on_request_body(&mut host, size, true),
+        Action::PauseWithWatermark
+    );
     // 12 characters of text: 3 tokens, plus the declared 40.
     assert_eq!(reserves(&host)[0].amount, 43);
 }

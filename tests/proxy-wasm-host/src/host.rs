@@ -788,13 +788,38 @@ impl Vm {
         Ok(action)
     }
 
-    /// Delivers a body chunk of one side to the filter (the whole buffered body while it pauses).
+    /// Delivers a body chunk of one side to the filter, as Envoy's Wasm filter does: after a
+    /// `Pause` (StopIterationAndBuffer) the chunk joins what Envoy buffers and the filter sees
+    /// all of it (a request beyond the buffer limit is refused with `413` first, without
+    /// calling the filter); otherwise it sees only this chunk, and what it had Envoy keep
+    /// (StopIterationAndWatermark) stays out of its view.
     fn deliver_body(&mut self, id: u32, dir: Dir, chunk: &[u8], eos: bool) -> Result<Action, Trap> {
-        let len = {
-            let buf = dir.side(self.stream(id)).body.get_or_insert_with(Vec::new);
+        let limit = self.store.data().buffer_limit;
+        let (len, too_large) = {
+            let side = dir.side(self.stream(id));
+            let buf = side.body.get_or_insert_with(Vec::new);
             buf.extend_from_slice(chunk);
-            buf.len()
+            let len = buf.len();
+            (
+                len,
+                side.buffering && matches!(dir, Dir::Request) && len > limit,
+            )
         };
+        if too_large {
+            self.note(
+                id,
+                format!("request body of {len} bytes over the buffer limit: 413"),
+            );
+            self.stream(id).local_reply = Some(crate::state::LocalReply {
+                status: 413,
+                details: "request_payload_too_large".into(),
+                body: b"Payload Too Large".to_vec(),
+                headers: Vec::new(),
+                grpc_status: -1,
+            });
+            self.after_call()?;
+            return Ok(Action::NotCalled);
+        }
         let name = match dir {
             Dir::Request => "proxy_on_request_body",
             Dir::Response => "proxy_on_response_body",
@@ -804,9 +829,8 @@ impl Vm {
             .map(|v| Action::from_u32(v as u32))
             .unwrap_or(Action::Continue);
         self.note(id, format!("{name}({len}, eos={eos}) -> {action:?}"));
-        let limit = self.store.data().buffer_limit;
         let side = dir.side(self.stream(id));
-        let mut too_large = false;
+        side.buffering = false;
         match action {
             Action::Continue => side.forward(),
             // StopIterationNoBuffer: the filter took the data; nothing is kept.
@@ -822,22 +846,15 @@ impl Vm {
                     side.kept.append(b);
                 }
             }
-            // StopIterationAndBuffer: the next call sees everything so far; beyond Envoy's
-            // buffer limit a request is refused with 413.
-            _ => too_large = matches!(dir, Dir::Request) && len > limit,
-        }
-        if too_large && self.stream(id).local_reply.is_none() {
-            self.note(
-                id,
-                format!("request body of {len} bytes over the buffer limit: 413"),
-            );
-            self.stream(id).local_reply = Some(crate::state::LocalReply {
-                status: 413,
-                details: "request_payload_too_large".into(),
-                body: b"Payload Too Large".to_vec(),
-                headers: Vec::new(),
-                grpc_status: -1,
-            });
+            // StopIterationAndBuffer: the next call sees everything Envoy keeps.
+            _ => {
+                let mut all = std::mem::take(&mut side.kept);
+                if let Some(b) = side.body.as_mut() {
+                    all.append(b);
+                }
+                side.body = Some(all);
+                side.buffering = true;
+            }
         }
         self.after_call()?;
         Ok(action)

@@ -176,6 +176,8 @@ pub(crate) struct Side {
     /// What Envoy keeps without showing it to the filter again (the filter answered
     /// StopIterationAndWatermark): it goes on before `body` when the side continues.
     pub kept: Vec<u8>,
+    /// The filter's last body callback answered `Pause` (StopIterationAndBuffer).
+    pub buffering: bool,
     /// The headers callback stopped all iteration (a `Pause`, which Envoy turns into
     /// StopAllIterationAndWatermark): body and trailers wait, unseen, until the filter resumes.
     pub held: bool,

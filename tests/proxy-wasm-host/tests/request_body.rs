@@ -82,10 +82,10 @@ fn a_body_over_max_bytes_goes_on_unread_and_whole_and_the_reservation_holds_the_
     let chunks: Vec<&[u8]> = body.chunks(MAX_BYTES / 2).collect();
     assert_eq!(
         stream.request_body(chunks[0], false),
-        Action::Pause,
-        "held: within maxBytes"
+        WATERMARK,
+        "copied: within maxBytes; Envoy keeps it under flow control"
     );
-    assert_eq!(stream.request_body(chunks[1], false), Action::Pause);
+    assert_eq!(stream.request_body(chunks[1], false), WATERMARK);
     assert!(reserves(&stream).is_empty(), "the body is still wanted");
     // The third chunk passes maxBytes: reserved without the body, the rest kept by Envoy under
     // flow control, never buffered past its limit.
@@ -125,10 +125,10 @@ fn a_body_within_max_bytes_is_read_for_the_reservation_and_goes_on_whole() {
     let stream = post(&plugin, Some("alice"), CHAT, &[]);
     let body = chat_body(MAX_BYTES - 10, false);
     let (first, second) = body.split_at(1000);
-    assert_eq!(stream.request_body(first, false), Action::Pause);
+    assert_eq!(stream.request_body(first, false), WATERMARK);
     assert_eq!(
         stream.request_body(second, true),
-        Action::Pause,
+        WATERMARK,
         "waits for the reservation"
     );
     let pending = reserves(&stream);
@@ -154,8 +154,8 @@ fn a_streaming_request_over_max_bytes_goes_on_without_include_usage_and_unmodifi
     let (first, rest) = body.split_at(MAX_BYTES - 100);
     assert_eq!(
         stream.request_body(first, false),
-        Action::Pause,
-        "held for include_usage"
+        WATERMARK,
+        "copied for include_usage"
     );
     assert_eq!(
         stream.request_body(rest, true),
@@ -196,7 +196,7 @@ fn a_streaming_request_that_ends_with_trailers_gets_include_usage_and_goes_on_wh
     let check = check_of(&stream);
     let body = chat_body(500, true);
     let (first, second) = body.split_at(200);
-    assert_eq!(stream.request_body(first, false), Action::Pause);
+    assert_eq!(stream.request_body(first, false), WATERMARK);
     assert_eq!(stream.request_body(second, false), Action::Pause);
     assert_eq!(
         stream.request_trailers(&[("x-checksum", "1")]),
@@ -244,4 +244,48 @@ fn a_body_and_trailers_arriving_while_the_check_is_pending_wait_for_it_unread() 
     plugin.reply_grpc(check.token, ok_with_room().encode_to_vec());
     assert_eq!(stream.request_resumed(), 1);
     assert_eq!(stream.request_body_forwarded(), body);
+}
+
+#[test]
+fn a_streaming_request_whose_end_comes_in_an_empty_chunk_gets_include_usage() {
+    // Chunked HTTP/1.1 and some HTTP/2 clients end the body with an empty chunk.
+    let plugin = checking();
+    let stream = post(&plugin, Some("alice"), CHAT, &[]);
+    let check = check_of(&stream);
+    plugin.reply_grpc(check.token, ok_with_room().encode_to_vec());
+    assert_eq!(stream.request_resumed(), 1, "admitted before its body");
+    let body = chat_body(300, true);
+    let (first, second) = body.split_at(100);
+    assert_eq!(stream.request_body(first, false), WATERMARK);
+    assert_eq!(
+        stream.request_body(second, false),
+        Action::Pause,
+        "the chunk that completes the document stays in view, to be rewritten"
+    );
+    assert_eq!(stream.request_body(b"", true), Action::Continue);
+    let sent: serde_json::Value =
+        serde_json::from_slice(&stream.request_body_forwarded()).expect("JSON upstream");
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(sent["model"], "m");
+}
+
+#[test]
+fn a_streaming_request_in_one_chunk_gets_include_usage_in_place() {
+    let plugin = checking();
+    let stream = post(&plugin, Some("alice"), CHAT, &[]);
+    let check = check_of(&stream);
+    let body = chat_body(300, true);
+    assert_eq!(
+        stream.request_body(&body, true),
+        WATERMARK,
+        "waits for the check"
+    );
+    plugin.reply_grpc(check.token, ok_with_room().encode_to_vec());
+    let sent = stream.request_body_forwarded();
+    assert!(
+        sent.starts_with(&body[..body.len() - 1]),
+        "the client's bytes, then the member"
+    );
+    let sent: serde_json::Value = serde_json::from_slice(&sent).expect("JSON upstream");
+    assert_eq!(sent["stream_options"]["include_usage"], true);
 }
