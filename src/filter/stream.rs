@@ -11,7 +11,11 @@
 //! ```
 //!
 //! [`RequestFlow`] holds the pure per-request state; this type adds what depends on the
-//! proxy's callbacks: the body modes, header rewrites, the check's call, metrics and logs.
+//! proxy's callbacks: the body modes, header rewrites, the check's call, metrics and logs. The
+//! request body's handling is in `body`, the response's in `response`.
+
+mod body;
+mod response;
 
 use super::metrics::{names, Hot};
 use super::root::{SharedRef, GRPC_DEADLINE_EXCEEDED};
@@ -20,10 +24,10 @@ use crate::attributes::AttributeHost;
 use crate::config::{AdmissionMode, FailureMode, OnError};
 use crate::estimate::RequestBound;
 use crate::flow::{
-    body_unavailable_reply, Charge, RequestFlow, Responder, ServiceFailure, Verdict,
+    body_unavailable_reply, Charge, RequestFlow, ServiceFailure, Verdict,
 };
 use crate::policy::{Decision, Policy};
-use crate::usage::{BodyFormat, Encoding, Format, UsageEventWithholder};
+use crate::usage::{Format, UsageEventWithholder};
 use ratelimit_proto::{CHECK_RATE_LIMIT, KUADRANT_SERVICE, RESERVE};
 use std::rc::Rc;
 
@@ -203,172 +207,6 @@ impl StreamFilter {
         self.check(host, &policy, end_of_stream, None)
     }
 
-    /// A request body chunk arrived: `body_size` is what the proxy shows the filter now (all of
-    /// what it keeps after a [`Action::Pause`], else this chunk).
-    ///
-    /// Envoy never buffers the body against its buffer limit for the filter: while the filter
-    /// needs the body (for the policy: `requestBodyJSON()`, a reservation's bound; or to add
-    /// `include_usage`) it copies each chunk, at most `requestBody.maxBytes` in all, and Envoy
-    /// keeps the chunks under flow control ([`Action::PauseWithWatermark`]); a body that grows
-    /// beyond goes on unread. The chunk that completes the JSON document is held with
-    /// [`Action::Pause`], so that a body ending with trailers can still be rewritten.
-    pub fn on_request_body(
-        &mut self,
-        host: &mut impl Host,
-        body_size: usize,
-        end_of_stream: bool,
-    ) -> Action {
-        // After a Pause, Envoy shows everything it keeps; otherwise only this chunk.
-        let (offset, chunk_len) = if self.buffering {
-            (self.kept, body_size.saturating_sub(self.kept))
-        } else {
-            (0, body_size)
-        };
-        self.flow.on_request_body_len(chunk_len as u64);
-        if end_of_stream {
-            self.flow.on_request_complete();
-        }
-        let Some(policy) = self.policy.clone() else {
-            return Action::Continue;
-        };
-        if self.body_mode == BodyMode::PassThrough {
-            if self.waiting_for_admission() {
-                // Envoy hands the body over while the headers wait for their admission (with
-                // allow_on_headers_stop_iteration): going on here would send the request
-                // upstream before its answer. Envoy keeps the body until the resume.
-                return self.keep(chunk_len);
-            }
-            return self.forward();
-        }
-        if self.shared.borrow().is_released(self.context_id) {
-            // Released by the root context (the body stopped arriving): this callback runs
-            // inside its resume call, where the proxy answers no header or property call. The
-            // request goes on unchecked (logged and counted there).
-            self.released = true;
-            self.headers_released = true;
-            self.body_mode = BodyMode::PassThrough;
-            self.held = Vec::new();
-            return self.forward();
-        }
-        if self.held.len().saturating_add(chunk_len) > policy.usage.max_request_body_bytes {
-            self.kept = self.kept.saturating_add(chunk_len);
-            self.buffering = false;
-            return self.body_over_limit(host, &policy, end_of_stream);
-        }
-        match host.buffer(Buffer::RequestBody, offset, chunk_len) {
-            Some(chunk) => self.held.extend_from_slice(&chunk),
-            None if chunk_len == 0 => {}
-            None => {
-                // The proxy did not show the chunk: the body cannot be read whole.
-                self.kept = self.kept.saturating_add(chunk_len);
-                self.buffering = false;
-                return self.body_over_limit(host, &policy, end_of_stream);
-            }
-        }
-        if !end_of_stream {
-            // The root context releases the request should the rest not come.
-            self.shared.borrow_mut().body_progress(self.context_id);
-            // Copied; Envoy keeps it. The chunk that completes the document stays in view.
-            if crate::request_body::is_complete_json(&self.held) {
-                self.kept = self.kept.saturating_add(chunk_len);
-                self.buffering = true;
-                return Action::Pause;
-            }
-            return self.keep(chunk_len);
-        }
-        // What of the body the proxy still lets the filter change: all of it after a Pause,
-        // else the last chunk (at `kept`).
-        let rewrite = if self.buffering {
-            Rewrite::Whole
-        } else {
-            Rewrite::From(self.kept)
-        };
-        self.body_complete(host, &policy, rewrite)
-    }
-
-    /// Envoy keeps this chunk of `len` bytes (flow control) and the filter reads no more of it.
-    fn keep(&mut self, len: usize) -> Action {
-        self.kept = self.kept.saturating_add(len);
-        self.buffering = false;
-        Action::PauseWithWatermark
-    }
-
-    /// The body goes on: Envoy sends what it kept and this chunk.
-    fn forward(&mut self) -> Action {
-        self.kept = 0;
-        self.buffering = false;
-        Action::Continue
-    }
-
-    /// The body the filter copied is complete (its end, or the request's trailers); `rewrite`:
-    /// what of it the proxy still lets the filter change.
-    fn body_complete(
-        &mut self,
-        host: &mut impl Host,
-        policy: &Rc<Policy>,
-        rewrite: Rewrite,
-    ) -> Action {
-        self.shared.borrow_mut().body_arrived(self.context_id);
-        let mut body = std::mem::take(&mut self.held);
-        self.rewrite = rewrite;
-        let action = match std::mem::replace(&mut self.body_mode, BodyMode::PassThrough) {
-            BodyMode::Evaluate => {
-                self.body_json = serde_json::from_slice(&body).ok();
-                // The whole request is here: inject now if the policy allows it.
-                match self.check(host, policy, true, Some(&mut body)) {
-                    Action::Continue => {
-                        self.headers_released = true;
-                        self.forward()
-                    }
-                    _ => Action::PauseWithWatermark,
-                }
-            }
-            BodyMode::Inject => {
-                self.inject(host, &mut body);
-                self.release_body()
-            }
-            BodyMode::PassThrough => self.forward(),
-        };
-        self.rewrite = Rewrite::None;
-        action
-    }
-
-    /// The copied body outgrew `requestBody.maxBytes`: it goes on unread and unmodified, the
-    /// policy is evaluated without it (`requestBodyJSON()` finds nothing; a reservation holds
-    /// `reservation.defaultAmount`), and no `include_usage` is added.
-    fn body_over_limit(
-        &mut self,
-        host: &mut impl Host,
-        policy: &Rc<Policy>,
-        complete: bool,
-    ) -> Action {
-        host_log!(
-            host,
-            Debug,
-            "request body over requestBody.maxBytes ({} bytes): it goes on unread",
-            policy.usage.max_request_body_bytes
-        );
-        self.shared
-            .borrow_mut()
-            .metrics
-            .inc(host, names::BODY_OVER_LIMIT);
-        self.shared.borrow_mut().body_arrived(self.context_id);
-        self.held = Vec::new();
-        self.body_unread = true;
-        match std::mem::replace(&mut self.body_mode, BodyMode::PassThrough) {
-            BodyMode::Evaluate => match self.check(host, policy, complete, None) {
-                Action::Continue => {
-                    self.headers_released = true;
-                    self.forward()
-                }
-                // Waiting for the admission (or refused): Envoy keeps the rest under flow
-                // control, never beyond its buffer.
-                _ => Action::PauseWithWatermark,
-            },
-            _ => self.release_body(),
-        }
-    }
-
     /// The reply to this stream's check: `status` is the gRPC status, `size` the reply's length
     /// in the [`Buffer::GrpcReply`] buffer.
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
@@ -434,133 +272,6 @@ impl StreamFilter {
     /// Whether the request's headers are held until its admission is answered.
     fn waiting_for_admission(&self) -> bool {
         self.admission_pending() && !self.headers_released
-    }
-
-    /// The response headers arrived: adds the rate-limit headers and chooses how to read usage.
-    pub fn on_response_headers(&mut self, host: &mut impl Host) -> Action {
-        if self.is_released() {
-            return Action::Continue;
-        }
-        for (k, v) in self.flow.response_headers() {
-            host.add_header(HeaderMap::ResponseHeaders, k, v);
-        }
-        if let (true, Some(policy)) = (self.flow.reads_response(), self.policy.clone()) {
-            // Two single-header reads, not the header map: a response carries many headers
-            // (an LLM API's often 20 or more), and every one of them would be copied into the
-            // VM and allocated there; `content-encoding` is usually absent, which costs no
-            // allocation at all (measured: 8,000 fewer instructions per request).
-            let content_type = lossy(host.header(HeaderMap::ResponseHeaders, "content-type"));
-            let encoding = lossy(host.header(HeaderMap::ResponseHeaders, "content-encoding"));
-            self.flow
-                .on_response_headers(&policy, content_type.as_deref(), encoding.as_deref());
-            let (status, responder) = responder(host);
-            self.flow.on_response_status(status, responder);
-            if self.injected
-                && BodyFormat::from_content_type(content_type.as_deref()) == BodyFormat::EventStream
-                && Encoding::from_header(encoding.as_deref()) == Encoding::Identity
-            {
-                // The body may shrink: no content-length that would turn stale.
-                host.set_header(HeaderMap::ResponseHeaders, "content-length", None);
-                self.withholder = Some(UsageEventWithholder::new(policy.usage.max_body_bytes));
-            }
-        }
-        Action::Continue
-    }
-
-    /// The request's trailers arrived (HTTP/2, or chunked HTTP/1.1): the request is complete,
-    /// and a body held for the filter is complete with it. The trailers wait while the request
-    /// waits for its admission.
-    pub fn on_request_trailers(&mut self, host: &mut impl Host) -> Action {
-        self.flow.on_request_complete();
-        let Some(policy) = self.policy.clone() else {
-            return Action::Continue;
-        };
-        if self.body_mode != BodyMode::PassThrough {
-            if self.shared.borrow().is_released(self.context_id) {
-                // Released by the root context (see `on_request_body`).
-                self.released = true;
-                self.headers_released = true;
-                self.body_mode = BodyMode::PassThrough;
-                self.held = Vec::new();
-                self.kept = 0;
-                return Action::Continue;
-            }
-            // After a Pause the proxy still shows (and lets the filter change) the whole body;
-            // otherwise the last chunk went by.
-            let rewrite = if self.buffering {
-                Rewrite::Whole
-            } else {
-                Rewrite::None
-            };
-            return match self.body_complete(host, &policy, rewrite) {
-                Action::Continue => Action::Continue,
-                _ => Action::Pause,
-            };
-        }
-        if self.waiting_for_admission() {
-            return Action::Pause;
-        }
-        Action::Continue
-    }
-
-    /// A response body chunk of `body_size` bytes arrived. It goes on to the client as it is,
-    /// unless the filter asked for the usage event: that event is withheld (the chunk's bytes
-    /// replaced, a partial event that may be it held until its end shows).
-    pub fn on_response_body(
-        &mut self,
-        host: &mut impl Host,
-        body_size: usize,
-        end_of_stream: bool,
-    ) -> Action {
-        if self.is_released() {
-            return Action::Continue;
-        }
-        if self.withholder.is_some() {
-            self.withhold_usage_event(host, body_size, end_of_stream);
-        } else if self.flow.wants_body() && body_size > 0 {
-            if let Some(chunk) = host.buffer(Buffer::ResponseBody, 0, body_size) {
-                self.flow.on_response_body_vec(chunk);
-            }
-        }
-        if end_of_stream {
-            self.finish(host);
-        }
-        Action::Continue
-    }
-
-    /// Reads the chunk for usage and replaces it with what the client gets: the chunk without
-    /// the usage event the filter asked for.
-    fn withhold_usage_event(&mut self, host: &mut impl Host, body_size: usize, end: bool) {
-        let Some(withholder) = self.withholder.as_mut() else {
-            return;
-        };
-        let chunk = match body_size {
-            0 => Vec::new(),
-            n => host.buffer(Buffer::ResponseBody, 0, n).unwrap_or_default(),
-        };
-        let before = withholder.withheld();
-        let mut out = withholder.chunk(&chunk);
-        if end {
-            let rest = withholder.finish();
-            if !rest.is_empty() {
-                out.get_or_insert_with(|| chunk.clone())
-                    .extend_from_slice(&rest);
-            }
-        }
-        if withholder.withheld() > before {
-            host_log!(
-                host,
-                Debug,
-                "withheld the usage event the client did not ask for (include_usage added)"
-            );
-        }
-        if let Some(out) = out {
-            // The whole chunk is replaced (Envoy takes start 0 and the chunk's size).
-            host.set_buffer(Buffer::ResponseBody, 0, body_size, &out);
-        }
-        if self.flow.wants_body() && !chunk.is_empty() {
-            self.flow.on_response_body_vec(chunk);
-        }
     }
 
     /// The stream is over (the proxy writes its access log). After an abort (client gone,
@@ -879,67 +590,6 @@ impl StreamFilter {
         }
     }
 
-    fn is_json_post(&self) -> bool {
-        let (method, content_type) = (&self.method, &self.content_type);
-        method.eq_ignore_ascii_case("POST") && content_type.to_ascii_lowercase().contains("json")
-    }
-
-    /// Adds `stream_options.include_usage` to the complete request body in hand, where the
-    /// proxy still lets the filter change it ([`Rewrite`]): the whole body, or its last chunk
-    /// when the member goes in there (it is added before the closing brace).
-    fn inject(&mut self, host: &mut impl Host, body: &mut Vec<u8>) {
-        let Some(new) = crate::request_body::inject_include_usage(body) else {
-            return;
-        };
-        match self.rewrite {
-            Rewrite::Whole => host.set_buffer(Buffer::RequestBody, 0, body.len(), &new),
-            Rewrite::From(start)
-                if start <= body.len() && new.get(..start) == body.get(..start) =>
-            {
-                let tail = new.get(start..).unwrap_or_default();
-                host.set_buffer(Buffer::RequestBody, 0, body.len() - start, tail)
-            }
-            _ => {
-                host_log!(
-                    host,
-                    Debug,
-                    "stream_options.include_usage not added: the part of the body to change already went on"
-                );
-                return;
-            }
-        }
-        host_log!(
-            host,
-            Debug,
-            "added stream_options.include_usage to the request"
-        );
-        self.injected = true;
-        if !self.headers_released {
-            host.set_header(
-                HeaderMap::RequestHeaders,
-                "content-length",
-                Some(&new.len().to_string()),
-            );
-        }
-        self.shared
-            .borrow_mut()
-            .metrics
-            .inc(host, names::USAGE_INJECTED);
-        *body = new;
-    }
-
-    /// The body may go on: continue now (headers and body, if the check allowed the request
-    /// while its body was held), unless the check is still pending (its reply resumes).
-    fn release_body(&mut self) -> Action {
-        if self.waiting_for_admission() {
-            // The filter needs no more of the body: Envoy keeps it under flow control.
-            self.buffering = false;
-            return Action::PauseWithWatermark;
-        }
-        self.headers_released = true;
-        self.forward()
-    }
-
     /// Charges the request once: its usage (or the fallback) is queued for report.
     fn finish(&mut self, host: &mut impl Host) {
         let Some(policy) = self.policy.clone() else {
@@ -1057,39 +707,6 @@ impl StreamFilter {
             shared.queue.add(r.descriptor, r.tokens);
         }
     }
-}
-
-/// The response's status and who sent it. A `2xx` is taken as the upstream's without asking
-/// (one header read per response); otherwise Envoy's `response.code_details` tells: anything
-/// but `via_upstream` is Envoy's own reply, sent before the request reached the upstream when
-/// there was no upstream connection (`upstream.local_address` unset). Properties the proxy
-/// does not answer count as the upstream's answer (charged as before).
-fn responder(host: &mut impl Host) -> (Option<u16>, Responder) {
-    let status = lossy(host.header(HeaderMap::ResponseHeaders, ":status"))
-        .and_then(|s| s.trim().parse::<u16>().ok());
-    if status.is_some_and(|s| (200..300).contains(&s)) {
-        return (status, Responder::Upstream);
-    }
-    let details = host.property(&["response", "code_details"]);
-    let responder = match details.as_deref() {
-        None | Some(b"via_upstream") => Responder::Upstream,
-        Some(_) => {
-            let connected = host
-                .property(&["upstream", "local_address"])
-                .is_some_and(|a| !a.is_empty());
-            if connected {
-                Responder::ProxyAfterUpstream
-            } else {
-                Responder::ProxyBeforeUpstream
-            }
-        }
-    };
-    (status, responder)
-}
-
-/// A header value as text; invalid UTF-8 becomes U+FFFD.
-fn lossy(value: Option<Vec<u8>>) -> Option<String> {
-    value.map(|v| String::from_utf8_lossy(&v).into_owned())
 }
 
 /// Counts a failed check (and a timeout on its own).
