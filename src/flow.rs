@@ -975,8 +975,8 @@ mod tests {
         }
         let done = flow.finish(&p);
         assert_eq!(done.charge, Charge::Estimated);
-        // The request's 7 tokens of text and the answer's 3 words; bytes / 4 would be 23 and
-        // 170.
+        // The request's 7 tokens of text and the answer's 3 words; bytes / 4 would be 21 and
+        // 146.
         assert_eq!(
             tokens(&done),
             vec![
