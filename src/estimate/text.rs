@@ -130,7 +130,29 @@ impl TextCounter {
     /// Feeds the next chunk of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
         self.bytes = self.bytes.saturating_add(chunk.len() as u64);
-        for &b in chunk {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            if self.mode == Mode::Plain {
+                self.text_run(rest);
+                return;
+            }
+            if self.mode == Mode::Json && self.string != Str::Outside && self.escape == Escape::None
+            {
+                // Inside a string only `"`, `\` and a raw newline change the state: the run
+                // before the next of them is skipped, kept as a key, or counted as text at once.
+                let end = memchr::memchr3(b'"', b'\\', b'\n', rest).unwrap_or(rest.len());
+                let (run, tail) = rest.split_at(end);
+                match self.string {
+                    Str::Key => self.key_run(run),
+                    Str::Text => self.text_run(run),
+                    Str::Skip | Str::Outside => {}
+                }
+                rest = tail;
+            }
+            let Some((&b, tail)) = rest.split_first() else {
+                return;
+            };
+            rest = tail;
             match self.mode {
                 Mode::Json => self.json_byte(b),
                 Mode::Plain => self.text_byte(b),
@@ -146,6 +168,27 @@ impl TextCounter {
                     }
                 },
             }
+        }
+    }
+
+    /// Bytes of counted text: a run inside a JSON string without `"`, `\` or a raw newline,
+    /// or all of a plain body.
+    fn text_run(&mut self, run: &[u8]) {
+        for &b in run {
+            self.text_byte(b);
+        }
+    }
+
+    /// Bytes of a key without `"`, `\` or a raw newline: kept while the key fits the buffer.
+    fn key_run(&mut self, run: &[u8]) {
+        let start = self.key_len;
+        let end = start.saturating_add(run.len());
+        match self.key.get_mut(start..end) {
+            Some(dst) => {
+                dst.copy_from_slice(run);
+                self.key_len = end;
+            }
+            None => self.key_len = KEY_BUF + 1,
         }
     }
 
