@@ -236,8 +236,11 @@ impl Default for ReportingConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Fallback {
-    /// An estimate from the bytes exchanged: prompt = ceil(request body bytes / 4),
-    /// completion = ceil(response body bytes / 4) (decompressed), total = their sum.
+    /// An estimate from the text exchanged, by the rule of
+    /// [`WORD_CHARS_PER_TOKEN`](crate::estimate::WORD_CHARS_PER_TOKEN): prompt = the request's
+    /// prompt estimate (its text fields), completion = the generated text of the response body
+    /// (decompressed, as far as it got; every word of a body that is not JSON), total = their
+    /// sum. Keys, ids and event-stream framing cost nothing.
     #[default]
     Estimate,
     /// `fixedTokens` in every category.

@@ -11,7 +11,7 @@
 //! ```
 
 use crate::config::{AdmissionMode, ErrorCharge, FailureMode, Fallback, TokenCategory};
-use crate::estimate::RequestBound;
+use crate::estimate::{RequestBound, TextCounter, TextKeys, WORD_CHARS_PER_TOKEN};
 pub use crate::filter::LocalReply;
 use crate::policy::{Applied, Decision, Policy};
 use crate::reservation::{CommitOrder, Outcome, Reservations};
@@ -83,8 +83,10 @@ pub struct RequestFlow {
     applied: Vec<Applied>,
     /// The API the request speaks (from its path).
     format: Format,
-    /// Request body bytes seen (for the estimate).
+    /// Request body bytes seen (their content, or only their number).
     request_bytes: u64,
+    /// The text of the request body chunks whose content was seen, for the estimate.
+    request_text: TextCounter,
     /// Headers to add to the client's response (`x-ratelimit-*`, the service's own).
     response_headers: Vec<(String, String)>,
     extractor: Option<UsageExtractor>,
@@ -124,6 +126,7 @@ impl Default for RequestFlow {
             applied: Vec::new(),
             format: Format::Unknown,
             request_bytes: 0,
+            request_text: TextCounter::new(TextKeys::Request),
             response_headers: Vec::new(),
             extractor: None,
             reservations: Reservations::default(),
@@ -369,9 +372,34 @@ impl RequestFlow {
         &self.response_headers
     }
 
-    /// Counts request body bytes (for the fallback estimate).
+    /// Counts `len` request body bytes whose content the caller does not pass: the fallback
+    /// estimate charges them at [`WORD_CHARS_PER_TOKEN`] bytes per token, as one long word.
+    /// [`RequestFlow::on_request_body_chunk`] counts the text instead.
     pub fn on_request_body_len(&mut self, len: u64) {
         self.request_bytes = self.request_bytes.saturating_add(len);
+    }
+
+    /// Feeds one request body chunk (as it goes upstream; chunks may split the body anywhere):
+    /// counts its bytes, as [`RequestFlow::on_request_body_len`] does, and its text, the
+    /// prompt of the fallback estimate when the filter did not read the whole body
+    /// ([`RequestFlow::set_request_bound`]): the words under [`TextKeys::Request`] of a JSON
+    /// body, every word of another one.
+    pub fn on_request_body_chunk(&mut self, chunk: &[u8]) {
+        self.request_bytes = self.request_bytes.saturating_add(chunk.len() as u64);
+        self.request_text.feed(chunk);
+    }
+
+    /// The prompt part of the fallback estimate, in tokens: the request bound's prompt
+    /// estimate when the filter read the body, else the text of the chunks it was fed plus
+    /// the bytes it was only told the number of, at [`WORD_CHARS_PER_TOKEN`] bytes per token.
+    fn prompt_estimate(&self) -> u64 {
+        if let Some(bound) = self.bound {
+            return bound.prompt;
+        }
+        let unseen = self.request_bytes.saturating_sub(self.request_text.bytes());
+        self.request_text
+            .tokens()
+            .saturating_add(unseen.div_ceil(WORD_CHARS_PER_TOKEN))
     }
 
     /// The client sent the whole request: the end of its body, or headers without a body. A
@@ -465,12 +493,11 @@ impl RequestFlow {
                 )
             }
             Fallback::Estimate => {
-                let response_bytes = self
+                let prompt = self.prompt_estimate();
+                let completion = self
                     .extractor
                     .as_ref()
-                    .map_or(0, UsageExtractor::body_bytes);
-                let prompt = self.request_bytes.div_ceil(4);
-                let completion = response_bytes.div_ceil(4);
+                    .map_or(0, UsageExtractor::text_tokens);
                 let usage = Usage {
                     prompt: Some(prompt),
                     completion: Some(completion),
@@ -898,14 +925,20 @@ mod tests {
         assert_eq!(done.reports[0].tokens, 9);
         assert_eq!(done.reports[1].tokens, 2);
 
-        // No usage: the estimate charges ceil(bytes / 4) per side.
+        // No usage: the estimate charges the words of the request's text fields and of the
+        // answer's text, 5 characters per token of each word, rounded up.
         let (mut flow, _) = start(&p);
-        flow.on_request_body_len(10);
+        let request = br#"{"model":"gpt-4o","prompt":"Once upon a time","max_tokens":null}"#;
+        let (head, tail) = request.split_at(30);
+        flow.on_request_body_chunk(head);
+        flow.on_request_body_chunk(tail);
+        assert_eq!(flow.request_bytes(), request.len() as u64);
         flow.on_request_complete();
         flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
         flow.on_response_headers(&p, Some("text/plain"), None);
         assert!(flow.wants_body());
-        flow.on_response_body(&[b'x'; 21]);
+        flow.on_response_body(b"there lived a dra");
+        flow.on_response_body(b"gon named Smaug.");
         let done = flow.finish(&p);
         assert_eq!(done.charge, Charge::Estimated);
         let got: Vec<(TokenCategory, u64)> = done
@@ -913,9 +946,56 @@ mod tests {
             .iter()
             .map(|r| (r.category, r.tokens))
             .collect();
+        // Once, upon, a, time: 4; there, lived, a, named: 4, dragon and Smaug.: 2 each.
         assert_eq!(
             got,
-            vec![(TokenCategory::Total, 3 + 6), (TokenCategory::Prompt, 3)]
+            vec![(TokenCategory::Total, 4 + 8), (TokenCategory::Prompt, 4)]
+        );
+    }
+
+    #[test]
+    fn the_estimate_counts_the_text_of_a_stream_not_its_framing() {
+        let p = policy("allow");
+        let (mut flow, _) = start(&p);
+        flow.on_request_body_chunk(CHAT_REQUEST);
+        flow.on_request_complete();
+        flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
+        flow.on_response_headers(&p, Some("text/event-stream"), None);
+        flow.on_response_status(Some(200), Responder::Upstream);
+        let stream = concat!(
+            "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Once\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" upon a\"},\"finish_reason\":null}]}\n\n",
+            "data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+        )
+        .as_bytes();
+        for chunk in stream.chunks(50) {
+            flow.on_response_body(chunk);
+        }
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Estimated);
+        // The request's 7 tokens of text and the answer's 3 words; bytes / 4 would be 21 and
+        // 146.
+        assert_eq!(
+            tokens(&done),
+            vec![
+                (TokenCategory::Total, CHAT_REQUEST_TOKENS + 3),
+                (TokenCategory::Prompt, CHAT_REQUEST_TOKENS)
+            ]
+        );
+
+        // Bytes counted without their content (on_request_body_len): 5 per token.
+        let (mut flow, _) = start(&p);
+        flow.on_request_body_len(11);
+        flow.on_request_complete();
+        flow.on_check_reply(&p, Err(ServiceFailure::Grpc(14)));
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(200), Responder::Upstream);
+        flow.on_response_body(br#"{"choices":[{"message":{"role":"assistant","content":"Hi"}}]}"#);
+        assert_eq!(
+            tokens(&flow.finish(&p)),
+            vec![(TokenCategory::Total, 3 + 1), (TokenCategory::Prompt, 3)]
         );
     }
 
@@ -1000,10 +1080,16 @@ mod tests {
         assert!(done.reports.is_empty());
     }
 
-    /// An allowed checkReport request of `policy`, its whole body sent.
+    /// A chat request body whose text fields hold [`CHAT_REQUEST_TOKENS`] tokens.
+    const CHAT_REQUEST: &[u8] =
+        br#"{"model":"m","messages":[{"role":"user","content":"Tell me a story about dragons"}]}"#;
+    /// Tell, me, a, story, about: 1 each; dragons: 2.
+    const CHAT_REQUEST_TOKENS: u64 = 7;
+
+    /// An allowed checkReport request of `policy`, its whole body ([`CHAT_REQUEST`]) sent.
     fn allowed(p: &Policy) -> RequestFlow {
         let (mut flow, _) = start(p);
-        flow.on_request_body_len(40);
+        flow.on_request_body_chunk(CHAT_REQUEST);
         flow.on_request_complete();
         let ok = RateLimitResponse {
             overall_code: Code::Ok as i32,
@@ -1021,7 +1107,7 @@ mod tests {
     fn reserved(p: &Policy, bound: Option<RequestBound>) -> RequestFlow {
         let d = p.evaluate(&mut host());
         let (mut flow, calls) = RequestFlow::start_reservation(p, d, "/v1/chat/completions", bound);
-        flow.on_request_body_len(40);
+        flow.on_request_body_chunk(CHAT_REQUEST);
         flow.on_request_complete();
         let mut verdict = None;
         for i in 0..calls.len() {
@@ -1100,13 +1186,18 @@ mod tests {
         let mut flow = allowed(&p);
         flow.on_response_headers(&p, Some("application/json"), None);
         flow.on_response_status(Some(500), Responder::Upstream);
-        flow.on_response_body(&[b'x'; 8]);
+        flow.on_response_body(
+            br#"{"error":{"message":"The server had an error","type":"server_error"}}"#,
+        );
         let done = flow.finish(&p);
         assert_eq!(done.charge, Charge::Estimated);
-        // 40 request bytes, 8 response bytes.
+        // The request's text; an error object generates no text.
         assert_eq!(
             tokens(&done),
-            vec![(TokenCategory::Total, 10 + 2), (TokenCategory::Prompt, 10)]
+            vec![
+                (TokenCategory::Total, CHAT_REQUEST_TOKENS),
+                (TokenCategory::Prompt, CHAT_REQUEST_TOKENS)
+            ]
         );
 
         let json = r#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
@@ -1232,12 +1323,13 @@ mod tests {
         );
         let mut flow = allowed(&p);
         flow.set_request_bound(Some(RequestBound {
-            prompt: 7,
+            prompt: 9,
             completion: None,
         }));
         let done = flow.finish(&p);
         assert_eq!(done.charge, Charge::Estimated);
-        assert_eq!(tokens(&done)[0], (TokenCategory::Total, 10));
+        // The bound's prompt estimate (not the text of the chunks: the bound wins), no answer.
+        assert_eq!(tokens(&done)[0], (TokenCategory::Total, 9));
         // An answer was seen (a stream cut short): the estimate over what passed, as before.
         let mut flow = allowed(&p);
         flow.set_request_bound(bound);

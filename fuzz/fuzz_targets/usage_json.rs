@@ -27,6 +27,8 @@ struct Outcome {
     usage: Option<Usage>,
     overflowed: bool,
     body_bytes: u64,
+    /// The text estimate: the same however the body is split or encoded.
+    text_tokens: u64,
 }
 
 fn run(format: Format, encoding: Encoding, paths: &UsagePaths, max: usize, parts: &[&[u8]]) -> Outcome {
@@ -40,7 +42,7 @@ fn run(format: Format, encoding: Encoding, paths: &UsagePaths, max: usize, parts
             let _ = u.tokens(c);
         }
     }
-    Outcome { usage, overflowed: x.overflowed(), body_bytes: x.body_bytes() }
+    Outcome { usage, overflowed: x.overflowed(), body_bytes: x.body_bytes(), text_tokens: x.text_tokens() }
 }
 
 fn gzip(body: &[u8]) -> Vec<u8> {

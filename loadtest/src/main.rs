@@ -12,7 +12,10 @@
 //! where R is what the rate-limit service received through `Report`
 //! (`ratelimit_reported_hits_total`), S the tokens the simulator served to requests whose
 //! answer carried usage, and E the documented estimate the client computes for the requests
-//! whose upstream sent no usage: ceil(request body bytes / 4) + ceil(response body bytes / 4).
+//! whose upstream sent no usage: the filter's fallback estimate (README, "The fallback
+//! estimate"), computed with the filter's own counter (`e2e::prompt_estimate`, or
+//! `e2e::unread_prompt_estimate` of the body's bytes in checkReport mode, where the filter
+//! does not read the body; plus `e2e::answer_estimate_of` of the response body).
 //! In admission mode reservation (`--mode reservation`, or `auto` against a service that
 //! answers `Reserve`), R is what the service received through `Commit`
 //! (`ratelimit_committed_hits_total`), and once the commits have drained no hold may be left:
@@ -289,7 +292,7 @@ struct KindTally {
     served_expected: u64,
     /// The documented estimate for the 200s of a no-usage kind.
     estimated: u64,
-    /// Of `estimated`, the request's part: ceil(request body bytes / 4).
+    /// Of `estimated`, the request's part (its text, or its bytes at 5 per token).
     estimated_request: u64,
     /// 200s whose body shows usage (`usage` / `usageMetadata`).
     usage_in_body: u64,
@@ -355,6 +358,9 @@ struct Config {
     token_delay_ms: u64,
     request_timeout: Duration,
     seed: u64,
+    /// The filter reads request bodies (reservation mode): the estimate's prompt part is the
+    /// request's text, else the body's bytes at 5 per token.
+    body_read: bool,
 }
 
 const WORDS: [&str; 16] = [
@@ -464,8 +470,12 @@ async fn one_request(
     let prompt: Vec<&str> = (0..words).map(|_| WORDS[rng.usize(..WORDS.len())]).collect();
     let completion = rng.u64(1..=48);
     let (path, body) = kind.request(&prompt.join(" "), completion);
+    let prompt_estimate = if cfg.body_read {
+        e2e::prompt_estimate(path, &body)
+    } else {
+        e2e::unread_prompt_estimate(serde_json::to_vec(&body).expect("json").len())
+    };
     let body = serde_json::to_vec(&body).expect("json");
-    let request_bytes = body.len() as u64;
 
     let mut req = Request::post(path)
         .header("host", cfg.addr.to_string())
@@ -502,8 +512,10 @@ async fn one_request(
                         k.usage_in_body += 1;
                     }
                     if kind.no_usage() {
-                        k.estimated += request_bytes.div_ceil(4) + (a.body.len() as u64).div_ceil(4);
-                        k.estimated_request += request_bytes.div_ceil(4);
+                        let content_type = if kind.streaming() { "text/event-stream" } else { "application/json" };
+                        let answer = e2e::answer_estimate_of(path, Some(content_type), None, &a.body);
+                        k.estimated += prompt_estimate + answer;
+                        k.estimated_request += prompt_estimate;
                     }
                 }
                 429 => k.limited += 1,
@@ -803,6 +815,8 @@ fn main() -> ExitCode {
         token_delay_ms: args.token_delay_ms,
         request_timeout: Duration::from_secs(args.request_timeout),
         seed: args.seed,
+        // `auto` reserves against ratelimit-service, which answers Reserve.
+        body_read: mode != "checkReport",
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))

@@ -586,10 +586,11 @@ fn client_abort_after_the_check_charges_what_arrived() {
     host.request_body = vec![b'a'; 400];
     stream.on_request_body(&mut host, 400, true);
     // The whole request went upstream, no response at all, and the filter did not read a
-    // declared maximum: the fallback estimate charges the request bytes (400 / 4).
+    // declared maximum: the fallback estimate charges the request bytes, which the stream
+    // layer counts without their content, at 5 per token (400 / 5).
     stream.on_log(&mut host);
     root.on_tick(&mut host);
-    assert_eq!(reports(&host)[0].hits_addend, 100);
+    assert_eq!(reports(&host)[0].hits_addend, 80);
     assert_eq!(host.counter(names::USAGE_ESTIMATED), 1);
 }
 
@@ -934,7 +935,8 @@ fn client_abort_after_admission_commits_the_estimate_and_a_expired_hold_is_count
     stream.on_request_body(&mut host, 40, true);
     stream.on_log(&mut host);
     let c = &commits(&host)[0];
-    assert_eq!((c.reservation_id.as_str(), c.actual_amount), ("r", 10));
+    // 40 bytes counted without their content: 40 / 5.
+    assert_eq!((c.reservation_id.as_str(), c.actual_amount), ("r", 8));
     // The service says the hold had expired: the tokens were still added, and it is counted.
     let commit_token = host.calls(COMMIT)[0].token;
     host.grpc_reply = CommitResponse {
@@ -1000,7 +1002,9 @@ fn a_body_held_for_the_reservation_still_counts_in_the_fallback_estimate() {
     );
     let mut stream = root.new_stream(2);
     stream.on_request_headers(&mut host, false);
-    host.request_body = br#"{"model":"m","max_tokens":5,"messages":[]}"#.to_vec();
+    host.request_body =
+        br#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":"Tell me a story"}]}"#
+            .to_vec();
     let request_len = host.request_body.len() as u64;
     stream.on_request_body(&mut host, request_len as usize, true);
     let token = host.calls(RESERVE)[0].token;
@@ -1011,17 +1015,17 @@ fn a_body_held_for_the_reservation_still_counts_in_the_fallback_estimate() {
         0,
         reserve_reply(Code::Ok, "r", 50),
     );
-    // A response without usage: charged the estimate of both bodies.
+    // A response without usage: charged the estimate of both bodies' text, the request's
+    // read from the held body (its bound): 4 words each.
     host.response_headers = vec![("content-type".into(), b"application/json".to_vec())];
     stream.on_response_headers(&mut host);
-    host.response_body = br#"{"choices":[]}"#.to_vec();
+    host.response_body =
+        br#"{"id":"c1","choices":[{"message":{"role":"assistant","content":"Once upon a time"}}]}"#
+            .to_vec();
     let response_len = host.response_body.len() as u64;
     stream.on_response_body(&mut host, response_len as usize, true);
     let c = &commits(&host)[0];
-    assert_eq!(
-        c.actual_amount,
-        request_len.div_ceil(4) + response_len.div_ceil(4)
-    );
+    assert_eq!(c.actual_amount, 4 + 4);
 }
 
 #[test]
@@ -1088,12 +1092,13 @@ fn a_body_handed_over_while_the_check_is_pending_is_held_until_the_answer() {
     );
     answer(&mut stream, &mut host, 0, ok_reply(50));
     assert_eq!(host.resumed, vec![2]);
-    // After the resume, chunks are not held; the estimate counts each byte once.
+    // After the resume, chunks are not held; the estimate counts each byte once (80 bytes,
+    // counted without their content, at 5 per token).
     assert_eq!(stream.on_request_body(&mut host, 0, true), Action::Continue);
     stream.on_log(&mut host);
     let mut root = root;
     root.on_tick(&mut host);
-    assert_eq!(reports(&host)[0].hits_addend, 20);
+    assert_eq!(reports(&host)[0].hits_addend, 16);
 }
 
 // What a request that was not served costs.
@@ -1200,13 +1205,16 @@ fn envoys_own_reply_without_an_upstream_connection_costs_nothing_in_both_modes()
     let (mut root, mut host) = root_with("");
     chat_headers(&mut host);
     let mut stream = root.new_stream(2);
-    stream.on_request_headers(&mut host, true);
+    stream.on_request_headers(&mut host, false);
     answer(&mut stream, &mut host, 0, ok_reply(50));
+    host.request_body = vec![b'a'; 40];
+    stream.on_request_body(&mut host, 40, true);
     host.set_property("response.code_details", "via_upstream");
     error_response(&mut stream, &mut host, "503");
     root.on_tick(&mut host);
     assert_eq!(host.counter(names::USAGE_ESTIMATED), 1);
-    assert!(reports(&host)[0].hits_addend > 0);
+    // The request's 40 bytes at 5 per token; the error body generates no text.
+    assert_eq!(reports(&host)[0].hits_addend, 8);
 }
 
 #[test]

@@ -6,6 +6,7 @@ use super::decode::Decoder;
 use super::formats::read_bytes;
 use super::sse::{blank_line, data_field, markers};
 use super::{Encoding, Format, Usage, UsagePaths};
+use crate::estimate::{TextCounter, TextKeys};
 
 /// How a response body is framed, from its `content-type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,8 +56,10 @@ pub struct UsageExtractor {
     event_data: Vec<u8>,
     /// Something exceeded `max_bytes` and was dropped.
     overflowed: bool,
-    /// Decoded body bytes seen, for estimates.
+    /// Decoded body bytes seen.
     body_bytes: u64,
+    /// The text of the decoded body, for the estimate when no usage is reported.
+    text: TextCounter,
     /// The usage read so far.
     found: Usage,
 }
@@ -72,6 +75,14 @@ impl UsageExtractor {
         paths: UsagePaths,
         max_bytes: usize,
     ) -> Self {
+        let keys = match (format, framing) {
+            (Format::Responses, BodyFormat::EventStream) => TextKeys::ResponsesStream,
+            _ => TextKeys::Response,
+        };
+        let text = match framing {
+            BodyFormat::Json | BodyFormat::EventStream => TextCounter::json(keys),
+            BodyFormat::Other => TextCounter::new(keys),
+        };
         UsageExtractor {
             format,
             framing,
@@ -82,6 +93,7 @@ impl UsageExtractor {
             event_data: Vec::new(),
             overflowed: false,
             body_bytes: 0,
+            text,
             found: Usage::default(),
         }
     }
@@ -92,20 +104,23 @@ impl UsageExtractor {
         self.overflowed || matches!(self.decoder, Decoder::Failed)
     }
 
-    /// Decoded response body bytes seen so far (the raw bytes when the body cannot be read:
-    /// [`BodyFormat::Other`]), for estimates when no usage is reported.
+    /// Decoded response body bytes seen so far.
     pub fn body_bytes(&self) -> u64 {
         self.body_bytes
+    }
+
+    /// Tokens of the text in the decoded body so far, for the estimate when no usage is
+    /// reported: the generated text of a JSON or event-stream body (per [`TextKeys::Response`],
+    /// or [`TextKeys::ResponsesStream`] for a Responses API stream), every word of a body
+    /// that is not JSON ([`TextCounter`]).
+    pub fn text_tokens(&self) -> u64 {
+        self.text.tokens()
     }
 
     /// Feeds the next body chunk (as it travels to the client, possibly compressed). Usage is
     /// read from an event stream's events as they complete, from a JSON document at
     /// [`UsageExtractor::finish`].
     pub fn feed(&mut self, chunk: &[u8]) {
-        if self.framing == BodyFormat::Other {
-            self.body_bytes += chunk.len() as u64;
-            return;
-        }
         let decoded;
         let data: &[u8] = if matches!(self.decoder, Decoder::Identity) {
             chunk
@@ -114,6 +129,7 @@ impl UsageExtractor {
             &decoded
         };
         self.body_bytes += data.len() as u64;
+        self.text.feed(data);
         match self.framing {
             BodyFormat::Other => {}
             BodyFormat::Json => {
@@ -141,6 +157,7 @@ impl UsageExtractor {
             && chunk.len() <= self.max_bytes
         {
             self.body_bytes += chunk.len() as u64;
+            self.text.feed(&chunk);
             self.buffer = chunk;
             return;
         }

@@ -1250,6 +1250,56 @@ impl Conn {
     }
 }
 
+// The fallback estimate of a response without usage, as the filter makes it (README, "The
+// fallback estimate"): the prompt's text plus the answer's generated text, by the one rule
+// of `token_ratelimit::estimate::WORD_CHARS_PER_TOKEN`.
+
+/// The prompt part of the fallback estimate when the filter read the request body (reservation
+/// mode, include_usage injection, a limit on `requestBodyJSON()`): the request bound's prompt
+/// estimate of `body` sent to `path`, in tokens.
+pub fn prompt_estimate(path: &str, body: &serde_json::Value) -> u64 {
+    token_ratelimit::estimate::RequestBound::of_request(path, body).prompt
+}
+
+/// The prompt part of the fallback estimate when the filter saw only the number of the request
+/// body's bytes (`request_bytes`), not their content: one token per
+/// `WORD_CHARS_PER_TOKEN` bytes, rounded up.
+pub fn unread_prompt_estimate(request_bytes: usize) -> u64 {
+    (request_bytes as u64).div_ceil(token_ratelimit::estimate::WORD_CHARS_PER_TOKEN)
+}
+
+/// The completion part of the fallback estimate of `reply` to a request to `path`: the
+/// tokens of the generated text in its body (decoded per its `content-encoding`, framed per its
+/// `content-type`, read per the API of `path`), as the filter's extractor counts them.
+pub fn answer_estimate(path: &str, reply: &Reply) -> u64 {
+    answer_estimate_of(
+        path,
+        reply.header("content-type"),
+        reply.header("content-encoding"),
+        &reply.raw,
+    )
+}
+
+/// [`answer_estimate`] of a body of `content_type` and `content_encoding` (`body` as received,
+/// not dechunked).
+pub fn answer_estimate_of(
+    path: &str,
+    content_type: Option<&str>,
+    content_encoding: Option<&str>,
+    body: &[u8],
+) -> u64 {
+    use token_ratelimit::usage::{BodyFormat, Encoding, Format, UsageExtractor, UsagePaths};
+    let mut x = UsageExtractor::new(
+        Format::from_path(path),
+        BodyFormat::from_content_type(content_type),
+        Encoding::from_header(content_encoding),
+        UsagePaths::default(),
+        usize::MAX,
+    );
+    x.feed(body);
+    x.text_tokens()
+}
+
 /// The body of a chunked HTTP/1.1 message as far as `bytes` (what follows the head) go: the
 /// complete chunks and the part of the last one that arrived.
 pub fn dechunk(mut bytes: &[u8]) -> Vec<u8> {

@@ -27,7 +27,7 @@ fn stack(mode: Option<&'static str>, edits: Vec<(String, String)>) -> Stack {
     })
 }
 
-/// A chat request of `words` prompt words: its byte estimate is far over the free user's 50
+/// A chat request of `words` prompt words: its estimate (60 words: 60 tokens, more read as bytes) is over the free user's 50
 /// tokens once `words` is 60 or more.
 fn chat_body(words: usize, max_tokens: u64) -> Value {
     json!({
@@ -119,7 +119,11 @@ fn an_upstream_500_without_usage_is_charged_the_estimate_by_default_and_nothing_
         &[("x-simulator-status", "500")],
     );
     assert_eq!(r.status, 500);
-    let want = (body.to_string().len() as u64).div_ceil(4) + (r.raw.len() as u64).div_ceil(4);
+    // checkReport does not read the body: its bytes at 5 per token; the error answer holds no
+    // generated text.
+    let want = e2e::unread_prompt_estimate(body.to_string().len())
+        + e2e::answer_estimate("/v1/chat/completions", &r);
+    assert_eq!(e2e::answer_estimate("/v1/chat/completions", &r), 0);
     assert_eq!(stack_default.await_reported(want), want);
     drop(stack_default);
 
@@ -232,12 +236,12 @@ fn envoys_own_503_without_an_upstream_costs_nothing_in_both_modes() {
 #[test]
 fn a_hang_up_after_the_upstream_got_the_request_is_charged_prompt_estimate_plus_max_tokens() {
     let stack = stack(None, Vec::new());
-    // "word word word word" is 19 characters: 5 tokens; plus the declared 40.
+    // "word word word word": 4 words of up to 5 characters, 4 tokens; plus the declared 40.
     let body = chat_body(4, 40);
     hang_up(&stack, &body);
-    assert_eq!(stack.await_reported(45), 45, "prompt estimate + max_tokens");
+    assert_eq!(stack.await_reported(44), 44, "prompt estimate + max_tokens");
     std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(stack.committed_tokens(), 45, "committed once, as the hold");
+    assert_eq!(stack.committed_tokens(), 44, "committed once, as the hold");
     assert_eq!(stat(&stack, "usage_declared"), 1);
     assert!(stack.await_no_holds(Duration::from_secs(5)));
 }
@@ -247,7 +251,8 @@ fn a_hang_up_in_check_report_mode_without_the_body_read_is_charged_the_byte_esti
     let stack = stack(Some("checkReport"), Vec::new());
     let body = chat_body(4, 40);
     hang_up(&stack, &body);
-    let want = (body.to_string().len() as u64).div_ceil(4);
+    // The stream layer passes the number of the body's bytes, not their content: 5 per token.
+    let want = e2e::unread_prompt_estimate(body.to_string().len());
     assert_eq!(stack.await_reported(want), want);
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(stack.report_hits(), want);
@@ -266,9 +271,9 @@ fn envoys_timeout_after_the_upstream_got_the_request_is_charged_like_a_hang_up()
         &[("x-simulator-latency-ms", "3000")],
     );
     assert_eq!(r.status, 504, "{}", r.body);
-    assert_eq!(stack.await_reported(45), 45, "prompt estimate + max_tokens");
+    assert_eq!(stack.await_reported(44), 44, "prompt estimate + max_tokens");
     std::thread::sleep(Duration::from_millis(400));
-    assert_eq!(stack.committed_tokens(), 45);
+    assert_eq!(stack.committed_tokens(), 44);
     assert_eq!(stat(&stack, "usage_declared"), 1);
 }
 

@@ -48,10 +48,13 @@ fn chat_body(words: usize, max_tokens: u64, stream: bool) -> Value {
     body
 }
 
-/// The fallback estimate: ceil(request body bytes / 4) + ceil(response body bytes / 4).
-fn estimate(request: &Value, response_bytes: usize) -> u64 {
-    let request_bytes = serde_json::to_vec(request).expect("json").len() as u64;
-    request_bytes.div_ceil(4) + (response_bytes as u64).div_ceil(4)
+/// The fallback estimate of chat `request` answered with `response` (its bytes as the client
+/// got them, framed as `content_type`): the prompt's text plus the answer's generated text,
+/// by the filter's rule (README, "The fallback estimate").
+fn estimate(request: &Value, content_type: &str, response: &[u8]) -> u64 {
+    const CHAT: &str = "/v1/chat/completions";
+    e2e::prompt_estimate(CHAT, request)
+        + e2e::answer_estimate_of(CHAT, Some(content_type), None, response)
 }
 
 /// Waits until the service has `want` reported tokens, then checks that no more arrive.
@@ -239,9 +242,9 @@ fn service_restart_with_failure_mode_allow(mode: Option<&'static str>) {
         mode,
         ..Options::default()
     });
-    // What `chat(_, 2, 20)` holds in reservation mode ("word word": 3 tokens, + 20): the
+    // What `chat(_, 2, 20)` holds in reservation mode ("word word": 2 tokens, + 20): the
     // headers of an admitted reservation say what is left after its hold; a check's, before.
-    let held = if mode == Some("checkReport") { 0 } else { 3 + 20 };
+    let held = if mode == Some("checkReport") { 0 } else { 2 + 20 };
     let r = stack.chat(GOLD, 2, 20);
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -403,7 +406,7 @@ fn upstream_errors_complete_and_are_charged_the_estimate() {
         let want = if status.starts_with('4') {
             0
         } else {
-            estimate(&body, r.raw.len())
+            estimate(&body, "application/json", &r.raw)
         };
         charged += want;
         assert_reported_exactly(&stack, charged, status);
@@ -422,7 +425,7 @@ fn upstream_errors_complete_and_are_charged_the_estimate() {
     assert_eq!(r.status, 200);
     assert!(r.body.contains("\"simulated_error\"") && r.body.ends_with("data: [DONE]\n\n"));
     assert!(!r.body.contains("\"usage\""));
-    let want = estimate(&body, r.raw.len());
+    let want = estimate(&body, "text/event-stream", &r.raw);
     charged += want;
     assert_reported_exactly(&stack, charged, "streamed error");
     eprintln!("streamed error after 5 words: charged {want} (estimate)");
@@ -454,7 +457,7 @@ fn an_upstream_reset_mid_stream_charges_the_part_that_passed() {
         &[("x-simulator-no-usage", "true")],
     );
     assert_eq!(full.status, 200);
-    let full_estimate = estimate(&body, full.raw.len());
+    let full_estimate = estimate(&body, "text/event-stream", &full.raw);
     assert_reported_exactly(&stack, before + full_estimate, "full stream");
 
     // The upstream drops the connection after 10 words.
@@ -478,7 +481,7 @@ fn an_upstream_reset_mid_stream_charges_the_part_that_passed() {
     std::thread::sleep(Duration::from_millis(300));
     let charged = stack.reported_tokens() - before;
     // The filter saw at least what the client got, and less than the whole stream.
-    let lower = estimate(&body, bytes.len());
+    let lower = estimate(&body, "text/event-stream", &bytes);
     assert!(
         (lower..=full_estimate).contains(&charged),
         "charged {charged}, client-side estimate {lower}, whole-stream estimate {full_estimate}"
@@ -537,7 +540,7 @@ fn a_client_abort_mid_stream_charges_the_part_that_passed() {
     ));
     std::thread::sleep(Duration::from_millis(500));
     let charged = stack.reported_tokens();
-    let lower = estimate(&body, got.len());
+    let lower = estimate(&body, "text/event-stream", &got);
     assert!(charged >= lower, "charged {charged} < {lower}");
     // Envoy reset the upstream too: the simulator stopped producing long before 100 words.
     let served = stack.served_tokens(GOLD);
@@ -677,8 +680,8 @@ fn an_invalid_configuration_pushed_over_lds_is_rejected_and_the_old_one_keeps_li
     let lds_ok = |n: u64| stack.envoy_stat("listener_manager.lds.update_success") >= n;
     assert!(lds_ok(1));
 
-    // The free user spends its 50 tokens (22 a request, each reserving 23 in reservation mode,
-    // the shipped auto): 0 + 23 and 22 + 23 fit in 50, 44 + 23 does not: 200, 200, then 429.
+    // The free user spends its 50 tokens (22 a request, each reserving 22 in reservation mode,
+    // the shipped auto): 0 + 22 and 22 + 22 fit in 50, 44 + 22 does not: 200, 200, then 429.
     // (checkReport would admit a third: its checks see 0, 22, 44 < 50.)
     let mut statuses = Vec::new();
     for _ in 0..3 {
@@ -766,15 +769,15 @@ fn an_invalid_configuration_pushed_over_lds_is_rejected_and_the_old_one_keeps_li
     );
     // The filter applies it at once: /v1/completions now counts against the free budget,
     // which the service still knows as 50 with 44 spent. (A request reserving 3, as
-    // `completions` does, would fit in the 6 left: this one reserves 1 + 10.)
+    // `completions` does, would fit in the 6 left: this one reserves 2 + 10.)
     let completions_10 = json!({"model": "sim", "prompt": "a b", "max_tokens": 10});
     let r = stack.raw_post("/v1/completions", FREE, &completions_10, &[]);
     assert_eq!(r.status, 429, "{}", r.body);
 
     // The service gets the limits generated from the new configuration (ratelimit-service
     // keeps counters in memory: they restart from zero). 10 tokens a request, each reserving
-    // 11 (3 + 8): 10 k + 11 <= 60 up to k = 4, five requests, then 429. (checkReport: checks
-    // see 0, 10, ..., 50 (< 60), then 60: six.)
+    // 10 ("word word": 2, + 8): 10 k + 10 <= 60 up to k = 5, six requests, then 429.
+    // (checkReport: checks see 0, 10, ..., 50 (< 60), then 60: six too.)
     stack.regenerate_limits(&stack.dir.path().join("lds.yaml"));
     stack.stop_service();
     stack.restart_service();
@@ -788,10 +791,12 @@ fn an_invalid_configuration_pushed_over_lds_is_rejected_and_the_old_one_keeps_li
         if r.status != 200 {
             break;
         }
-        let served = stack.reported_tokens() + 10;
-        stack.await_reported(served);
+        // The restarted service counts from zero: 10 per request served so far. (Not "what
+        // it has now + 10", read after the request: its commit may be in already.)
+        let served = 10 * statuses.len() as u64;
+        assert_eq!(stack.await_reported(served), served);
     }
-    assert_eq!(statuses, [vec![200; 5], vec![429]].concat());
+    assert_eq!(statuses, [vec![200; 6], vec![429]].concat());
     eprintln!(
         "LDS: update_success {}, update_rejected {}",
         stack.envoy_stat("listener_manager.lds.update_success"),

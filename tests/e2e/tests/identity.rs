@@ -5,9 +5,9 @@
 //! metadata, which the filter reads typed: lists, maps, numbers and bools as such.
 //!
 //! The budgets run in the shipped admission mode (`auto`, reserving against ratelimit-service)
-//! unless a test says otherwise: a chat request of two words and `max_tokens: 20` reserves 23
-//! tokens and is served 22, so a budget of 50 admits two (0 + 23 and 22 + 23 fit, 44 + 23 does
-//! not) and refuses the third.
+//! unless a test says otherwise: a chat request of two words and `max_tokens: 20` reserves 22
+//! tokens (a token per word of up to 5 characters, + 20) and is served 22, so a budget of 50
+//! admits two (0 + 22 and 22 + 22 fit, 44 + 22 does not) and refuses the third.
 
 use e2e::jwt::{oct_keys_of, sign_hs256, sign_hs256_raw, OctKey};
 use e2e::{Options, Reply, Stack};
@@ -192,7 +192,7 @@ fn jwt_gold_user_is_not_limited_at_the_free_spend_and_two_free_users_have_separa
     let r = stack.chat_as(Some(&bob), 2, 20);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-ratelimit-limit"), Some("50"));
-    assert_eq!(r.header("x-ratelimit-remaining"), Some("27"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("28"));
 
     // The gold user spends what refused alice, and more, without being refused.
     let spent_by_alice = FREE_ADMITS + 1;
@@ -552,7 +552,7 @@ fn ext_authz_grpc_identity_picks_the_tier_by_groups_list_free_is_limited_and_gol
     // Another free user has its own counter.
     let r = stack.chat(FREE_2, 2, 20);
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.header("x-ratelimit-remaining"), Some("27"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("28"));
     // Gold and a user in no tier spend more than refused the free user, unrefused.
     for _ in 0..FREE_ADMITS + 2 {
         let r = stack.chat(GOLD, 2, 20);

@@ -13,9 +13,9 @@
 //! - checkReport: every admitted request passed while the counter was below its max, so
 //!   tokens charged <= max - 1 + admitted × the most one request was served.
 //!
-//! A chat request of `words` words (`"word word ..."`, 5 × words - 1 characters) and
-//! `max_tokens: m` reserves ceil(characters / 4) + m tokens (Envoy hands the filter the body
-//! first, as shipped), at most the limit's smallest rate, and is served `words + m`.
+//! A chat request of `words` words (`"word word ..."`, each of 4 characters: a token) and
+//! `max_tokens: m` reserves `words` + m tokens (Envoy hands the filter the body first, as
+//! shipped), at most the limit's smallest rate, and is served `words + m`.
 
 use std::io::Read;
 use std::time::{Duration, Instant};
@@ -49,18 +49,22 @@ fn chat_body(words: usize, max_tokens: u64, stream: bool) -> Value {
 }
 
 /// What reservation mode reserves for `chat_body(words, max_tokens, _)` under a limit of
-/// `limit`: the prompt estimate (characters / 4, rounded up) + the declared maximum, at most
-/// the limit.
+/// `limit`: the prompt estimate (a token per word: each "word" is 4 characters, and a word of up
+/// to 5 is one token) + the declared maximum, at most the limit.
 fn reserved_for(words: usize, max_tokens: u64, limit: u64) -> u64 {
-    let chars = (5 * words).saturating_sub(1) as u64;
-    (chars.div_ceil(4) + max_tokens).min(limit)
+    let prompt = e2e::prompt_estimate(CHAT, &chat_body(words, max_tokens, false));
+    assert_eq!(prompt, words as u64);
+    (prompt + max_tokens).min(limit)
 }
 
-/// The fallback estimate of a response without usage: ceil(request body bytes / 4) +
-/// ceil(response body bytes / 4).
-fn estimate(request: &Value, response_bytes: usize) -> u64 {
-    let request_bytes = serde_json::to_vec(request).expect("json").len() as u64;
-    request_bytes.div_ceil(4) + (response_bytes as u64).div_ceil(4)
+const CHAT: &str = "/v1/chat/completions";
+
+/// The fallback estimate of chat `request` (its body read, as reservation mode does) answered
+/// with the event stream `response` (the bytes that passed): the prompt's text plus the
+/// answer's generated text, by the filter's rule.
+fn estimate(request: &Value, response: &[u8]) -> u64 {
+    e2e::prompt_estimate(CHAT, request)
+        + e2e::answer_estimate_of(CHAT, Some("text/event-stream"), None, response)
 }
 
 fn stat(stack: &Stack, name: &str) -> u64 {
@@ -217,7 +221,7 @@ fn reservation_mode_holds_a_burst_of_30_concurrent_requests_to_the_budget() {
     let stack = stack(Some("reservation"), vec![]);
     let b = burst(&stack);
     let reserved = reserved_for(2, BURST_MAX_TOKENS, GOLD_LIMIT);
-    assert_eq!(reserved, 103);
+    assert_eq!(reserved, 102);
     // What the admitted requests were served beyond what they reserved (0 here: 102 each).
     let beyond: u64 = b.admitted.iter().map(|&s| s.saturating_sub(reserved)).sum();
     let charged = settled_charge(&stack);
@@ -289,10 +293,10 @@ fn check_report_mode_lets_a_burst_of_30_concurrent_requests_overshoot_within_its
 #[test]
 fn a_finished_request_releases_its_hold_so_the_next_is_admitted_against_actual_spend() {
     let stack = stack(Some("reservation"), vec![]);
-    // Reserves 3 + 45 = 48 of the free user's 50, is served 2 + 2 = 4 (the simulator stops at
+    // Reserves 2 + 45 = 47 of the free user's 50, is served 2 + 2 = 4 (the simulator stops at
     // 2 completion tokens), slowly.
     let big = reserved_for(2, 45, FREE_LIMIT);
-    assert_eq!(big, 48);
+    assert_eq!(big, 47);
     std::thread::scope(|s| {
         let first = s.spawn(|| {
             stack.post_with(
@@ -312,7 +316,7 @@ fn a_finished_request_releases_its_hold_so_the_next_is_admitted_against_actual_s
             "{}",
             stack.counters()
         );
-        // While it is held, a request of 8 (48 + 8 > 50) is refused though 8 alone would fit.
+        // While it is held, a request of 7 (47 + 7 > 50) is refused though 7 alone would fit.
         let r = stack.chat(FREE, 2, 5);
         assert_refused(&r, "a request beside the hold");
         assert!(
@@ -323,13 +327,13 @@ fn a_finished_request_releases_its_hold_so_the_next_is_admitted_against_actual_s
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(usage_total(&r), 4);
     });
-    // Its commit charged 4 and released 48.
+    // Its commit charged 4 and released 47.
     assert!(stack.await_no_holds(WAIT), "{}", stack.counters());
     let c = stack.counter_of("user-1").expect("counter");
     assert_eq!((c.value, c.reserved), (4, 0));
-    // 4 + 43 fits in 50; with the first hold still there (4 + 48 + 43) it would not.
+    // 4 + 42 fits in 50; with the first hold still there (4 + 47 + 42) it would not.
     let next = reserved_for(2, 40, FREE_LIMIT);
-    assert_eq!(next, 43);
+    assert_eq!(next, 42);
     let r = stack.chat(FREE, 2, 40);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(settled_charge(&stack), 4 + 42);
@@ -382,7 +386,7 @@ fn a_client_abort_mid_stream_releases_the_hold_and_charges_what_passed() {
     // No usage came: the estimate over what passed the filter, at least what the client got.
     let (head, rest) = e2e::split_head(&got).expect("head");
     assert!(head.starts_with(b"HTTP/1.1 200"));
-    let lower = estimate(&body, e2e::dechunk(rest).len());
+    let lower = estimate(&body, &e2e::dechunk(rest));
     assert!(charged >= lower, "charged {charged} < {lower}");
     assert!(
         stack.served_tokens(GOLD) < 3 + 100,
@@ -422,7 +426,7 @@ fn an_upstream_reset_mid_stream_releases_the_hold_and_charges_what_passed() {
     assert_eq!(stack.committed_tokens(), charged);
     // No usage came: the estimate over what passed the filter, at least what the client got.
     let (_, rest) = e2e::split_head(&got).expect("head");
-    let lower = estimate(&body, e2e::dechunk(rest).len());
+    let lower = estimate(&body, &e2e::dechunk(rest));
     assert!(charged >= lower, "charged {charged} < {lower}");
     eprintln!(
         "upstream reset after 10 of 50 words: reserved {}, charged {charged}, served {}",
@@ -642,8 +646,8 @@ fn reservation_mode_holds_30_back_to_back_requests_on_one_keep_alive_connection_
     assert!(served <= FREE_LIMIT + beyond, "served {served}");
     assert_eq!(charged, served);
     assert_eq!(stack.counter_of("user-1").map(|c| c.value), Some(served));
-    // One after another, each admission sees every earlier commit: 0 + 23 and 22 + 23 fit,
-    // 44 + 23 does not.
+    // One after another, each admission sees every earlier commit: 0 + 22 and 22 + 22 fit,
+    // 44 + 22 does not.
     assert_eq!(statuses, [vec![200; 2], vec![429; 28]].concat());
 }
 

@@ -5,8 +5,8 @@
 //! while the counter is below its limit (22-token requests: 0, 22, 44 pass, 66 is refused);
 //! reservation (the shipped `auto` against ratelimit-service) admits when the counter plus
 //! what the request reserves fits. Envoy hands the filter the body first, so a request of two
-//! words (`"word word"`, 9 characters: 3 tokens at 4 characters a token) and `max_tokens: 20`
-//! reserves 23 and is served 22: 0 + 23 and 22 + 23 fit in 50, 44 + 23 does not.
+//! words (`"word word"`: 2 tokens, a word of up to 5 characters is one) and `max_tokens: 20`
+//! reserves 22 and is served 22: 0 + 22 and 22 + 22 fit in 50, 44 + 22 does not.
 
 use e2e::{Options, Stack};
 
@@ -37,9 +37,9 @@ fn spend_until_limited(stack: &Stack, key: &str, max_requests: usize) -> Vec<u16
     statuses
 }
 
-/// What `chat(_, 2, 20)` reserves in reservation mode: 3 prompt tokens (9 characters / 4,
-/// rounded up) + 20.
-const RESERVED_2_20: u64 = 3 + 20;
+/// What `chat(_, 2, 20)` reserves in reservation mode: 2 prompt tokens ("word word", a token
+/// per word of up to 5 characters) + 20.
+const RESERVED_2_20: u64 = 2 + 20;
 
 /// The two admission modes the budget tests run in.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -89,7 +89,7 @@ fn free_user_is_limited_after_50_tokens_and_the_upstream_is_not_called_in_reserv
 fn free_user_is_limited_after_50_tokens(mode: Mode) {
     let stack = stack_in(mode);
     // checkReport: checks see 0, 22, 44 (< 50: allowed), then 66 (refused).
-    // reservation: 0 + 23 and 22 + 23 fit in 50, 44 + 23 does not.
+    // reservation: 0 + 22 and 22 + 22 fit in 50, 44 + 22 does not.
     let statuses = spend_until_limited(&stack, FREE, 10);
     let expected = match mode {
         Mode::CheckReport => vec![200, 200, 200, 429],
@@ -117,7 +117,7 @@ fn free_user_is_limited_after_50_tokens(mode: Mode) {
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.header("x-ratelimit-limit"), Some("50"));
     // What the refusing answer says is left: nothing (the counter is past its limit), or, for
-    // a refused reservation, what the counter has left (50 - 44), too little for 23.
+    // a refused reservation, what the counter has left (50 - 44), too little for 22.
     let remaining = match mode {
         Mode::CheckReport => "0".to_string(),
         Mode::Reservation => (50 - spent).to_string(),
@@ -180,7 +180,7 @@ fn gold_user_is_unaffected_and_counters_are_per_user(mode: Mode) {
     );
 
     // checkReport: the gold user's checks see 22, 44, ..., 198 (< 200: allowed), then 220
-    // (refused): 10 requests. reservation: 22 k + 23 <= 200 up to k = 8: 9 requests.
+    // (refused): 10 requests. reservation: 22 k + 22 <= 200 up to k = 8: 9 requests.
     let r = stack.chat(GOLD, 2, 20);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-ratelimit-limit"), Some("200"));

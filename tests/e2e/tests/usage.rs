@@ -2,7 +2,9 @@
 //! fallback charge when a response reports no usage. In each case the tokens the rate-limit
 //! service was charged (committed in reservation mode, the shipped `auto`; reported in
 //! checkReport mode) must equal the tokens the simulator served, or the documented estimate:
-//! ceil(request body bytes / 4) + ceil(response body bytes / 4).
+//! the request's text (its bytes at 5 per token when the filter did not read the body) plus
+//! the generated text of the response, by the filter's rule (README, "The fallback
+//! estimate").
 
 use e2e::{Options, Reply, Stack};
 use serde_json::{json, Value};
@@ -45,9 +47,17 @@ fn stack() -> Stack {
     })
 }
 
-fn estimate(request: &Value, reply: &Reply) -> u64 {
-    let request_bytes = serde_json::to_vec(request).expect("json").len() as u64;
-    request_bytes.div_ceil(4) + (reply.raw.len() as u64).div_ceil(4)
+/// The fallback estimate of chat `request` answered with `reply`: the request's text when the
+/// filter read the body (`body_read`: reservation mode, the shipped `auto`), else its bytes
+/// at 5 per token; plus the answer's generated text.
+fn estimate(request: &Value, reply: &Reply, body_read: bool) -> u64 {
+    const CHAT: &str = "/v1/chat/completions";
+    let prompt = if body_read {
+        e2e::prompt_estimate(CHAT, request)
+    } else {
+        e2e::unread_prompt_estimate(serde_json::to_vec(request).expect("json").len())
+    };
+    prompt + e2e::answer_estimate(CHAT, reply)
 }
 
 /// Sends `body` to `path` as `key` and asserts that the service received exactly `expected`
@@ -132,7 +142,7 @@ fn a_server_that_ignores_include_usage_is_charged_the_estimate() {
         "/v1/chat/completions",
         &body,
         &[("x-simulator-no-usage", "true")],
-        |r| estimate(&body, r),
+        |r| estimate(&body, r, true),
     );
     assert_eq!(r.status, 200);
     assert!(!r.body.contains("\"usage\""));
@@ -144,20 +154,23 @@ fn a_server_that_ignores_include_usage_is_charged_the_estimate() {
 
 #[test]
 fn an_upstream_error_without_usage_completes_and_is_charged_the_estimate() {
-    an_upstream_error_without_usage_is_charged_the_estimate(stack());
+    an_upstream_error_without_usage_is_charged_the_estimate(stack(), true);
 }
 
 #[test]
 fn an_upstream_error_without_usage_completes_and_is_charged_the_estimate_in_check_report_mode() {
-    // checkReport does not hold the request body (no limit reads it): the same estimate.
-    an_upstream_error_without_usage_is_charged_the_estimate(Stack::start(Options {
-        edits: vec![everything_limit()],
-        mode: Some("checkReport"),
-        ..Options::default()
-    }));
+    // checkReport does not hold the request body (no limit reads it): its bytes are counted.
+    an_upstream_error_without_usage_is_charged_the_estimate(
+        Stack::start(Options {
+            edits: vec![everything_limit()],
+            mode: Some("checkReport"),
+            ..Options::default()
+        }),
+        false,
+    );
 }
 
-fn an_upstream_error_without_usage_is_charged_the_estimate(stack: Stack) {
+fn an_upstream_error_without_usage_is_charged_the_estimate(stack: Stack, body_read: bool) {
     let body = json!({"model": "sim", "max_tokens": 7, "messages": [{"role": "user", "content": "a b c"}]});
     let r = assert_charged(
         &stack,
@@ -165,7 +178,7 @@ fn an_upstream_error_without_usage_is_charged_the_estimate(stack: Stack) {
         "/v1/chat/completions",
         &body,
         &[("x-simulator-status", "503")],
-        |r| estimate(&body, r),
+        |r| estimate(&body, r, body_read),
     );
     assert_eq!(r.status, 503);
 }
@@ -358,8 +371,8 @@ fn per_model_limits_read_the_request_body(mode: Option<&'static str>) {
         // 22 tokens a request: checks see 0 and 22 (< 30), then 44.
         assert_eq!(statuses, vec![200, 200, 429]);
     } else {
-        // Each request reserves 21 ("a b": 3 characters, 1 token, + 20) and is served 22:
-        // 0 + 21 fits in 30, 22 + 21 does not.
+        // Each request reserves 22 ("a b": 2 words, 2 tokens, + 20) and is served 22:
+        // 0 + 22 fits in 30, 22 + 22 does not.
         assert_eq!(statuses, vec![200, 429, 429]);
     }
     let r = chat("big");

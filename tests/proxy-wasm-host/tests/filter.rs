@@ -222,9 +222,12 @@ fn tokens(total: u32, prompt: u32, completion: u32) -> BTreeMap<String, u32> {
         .collect()
 }
 
-/// The fallback estimate: ceil(request body bytes / 4) + ceil(response body bytes / 4).
-fn estimate(request_bytes: usize, response_bytes: usize) -> u32 {
-    (request_bytes.div_ceil(4) + response_bytes.div_ceil(4)) as u32
+/// The fallback estimate of a request of `request_bytes` whose body the filter did not read
+/// (the stream layer passes their number, not their content: 5 bytes per token) answered with
+/// `answer_tokens` tokens of text (a word of up to 5 characters is one token). Keys, ids and
+/// event-stream framing cost nothing.
+fn estimate(request_bytes: usize, answer_tokens: u32) -> u32 {
+    request_bytes.div_ceil(5) as u32 + answer_tokens
 }
 
 /// An SSE event (`data: ...` and a blank line).
@@ -1130,7 +1133,8 @@ fn negative_float_and_string_usage_figures_are_ignored_and_the_estimate_applies(
             tick_delivered(&plugin),
             vec![(
                 user_descriptor("free", "alice"),
-                estimate(REQUEST_BODY.len(), body.len())
+                // The bodies hold no generated text.
+                estimate(REQUEST_BODY.len(), 0)
             )],
             "{body}"
         );
@@ -1469,7 +1473,8 @@ fn abort_without_usage(plugin: &Plugin) -> (Stream, u32) {
     let partial = event(r#"{"choices":[{"index":0,"delta":{"content":"Hello"}}]}"#);
     stream.response_body(&partial, false);
     stream.finish();
-    (stream, estimate(REQUEST_BODY.len(), partial.len()))
+    // The answer's text so far: "Hello", one token.
+    (stream, estimate(REQUEST_BODY.len(), 1))
 }
 
 #[test]
@@ -1665,7 +1670,8 @@ fn invalid_utf8_never_traps() {
     serve(&plugin, "bob", CHAT, "application/json", json);
     assert_eq!(
         tick_delivered(&plugin),
-        vec![(user_descriptor("free", "bob"), estimate(2, json.len()))]
+        // The `{}` request; the answer's one character of text.
+        vec![(user_descriptor("free", "bob"), estimate(2, 1))]
     );
     assert_eq!(plugin.trap().map(|t| t.to_string()), None);
 }
@@ -1718,9 +1724,10 @@ fn a_response_without_content_type_is_charged_the_estimate() {
         tick_delivered(&plugin),
         vec![(
             user_descriptor("free", "alice"),
-            estimate(REQUEST_BODY.len(), body.len())
+            // "Hello!": 6 characters, 2 tokens.
+            estimate(REQUEST_BODY.len(), 2)
         )],
-        "the body is not guessed at"
+        "no usage is read from a body of no declared type; its text is counted"
     );
     assert_eq!(metric(&plugin, "usage_missing"), 1);
 }

@@ -1002,8 +1002,8 @@ fn with_the_body_delivered_while_headers_are_held_a_reservation_holds_the_prompt
         .allow_on_headers_stop_iteration(true)
         .start(config.to_json())
         .unwrap_or_else(|r| panic!("configuration refused: {r}"));
-    // 40 characters of text: 10 tokens at 4 characters a token.
-    let text = "abcd".repeat(10);
+    // 10 words of 4 characters: 10 tokens (a word of up to 5 characters is one token).
+    let text = ["abcd"; 10].join(" ");
     let amounts = |body: &Value| -> Vec<u64> {
         let stream = post(&plugin, Some("alice"), CHAT, &[]);
         assert!(
@@ -1065,7 +1065,8 @@ fn a_client_abort_after_admission_commits_the_estimate_with_the_reservation_id()
     stream.response_body(partial, false);
     assert!(pending_commits(&plugin).is_empty(), "not before the end");
     stream.finish(); // on_log without an end of stream
-    let estimate = (REQUEST_BODY.len().div_ceil(4) + partial.len().div_ceil(4)) as u64;
+    // The request's bytes, counted without their content, at 5 per token, and "Hello" (1).
+    let estimate = REQUEST_BODY.len().div_ceil(5) as u64 + 1;
     assert_eq!(
         commits_delivered(&plugin),
         vec![(user_descriptor("free", "alice"), "hold-1".into(), estimate)]
