@@ -473,7 +473,7 @@ async fn one_request(
     let prompt_estimate = if cfg.body_read {
         e2e::prompt_estimate(path, &body)
     } else {
-        e2e::unread_prompt_estimate(serde_json::to_vec(&body).expect("json").len())
+        e2e::unread_prompt_estimate(&serde_json::to_vec(&body).expect("json"))
     };
     let body = serde_json::to_vec(&body).expect("json");
 

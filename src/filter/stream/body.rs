@@ -31,13 +31,23 @@ impl StreamFilter {
         } else {
             (0, body_size)
         };
-        self.flow.on_request_body_len(chunk_len as u64);
-        if end_of_stream {
-            self.flow.on_request_complete();
-        }
         let Some(policy) = self.policy.clone() else {
             return Action::Continue;
         };
+        // Every chunk is read once: its text is the prompt of the fallback estimate (when the
+        // body is not read whole), and the body the filter needs is copied from it.
+        let chunk = if chunk_len > 0 && !self.shared.borrow().is_released(self.context_id) {
+            host.buffer(Buffer::RequestBody, offset, chunk_len)
+        } else {
+            None
+        };
+        match &chunk {
+            Some(bytes) => self.flow.on_request_body_chunk(bytes),
+            None => self.flow.on_request_body_len(chunk_len as u64),
+        }
+        if end_of_stream {
+            self.flow.on_request_complete();
+        }
         if self.body_mode == BodyMode::PassThrough {
             if self.waiting_for_admission() {
                 // Envoy hands the body over while the headers wait for their admission (with
@@ -62,7 +72,7 @@ impl StreamFilter {
             self.buffering = false;
             return self.body_over_limit(host, &policy, end_of_stream);
         }
-        match host.buffer(Buffer::RequestBody, offset, chunk_len) {
+        match chunk {
             Some(chunk) => self.held.extend_from_slice(&chunk),
             None if chunk_len == 0 => {}
             None => {

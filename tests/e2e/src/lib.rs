@@ -1261,11 +1261,14 @@ pub fn prompt_estimate(path: &str, body: &serde_json::Value) -> u64 {
     token_ratelimit::estimate::RequestBound::of_request(path, body).prompt
 }
 
-/// The prompt part of the fallback estimate when the filter saw only the number of the request
-/// body's bytes (`request_bytes`), not their content: one token per
-/// `WORD_CHARS_PER_TOKEN` bytes, rounded up.
-pub fn unread_prompt_estimate(request_bytes: usize) -> u64 {
-    (request_bytes as u64).div_ceil(token_ratelimit::estimate::WORD_CHARS_PER_TOKEN)
+/// The prompt part of the fallback estimate when the filter did not read the request body
+/// whole (checkReport without injection): the text of `body` as the filter counts it chunk by
+/// chunk on its way upstream, in tokens.
+pub fn unread_prompt_estimate(body: &[u8]) -> u64 {
+    use token_ratelimit::estimate::{TextCounter, TextKeys};
+    let mut counter = TextCounter::new(TextKeys::Request);
+    counter.feed(body);
+    counter.tokens()
 }
 
 /// The completion part of the fallback estimate of `reply` to a request to `path`: the

@@ -121,7 +121,7 @@ fn an_upstream_500_without_usage_is_charged_the_estimate_by_default_and_nothing_
     assert_eq!(r.status, 500);
     // checkReport does not read the body: its bytes at 5 per token; the error answer holds no
     // generated text.
-    let want = e2e::unread_prompt_estimate(body.to_string().len())
+    let want = e2e::unread_prompt_estimate(body.to_string().as_bytes())
         + e2e::answer_estimate("/v1/chat/completions", &r);
     assert_eq!(e2e::answer_estimate("/v1/chat/completions", &r), 0);
     assert_eq!(stack_default.await_reported(want), want);
@@ -252,7 +252,7 @@ fn a_hang_up_in_check_report_mode_without_the_body_read_is_charged_the_byte_esti
     let body = chat_body(4, 40);
     hang_up(&stack, &body);
     // The stream layer passes the number of the body's bytes, not their content: 5 per token.
-    let want = e2e::unread_prompt_estimate(body.to_string().len());
+    let want = e2e::unread_prompt_estimate(body.to_string().as_bytes());
     assert_eq!(stack.await_reported(want), want);
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(stack.report_hits(), want);

@@ -55,7 +55,7 @@ fn estimate(request: &Value, reply: &Reply, body_read: bool) -> u64 {
     let prompt = if body_read {
         e2e::prompt_estimate(CHAT, request)
     } else {
-        e2e::unread_prompt_estimate(serde_json::to_vec(request).expect("json").len())
+        e2e::unread_prompt_estimate(&serde_json::to_vec(request).expect("json"))
     };
     prompt + e2e::answer_estimate(CHAT, reply)
 }

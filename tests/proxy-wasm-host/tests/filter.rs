@@ -222,13 +222,15 @@ fn tokens(total: u32, prompt: u32, completion: u32) -> BTreeMap<String, u32> {
         .collect()
 }
 
-/// The fallback estimate of a request of `request_bytes` whose body the filter did not read
-/// (the stream layer passes their number, not their content: 5 bytes per token) answered with
-/// `answer_tokens` tokens of text (a word of up to 5 characters is one token). Keys, ids and
-/// event-stream framing cost nothing.
-fn estimate(request_bytes: usize, answer_tokens: u32) -> u32 {
-    request_bytes.div_ceil(5) as u32 + answer_tokens
+/// The fallback estimate of a request whose body carries `prompt_tokens` tokens of text
+/// answered with `answer_tokens` tokens of text (a word of up to 5 characters is one token).
+/// Keys, ids and event-stream framing cost nothing.
+fn estimate(prompt_tokens: u32, answer_tokens: u32) -> u32 {
+    prompt_tokens + answer_tokens
 }
+
+/// The text of [`REQUEST_BODY`] ("hi"), in tokens.
+const REQUEST_TOKENS: u32 = 1;
 
 /// An SSE event (`data: ...` and a blank line).
 fn event(data: &str) -> String {
@@ -1134,7 +1136,7 @@ fn negative_float_and_string_usage_figures_are_ignored_and_the_estimate_applies(
             vec![(
                 user_descriptor("free", "alice"),
                 // The bodies hold no generated text.
-                estimate(REQUEST_BODY.len(), 0)
+                estimate(REQUEST_TOKENS, 0)
             )],
             "{body}"
         );
@@ -1474,7 +1476,7 @@ fn abort_without_usage(plugin: &Plugin) -> (Stream, u32) {
     stream.response_body(&partial, false);
     stream.finish();
     // The answer's text so far: "Hello", one token.
-    (stream, estimate(REQUEST_BODY.len(), 1))
+    (stream, estimate(REQUEST_TOKENS, 1))
 }
 
 #[test]
@@ -1624,7 +1626,10 @@ fn dynamic_metadata_that_does_not_decode_refuses_without_trapping() {
     assert!(plugin.pending_grpc_calls().is_empty());
     let reply = stream.local_reply().expect("a local reply");
     assert_eq!(reply.status, 403);
-    assert_eq!(plugin.metric("token_ratelimit.requests_refused_on_error.free"), Some(1));
+    assert_eq!(
+        plugin.metric("token_ratelimit.requests_refused_on_error.free"),
+        Some(1)
+    );
     stream.finish();
     assert!(plugin.trap().is_none());
 }
@@ -1645,10 +1650,7 @@ fn invalid_utf8_never_traps() {
     );
     assert_eq!(
         entries_of(&check_of(&stream)),
-        pairs(&[
-            ("limit.free", "1"),
-            ("auth.identity.userid", "al\u{fffd}")
-        ])
+        pairs(&[("limit.free", "1"), ("auth.identity.userid", "al\u{fffd}")])
     );
     stream.request_body(b"{\"content\":\"\xff\xfe\"}", true);
     answer(&plugin, &stream, &ok());
@@ -1670,8 +1672,8 @@ fn invalid_utf8_never_traps() {
     serve(&plugin, "bob", CHAT, "application/json", json);
     assert_eq!(
         tick_delivered(&plugin),
-        // The `{}` request; the answer's one character of text.
-        vec![(user_descriptor("free", "bob"), estimate(2, 1))]
+        // The `{}` request (no text); the answer's one character of text.
+        vec![(user_descriptor("free", "bob"), estimate(0, 1))]
     );
     assert_eq!(plugin.trap().map(|t| t.to_string()), None);
 }
@@ -1725,7 +1727,7 @@ fn a_response_without_content_type_is_charged_the_estimate() {
         vec![(
             user_descriptor("free", "alice"),
             // "Hello!": 6 characters, 2 tokens.
-            estimate(REQUEST_BODY.len(), 2)
+            estimate(REQUEST_TOKENS, 2)
         )],
         "no usage is read from a body of no declared type; its text is counted"
     );
