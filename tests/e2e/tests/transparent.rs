@@ -2,8 +2,9 @@
 //! vision request (a base64 image in the body) and a large streamed request are served and
 //! charged their usage; a body at and over `requestBody.maxBytes` passes unread, never refused;
 //! a body waiting for a slow rate-limit answer is flow-controlled, not refused; an HTTP/2
-//! request whose body ends with trailers reaches the upstream whole; and aborted uploads cost
-//! nothing and leave Envoy's memory where it was.
+//! request whose body ends with trailers reaches the upstream whole; aborted uploads cost
+//! nothing and leave Envoy's memory where it was; and a prompt-heavy `text/plain` stream without
+//! usage is charged its text.
 
 use std::io::Read;
 use std::time::Duration;
@@ -55,15 +56,20 @@ fn body_of_size(size: usize) -> Vec<u8> {
         .into_bytes()
 }
 
-/// Posts raw `body` bytes as GOLD (HTTP/1.1, content-length).
+/// Posts raw `body` bytes as GOLD (HTTP/1.1, content-length), as JSON.
 fn post_bytes(stack: &Stack, body: Vec<u8>) -> (u16, Vec<u8>) {
+    post_typed(stack, body, "application/json")
+}
+
+/// [`post_bytes`] with this `content-type`.
+fn post_typed(stack: &Stack, body: Vec<u8>, content_type: &str) -> (u16, Vec<u8>) {
     let resp = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .expect("client")
         .post(format!("http://127.0.0.1:{}{CHAT}", stack.ports.listener))
         .header("authorization", format!("APIKEY {GOLD}"))
-        .header("content-type", "application/json")
+        .header("content-type", content_type)
         .body(body)
         .send()
         .expect("request through envoy");
@@ -177,6 +183,51 @@ fn bodies_at_and_over_max_bytes_pass_unread_and_are_never_refused() {
         );
     }
     assert_charged_what_was_served(&stack, "bodies around maxBytes");
+}
+
+#[test]
+fn a_prompt_heavy_text_plain_stream_without_usage_is_charged_its_text_in_both_modes() {
+    // Sent as text/plain, the request gets no include_usage and its stream carries no usage:
+    // it is charged the fallback estimate. 4,000 one-letter words: 8 KB, that bytes / 4 would
+    // have charged at half of what was served. The simulator counts words as tokens, so the
+    // estimate's rule (a word of up to 5 characters is one token) meets it exactly.
+    for mode in [None, Some("checkReport")] {
+        let stack = Stack::start(Options {
+            mode,
+            edits: vec![(
+                "- {limit: 200, window: 1m}".into(),
+                "- {limit: 1000000, window: 1m}".into(),
+            )],
+            ..Options::default()
+        });
+        let prompt = vec!["a"; 4000].join(" ");
+        let body = json!({"model": "sim", "stream": true, "max_tokens": 50,
+                          "messages": [{"role": "user", "content": prompt}]});
+        let (status, answer) = post_typed(&stack, body.to_string().into_bytes(), "text/plain");
+        let text = String::from_utf8_lossy(&answer);
+        assert_eq!(status, 200, "{mode:?}: {text}");
+        assert!(
+            !text.contains("\"usage\""),
+            "{mode:?}: no usage in the stream"
+        );
+        assert_eq!(
+            stat(&stack, "usage_requested"),
+            0,
+            "{mode:?}: not JSON: nothing injected"
+        );
+        let served = stack.served_tokens(GOLD);
+        assert_eq!(served, 4000 + 50, "{mode:?}");
+        let charged = stack.await_reported(served);
+        std::thread::sleep(Duration::from_millis(300));
+        let charged = charged.max(stack.reported_tokens());
+        let ratio = charged as f64 / served as f64;
+        eprintln!("{mode:?}: served {served}, charged {charged} ({ratio:.2})");
+        assert!(
+            (0.9..=1.1).contains(&ratio),
+            "{mode:?}: served {served}, charged {charged}"
+        );
+        assert!(stack.await_no_holds(Duration::from_secs(5)), "{mode:?}");
+    }
 }
 
 #[test]
