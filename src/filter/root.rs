@@ -8,7 +8,7 @@
 
 use super::metrics::{names, Metrics};
 use super::stream::StreamFilter;
-use super::{host_log, Buffer, GrpcCall, Host};
+use super::{host_log, Buffer, GrpcCall, Host, Level};
 use crate::config::FailureMode;
 use crate::flow::body_unavailable_reply;
 use crate::policy::Policy;
@@ -34,6 +34,20 @@ const GRPC_UNAVAILABLE: u32 = 14;
 /// below `requestBody.maxBytes`.
 pub const BODY_WAIT: Duration = Duration::from_secs(5);
 
+/// Releases in a row of requests whose body never began (no body delivered whole in between)
+/// after which the proxy is taken to withhold bodies while headers are held (Envoy without
+/// `allow_on_headers_stop_iteration`). One slow client cannot make the filter stop reading
+/// bodies; a body that stalls midway never counts.
+pub const BODILESS_STALLS: u32 = 3;
+
+/// A stream waiting for its body: ticks since its last chunk, and whether one came at all.
+#[derive(Debug, Clone, Copy)]
+struct BodyWait {
+    id: u32,
+    ticks: u32,
+    began: bool,
+}
+
 /// State shared by the root context and its streams.
 #[derive(Debug, Default)]
 pub struct Shared {
@@ -53,9 +67,11 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Expressions whose failure was already logged at warn level.
     warned: HashSet<String>,
-    /// Streams holding their headers for a body that has not shown up yet, with the number of
-    /// ticks waited.
-    awaiting_body: Vec<(u32, u32)>,
+    /// Streams waiting for (the rest of) a body the filter reads.
+    awaiting_body: Vec<BodyWait>,
+    /// Streams released in a row, since the last body the proxy delivered whole, whose body
+    /// never began: [`BODILESS_STALLS`] of them mean the proxy withholds bodies.
+    bodiless_stalls: u32,
     /// Streams the root context released (or refused) after waiting too long for their body;
     /// they stay out of the way for the rest of their life.
     released: HashSet<u32>,
@@ -71,28 +87,40 @@ impl Shared {
 
     /// Starts waiting for stream `id`'s body.
     pub(crate) fn await_body(&mut self, id: u32) {
-        self.awaiting_body.push((id, 0));
+        self.awaiting_body.push(BodyWait {
+            id,
+            ticks: 0,
+            began: false,
+        });
     }
 
     /// Stream `id`'s body made progress (a chunk the filter reads arrived): it waits anew,
     /// from now, for the rest.
     pub(crate) fn body_progress(&mut self, id: u32) {
-        match self.awaiting_body.iter_mut().find(|(s, _)| *s == id) {
-            Some(entry) => entry.1 = 0,
-            None => self.awaiting_body.push((id, 0)),
+        match self.awaiting_body.iter_mut().find(|w| w.id == id) {
+            Some(wait) => {
+                wait.ticks = 0;
+                wait.began = true;
+            }
+            None => self.awaiting_body.push(BodyWait {
+                id,
+                ticks: 0,
+                began: true,
+            }),
         }
     }
 
     /// Stream `id`'s body arrived, or the stream ended: it no longer waits. Returns whether the
     /// root context had released it.
     pub(crate) fn body_arrived(&mut self, id: u32) -> bool {
-        self.awaiting_body.retain(|(s, _)| *s != id);
+        self.awaiting_body.retain(|w| w.id != id);
+        self.bodiless_stalls = 0;
         self.released.contains(&id)
     }
 
     /// Forgets stream `id` at its end; returns whether the root context had released it.
     pub(crate) fn stream_ended(&mut self, id: u32) -> bool {
-        self.awaiting_body.retain(|(s, _)| *s != id);
+        self.awaiting_body.retain(|w| w.id != id);
         !self.released.is_empty() && self.released.remove(&id)
     }
 
@@ -107,21 +135,27 @@ impl Shared {
     }
 
     /// Counts one more tick for every waiting stream; returns the streams that waited
-    /// `limit` ticks, which no longer wait and are marked released.
-    fn expire_waits(&mut self, limit: u32) -> Vec<u32> {
+    /// `limit` ticks, which no longer wait and are marked released, each with whether its body
+    /// had begun.
+    fn expire_waits(&mut self, limit: u32) -> Vec<(u32, bool)> {
         let mut stuck = Vec::new();
-        self.awaiting_body.retain_mut(|(id, ticks)| {
-            *ticks += 1;
-            if *ticks >= limit {
-                stuck.push(*id);
+        self.awaiting_body.retain_mut(|w| {
+            w.ticks += 1;
+            if w.ticks >= limit {
+                stuck.push((w.id, w.began));
                 false
             } else {
                 true
             }
         });
-        for &id in &stuck {
+        for &(id, began) in &stuck {
             self.released.insert(id);
-            self.body_unavailable = true;
+            if !began {
+                self.bodiless_stalls = self.bodiless_stalls.saturating_add(1);
+                if self.bodiless_stalls >= BODILESS_STALLS {
+                    self.body_unavailable = true;
+                }
+            }
         }
         stuck
     }
@@ -277,16 +311,53 @@ impl RootFilter {
             return;
         }
         let deny = policy.service.failure_mode == FailureMode::Deny;
-        for &id in &stuck {
-            host_log!(
-                host,
-                Error,
-                "request {id}: its body stopped arriving while the filter read it: Envoy needs allow_on_headers_stop_iteration: true \
-                 in its Wasm plugin configuration, and a per_connection_buffer_limit_bytes of at least requestBody.maxBytes; \
-                 request {} (failure mode), and later requests are evaluated without their body",
-                if deny { "refused" } else { "released unchecked" }
-            );
+        let outcome = if deny {
+            "refused"
+        } else {
+            "released unchecked"
+        };
+        for &(id, began) in &stuck {
+            let (first, unavailable) = {
+                let mut shared = self.shared.borrow_mut();
+                let key = if began {
+                    "body stalled"
+                } else {
+                    "body never began"
+                };
+                (shared.first_warning(key.into()), shared.body_unavailable)
+            };
+            let (level, message) = if began {
+                (
+                    if first { Level::Warn } else { Level::Debug },
+                    format!(
+                        "request {id}: its body stopped arriving for {} s while the filter read it (a slow client, or Envoy's \
+                         per_connection_buffer_limit_bytes below requestBody.maxBytes): request {outcome} (failure mode)",
+                        BODY_WAIT.as_secs()
+                    ),
+                )
+            } else if unavailable {
+                (
+                    Level::Error,
+                    format!(
+                        "request {id}: no body while its headers were held, {BODILESS_STALLS} requests in a row: Envoy needs \
+                         allow_on_headers_stop_iteration: true in its Wasm plugin configuration; request {outcome} (failure mode), \
+                         and later requests are evaluated without their body"
+                    ),
+                )
+            } else {
+                (
+                    if first { Level::Warn } else { Level::Debug },
+                    format!(
+                        "request {id}: no body for {} s while its headers were held: request {outcome} (failure mode)",
+                        BODY_WAIT.as_secs()
+                    ),
+                )
+            };
+            if host.log_enabled(level) {
+                host.log(level, &message);
+            }
         }
+        let stuck: Vec<u32> = stuck.into_iter().map(|(id, _)| id).collect();
         // Replying or resuming calls back into this VM (the stream's callbacks, which then do
         // nothing): no borrow is held here.
         let reply = body_unavailable_reply();

@@ -210,7 +210,7 @@ fn a_body_stalled_by_a_buffer_below_max_bytes_is_refused_in_time_and_costs_nothi
     assert_eq!(stack.reported_tokens(), 0);
     assert!(stack.await_no_holds(Duration::from_secs(5)));
     assert_eq!(stack.upstream_requests(), 0);
-    // Later requests are admitted without reading their body (the default amount).
+    // One stalled body changes nothing for later requests.
     assert_free_user_served(&stack, "after a stalled body");
 }
 

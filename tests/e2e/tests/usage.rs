@@ -400,8 +400,9 @@ fn a_body_envoy_does_not_deliver_is_refused_not_hung(mode: Option<&'static str>)
     // The plugin is told Envoy delivers the body while the headers are held
     // (requestBody.allowOnHeadersStopIteration, as shipped), but Envoy is not configured so:
     // the shipped allow_on_headers_stop_iteration is taken out. After 5 s the root context
-    // gives up on the request: failure mode deny refuses it (and every later such request at
-    // once), with a log line saying what is missing. The body is needed for the big-model
+    // gives up on the request: failure mode deny refuses it; after three such requests in a row
+    // (one could be a slow client) it takes Envoy to withhold bodies and refuses every later
+    // such request at once, with a log line saying what is missing. The body is needed for the big-model
     // limit's requestBodyJSON() in either mode, and in reservation mode also to reserve what
     // the request declares.
     let stack = Stack::start(Options {
@@ -417,14 +418,21 @@ fn a_body_envoy_does_not_deliver_is_refused_not_hung(mode: Option<&'static str>)
     });
     let body =
         json!({"model": "big", "max_tokens": 2, "messages": [{"role": "user", "content": "a"}]});
-    for _ in 0..2 {
+    for i in 0..4 {
+        let started = std::time::Instant::now();
         let r = stack.post("/v1/chat/completions", Some(GOLD), &body);
-        assert_eq!(r.status, 500, "{}", r.body);
+        assert_eq!(r.status, 500, "request {i}: {}", r.body);
         assert_eq!(r.json()["error"]["code"], "rate_limit_body_unavailable");
+        if i == 3 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(3),
+                "refused at once"
+            );
+        }
     }
     assert_eq!(
         stack.envoy_stat("wasmcustom.token_ratelimit.request_body_timeouts"),
-        1
+        3
     );
     assert!(stack
         .envoy
