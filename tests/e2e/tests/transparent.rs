@@ -80,6 +80,18 @@ fn post_typed(stack: &Stack, body: Vec<u8>, content_type: &str) -> (u16, Vec<u8>
     (status, out)
 }
 
+/// Posts `body` as GOLD (JSON) and checks it was served (200) and reached the model whole: the
+/// simulator counted `prompt_tokens` prompt words.
+fn assert_served_whole(stack: &Stack, body: Vec<u8>, prompt_tokens: u64, what: &str) {
+    let (status, answer) = post_bytes(stack, body);
+    assert_eq!(status, 200, "{what}: {}", String::from_utf8_lossy(&answer));
+    let answer: Value = serde_json::from_slice(&answer).expect("JSON");
+    assert_eq!(
+        answer["usage"]["prompt_tokens"], prompt_tokens,
+        "{what}: the prompt reached the model"
+    );
+}
+
 /// Waits until the service was charged what the simulator served GOLD, and checks it is
 /// exactly that (and nothing is held).
 fn assert_charged_what_was_served(stack: &Stack, what: &str) {
@@ -107,18 +119,7 @@ fn a_1_2_mb_vision_request_is_served_and_charged_its_usage_in_both_modes() {
         });
         let body = vision_body(3, 1_200_000, false).to_string().into_bytes();
         assert!(body.len() > 1_200_000);
-        let (status, answer) = post_bytes(&stack, body);
-        assert_eq!(
-            status,
-            200,
-            "{mode:?}: {}",
-            String::from_utf8_lossy(&answer)
-        );
-        let answer: Value = serde_json::from_slice(&answer).expect("JSON");
-        assert_eq!(
-            answer["usage"]["prompt_tokens"], 3,
-            "{mode:?}: the text reached the model"
-        );
+        assert_served_whole(&stack, body, 3, &format!("{mode:?}: vision request"));
         assert_charged_what_was_served(&stack, &format!("{mode:?}: vision request"));
     }
 }
@@ -164,18 +165,7 @@ fn bodies_at_and_over_max_bytes_pass_unread_and_are_never_refused() {
         ..Options::default()
     });
     for (size, unread) in [(LIMIT, 0), (LIMIT + 1, 1), (3 * LIMIT, 2)] {
-        let (status, answer) = post_bytes(&stack, body_of_size(size));
-        assert_eq!(
-            status,
-            200,
-            "{size} bytes: {}",
-            String::from_utf8_lossy(&answer)
-        );
-        let answer: Value = serde_json::from_slice(&answer).expect("JSON");
-        assert_eq!(
-            answer["usage"]["prompt_tokens"], 3,
-            "{size} bytes: the body arrived whole"
-        );
+        assert_served_whole(&stack, body_of_size(size), 3, &format!("{size} bytes"));
         assert_eq!(
             stat(&stack, "request_bodies_unread"),
             unread,
@@ -240,10 +230,7 @@ fn a_body_waiting_for_a_slow_check_is_flow_controlled_and_served_not_refused_wit
         service_args: vec!["--grpc-delay-ms".into(), "300".into()],
         ..Options::default()
     });
-    let (status, answer) = post_bytes(&stack, body_of_size(6 * 4096));
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
-    let answer: Value = serde_json::from_slice(&answer).expect("JSON");
-    assert_eq!(answer["usage"]["prompt_tokens"], 3);
+    assert_served_whole(&stack, body_of_size(6 * 4096), 3, "a slow check");
     assert_charged_what_was_served(&stack, "a slow check");
 }
 
