@@ -23,9 +23,7 @@ use super::{host_log, Action, Buffer, GrpcCall, HeaderMap, Host};
 use crate::attributes::AttributeHost;
 use crate::config::{AdmissionMode, FailureMode, OnError};
 use crate::estimate::RequestBound;
-use crate::flow::{
-    body_unavailable_reply, Charge, RequestFlow, ServiceFailure, Verdict,
-};
+use crate::flow::{body_unavailable_reply, Charge, RequestFlow, ServiceFailure, Verdict};
 use crate::policy::{Decision, Policy};
 use crate::usage::{Format, UsageEventWithholder};
 use ratelimit_proto::{CHECK_RATE_LIMIT, KUADRANT_SERVICE, RESERVE};
@@ -668,35 +666,25 @@ impl StreamFilter {
         match done.charge {
             Charge::Nothing => return,
             Charge::Reported => {}
-            Charge::Free | Charge::Declared => {
+            charge => {
+                // No usage: counted as missing, and by what it was charged instead.
                 host_log!(
                     host,
                     Debug,
                     "response carried no usage; charged: {:?} {:?}",
-                    done.charge,
+                    charge,
                     done.usage
                 );
                 metrics.inc(host, names::USAGE_MISSING);
-                let name = if done.charge == Charge::Free {
-                    names::USAGE_FREE
-                } else {
-                    names::USAGE_DECLARED
+                let instead = match charge {
+                    Charge::Free => Some(names::USAGE_FREE),
+                    Charge::Declared => Some(names::USAGE_DECLARED),
+                    Charge::Estimated => Some(names::USAGE_ESTIMATED),
+                    Charge::Fixed => Some(names::USAGE_FIXED),
+                    _ => None,
                 };
-                metrics.inc(host, name);
-            }
-            Charge::Estimated | Charge::Fixed | Charge::Missing => {
-                host_log!(
-                    host,
-                    Debug,
-                    "response carried no usage; charged: {:?} {:?}",
-                    done.charge,
-                    done.usage
-                );
-                metrics.inc(host, names::USAGE_MISSING);
-                match done.charge {
-                    Charge::Estimated => metrics.inc(host, names::USAGE_ESTIMATED),
-                    Charge::Fixed => metrics.inc(host, names::USAGE_FIXED),
-                    _ => {}
+                if let Some(name) = instead {
+                    metrics.inc(host, name);
                 }
             }
         }

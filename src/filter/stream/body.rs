@@ -36,7 +36,9 @@ impl StreamFilter {
         };
         // Every chunk is read once: its text is the prompt of the fallback estimate (when the
         // body is not read whole), and the body the filter needs is copied from it.
-        let chunk = if chunk_len > 0 && !self.shared.borrow().is_released(self.context_id) {
+        // Released by the root context (the body stopped arriving): the proxy answers no call.
+        let released = self.shared.borrow().is_released(self.context_id);
+        let chunk = if chunk_len > 0 && !released {
             host.buffer(Buffer::RequestBody, offset, chunk_len)
         } else {
             None
@@ -57,7 +59,7 @@ impl StreamFilter {
             }
             return self.forward();
         }
-        if self.shared.borrow().is_released(self.context_id) {
+        if released {
             // Released by the root context (the body stopped arriving): this callback runs
             // inside its resume call, where the proxy answers no header or property call. The
             // request goes on unchecked (logged and counted there).
