@@ -101,6 +101,12 @@ fn an_upstream_400_without_usage_costs_nothing(mode: Option<&'static str>) {
         );
         assert_eq!(r.status, 400, "{}", r.body);
         assert!(!r.body.contains("usage"), "{}", r.body);
+        // The hold is released after the client has its answer (the filter never holds a
+        // response for the service): the next request may only count on it once released.
+        assert!(
+            stack.await_no_holds(Duration::from_secs(5)),
+            "an upstream 400 left its hold"
+        );
     }
     assert_costs_nothing(&stack, 3, "three upstream 400s");
     assert_eq!(stat(&stack, "usage_estimated"), 0);
