@@ -15,6 +15,10 @@
 //! ([`Options::authz`], on the port the configuration names `port_value: 9191`), and [`jwt`]
 //! signs tokens for `envoy.filters.http.jwt_authn`.
 //!
+//! Replicas: several stacks whose services keep their counters in one Redis of the test's own
+//! ([`redis::Redis`], passed with [`Options::service_args`]) share one budget, as Envoy replicas
+//! behind one Limitador with Redis do.
+//!
 //! Prerequisites (what `make build` produces): `target/wasm32-wasip1/release/token_ratelimit.wasm`,
 //! `target/debug/{token-ratelimit,ratelimit-service,llm-simulator}`, and Envoy at `$ENVOY` or
 //! `.venv/bin/envoy`.
@@ -27,6 +31,7 @@ use std::time::{Duration, Instant};
 
 pub mod authz;
 pub mod jwt;
+pub mod redis;
 
 /// The Envoy configuration rendered when [`Options::config`] names none.
 pub const DEFAULT_CONFIG: &str = "envoy/envoy.yaml";
@@ -491,8 +496,9 @@ impl Stack {
     }
 
     /// Starts `ratelimit-service` again on the same ports with `limits.yaml` of the stack's
-    /// directory (counters start from zero: they live in the service's memory). Returns once
-    /// it answers; panics with its log when it does not come up.
+    /// directory (with the default storage, counters start from zero: they live in the
+    /// service's memory; with `redis URL` they are kept in Redis). Returns once it answers;
+    /// panics with its log when it does not come up.
     pub fn restart_service(&mut self) {
         assert!(self.service.is_none(), "the service is running");
         self.service_starts += 1;
