@@ -178,6 +178,44 @@ fn the_test_redis_keeps_its_keys_across_a_stop_and_a_start_and_refuses_connectio
     );
 }
 
+#[test]
+fn a_service_whose_redis_is_not_there_at_start_exits_with_status_1_and_one_line() {
+    let redis = Redis::start_new();
+    let url = redis.url();
+    drop(redis);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let limits = dir.path().join("limits.yaml");
+    let out = std::process::Command::new(e2e::bin("token-ratelimit"))
+        .arg("limits")
+        .arg(e2e::repo_root().join(e2e::DEFAULT_CONFIG))
+        .output()
+        .expect("token-ratelimit limits");
+    assert!(out.status.success());
+    std::fs::write(&limits, &out.stdout).expect("limits.yaml");
+    let (rls, http) = (e2e::free_port().to_string(), e2e::free_port().to_string());
+    let mut child = std::process::Command::new(e2e::bin("ratelimit-service"))
+        .arg(&limits)
+        .args(["-b", "127.0.0.1", "-p", &rls])
+        .args(["--http-ip", "127.0.0.1", "--http-port", &http])
+        .args(["redis", &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("ratelimit-service");
+    let exited = wait_until("the service to exit", WAIT, || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("its output");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(exited, "still running without Redis: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "not one line: {stderr}");
+    eprintln!("without Redis: {}", stderr.trim());
+}
+
 // ---------------------------------------------------------------------------------------------
 // One budget across replicas
 
