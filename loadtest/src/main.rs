@@ -27,6 +27,20 @@
 //!
 //! Any difference is a MISMATCH, a hold still there after `--hold-wait` seconds is HOLDS LEFT,
 //! and either makes the exit status 1.
+//!
+//! Replicas (`--replicas N`, which implies `--redis`; `--redis` alone runs one replica on
+//! Redis): one `redis-server` of the run's own (`e2e::redis::Redis`), then N stacks whose
+//! services run with `redis redis://127.0.0.1:<port>`, so that they share the counters as
+//! Envoy replicas behind one Limitador with Redis do; connection i goes to Envoy i % N. The
+//! accounting is over all of them: served is the sum of the simulators', charged the sum of
+//! the services' metrics, the Envoy stats and the holds (each service shows the holds it
+//! granted) are summed. With Redis the counters themselves are compared too: the gold users'
+//! (their limit is never reached) sum of `max - remaining`, read through each service, must be
+//! what was served to them plus their estimate:
+//!
+//! ```text
+//! counters (Redis): G gold users' counters, sum of (max - remaining) C = served to them S + estimated E, ...: OK
+//! ```
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -120,6 +134,16 @@ messages=6,messages-stream=6,gemini=6,gemini-stream-sse=6,gemini-stream-array=4,
     /// Reserve and Commit answer UNIMPLEMENTED, so `auto` falls back to checkReport).
     #[arg(long)]
     reservations_unimplemented: bool,
+    /// Envoy replicas: start this many stacks (llm-simulator, ratelimit-service and Envoy
+    /// each), whose services keep their counters in one Redis of the run's own (implies
+    /// `--redis` when more than 1); connection i goes to Envoy i % N, and the accounting sums
+    /// every replica.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    replicas: u32,
+    /// Keep the counters in a Redis of the run's own (`redis-server` on a free loopback port,
+    /// `e2e::redis::Redis`): every ratelimit-service runs with `redis redis://127.0.0.1:<port>`.
+    #[arg(long)]
+    redis: bool,
 }
 
 /// The request kinds of the mix.
@@ -296,6 +320,9 @@ struct KindTally {
     estimated_request: u64,
     /// 200s whose body shows usage (`usage` / `usageMetadata`).
     usage_in_body: u64,
+    /// Of `estimated`, the part of gold users' requests (what their counters were charged
+    /// beyond the tokens served to them with usage).
+    estimated_gold: u64,
 }
 
 struct Tally {
@@ -341,6 +368,7 @@ impl Tally {
             a.estimated += b.estimated;
             a.estimated_request += b.estimated_request;
             a.usage_in_body += b.usage_in_body;
+            a.estimated_gold += b.estimated_gold;
         }
         self.connections += other.connections;
         self.no_usage_failed += other.no_usage_failed;
@@ -352,8 +380,11 @@ impl Tally {
 }
 
 struct Config {
-    addr: SocketAddr,
+    /// The Envoy listeners: worker i connects to `addrs[i % len]`.
+    addrs: Vec<SocketAddr>,
     users: u32,
+    /// Users `load-<n>` with `n % 100 < free_percent` are in group `free`, the others `gold`.
+    free_percent: u32,
     mix: Vec<(Kind, u32)>,
     token_delay_ms: u64,
     request_timeout: Duration,
@@ -410,6 +441,7 @@ async fn worker(id: u64, cfg: Arc<Config>, deadline: Instant, done: Arc<AtomicU6
     let mut rng = fastrand::Rng::with_seed(cfg.seed ^ id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let total_weight: u32 = cfg.mix.iter().map(|(_, w)| w).sum();
     let mut sender: Option<SendRequest<Full<Bytes>>> = None;
+    let addr = cfg.addrs[id as usize % cfg.addrs.len()];
     while Instant::now() < deadline {
         let mut pick = rng.u32(0..total_weight);
         let kind = cfg
@@ -426,17 +458,18 @@ async fn worker(id: u64, cfg: Arc<Config>, deadline: Instant, done: Arc<AtomicU6
             .map(|(k, _)| *k)
             .expect("weighted pick");
         let user = rng.u32(0..cfg.users);
-        if one_request(&cfg, &mut sender, &mut t, &mut rng, kind, user).await {
+        if one_request(&cfg, addr, &mut sender, &mut t, &mut rng, kind, user).await {
             done.fetch_add(1, Ordering::Relaxed);
         }
     }
     t
 }
 
-/// Sends one request of `kind` as `load-<user>` on `sender` (connecting first when needed) and
-/// records it in `t`; false when no request could be sent (connection failed).
+/// Sends one request of `kind` as `load-<user>` on `sender` (connecting to `addr` first when
+/// needed) and records it in `t`; false when no request could be sent (connection failed).
 async fn one_request(
     cfg: &Config,
+    addr: SocketAddr,
     sender: &mut Option<SendRequest<Full<Bytes>>>,
     t: &mut Tally,
     rng: &mut fastrand::Rng,
@@ -445,7 +478,7 @@ async fn one_request(
 ) -> bool {
     loop {
         if sender.as_ref().is_none_or(|s| s.is_closed()) {
-            match connect(cfg.addr).await {
+            match connect(addr).await {
                 Ok(s) => {
                     t.connections += 1;
                     *sender = Some(s);
@@ -478,7 +511,7 @@ async fn one_request(
     let body = serde_json::to_vec(&body).expect("json");
 
     let mut req = Request::post(path)
-        .header("host", cfg.addr.to_string())
+        .header("host", addr.to_string())
         .header("content-type", "application/json")
         .header("authorization", format!("APIKEY load-{user}"));
     if kind.no_usage() {
@@ -516,6 +549,9 @@ async fn one_request(
                         let answer = e2e::answer_estimate_of(path, Some(content_type), None, &a.body);
                         k.estimated += prompt_estimate + answer;
                         k.estimated_request += prompt_estimate;
+                        if user % 100 >= cfg.free_percent {
+                            k.estimated_gold += prompt_estimate + answer;
+                        }
                     }
                 }
                 429 => k.limited += 1,
@@ -716,6 +752,14 @@ fn main() -> ExitCode {
         args.client_threads,
         args.seed
     );
+    let replicas = args.replicas as usize;
+    let use_redis = args.redis || replicas > 1;
+    if use_redis {
+        println!(
+            "replicas: {replicas} (llm-simulator, ratelimit-service and Envoy each; connection i goes to Envoy i % {replicas}), \
+             counters in one Redis"
+        );
+    }
     let total_weight: u32 = mix.iter().map(|(_, w)| w).sum();
     println!("mix:");
     for (k, w) in &mix {
@@ -771,37 +815,64 @@ fn main() -> ExitCode {
         }
     );
     let check_timeout: &'static str = Box::leak(args.check_timeout.clone().into_boxed_str());
-    let stack = Stack::start(Options {
-        edits: config_edits,
-        check_timeout,
-        concurrency: args.envoy_concurrency,
-        service_args: if args.reservations_unimplemented {
-            vec!["--reservations-unimplemented".to_string()]
-        } else {
-            Vec::new()
-        },
-        ..Options::default()
-    });
-    let ports = stack.ports;
-    println!(
-        "stack: envoy 127.0.0.1:{} (admin {}), ratelimit-service gRPC {} HTTP {}, llm-simulator {}; logs in {}",
-        ports.listener,
-        ports.admin,
-        ports.rls,
-        ports.rls_http,
-        ports.llm,
-        stack.dir.path().display()
-    );
+    // One Redis for every replica's service (flags before the `redis URL` storage subcommand).
+    let redis = use_redis.then(e2e::redis::Redis::start_new);
+    let mut service_args = Vec::new();
+    if args.reservations_unimplemented {
+        service_args.push("--reservations-unimplemented".to_string());
+    }
+    if let Some(r) = &redis {
+        service_args.extend(r.service_args());
+        println!("redis: {} (redis-server, data and log in {})", r.url(), r.dir().display());
+    }
+    let stacks: Vec<Stack> = (0..replicas)
+        .map(|_| {
+            Stack::start(Options {
+                edits: config_edits.clone(),
+                check_timeout,
+                concurrency: args.envoy_concurrency,
+                service_args: service_args.clone(),
+                ..Options::default()
+            })
+        })
+        .collect();
+    for (i, s) in stacks.iter().enumerate() {
+        let p = s.ports;
+        println!(
+            "{}: envoy 127.0.0.1:{} (admin {}), ratelimit-service gRPC {} HTTP {}, llm-simulator {}; logs in {}",
+            if replicas == 1 { "stack".to_string() } else { format!("replica {i}") },
+            p.listener,
+            p.admin,
+            p.rls,
+            p.rls_http,
+            p.llm,
+            s.dir.path().display()
+        );
+    }
     if let Some(levels) = &args.envoy_log {
-        match admin_post(ports.admin, &format!("/logging?{levels}")) {
-            Ok(status) => println!("envoy log levels `{levels}`: {status}"),
-            Err(e) => eprintln!("loadtest: setting envoy log levels: {e}"),
+        for s in &stacks {
+            match admin_post(s.ports.admin, &format!("/logging?{levels}")) {
+                Ok(status) => println!("envoy log levels `{levels}`: {status}"),
+                Err(e) => eprintln!("loadtest: setting envoy log levels: {e}"),
+            }
         }
     }
-    let envoy_proc = ProcInfo::find(&stack.envoy_config.display().to_string());
-    let service_proc = ProcInfo::find(&stack.dir.path().join("limits.yaml").display().to_string());
-    let sim_proc = ProcInfo::find(&format!("--listen 127.0.0.1:{}", ports.llm));
-    let procs = [("envoy", &envoy_proc), ("ratelimit-service", &service_proc), ("llm-simulator", &sim_proc)];
+    let mut procs: Vec<(String, Option<ProcInfo>)> = Vec::new();
+    for (i, s) in stacks.iter().enumerate() {
+        let name = |n: &str| if replicas == 1 { n.to_string() } else { format!("{n}-{i}") };
+        procs.push((name("envoy"), ProcInfo::find(&s.envoy_config.display().to_string())));
+        procs.push((
+            name("ratelimit-service"),
+            ProcInfo::find(&s.dir.path().join("limits.yaml").display().to_string()),
+        ));
+        procs.push((name("llm-simulator"), ProcInfo::find(&format!("--listen 127.0.0.1:{}", s.ports.llm))));
+    }
+    if let Some(r) = &redis {
+        // redis-server retitles itself `redis-server 127.0.0.1:<port>`.
+        let found = ProcInfo::find(&format!("redis-server 127.0.0.1:{}", r.port))
+            .or_else(|| ProcInfo::find(&format!("--port {} --bind", r.port)));
+        procs.push(("redis-server".to_string(), found));
+    }
     let cpu_before: Vec<Option<f64>> = procs
         .iter()
         .map(|(_, p)| p.as_ref().and_then(ProcInfo::cpu_seconds))
@@ -809,8 +880,12 @@ fn main() -> ExitCode {
     let self_cpu_before = self_cpu_seconds();
 
     let cfg = Arc::new(Config {
-        addr: SocketAddr::from(([127, 0, 0, 1], ports.listener)),
+        addrs: stacks
+            .iter()
+            .map(|s| SocketAddr::from(([127, 0, 0, 1], s.ports.listener)))
+            .collect(),
         users: args.users,
+        free_percent: args.free_percent,
         mix: mix.clone(),
         token_delay_ms: args.token_delay_ms,
         request_timeout: Duration::from_secs(args.request_timeout),
@@ -826,30 +901,45 @@ fn main() -> ExitCode {
 
     // Sanity: one request of each kind in the mix from one gold user, before the clock starts
     // (counted in the accounting like every other request).
+    // With replicas, through each Envoy in turn.
     let mut tally = Tally::new();
+    let first_request = Instant::now();
     let gold_user = (0..args.users).find(|n| n % 100 >= args.free_percent);
     if let Some(user) = gold_user {
         let mut bad = Vec::new();
         let mut rng = fastrand::Rng::with_seed(args.seed ^ 0xfeed);
-        runtime.block_on(async {
-            let mut sender = None;
-            for (kind, _) in &mix {
-                let mut t = Tally::new();
-                one_request(&cfg, &mut sender, &mut t, &mut rng, *kind, user).await;
-                if t.statuses.get(&200) != Some(&1) {
-                    bad.push(format!("{}: statuses {:?}, errors {:?}", kind.name(), t.statuses, t.errors));
+        for (i, addr) in cfg.addrs.iter().enumerate() {
+            runtime.block_on(async {
+                let mut sender = None;
+                for (kind, _) in &mix {
+                    let mut t = Tally::new();
+                    one_request(&cfg, *addr, &mut sender, &mut t, &mut rng, *kind, user).await;
+                    if t.statuses.get(&200) != Some(&1) {
+                        bad.push((
+                            i,
+                            format!("{}: statuses {:?}, errors {:?}", kind.name(), t.statuses, t.errors),
+                        ));
+                    }
+                    tally.merge(t);
                 }
-                tally.merge(t);
-            }
-        });
+            });
+        }
         if !bad.is_empty() {
-            eprintln!("loadtest: sanity requests failed (envoy log: {}):", stack.envoy.log.display());
-            for b in bad {
-                eprintln!("  {b}");
+            for (i, s) in stacks.iter().enumerate() {
+                if bad.iter().any(|(r, _)| *r == i) {
+                    eprintln!("loadtest: sanity requests failed (envoy log: {}):", s.envoy.log.display());
+                    for (_, b) in bad.iter().filter(|(r, _)| *r == i) {
+                        eprintln!("  {b}");
+                    }
+                }
             }
             return ExitCode::FAILURE;
         }
-        println!("sanity: one request of each kind as load-{user}: 200");
+        if replicas == 1 {
+            println!("sanity: one request of each kind as load-{user}: 200");
+        } else {
+            println!("sanity: one request of each kind as load-{user} through each of the {replicas} Envoys: 200");
+        }
     }
 
     let done = Arc::new(AtomicU64::new(0));
@@ -879,12 +969,13 @@ fn main() -> ExitCode {
         let workers: Vec<_> = (0..args.connections)
             .map(|id| tokio::spawn(worker(id, cfg.clone(), deadline, done.clone())))
             .collect();
-        let mut total = Tally::new();
+        // Per replica first (worker i ran against Envoy i % replicas).
+        let mut per_replica: Vec<Tally> = (0..replicas).map(|_| Tally::new()).collect();
         let bound = Duration::from_secs(args.duration + args.request_timeout + 10);
         let joined = tokio::time::timeout(bound, async {
-            for w in workers {
+            for (id, w) in workers.into_iter().enumerate() {
                 if let Ok(t) = w.await {
-                    total.merge(t);
+                    per_replica[id % replicas].merge(t);
                 }
             }
         })
@@ -893,6 +984,14 @@ fn main() -> ExitCode {
         if joined.is_err() {
             eprintln!("loadtest: workers did not finish within {} s", bound.as_secs());
         }
+        per_replica
+    });
+    let per_replica: Vec<(u64, BTreeMap<u16, u64>, u64)> = load
+        .iter()
+        .map(|t| (t.requests(), t.statuses.clone(), t.errors.values().sum()))
+        .collect();
+    let load = load.into_iter().fold(Tally::new(), |mut total, t| {
+        total.merge(t);
         total
     });
     let elapsed = start.elapsed();
@@ -913,12 +1012,25 @@ fn main() -> ExitCode {
     println!("{}", percentile_line("latency (complete response)", &tally.latency));
     println!("{}", percentile_line("latency (response headers) ", &tally.first_byte));
     let statuses: Vec<String> = tally.statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect();
-    println!("statuses (with the {} sanity requests): {}", mix.len(), statuses.join(", "));
+    println!("statuses (with the {} sanity requests): {}", mix.len() * replicas, statuses.join(", "));
     let errors: Vec<String> = tally.errors.iter().map(|(s, n)| format!("{s}: {n}")).collect();
     println!(
         "transport errors: {}",
         if errors.is_empty() { "0".to_string() } else { errors.join(", ") }
     );
+    if replicas > 1 {
+        for (i, ((requests, statuses, errors), s)) in per_replica.iter().zip(&stacks).enumerate() {
+            let statuses: Vec<String> = statuses.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+            println!(
+                "  envoy {i} (127.0.0.1:{}): {requests} requests = {:.0} requests/s over {} connections; statuses {}; \
+                 transport errors {errors}",
+                s.ports.listener,
+                *requests as f64 / elapsed.as_secs_f64(),
+                (args.connections as usize + replicas - 1 - i) / replicas,
+                statuses.join(", ")
+            );
+        }
+    }
     println!(
         "{:<21} {:>8} {:>8} {:>7} {:>6} {:>6} {:>10} {:>12} {:>10}",
         "kind", "sent", "200", "429", "other", "errors", "usage seen", "served(exp)", "estimated"
@@ -942,7 +1054,8 @@ fn main() -> ExitCode {
     }
 
     // --- Accounting.
-    let served_json = stack.served();
+    // Summed over the replicas' simulators (every number of their JSON).
+    let served_json = stacks.iter().map(Stack::served).fold(Value::Null, json_sum);
     let served_total = served_json["total_tokens"].as_u64().unwrap_or(0);
     let served_no_usage = served_json["by_user"][NO_USAGE_USER]["total_tokens"].as_u64().unwrap_or(0);
     let served = served_total - served_no_usage;
@@ -955,7 +1068,9 @@ fn main() -> ExitCode {
         .filter(|(i, _)| KINDS[*i].no_usage())
         .map(|(_, k)| k.served_expected)
         .sum();
-    let stat = |n: &str| stack.envoy_stat(&format!("wasmcustom.token_ratelimit.{n}"));
+    // Envoy stats summed over the Envoys.
+    let envoy_stat = |n: &str| stacks.iter().map(|s| s.envoy_stat(n)).sum::<u64>();
+    let stat = |n: &str| envoy_stat(&format!("wasmcustom.token_ratelimit.{n}"));
 
     // Drain: wait until the service has everything Envoy queued (tokens_reported.total minus
     // tokens_dropped, through Report or Commit) and the figure has been stable for a second.
@@ -963,7 +1078,7 @@ fn main() -> ExitCode {
     let mut service;
     let mut stable_since: Option<(u64, Instant)> = None;
     loop {
-        service = ServiceMetrics::read(&stack);
+        service = ServiceMetrics::read(&stacks);
         let charged = service.reported() + service.committed();
         let queued = stat("tokens_reported.total") - stat("tokens_dropped");
         match stable_since {
@@ -994,11 +1109,11 @@ fn main() -> ExitCode {
     // Holds: in reservation mode none may be left once the commits are in.
     let holds = (effective == "reservation").then(|| {
         let start = Instant::now();
-        let first = Holds::read(&stack);
+        let first = Holds::read(&stacks);
         let mut last = first.clone();
         while !last.none() && start.elapsed() < Duration::from_secs(args.hold_wait) {
             std::thread::sleep(Duration::from_millis(200));
-            last = Holds::read(&stack);
+            last = Holds::read(&stacks);
         }
         (first, last, start.elapsed())
     });
@@ -1067,39 +1182,72 @@ fn main() -> ExitCode {
     for (name, n) in methods.into_iter().chain(std::iter::once(all)) {
         println!("  {name:<16} {n:>9} {:>12.4} {:>16.4}", per(n, sent), per(n, checked));
     }
+    if replicas > 1 {
+        // Each replica: what its Envoy served and checked, what its service answered.
+        for (i, s) in stacks.iter().enumerate() {
+            let m = ServiceMetrics::read(std::slice::from_ref(s));
+            println!(
+                "  replica {i}: envoy downstream_rq_total {} (2xx {}, 4xx {}, 5xx {}), checked {}; service Reserve {}, \
+                 Commit {}, CheckRateLimit {}, Report {}; charged {} through Commit, {} through Report",
+                s.envoy_stat("http.llm.downstream_rq_total"),
+                s.envoy_stat("http.llm.downstream_rq_2xx"),
+                s.envoy_stat("http.llm.downstream_rq_4xx"),
+                s.envoy_stat("http.llm.downstream_rq_5xx"),
+                s.envoy_stat("wasmcustom.token_ratelimit.requests_checked"),
+                m.get("ratelimit_reserve_calls_total"),
+                m.get("ratelimit_commit_calls_total"),
+                m.get("ratelimit_check_calls_total"),
+                m.get("ratelimit_report_calls_total"),
+                m.committed(),
+                m.reported()
+            );
+        }
+    }
 
     // --- Envoy and process figures.
     println!();
-    println!("== envoy /stats (token_ratelimit) ==");
-    let stats = stack.get(&format!("http://127.0.0.1:{}/stats?filter=token_ratelimit", ports.admin));
-    for l in stats.lines() {
-        println!("  {l}");
-    }
-    let http = stack.get(&format!(
-        "http://127.0.0.1:{}/stats?filter=^http\\.llm\\.downstream_(rq_[0-9]xx|rq_total|cx_total|cx_destroy_remote_active_rq|rq_timeout)",
-        ports.admin
-    ));
-    for l in http.lines() {
-        println!("  {l}");
-    }
-    let cluster = stack.get(&format!(
-        "http://127.0.0.1:{}/stats?filter=^cluster\\.ratelimit\\.(upstream_rq_(total|timeout|time|pending_overflow)|upstream_cx_total|grpc\\.)",
-        ports.admin
-    ));
-    for l in cluster.lines() {
-        println!("  {l}");
-    }
-    let rq_time = stack.get(&format!("http://127.0.0.1:{}/stats?filter=^http\\.llm\\.downstream_rq_time$", ports.admin));
-    for l in rq_time.lines() {
-        println!("  {l}");
+    println!(
+        "== envoy /stats (token_ratelimit){} ==",
+        if replicas > 1 { format!(", summed over the {replicas} Envoys") } else { String::new() }
+    );
+    let envoy_lines = |filter: &str| {
+        let texts: Vec<String> = stacks
+            .iter()
+            .map(|s| s.get(&format!("http://127.0.0.1:{}/stats?filter={filter}", s.ports.admin)))
+            .collect();
+        summed_lines(&texts, ": ")
+    };
+    for filter in [
+        "token_ratelimit",
+        "^http\\.llm\\.downstream_(rq_[0-9]xx|rq_total|cx_total|cx_destroy_remote_active_rq|rq_timeout)",
+        "^cluster\\.ratelimit\\.(upstream_rq_(total|timeout|time|pending_overflow)|upstream_cx_total|grpc\\.)",
+        "^http\\.llm\\.downstream_rq_time$",
+    ] {
+        for l in envoy_lines(filter) {
+            println!("  {l}");
+        }
     }
     println!();
-    println!("== ratelimit-service /metrics ==");
-    for l in service.text.lines().filter(|l| !l.starts_with('#') && !l.starts_with("limitador_up")) {
+    println!(
+        "== ratelimit-service /metrics{} ==",
+        if replicas > 1 { format!(", summed over the {replicas} services") } else { String::new() }
+    );
+    let metric_texts: Vec<String> = service
+        .texts
+        .iter()
+        .map(|t| {
+            t.lines()
+                .filter(|l| !l.starts_with('#') && !l.starts_with("limitador_up"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .collect();
+    for l in summed_lines(&metric_texts, " ") {
         println!("  {l}");
     }
     println!();
     println!("== processes ==");
+    let w = procs.iter().map(|(n, _)| n.len() + 1).max().unwrap_or(0).max(18);
     for ((name, p), before) in procs.iter().zip(&cpu_before) {
         match p {
             Some(p) => {
@@ -1108,18 +1256,18 @@ fn main() -> ExitCode {
                     _ => "CPU ?".into(),
                 };
                 println!(
-                    "  {name:<18} pid {:<8} peak RSS (VmHWM) {:>7} kB, RSS now {:>7} kB, {cpu}",
+                    "  {name:<w$} pid {:<8} peak RSS (VmHWM) {:>7} kB, RSS now {:>7} kB, {cpu}",
                     p.pid,
                     p.status_kb("VmHWM").unwrap_or(0),
                     p.status_kb("VmRSS").unwrap_or(0)
                 );
             }
-            None => println!("  {name:<18} (process not found)"),
+            None => println!("  {name:<w$} (process not found)"),
         }
     }
     if let (Some(a), Some(b)) = (self_cpu_seconds(), self_cpu_before) {
         println!(
-            "  {:<18} pid {:<8} peak RSS (VmHWM) {:>7} kB, {:.1} s CPU during the run",
+            "  {:<w$} pid {:<8} peak RSS (VmHWM) {:>7} kB, {:.1} s CPU during the run",
             "loadtest",
             std::process::id(),
             self_status_kb("VmHWM").unwrap_or(0),
@@ -1128,9 +1276,16 @@ fn main() -> ExitCode {
     }
 
     if let Some(dir) = &args.keep_logs {
-        let _ = std::fs::create_dir_all(dir);
-        for f in ["envoy.log", "ratelimit-service.log", "llm-simulator.log", "envoy.yaml", "limits.yaml"] {
-            let _ = std::fs::copy(stack.dir.path().join(f), dir.join(f));
+        // With replicas, each one's in `replica-<i>/`, and Redis's log as `redis.log`.
+        for (i, s) in stacks.iter().enumerate() {
+            let to = if replicas == 1 { dir.clone() } else { dir.join(format!("replica-{i}")) };
+            let _ = std::fs::create_dir_all(&to);
+            for f in ["envoy.log", "ratelimit-service.log", "llm-simulator.log", "envoy.yaml", "limits.yaml"] {
+                let _ = std::fs::copy(s.dir.path().join(f), to.join(f));
+            }
+        }
+        if let Some(r) = &redis {
+            let _ = std::fs::write(dir.join("redis.log"), r.output());
         }
         println!("  logs and configurations copied to {}", dir.display());
     }
@@ -1223,11 +1378,92 @@ fn main() -> ExitCode {
                 args.hold_wait,
                 last.describe(),
                 stat("service_errors"),
-                stack.envoy_stat("cluster.ratelimit.upstream_rq_timeout")
+                envoy_stat("cluster.ratelimit.upstream_rq_timeout")
             );
         }
     }
-    let ok = exact && holds_ok && tally.kinds.iter().map(|k| k.ok).sum::<u64>() > 0;
+    // With Redis, the counters themselves: a gold user's limit is never reached, so its
+    // counter's `max - remaining` is what it was charged (a free user's stops at its max), as
+    // long as no counter started a second window. Read through every service: the same
+    // counters (Redis) each time.
+    let mut counters_ok = true;
+    if use_redis {
+        let is_gold = |key: &str| {
+            key.strip_prefix("APIKEY load-")
+                .or_else(|| key.strip_prefix("load-"))
+                .and_then(|n| n.parse::<u32>().ok())
+                .is_some_and(|n| n % 100 >= args.free_percent)
+        };
+        let served_gold: u64 = served_json["by_user"]
+            .as_object()
+            .map(|users| {
+                users
+                    .iter()
+                    .filter(|(k, _)| is_gold(k))
+                    .map(|(_, v)| v["total_tokens"].as_u64().unwrap_or(0))
+                    .sum()
+            })
+            .unwrap_or(0);
+        let estimated_gold: u64 = tally.kinds.iter().map(|k| k.estimated_gold).sum();
+        let expected = served_gold + estimated_gold;
+        let reads: Vec<(u64, u64, u64)> = stacks
+            .iter()
+            .map(|s| {
+                let list = s.counters().as_array().cloned().unwrap_or_default();
+                let gold: Vec<&Value> = list
+                    .iter()
+                    .filter(|c| {
+                        c["set_variables"]
+                            .as_object()
+                            .is_some_and(|vars| vars.values().any(|v| v.as_str().is_some_and(is_gold)))
+                    })
+                    .collect();
+                let charged: u64 = gold
+                    .iter()
+                    .map(|c| {
+                        c["limit"]["max_value"]
+                            .as_u64()
+                            .unwrap_or(0)
+                            .saturating_sub(c["remaining"].as_u64().unwrap_or(0))
+                    })
+                    .sum();
+                let window = gold.iter().filter_map(|c| c["limit"]["seconds"].as_u64()).min().unwrap_or(0);
+                (charged, gold.len() as u64, window)
+            })
+            .collect();
+        let since_first = first_request.elapsed().as_secs_f64();
+        let window = reads.iter().map(|r| r.2).min().unwrap_or(0);
+        let (charged_gold, gold_counters, _) = reads[0];
+        let same = reads.iter().all(|r| r.0 == charged_gold && r.1 == gold_counters);
+        let through = if replicas > 1 {
+            format!(
+                ", {} through the {replicas} services",
+                if same { "the same".to_string() } else { format!("DIFFERENT: {reads:?}") }
+            )
+        } else {
+            String::new()
+        };
+        if window == 0 || since_first >= window as f64 {
+            println!(
+                "counters (Redis): not compared: {since_first:.0} s since the first request, the limits' window is \
+                 {window} s (counters may have started again)"
+            );
+        } else if charged_gold == expected && same {
+            println!(
+                "counters (Redis): {gold_counters} gold users' counters, sum of (max - remaining) {charged_gold} = \
+                 served to them {served_gold} + estimated {estimated_gold}{through}: OK"
+            );
+        } else {
+            counters_ok = false;
+            println!(
+                "counters (Redis): {gold_counters} gold users' counters, sum of (max - remaining) {charged_gold} {} \
+                 served to them {served_gold} + estimated {estimated_gold} = {expected}{through}: MISMATCH ({:+})",
+                if charged_gold == expected { "=" } else { "!=" },
+                charged_gold as i128 - expected as i128
+            );
+        }
+    }
+    let ok = exact && holds_ok && counters_ok && tally.kinds.iter().map(|k| k.ok).sum::<u64>() > 0;
     if ok {
         ExitCode::SUCCESS
     } else {
@@ -1235,22 +1471,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// One read of the service's `/metrics`.
+/// One read of every service's `/metrics` (one text per replica).
 struct ServiceMetrics {
-    text: String,
+    texts: Vec<String>,
 }
 
 impl ServiceMetrics {
-    fn read(stack: &Stack) -> ServiceMetrics {
+    fn read(stacks: &[Stack]) -> ServiceMetrics {
         ServiceMetrics {
-            text: stack.get(&format!("http://127.0.0.1:{}/metrics", stack.ports.rls_http)),
+            texts: stacks
+                .iter()
+                .map(|s| s.get(&format!("http://127.0.0.1:{}/metrics", s.ports.rls_http)))
+                .collect(),
         }
     }
 
-    /// The sum of metric `name` over its label sets (0 when absent).
+    /// The sum of metric `name` over its label sets and the services (0 when absent).
     fn get(&self, name: &str) -> u64 {
-        self.text
-            .lines()
+        self.texts
+            .iter()
+            .flat_map(|t| t.lines())
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| {
                 let rest = l.strip_prefix(name)?;
@@ -1289,14 +1529,20 @@ struct Holds {
 }
 
 impl Holds {
-    fn read(stack: &Stack) -> Holds {
-        let counters = stack.counters();
-        let list = counters.as_array().cloned().unwrap_or_default();
-        let held: Vec<u64> = list.iter().map(|c| c["reserved"].as_u64().unwrap_or(0)).collect();
-        let metrics = ServiceMetrics::read(stack);
+    /// Summed over the services: each shows only the holds it granted (`reserved`); with Redis
+    /// they list the same counters, which are counted once (the most any service lists).
+    fn read(stacks: &[Stack]) -> Holds {
+        let mut held: Vec<u64> = Vec::new();
+        let mut counters = 0;
+        for s in stacks {
+            let list = s.counters().as_array().cloned().unwrap_or_default();
+            counters = counters.max(list.len() as u64);
+            held.extend(list.iter().map(|c| c["reserved"].as_u64().unwrap_or(0)));
+        }
+        let metrics = ServiceMetrics::read(stacks);
         Holds {
             counters_with_holds: held.iter().filter(|r| **r > 0).count() as u64,
-            counters: list.len() as u64,
+            counters,
             reserved: held.iter().sum(),
             outstanding: metrics.get("ratelimit_reservations_outstanding"),
             outstanding_hits: metrics.get("ratelimit_reserved_hits_outstanding"),
@@ -1314,6 +1560,65 @@ impl Holds {
             self.counters_with_holds, self.counters, self.reserved, self.outstanding, self.outstanding_hits
         )
     }
+}
+
+/// `a + b` for JSON: numbers added (as u64), objects merged key by key, `null` the neutral
+/// element; otherwise `b`. Sums the simulators' `/_simulator/stats`.
+fn json_sum(a: Value, b: Value) -> Value {
+    match (a, b) {
+        (Value::Null, b) => b,
+        (a, Value::Null) => a,
+        (Value::Number(x), Value::Number(y)) => match (x.as_u64(), y.as_u64()) {
+            (Some(x), Some(y)) => json!(x + y),
+            _ => Value::Number(y),
+        },
+        (Value::Object(mut x), Value::Object(y)) => {
+            for (k, v) in y {
+                let sum = json_sum(x.remove(&k).unwrap_or(Value::Null), v);
+                x.insert(k, sum);
+            }
+            Value::Object(x)
+        }
+        (_, b) => b,
+    }
+}
+
+/// The lines of several texts of `name<sep>value` lines (Envoy's `/stats`, Prometheus text),
+/// summed by name when the value is an integer, in the order of first appearance; a line
+/// whose value is not an integer (a histogram's quantiles) is kept once per text, its name
+/// suffixed ` [<i>]` (the text's index). One text comes back as it is.
+fn summed_lines(texts: &[String], sep: &str) -> Vec<String> {
+    if texts.len() == 1 {
+        return texts[0].lines().map(str::to_string).collect();
+    }
+    let mut order: Vec<String> = Vec::new();
+    let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+    let mut other: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (i, t) in texts.iter().enumerate() {
+        for l in t.lines().filter(|l| !l.trim().is_empty()) {
+            let (name, value) = match l.rsplit_once(sep) {
+                Some((n, v)) if sep == " " => (n.to_string(), v.trim()),
+                _ => match l.split_once(sep) {
+                    Some((n, v)) => (n.to_string(), v.trim()),
+                    None => (l.to_string(), ""),
+                },
+            };
+            if !sums.contains_key(&name) && !other.contains_key(&name) {
+                order.push(name.clone());
+            }
+            match value.parse::<u64>() {
+                Ok(v) if !other.contains_key(&name) => *sums.entry(name).or_default() += v,
+                _ => other.entry(name).or_default().push(format!("{value} [{i}]")),
+            }
+        }
+    }
+    order
+        .into_iter()
+        .flat_map(|name| match other.get(&name) {
+            Some(values) => values.iter().map(|v| format!("{name}{sep}{v}")).collect::<Vec<_>>(),
+            None => vec![format!("{name}{sep}{}", sums[&name])],
+        })
+        .collect()
 }
 
 /// A temporary target directory for the harness: `debug/<bin>` links to `target/release/<bin>`,
