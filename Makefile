@@ -69,6 +69,11 @@ clean:
 ## and no hold left. The mode is the shipped envoy/envoy.yaml's unless `--mode` says otherwise.
 ## Options: LOAD_ARGS, e.g. `make load LOAD_ARGS="--duration 10 --connections 20 --mode checkReport"`
 ## (see `target/release/loadtest --help`). The binary is in $CARGO_TARGET_DIR when set.
+## Two Envoys on one Redis: `make load LOAD_ARGS="--replicas 2 --redis"` starts a redis-server
+## of its own (Debian package redis-server) and 2 stacks whose ratelimit-services keep their
+## counters in it (`redis redis://127.0.0.1:PORT`), spreads the connections over both Envoys,
+## and checks the same accounting summed over the replicas, plus the gold users' counters in
+## Redis (docs/RELIABILITY.md, "Two Envoys on one Redis").
 .PHONY: load
 LOAD_ARGS ?=
 load: build
