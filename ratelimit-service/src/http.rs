@@ -122,7 +122,11 @@ async fn counters(
     State(core): State<Arc<Core>>,
     Path(namespace): Path<String>,
 ) -> axum::response::Response {
-    match core.limiter().get_counters(&Namespace::from(namespace)) {
+    match core.answer(
+        core.limiter()
+            .get_counters(&Namespace::from(namespace))
+            .await,
+    ) {
         Ok(counters) => {
             let held = core.held_by_counter();
             let mut counters: Vec<CounterJson> = counters
@@ -137,8 +141,8 @@ async fn counters(
             Json(counters).into_response()
         }
         Err(e) => (
-            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot read counters: {e}"),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("cannot read counters: {}", e.message()),
         )
             .into_response(),
     }

@@ -1,5 +1,6 @@
-//! A small Limitador-compatible rate-limit service: the `limitador` crate's in-memory engine
-//! behind Limitador's gRPC APIs and a read-only subset of its HTTP API.
+//! A small Limitador-compatible rate-limit service: the `limitador` crate's engine (counters in
+//! memory or in Redis, see [`storage`]) behind Limitador's gRPC APIs and a read-only subset of
+//! its HTTP API.
 //!
 //! - gRPC (HTTP/2, plaintext): `kuadrant.service.ratelimit.v1.RateLimitService`
 //!   (`CheckRateLimit`, `Report`, and the reservation protocol's `Reserve` and `Commit`) and
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod proto;
 pub mod reservations;
 pub mod service;
+pub mod storage;
 
 use reservations::ReservationSettings;
 use service::{Core, EnvoyRls, KuadrantRls};
@@ -45,8 +47,8 @@ use service::{Core, EnvoyRls, KuadrantRls};
 #[command(
     name = "ratelimit-service",
     version,
-    about = "Limitador-compatible rate-limit service (in-memory counters)",
-    long_about = "Limitador-compatible rate-limit service (in-memory counters).\n\n\
+    about = "Limitador-compatible rate-limit service (counters in memory or in Redis)",
+    long_about = "Limitador-compatible rate-limit service (counters in memory or in Redis).\n\n\
         gRPC: kuadrant.service.ratelimit.v1.RateLimitService/{CheckRateLimit,Report,Reserve,Commit} and \
         envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit.\n\
         HTTP: GET /status, /limits/{namespace}, /counters/{namespace}, /metrics."
@@ -142,6 +144,10 @@ pub struct Config {
     /// More logging: -v debug, -vv trace (default info; RUST_LOG overrides)
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     pub verbose: u8,
+
+    /// Where the counters live: memory (default), redis URL, redis_cached URL
+    #[command(subcommand)]
+    pub storage: Option<storage::Storage>,
 }
 
 /// Largest `--max-reservation-ttl`: a year (a hold never outlives its counter's window anyway).
@@ -197,6 +203,8 @@ pub enum Error {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The counters' storage could not be reached (one line).
+    Storage(String),
     /// A server failed while serving.
     Serve(String),
 }
@@ -208,7 +216,7 @@ impl fmt::Display for Error {
             Error::Bind { what, addr, source } => {
                 write!(f, "cannot listen for {what} on {addr}: {source}")
             }
-            Error::Serve(e) => write!(f, "{e}"),
+            Error::Storage(e) | Error::Serve(e) => write!(f, "{e}"),
         }
     }
 }
@@ -283,21 +291,28 @@ async fn join(handle: JoinHandle<Result<(), Error>>) -> Result<(), Error> {
     flatten(handle.await)
 }
 
-/// Loads the limits, binds both listeners and starts serving in the current tokio runtime.
-/// Logs each listening address at `info` level.
+/// Loads the limits, connects to the counters' storage, binds both listeners and starts serving
+/// in the current tokio runtime. Logs each listening address at `info` level.
 pub async fn start(config: &Config) -> Result<RunningService, Error> {
     let limits = limits::load_limits_file(&config.limits_file)?;
     let count = limits.len();
-    let core = Arc::new(Core::new(
-        limits,
-        config.cache_size,
-        Duration::from_millis(config.grpc_delay_ms),
-        config.rate_limit_headers == RateLimitHeaders::DraftVersion03,
-        config.reservation_settings(),
-    ));
+    let storage = config.storage.clone().unwrap_or(storage::Storage::Memory);
+    let core = Arc::new(
+        Core::connect(
+            &storage,
+            limits,
+            config.cache_size,
+            Duration::from_millis(config.grpc_delay_ms),
+            config.rate_limit_headers == RateLimitHeaders::DraftVersion03,
+            config.reservation_settings(),
+        )
+        .await
+        .map_err(Error::Storage)?,
+    );
     log::info!(
-        "loaded {count} limit(s) from {}",
-        config.limits_file.display()
+        "loaded {count} limit(s) from {}; counters in {}",
+        config.limits_file.display(),
+        storage.describe()
     );
 
     let rls_addr = SocketAddr::new(config.rls_ip, config.rls_port);

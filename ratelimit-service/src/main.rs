@@ -1,4 +1,4 @@
-//! `ratelimit-service`: a Limitador-compatible rate-limit service with in-memory counters.
+//! `ratelimit-service`: a Limitador-compatible rate-limit service with counters in memory or in Redis.
 //! See the crate's README.md for usage.
 
 use clap::Parser;

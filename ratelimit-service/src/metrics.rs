@@ -24,6 +24,8 @@
 //!   `Commit` calls applied (a retried commit the service ignored is not counted),
 //! - `ratelimit_commit_duplicates_total`: `Commit` calls ignored because their reservation id
 //!   was committed already,
+//! - `ratelimit_storage_errors_total`: calls answered `UNAVAILABLE` (or HTTP 503) because the
+//!   counters' storage failed (Redis unreachable or timed out), see [`crate::storage`],
 //! - `ratelimit_reservations_outstanding` (gauge): reservations with a live hold (neither
 //!   committed nor expired), and `ratelimit_reserved_hits_outstanding` (gauge): the sum of their
 //!   held amounts, see [`crate::reservations`].
@@ -48,6 +50,7 @@ struct Inner {
     reserved_hits: BTreeMap<String, u64>,
     committed_hits: BTreeMap<String, u64>,
     commit_duplicates: u64,
+    storage_errors: u64,
 }
 
 /// The service's counters, shared by the gRPC handlers and the HTTP API.
@@ -106,6 +109,11 @@ impl Metrics {
     /// A `Commit` was ignored: its reservation id was committed already.
     pub fn commit_duplicate(&self) {
         self.with(|m| m.commit_duplicates += 1);
+    }
+
+    /// A call failed because the counters' storage did.
+    pub fn storage_error(&self) {
+        self.with(|m| m.storage_errors += 1);
     }
 
     /// A call in `namespace` was answered `OK`; `hits` were added (0 for a check).
@@ -261,6 +269,13 @@ impl Metrics {
             );
             header(
                 &mut out,
+                "ratelimit_storage_errors_total",
+                "counter",
+                "Calls that failed because the counters' storage did",
+            );
+            let _ = writeln!(out, "ratelimit_storage_errors_total {}", m.storage_errors);
+            header(
+                &mut out,
                 "ratelimit_reservations_outstanding",
                 "gauge",
                 "Reservations with a live hold",
@@ -347,6 +362,7 @@ mod tests {
         m.reserved("llm", 5);
         m.committed("llm", 3);
         m.commit_duplicate();
+        m.storage_error();
         let text = m.render(Outstanding {
             reservations: 2,
             amount: 9,
@@ -360,6 +376,7 @@ mod tests {
             "commits add to authorized_hits: {text}"
         );
         assert!(text.contains("ratelimit_commit_duplicates_total 1\n"));
+        assert!(text.contains("ratelimit_storage_errors_total 1\n"));
         assert!(text.contains("# TYPE ratelimit_reservations_outstanding gauge\n"));
         assert!(text.contains("ratelimit_reservations_outstanding 2\n"));
         assert!(text.contains("ratelimit_reserved_hits_outstanding 9\n"));

@@ -38,15 +38,14 @@
 //! admitted), as the crate computes it while reserving.
 
 use std::collections::HashMap;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use limitador::counter::Counter;
-use limitador::errors::LimitadorError;
 use limitador::limit::{Context, Limit, Namespace};
 use limitador::reservation::{ReservationId, ReservationLimits, ReserveResult};
-use limitador::{CheckResult, RateLimiter, RateLimiterBuilder};
+use limitador::CheckResult;
 use ratelimit_proto::{
     Code, CommitRequest, CommitResponse, DescriptorStatus, HeaderValue, RateLimit,
     RateLimitDescriptor, RateLimitRequest, RateLimitResponse, ReserveRequest, ReserveResponse,
@@ -57,6 +56,15 @@ use tonic::{Request, Response, Status};
 use crate::metrics::Metrics;
 use crate::proto::{envoy, kuadrant};
 use crate::reservations::{CommitTicket, Ledger, ReservationSettings};
+use crate::storage::{Limiter, LimiterError, Storage};
+
+/// The crate's reservation limits of a reservation policy.
+fn reservation_limits(reservations: ReservationSettings) -> ReservationLimits {
+    ReservationLimits {
+        max_fraction: reservations.max_fraction,
+        max_ttl: reservations.max_ttl,
+    }
+}
 
 /// Shortest time a committed reservation id is remembered (see [`crate::reservations`]): the
 /// memory window is the longer of this and `--max-reservation-ttl`.
@@ -65,7 +73,9 @@ const MIN_COMMIT_MEMORY: Duration = Duration::from_secs(60);
 /// State shared by the gRPC services and the HTTP API: the limiter holding limits and counters,
 /// the metrics, the service's view of the reservations, and the testing delay.
 pub struct Core {
-    limiter: RateLimiter,
+    limiter: Limiter,
+    /// The storage failed on the last call (logged once per outage).
+    storage_failing: AtomicBool,
     metrics: Metrics,
     delay: Duration,
     rate_limit_headers: bool,
@@ -86,17 +96,48 @@ impl Core {
         rate_limit_headers: bool,
         reservations: ReservationSettings,
     ) -> Self {
-        let limiter = RateLimiterBuilder::new(cache_size)
-            .reservation_limits(ReservationLimits {
-                max_fraction: reservations.max_fraction,
-                max_ttl: reservations.max_ttl,
-            })
-            .build();
+        let limiter = Limiter::Blocking(
+            limitador::RateLimiterBuilder::new(cache_size)
+                .reservation_limits(reservation_limits(reservations))
+                .build(),
+        );
+        Self::with_limiter(limiter, limits, delay, rate_limit_headers, reservations)
+    }
+
+    /// Like [`Core::new`], with the counters in `storage` (see [`crate::storage`]). Errors:
+    /// the storage cannot be reached (one line, see [`Limiter::connect`]).
+    pub async fn connect(
+        storage: &Storage,
+        limits: Vec<Limit>,
+        cache_size: u64,
+        delay: Duration,
+        rate_limit_headers: bool,
+        reservations: ReservationSettings,
+    ) -> Result<Self, String> {
+        let limiter =
+            Limiter::connect(storage, cache_size, reservation_limits(reservations)).await?;
+        Ok(Self::with_limiter(
+            limiter,
+            limits,
+            delay,
+            rate_limit_headers,
+            reservations,
+        ))
+    }
+
+    fn with_limiter(
+        limiter: Limiter,
+        limits: Vec<Limit>,
+        delay: Duration,
+        rate_limit_headers: bool,
+        reservations: ReservationSettings,
+    ) -> Self {
         for limit in limits {
             limiter.add_limit(limit);
         }
         Self {
             limiter,
+            storage_failing: AtomicBool::new(false),
             metrics: Metrics::default(),
             delay,
             rate_limit_headers,
@@ -117,8 +158,30 @@ impl Core {
     }
 
     /// The limiter, for the HTTP API (`/limits`, `/counters`).
-    pub fn limiter(&self) -> &RateLimiter {
+    pub fn limiter(&self) -> &Limiter {
         &self.limiter
+    }
+
+    /// A limiter call's outcome as a gRPC answer: a storage failure is `UNAVAILABLE` (counted
+    /// in `ratelimit_storage_errors_total`, logged once per outage, and its end logged too), an
+    /// evaluation failure `INVALID_ARGUMENT`.
+    pub fn answer<T>(&self, result: Result<T, LimiterError>) -> Result<T, Status> {
+        match result {
+            Ok(value) => {
+                if self.storage_failing.swap(false, Ordering::Relaxed) {
+                    log::warn!("the counters' storage answers again");
+                }
+                Ok(value)
+            }
+            Err(e @ LimiterError::Storage(_)) => {
+                self.metrics.storage_error();
+                if !self.storage_failing.swap(true, Ordering::Relaxed) {
+                    log::error!("{e} (calls answer UNAVAILABLE until it is back; logged once)");
+                }
+                Err(Status::unavailable(e.to_string()))
+            }
+            Err(e @ LimiterError::Evaluation(_)) => Err(Status::invalid_argument(e.to_string())),
+        }
     }
 
     /// The metrics, for the HTTP API (`/metrics`).
@@ -133,14 +196,14 @@ impl Core {
     }
 
     /// `CheckRateLimit`: is one more hit allowed? Never writes.
-    pub fn check(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
+    pub async fn check(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
         self.metrics.check_call();
         if req.domain.is_empty() {
             return Ok(unknown());
         }
         let ns = Namespace::from(req.domain.as_str());
         let ctx = context(&req.descriptors, None);
-        let result = guarded(|| self.limiter.is_rate_limited(&ns, &ctx, 1))?;
+        let result = self.answer(self.limiter.is_rate_limited(&ns, &ctx, 1).await)?;
         let code = if result.limited {
             self.metrics
                 .limited(&req.domain, result.limit_name.as_deref());
@@ -152,14 +215,15 @@ impl Core {
         let statuses = if req.descriptors.len() == 1 {
             vec![status(&result.counters, code)]
         } else {
-            self.per_descriptor(&ns, &req.descriptors, 1, |r| limited_code(r.limited))?
+            self.per_descriptor(&ns, &req.descriptors, 1, |r| limited_code(r.limited))
+                .await?
         };
         Ok(response(code, statuses, Vec::new()))
     }
 
     /// `Report`: adds the hits (0 counts as 1) to every counter that applies, even past its
     /// maximum. Answers `OK`.
-    pub fn report(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
+    pub async fn report(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
         self.metrics.report_call();
         if req.domain.is_empty() {
             return Ok(unknown());
@@ -167,20 +231,24 @@ impl Core {
         let hits = hits(req);
         let ns = Namespace::from(req.domain.as_str());
         let ctx = context(&req.descriptors, None);
-        guarded(|| self.limiter.update_counters(&ns, &ctx, hits))?;
+        self.answer(self.limiter.update_counters(&ns, &ctx, hits).await)?;
         self.metrics.reported(&req.domain, hits);
         let statuses = if req.descriptors.len() == 1 {
-            let after = guarded(|| self.limiter.is_rate_limited(&ns, &ctx, 1))?;
+            let after = self.answer(self.limiter.is_rate_limited(&ns, &ctx, 1).await)?;
             vec![status(&after.counters, Code::Ok)]
         } else {
-            self.per_descriptor(&ns, &req.descriptors, 1, |_| Code::Ok)?
+            self.per_descriptor(&ns, &req.descriptors, 1, |_| Code::Ok)
+                .await?
         };
         Ok(response(Code::Ok, statuses, Vec::new()))
     }
 
     /// `ShouldRateLimit`: if the hits (0 counts as 1) fit in every counter that applies, adds
     /// them and answers `OK`; otherwise adds nothing and answers `OVER_LIMIT`.
-    pub fn should_rate_limit(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
+    pub async fn should_rate_limit(
+        &self,
+        req: &RateLimitRequest,
+    ) -> Result<RateLimitResponse, Status> {
         self.metrics.should_rate_limit_call();
         if req.domain.is_empty() {
             return Ok(unknown());
@@ -190,11 +258,18 @@ impl Core {
         let ctx = context(&req.descriptors, None);
         // With several descriptors, each one's own verdict is taken before the update.
         let before = if req.descriptors.len() > 1 {
-            Some(self.per_descriptor_results(&ns, &req.descriptors, hits)?)
+            Some(
+                self.per_descriptor_results(&ns, &req.descriptors, hits)
+                    .await?,
+            )
         } else {
             None
         };
-        let mut result = guarded(|| self.limiter.check_rate_limited_and_update(&ns, &ctx, hits))?;
+        let mut result = self.answer(
+            self.limiter
+                .check_rate_limited_and_update(&ns, &ctx, hits)
+                .await,
+        )?;
         let code = if result.limited {
             self.metrics
                 .limited(&req.domain, result.limit_name.as_deref());
@@ -241,7 +316,7 @@ impl Core {
     /// `Reserve`: if `amount` fits in every counter that applies once their outstanding holds
     /// are counted, holds it (see the module docs) and answers `OK` with the reservation's id;
     /// otherwise holds nothing and answers `OVER_LIMIT`.
-    pub fn reserve(&self, req: &ReserveRequest) -> Result<ReserveResponse, Status> {
+    pub async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveResponse, Status> {
         self.metrics.reserve_call();
         self.reservations_implemented()?;
         if req.domain.is_empty() {
@@ -255,7 +330,7 @@ impl Core {
         let ttl = hold_ttl(req.ttl.as_ref(), self.reservations.max_ttl)?;
         let ns = Namespace::from(req.domain.as_str());
         let ctx = context(&req.descriptors, None);
-        let result = guarded(|| self.limiter.reserve(&ns, &ctx, req.amount, Some(ttl)))?;
+        let result = self.answer(self.limiter.reserve(&ns, &ctx, req.amount, ttl).await)?;
         let code = if result.limited {
             self.metrics
                 .limited(&req.domain, result.limit_name.as_deref());
@@ -281,7 +356,8 @@ impl Core {
         let statuses = if req.descriptors.len() == 1 {
             vec![status(&result.counters, code)]
         } else {
-            self.reserve_statuses(&ns, &req.descriptors, &result, req.amount)?
+            self.reserve_statuses(&ns, &req.descriptors, &result, req.amount)
+                .await?
         };
         Ok(ReserveResponse {
             code: code as i32,
@@ -293,7 +369,7 @@ impl Core {
     /// `Commit`: adds `actual_amount` to every counter that applies and releases the hold of
     /// `reservation_id` if it is still live; a retried commit (an id already committed) adds
     /// nothing.
-    pub fn commit(&self, req: &CommitRequest) -> Result<CommitResponse, Status> {
+    pub async fn commit(&self, req: &CommitRequest) -> Result<CommitResponse, Status> {
         self.metrics.commit_call();
         self.reservations_implemented()?;
         let not_released = CommitResponse {
@@ -314,10 +390,11 @@ impl Core {
         let ns = Namespace::from(req.domain.as_str());
         let ctx = context(&req.descriptors, None);
         let reservation_id = id.map(|id| ReservationId::from(id.to_string()));
-        let result = guarded(|| {
+        let result = self.answer(
             self.limiter
                 .commit_reservation(&ns, &ctx, reservation_id.as_ref(), req.actual_amount)
-        });
+                .await,
+        );
         match result {
             Ok(result) => {
                 // The crate also says released for an expired hold it has not purged yet.
@@ -354,7 +431,7 @@ impl Core {
     /// remaining and reset the reservation computed for them (outstanding holds counted). A
     /// descriptor is `OVER_LIMIT` when the reservation was refused and one of its counters had
     /// less than `amount` left.
-    fn reserve_statuses(
+    async fn reserve_statuses(
         &self,
         ns: &Namespace,
         descriptors: &[RateLimitDescriptor],
@@ -362,7 +439,8 @@ impl Core {
         amount: u64,
     ) -> Result<Vec<DescriptorStatus>, Status> {
         Ok(self
-            .per_descriptor_results(ns, descriptors, amount)?
+            .per_descriptor_results(ns, descriptors, amount)
+            .await?
             .into_iter()
             .map(|mut r| {
                 let mut limited = false;
@@ -386,21 +464,21 @@ impl Core {
     }
 
     /// Read-only check of each descriptor alone (the others hidden as empty maps).
-    fn per_descriptor_results(
+    async fn per_descriptor_results(
         &self,
         ns: &Namespace,
         descriptors: &[RateLimitDescriptor],
         delta: u64,
     ) -> Result<Vec<CheckResult>, Status> {
-        (0..descriptors.len())
-            .map(|i| {
-                let ctx = context(descriptors, Some(i));
-                guarded(|| self.limiter.is_rate_limited(ns, &ctx, delta))
-            })
-            .collect()
+        let mut results = Vec::with_capacity(descriptors.len());
+        for i in 0..descriptors.len() {
+            let ctx = context(descriptors, Some(i));
+            results.push(self.answer(self.limiter.is_rate_limited(ns, &ctx, delta).await)?);
+        }
+        Ok(results)
     }
 
-    fn per_descriptor(
+    async fn per_descriptor(
         &self,
         ns: &Namespace,
         descriptors: &[RateLimitDescriptor],
@@ -408,7 +486,8 @@ impl Core {
         code: impl Fn(&CheckResult) -> Code,
     ) -> Result<Vec<DescriptorStatus>, Status> {
         Ok(self
-            .per_descriptor_results(ns, descriptors, delta)?
+            .per_descriptor_results(ns, descriptors, delta)
+            .await?
             .iter()
             .map(|r| status(&r.counters, code(r)))
             .collect())
@@ -486,23 +565,6 @@ fn context(descriptors: &[RateLimitDescriptor], only: Option<usize>) -> Context<
     ctx
 }
 
-/// Runs a limiter call, turning its errors and panics into a gRPC error instead of a dropped
-/// connection. The limitador crate panics when a condition fails to evaluate on a request (for
-/// example `descriptors[1]['x'] == '1'` on a request with one descriptor, or a condition that is
-/// not boolean); its locks are not held at that point, so the limiter stays usable.
-fn guarded<T>(f: impl FnOnce() -> Result<T, LimitadorError>) -> Result<T, Status> {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(Status::invalid_argument(format!(
-            "the request could not be evaluated against the limits: {e}"
-        ))),
-        Err(_) => Err(Status::invalid_argument(
-            "a limit's condition could not be evaluated on this request \
-             (does it index a descriptor the request does not have, or is it not boolean?)",
-        )),
-    }
-}
-
 fn unknown() -> RateLimitResponse {
     response(Code::Unknown, Vec::new(), Vec::new())
 }
@@ -576,7 +638,7 @@ impl kuadrant::rate_limit_service_server::RateLimitService for KuadrantRls {
         self.0.delay().await;
         let req = request.into_inner();
         log::debug!("CheckRateLimit {req:?}");
-        self.0.check(&req).map(Response::new)
+        self.0.check(&req).await.map(Response::new)
     }
 
     async fn report(
@@ -586,7 +648,7 @@ impl kuadrant::rate_limit_service_server::RateLimitService for KuadrantRls {
         self.0.delay().await;
         let req = request.into_inner();
         log::debug!("Report {req:?}");
-        self.0.report(&req).map(Response::new)
+        self.0.report(&req).await.map(Response::new)
     }
 
     async fn reserve(
@@ -596,7 +658,7 @@ impl kuadrant::rate_limit_service_server::RateLimitService for KuadrantRls {
         self.0.delay().await;
         let req = request.into_inner();
         log::debug!("Reserve {req:?}");
-        self.0.reserve(&req).map(Response::new)
+        self.0.reserve(&req).await.map(Response::new)
     }
 
     async fn commit(
@@ -606,7 +668,7 @@ impl kuadrant::rate_limit_service_server::RateLimitService for KuadrantRls {
         self.0.delay().await;
         let req = request.into_inner();
         log::debug!("Commit {req:?}");
-        self.0.commit(&req).map(Response::new)
+        self.0.commit(&req).await.map(Response::new)
     }
 }
 
@@ -622,7 +684,7 @@ impl envoy::rate_limit_service_server::RateLimitService for EnvoyRls {
         self.0.delay().await;
         let req = request.into_inner();
         log::debug!("ShouldRateLimit {req:?}");
-        self.0.should_rate_limit(&req).map(Response::new)
+        self.0.should_rate_limit(&req).await.map(Response::new)
     }
 }
 
@@ -668,15 +730,15 @@ mod tests {
    conditions: ["descriptors[1].y == '2'"], variables: ["descriptors[1].u"]}
 "#;
 
-    #[test]
-    fn statuses_are_per_descriptor() {
+    #[tokio::test]
+    async fn statuses_are_per_descriptor() {
         let c = core(TWO_DESCRIPTORS);
         let r = req(
             "ns",
             &[&[("x", "1"), ("u", "al")], &[("y", "2"), ("u", "al")]],
             3,
         );
-        let rep = c.report(&r).unwrap();
+        let rep = c.report(&r).await.unwrap();
         assert_eq!(rep.overall_code, Code::Ok as i32);
         assert_eq!(rep.statuses.len(), 2);
         assert_eq!(rep.statuses[0].limit_remaining, 7);
@@ -686,21 +748,21 @@ mod tests {
             rep.statuses[1].current_limit.as_ref().unwrap().unit,
             Unit::Hour as i32
         );
-        let chk = c.check(&r).unwrap();
+        let chk = c.check(&r).await.unwrap();
         assert_eq!(chk.overall_code, Code::OverLimit as i32);
         assert_eq!(chk.statuses[0].code, Code::Ok as i32);
         assert_eq!(chk.statuses[1].code, Code::OverLimit as i32);
     }
 
-    #[test]
-    fn should_rate_limit_with_several_descriptors() {
+    #[tokio::test]
+    async fn should_rate_limit_with_several_descriptors() {
         let c = core(TWO_DESCRIPTORS);
         let r = req(
             "ns",
             &[&[("x", "1"), ("u", "al")], &[("y", "2"), ("u", "al")]],
             2,
         );
-        let first = c.should_rate_limit(&r).unwrap();
+        let first = c.should_rate_limit(&r).await.unwrap();
         assert_eq!(first.overall_code, Code::Ok as i32);
         assert_eq!(first.statuses[0].limit_remaining, 8);
         assert_eq!(first.statuses[1].limit_remaining, 1);
@@ -709,7 +771,7 @@ mod tests {
             .response_headers_to_add
             .iter()
             .any(|h| h.key == "X-RateLimit-Remaining" && h.value == "1"));
-        let second = c.should_rate_limit(&r).unwrap();
+        let second = c.should_rate_limit(&r).await.unwrap();
         assert_eq!(second.overall_code, Code::OverLimit as i32);
         assert_eq!(second.statuses[0].code, Code::Ok as i32);
         assert_eq!(
@@ -736,15 +798,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn condition_on_missing_descriptor_is_an_error_not_a_panic() {
+    #[tokio::test]
+    async fn condition_on_missing_descriptor_is_an_error_not_a_panic() {
         let c = core(TWO_DESCRIPTORS);
         let r = req("ns", &[&[("x", "1"), ("u", "al")]], 1);
-        let err = c.check(&r).unwrap_err();
+        let err = c.check(&r).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
         // The limiter still works afterwards.
         let ok = c
             .check(&req("ns", &[&[("x", "1"), ("u", "al")], &[]], 1))
+            .await
             .unwrap();
         assert_eq!(ok.overall_code, Code::Ok as i32);
     }
