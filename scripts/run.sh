@@ -130,15 +130,19 @@ token-ratelimit is serving on http://127.0.0.1:8080 (logs in .run/). Try:
   curl -s http://127.0.0.1:9901/stats | grep token_ratelimit   # the filter's metrics
 MSG
 echo
-if [ -n "$start_redis" ]; then
-  echo "Counters: in Redis at $REDIS_URL (a redis-server started here; data in $RUN/redis,"
-  echo "log in $RUN/redis.log). Look at them in Redis:"
+if [ -n "$REDIS_URL" ]; then
+  if [ -n "$start_redis" ]; then
+    cli="redis-cli -p $REDIS_PORT"
+    echo "Counters: in Redis at $REDIS_URL (a redis-server started here; data in $RUN/redis,"
+    echo "log in $RUN/redis.log). Look at them in Redis:"
+  else
+    cli="redis-cli -u '$REDIS_URL'"
+    echo "Counters: in the Redis at $REDIS_URL (not started or stopped here). Look at them in Redis:"
+  fi
   echo
-  echo "  redis-cli -p $REDIS_PORT --scan"
-elif [ -n "$REDIS_URL" ]; then
-  echo "Counters: in the Redis at $REDIS_URL (not started or stopped here). Look at them in Redis:"
-  echo
-  echo "  redis-cli -u '$REDIS_URL' --scan"
+  echo "  $cli --scan     # the keys: counters, counters_of_limit, the holds (,reservations)"
+  echo "  $cli --scan --pattern '*,counter:*}' | while read -r k; do echo \"\$($cli get \"\$k\") \$k\"; done"
+  echo "                                       # the tokens spent in each counter's window"
 else
   echo "Counters: in memory in ratelimit-service (lost when it stops). \`make run REDIS=1\` keeps"
   echo "them in a local Redis."
