@@ -7,7 +7,8 @@
 #   (default)                      in memory: lost when it stops
 #   REDIS=1                        in a redis-server started here on 127.0.0.1:$REDIS_PORT
 #                                  (default 6379), data in .run/redis, stopped with the rest
-#   REDIS_URL=redis://host:port    in that Redis, which is not started or stopped here
+#   REDIS_URL=redis://host:port    in that Redis, which is not started or stopped here (it wins
+#                                  over REDIS=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY=${ENVOY:-.venv/bin/envoy}
