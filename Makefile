@@ -33,6 +33,9 @@ $(ENVOY):
 	@$(ENVOY) --version
 
 ## run: ratelimit-service, llm-simulator and Envoy on 127.0.0.1 in the foreground (Ctrl-C stops all).
+## Counters in memory. `make run REDIS=1`: in a redis-server started on 127.0.0.1:6379 (another
+## port: REDIS_PORT=N); `make run REDIS_URL=redis://host:port`: in that Redis (see scripts/run.sh;
+## make passes these variables from its command line or the environment to the script).
 run: build
 	ENVOY=$(ENVOY) scripts/run.sh
 

@@ -207,7 +207,9 @@ pub struct ReportingConfig {
     /// Timeout of each `Report` call (default `1s`).
     #[serde(default = "default_report_timeout")]
     pub timeout: String,
-    /// Further attempts of a failed `Report` before its tokens are dropped and counted (default 3).
+    /// Further attempts of a failed `Report` or `Commit` before its tokens are dropped and
+    /// counted (default 8: with the default `flushPeriod`, retries span about 16 s, see
+    /// [`crate::reports::Backoff`]).
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
 }
@@ -219,7 +221,7 @@ fn default_report_timeout() -> String {
     "1s".into()
 }
 fn default_max_retries() -> u32 {
-    3
+    8
 }
 
 impl Default for ReportingConfig {
@@ -683,7 +685,7 @@ mod tests {
         assert_eq!(cfg.rate_limit_service.failure_mode, FailureMode::Deny);
         assert_eq!(cfg.rate_limit_service.timeout, "100ms");
         assert_eq!(cfg.auth.metadata_namespace, "envoy.filters.http.ext_authz");
-        assert_eq!(cfg.reporting.max_retries, 3);
+        assert_eq!(cfg.reporting.max_retries, 8);
     }
 
     #[test]

@@ -4,11 +4,51 @@
 //! Streams hand their finished usage here (state shared in the VM); the calls are dispatched as
 //! the root context's, so that their answers reach the root context, which outlives the stream
 //! and retries what failed. Tokens for the same descriptor are summed
-//! into one report; a call that fails is retried up to `max_retries` times, then dropped and
-//! counted.
+//! into one report; a call that fails is retried up to `max_retries` times, each retry later
+//! than the one before (see [`Backoff`]), then dropped and counted.
 
 use ratelimit_proto::RateLimitDescriptor;
 use std::collections::HashMap;
+
+/// Longest wait before one retry, in milliseconds.
+pub const MAX_RETRY_DELAY_MS: u64 = 5_000;
+
+/// When a failed call is sent again: retry `n` (1 for the first) waits `first_ms` × 2^(n−1),
+/// at most [`MAX_RETRY_DELAY_MS`]. With the defaults (100 ms, 8 retries) a call is retried
+/// over about 16 s (0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 3.2 + 5 + 5), which outlasts a service
+/// restart or a Redis failover; a retry is sent on the first tick at or after its time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Further attempts before the call is dropped.
+    pub max_retries: u32,
+    /// Wait before the first retry, in milliseconds (the reporting tick).
+    pub first_ms: u64,
+}
+
+impl Default for Backoff {
+    /// No retry.
+    fn default() -> Self {
+        Backoff {
+            max_retries: 0,
+            first_ms: 0,
+        }
+    }
+}
+
+impl Backoff {
+    /// Milliseconds to wait before retry `attempt` (1 for the first).
+    pub fn delay_ms(&self, attempt: u32) -> u64 {
+        let doublings = attempt.saturating_sub(1).min(32);
+        self.first_ms
+            .saturating_mul(1u64 << doublings)
+            .min(MAX_RETRY_DELAY_MS)
+    }
+
+    /// Milliseconds from the first failure until the last retry is sent.
+    pub fn span_ms(&self) -> u64 {
+        (1..=self.max_retries).map(|a| self.delay_ms(a)).sum()
+    }
+}
 
 /// One `Report` to send: `hits` tokens for `descriptor`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,6 +59,8 @@ pub struct PendingReport {
     pub hits: u32,
     /// 0 for the first attempt.
     pub attempt: u32,
+    /// Not sent before this time (milliseconds since the Unix epoch; 0: at once).
+    pub not_before_ms: u64,
 }
 
 /// What became of a report whose call ended.
@@ -53,14 +95,14 @@ pub struct ReportQueue {
     index: HashMap<RateLimitDescriptor, usize>,
     retry: Vec<PendingReport>,
     in_flight: HashMap<u32, PendingReport>,
-    max_retries: u32,
+    backoff: Backoff,
 }
 
 impl ReportQueue {
-    /// A queue that retries a failed report at most `max_retries` times.
-    pub fn new(max_retries: u32) -> Self {
+    /// A queue that retries a failed report as `backoff` says.
+    pub fn new(backoff: Backoff) -> Self {
         ReportQueue {
-            max_retries,
+            backoff,
             ..Default::default()
         }
     }
@@ -100,10 +142,14 @@ impl ReportQueue {
         pending.chain(retry).fold(0, u64::saturating_add)
     }
 
-    /// Takes everything to send now: aggregated tokens (split into `u32` reports when a sum
-    /// exceeds `u32::MAX`) and the reports due for a retry.
-    pub fn take_batch(&mut self) -> Vec<PendingReport> {
-        let mut out = std::mem::take(&mut self.retry);
+    /// Takes everything to send at `now_ms` (milliseconds since the Unix epoch): aggregated
+    /// tokens (split into `u32` reports when a sum exceeds `u32::MAX`) and the reports whose
+    /// retry is due.
+    pub fn take_batch(&mut self, now_ms: u64) -> Vec<PendingReport> {
+        let (mut out, later) = std::mem::take(&mut self.retry)
+            .into_iter()
+            .partition(|r| r.not_before_ms <= now_ms);
+        self.retry = later;
         self.index.clear();
         for (descriptor, mut tokens) in self.pending.drain(..) {
             while tokens > 0 {
@@ -113,6 +159,7 @@ impl ReportQueue {
                     descriptor: descriptor.clone(),
                     hits,
                     attempt: 0,
+                    not_before_ms: 0,
                 });
             }
         }
@@ -133,28 +180,29 @@ impl ReportQueue {
         self.in_flight.insert(token, report);
     }
 
-    /// Records that `report` could not even be dispatched.
-    pub fn dispatch_failed(&mut self, report: PendingReport) -> ReportOutcome {
-        self.fail(report)
+    /// Records that `report` could not even be dispatched (at `now_ms`).
+    pub fn dispatch_failed(&mut self, report: PendingReport, now_ms: u64) -> ReportOutcome {
+        self.fail(report, now_ms)
     }
 
-    /// Records the end of call `token`: `ok` when the service answered `OK`.
-    pub fn reply(&mut self, token: u32, ok: bool) -> ReportOutcome {
+    /// Records the end of call `token` at `now_ms`: `ok` when the service answered `OK`.
+    pub fn reply(&mut self, token: u32, ok: bool, now_ms: u64) -> ReportOutcome {
         let Some(report) = self.in_flight.remove(&token) else {
             return ReportOutcome::Unknown;
         };
         if ok {
             ReportOutcome::Delivered { hits: report.hits }
         } else {
-            self.fail(report)
+            self.fail(report, now_ms)
         }
     }
 
-    fn fail(&mut self, mut report: PendingReport) -> ReportOutcome {
-        if report.attempt >= self.max_retries {
+    fn fail(&mut self, mut report: PendingReport, now_ms: u64) -> ReportOutcome {
+        if report.attempt >= self.backoff.max_retries {
             return ReportOutcome::Dropped { hits: report.hits };
         }
         report.attempt += 1;
+        report.not_before_ms = now_ms.saturating_add(self.backoff.delay_ms(report.attempt));
         let outcome = ReportOutcome::WillRetry {
             hits: report.hits,
             attempt: report.attempt,
@@ -175,6 +223,8 @@ pub struct PendingCommit {
     pub actual: u64,
     /// 0 for the first attempt.
     pub attempt: u32,
+    /// Not sent before this time (milliseconds since the Unix epoch; 0: at once).
+    pub not_before_ms: u64,
 }
 
 /// What became of a commit whose call ended.
@@ -211,14 +261,14 @@ pub enum CommitOutcome {
 pub struct CommitQueue {
     pending: Vec<PendingCommit>,
     in_flight: HashMap<u32, PendingCommit>,
-    max_retries: u32,
+    backoff: Backoff,
 }
 
 impl CommitQueue {
-    /// A queue that retries a failed commit at most `max_retries` times.
-    pub fn new(max_retries: u32) -> Self {
+    /// A queue that retries a failed commit as `backoff` says.
+    pub fn new(backoff: Backoff) -> Self {
         CommitQueue {
-            max_retries,
+            backoff,
             ..Default::default()
         }
     }
@@ -230,6 +280,7 @@ impl CommitQueue {
             reservation_id,
             actual,
             attempt: 0,
+            not_before_ms: 0,
         });
     }
 
@@ -243,9 +294,14 @@ impl CommitQueue {
         self.in_flight.len()
     }
 
-    /// Takes everything to send now (new commits and retries).
-    pub fn take_batch(&mut self) -> Vec<PendingCommit> {
-        std::mem::take(&mut self.pending)
+    /// Takes everything to send at `now_ms` (milliseconds since the Unix epoch): new commits
+    /// and the retries that are due.
+    pub fn take_batch(&mut self, now_ms: u64) -> Vec<PendingCommit> {
+        let (due, later) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|c| c.not_before_ms <= now_ms);
+        self.pending = later;
+        due
     }
 
     /// Records that `commit` was dispatched as call `token`.
@@ -259,13 +315,13 @@ impl CommitQueue {
         self.in_flight.extend(other.in_flight);
     }
 
-    /// Records that `commit` could not even be dispatched.
-    pub fn dispatch_failed(&mut self, commit: PendingCommit) -> CommitOutcome {
-        self.fail(commit)
+    /// Records that `commit` could not even be dispatched (at `now_ms`).
+    pub fn dispatch_failed(&mut self, commit: PendingCommit, now_ms: u64) -> CommitOutcome {
+        self.fail(commit, now_ms)
     }
 
-    /// Records the end of call `token`: `Ok(released)` when the service answered.
-    pub fn reply(&mut self, token: u32, result: Result<bool, ()>) -> CommitOutcome {
+    /// Records the end of call `token` at `now_ms`: `Ok(released)` when the service answered.
+    pub fn reply(&mut self, token: u32, result: Result<bool, ()>, now_ms: u64) -> CommitOutcome {
         let Some(commit) = self.in_flight.remove(&token) else {
             return CommitOutcome::Unknown;
         };
@@ -275,7 +331,7 @@ impl CommitQueue {
                 released,
                 held: !commit.reservation_id.is_empty(),
             },
-            Err(()) => self.fail(commit),
+            Err(()) => self.fail(commit, now_ms),
         }
     }
 
@@ -284,13 +340,14 @@ impl CommitQueue {
         self.in_flight.contains_key(&token)
     }
 
-    fn fail(&mut self, mut commit: PendingCommit) -> CommitOutcome {
-        if commit.attempt >= self.max_retries {
+    fn fail(&mut self, mut commit: PendingCommit, now_ms: u64) -> CommitOutcome {
+        if commit.attempt >= self.backoff.max_retries {
             return CommitOutcome::Dropped {
                 actual: commit.actual,
             };
         }
         commit.attempt += 1;
+        commit.not_before_ms = now_ms.saturating_add(self.backoff.delay_ms(commit.attempt));
         let outcome = CommitOutcome::WillRetry {
             actual: commit.actual,
             attempt: commit.attempt,
@@ -305,6 +362,14 @@ mod tests {
     use super::*;
     use ratelimit_proto::Entry;
 
+    /// Retries `max_retries` times, the first 100 ms after a failure.
+    fn backoff(max_retries: u32) -> Backoff {
+        Backoff {
+            max_retries,
+            first_ms: 100,
+        }
+    }
+
     fn desc(user: &str) -> RateLimitDescriptor {
         RateLimitDescriptor {
             entries: vec![Entry {
@@ -316,12 +381,12 @@ mod tests {
 
     #[test]
     fn same_descriptor_is_aggregated_and_zero_ignored() {
-        let mut q = ReportQueue::new(1);
+        let mut q = ReportQueue::new(backoff(1));
         q.add(desc("a"), 10);
         q.add(desc("b"), 5);
         q.add(desc("a"), 7);
         q.add(desc("c"), 0);
-        let batch = q.take_batch();
+        let batch = q.take_batch(0);
         assert_eq!(batch.len(), 2);
         assert_eq!(
             (batch[0].descriptor.clone(), batch[0].hits),
@@ -329,62 +394,97 @@ mod tests {
         );
         assert_eq!(batch[1].hits, 5);
         assert!(q.is_idle());
-        assert!(q.take_batch().is_empty());
+        assert!(q.take_batch(0).is_empty());
     }
 
     #[test]
     fn huge_sums_are_split_into_u32_reports() {
-        let mut q = ReportQueue::new(0);
+        let mut q = ReportQueue::new(backoff(0));
         q.add(desc("a"), u64::from(u32::MAX) + 5);
-        let hits: Vec<u32> = q.take_batch().iter().map(|r| r.hits).collect();
+        let hits: Vec<u32> = q.take_batch(0).iter().map(|r| r.hits).collect();
         assert_eq!(hits, vec![u32::MAX, 5]);
     }
 
     #[test]
-    fn failed_reports_are_retried_then_dropped() {
-        let mut q = ReportQueue::new(2);
+    fn failed_reports_are_retried_later_each_time_then_dropped() {
+        let mut q = ReportQueue::new(backoff(2));
         q.add(desc("a"), 9);
-        let r = q.take_batch().remove(0);
+        let r = q.take_batch(1_000).remove(0);
         q.sent(1, r);
         assert_eq!(
-            q.reply(1, false),
+            q.reply(1, false, 1_000),
             ReportOutcome::WillRetry {
                 hits: 9,
                 attempt: 1
             }
         );
-        assert_eq!(q.reply(1, false), ReportOutcome::Unknown);
-        let r = q.take_batch().remove(0);
+        assert_eq!(q.reply(1, false, 1_000), ReportOutcome::Unknown);
+        assert!(
+            q.take_batch(1_099).is_empty(),
+            "the first retry waits 100 ms"
+        );
+        assert!(!q.is_idle());
+        assert_eq!(q.unsent_tokens(), 9);
+        let r = q.take_batch(1_100).remove(0);
         assert_eq!(
-            q.dispatch_failed(r),
+            q.dispatch_failed(r, 1_100),
             ReportOutcome::WillRetry {
                 hits: 9,
                 attempt: 2
             }
         );
-        let r = q.take_batch().remove(0);
+        assert!(q.take_batch(1_299).is_empty(), "the second waits 200 ms");
+        let r = q.take_batch(1_300).remove(0);
         q.sent(2, r);
-        assert_eq!(q.reply(2, false), ReportOutcome::Dropped { hits: 9 });
+        assert_eq!(q.reply(2, false, 1_300), ReportOutcome::Dropped { hits: 9 });
         assert!(q.is_idle());
     }
 
     #[test]
-    fn delivered_reports_leave_the_queue() {
-        let mut q = ReportQueue::new(3);
+    fn a_retry_waiting_does_not_hold_back_new_reports() {
+        let mut q = ReportQueue::new(backoff(3));
+        q.add(desc("a"), 9);
+        let r = q.take_batch(0).remove(0);
+        q.sent(1, r);
+        q.reply(1, false, 0);
         q.add(desc("a"), 4);
-        let r = q.take_batch().remove(0);
+        let batch = q.take_batch(50);
+        assert_eq!(batch.len(), 1);
+        assert_eq!((batch[0].hits, batch[0].attempt), (4, 0));
+        let batch = q.take_batch(100);
+        assert_eq!((batch[0].hits, batch[0].attempt), (9, 1));
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_five_seconds_and_spans_sixteen_by_default() {
+        let b = Backoff {
+            max_retries: 8,
+            first_ms: 100,
+        };
+        let delays: Vec<u64> = (1..=8).map(|a| b.delay_ms(a)).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(b.span_ms(), 16_300);
+        assert_eq!(b.delay_ms(u32::MAX), MAX_RETRY_DELAY_MS, "no overflow");
+        assert_eq!(Backoff::default().span_ms(), 0);
+    }
+
+    #[test]
+    fn delivered_reports_leave_the_queue() {
+        let mut q = ReportQueue::new(backoff(3));
+        q.add(desc("a"), 4);
+        let r = q.take_batch(0).remove(0);
         q.sent(7, r);
         assert_eq!(q.in_flight(), 1);
-        assert_eq!(q.reply(7, true), ReportOutcome::Delivered { hits: 4 });
+        assert_eq!(q.reply(7, true, 0), ReportOutcome::Delivered { hits: 4 });
         assert_eq!(q.in_flight(), 0);
     }
 
     #[test]
     fn commits_are_sent_once_each_retried_then_dropped() {
-        let mut q = CommitQueue::new(1);
+        let mut q = CommitQueue::new(backoff(1));
         q.add(desc("a"), "r1".into(), 30);
         q.add(desc("a"), "r2".into(), 0);
-        let batch = q.take_batch();
+        let batch = q.take_batch(0);
         assert_eq!(
             batch.len(),
             2,
@@ -394,7 +494,7 @@ mod tests {
         q.sent(1, batch[0].clone());
         q.sent(2, batch[1].clone());
         assert_eq!(
-            q.reply(2, Ok(true)),
+            q.reply(2, Ok(true), 0),
             CommitOutcome::Delivered {
                 actual: 0,
                 released: true,
@@ -402,32 +502,33 @@ mod tests {
             }
         );
         assert_eq!(
-            q.reply(1, Err(())),
+            q.reply(1, Err(()), 0),
             CommitOutcome::WillRetry {
                 actual: 30,
                 attempt: 1
             }
         );
-        let retry = q.take_batch().remove(0);
+        assert!(q.take_batch(99).is_empty(), "the retry waits 100 ms");
+        let retry = q.take_batch(100).remove(0);
         assert_eq!((retry.reservation_id.as_str(), retry.attempt), ("r1", 1));
         assert_eq!(
-            q.dispatch_failed(retry),
+            q.dispatch_failed(retry, 100),
             CommitOutcome::Dropped { actual: 30 }
         );
         assert!(q.is_idle());
-        assert_eq!(q.reply(1, Ok(true)), CommitOutcome::Unknown);
+        assert_eq!(q.reply(1, Ok(true), 100), CommitOutcome::Unknown);
     }
 
     #[test]
     fn unsent_tokens_count_pending_and_retries() {
-        let mut q = ReportQueue::new(2);
+        let mut q = ReportQueue::new(backoff(2));
         q.add(desc("a"), 10);
         q.add(desc("b"), 5);
         assert_eq!(q.unsent_tokens(), 15);
-        let r = q.take_batch().remove(0);
+        let r = q.take_batch(0).remove(0);
         assert_eq!(q.unsent_tokens(), 0);
         q.sent(1, r);
-        q.reply(1, false);
+        q.reply(1, false, 0);
         assert_eq!(q.unsent_tokens(), 10);
     }
 }

@@ -19,10 +19,14 @@
 //!   admitted `Reserve`).
 //! - Committed ids: each non-empty id a `Commit` applied is remembered for the commit memory
 //!   window (see [`Ledger::new`]) after that commit, at most [`MAX_REMEMBERED_COMMITS`] of them
-//!   (the oldest forgotten first). A `Commit` with a remembered id adds nothing.
+//!   (the oldest forgotten first). A `Commit` with a remembered id adds nothing. A `Commit`
+//!   of an id whose first `Commit` is still being applied (a retry that overtook a slow first
+//!   attempt, e.g. while Redis does not answer) answers `UNAVAILABLE`, so that it is retried
+//!   once the first attempt settled; a first attempt that fails, or whose call is cancelled
+//!   before it settled, is forgotten, so that its retry applies.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,9 +75,13 @@ pub struct Outstanding {
 /// What [`Ledger::begin_commit`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CommitTicket {
-    /// The id was not committed yet: it is now remembered as committed. Apply the commit, then
-    /// call [`Ledger::finish_commit`] (or [`Ledger::abort_commit`] if it failed).
+    /// The id was neither committed nor being committed: it is now in flight. Apply the
+    /// commit, then call [`Ledger::finish_commit`] (or [`Ledger::abort_commit`] if it failed or
+    /// was cancelled).
     Apply,
+    /// A commit of the id is being applied (a retry that overtook a slow first attempt): answer
+    /// an error, so that the client retries once the first attempt has settled.
+    InProgress,
     /// The id was committed already: add nothing.
     Duplicate,
 }
@@ -96,6 +104,8 @@ struct Inner {
     committed: HashMap<Arc<str>, Instant>,
     /// The same, oldest first (one memory window for all, so also soonest forgotten first).
     committed_order: VecDeque<(Instant, Arc<str>)>,
+    /// Ids whose commit is being applied.
+    in_flight: HashSet<Arc<str>>,
 }
 
 impl Inner {
@@ -191,43 +201,49 @@ impl Ledger {
         });
     }
 
-    /// Marks `id` committed, unless it already is.
+    /// Marks the commit of `id` in flight, unless `id` is committed already or being
+    /// committed.
     pub fn begin_commit(&self, id: &str) -> CommitTicket {
-        let memory = self.commit_memory;
-        self.with(|inner, now| {
+        self.with(|inner, _| {
             if inner.committed.contains_key(id) {
-                return CommitTicket::Duplicate;
+                CommitTicket::Duplicate
+            } else if inner.in_flight.contains(id) {
+                CommitTicket::InProgress
+            } else {
+                inner.in_flight.insert(Arc::from(id));
+                CommitTicket::Apply
             }
-            let id: Arc<str> = Arc::from(id);
-            let forget_at = now + memory;
-            inner.committed.insert(id.clone(), forget_at);
-            inner.committed_order.push_back((forget_at, id));
-            if inner.committed_order.len() > MAX_REMEMBERED_COMMITS {
-                if let Some((at, id)) = inner.committed_order.pop_front() {
-                    if inner.committed.get(&id) == Some(&at) {
-                        inner.committed.remove(&id);
-                    }
-                }
-            }
-            CommitTicket::Apply
         })
     }
 
-    /// The commit of `id` failed: forget that it was committed, so that a retry applies.
+    /// The commit of `id` failed or was cancelled: forget it, so that a retry applies.
     pub fn abort_commit(&self, id: &str) {
         self.with(|inner, _| {
-            inner.committed.remove(id);
+            inner.in_flight.remove(id);
         });
     }
 
-    /// The commit of `id` was applied; `released`: the crate released its hold. Answers whether
-    /// that hold was still live, i.e. tracked and not expired (the crate also answers `true`
-    /// for an expired hold it has not purged yet).
+    /// The commit of `id` was applied: `id` is remembered as committed for the commit memory
+    /// window. `released`: the crate released its hold. Answers whether that hold was still
+    /// live, i.e. tracked and not expired (the crate also answers `true` for an expired hold it
+    /// has not purged yet).
     pub fn finish_commit(&self, id: &str, released: bool) -> bool {
-        if !released {
-            return false;
-        }
-        self.with(|inner, _| inner.live.remove(id).is_some())
+        let memory = self.commit_memory;
+        self.with(|inner, now| {
+            inner.in_flight.remove(id);
+            let id: Arc<str> = Arc::from(id);
+            let forget_at = now + memory;
+            inner.committed.insert(id.clone(), forget_at);
+            inner.committed_order.push_back((forget_at, id.clone()));
+            if inner.committed_order.len() > MAX_REMEMBERED_COMMITS {
+                if let Some((at, old)) = inner.committed_order.pop_front() {
+                    if inner.committed.get(&old) == Some(&at) {
+                        inner.committed.remove(&old);
+                    }
+                }
+            }
+            released && inner.live.remove(&id).is_some()
+        })
     }
 
     /// The reservations with a live hold, and their amounts.
@@ -302,12 +318,22 @@ mod tests {
     }
 
     #[test]
-    fn a_committed_id_is_a_duplicate_until_forgotten_or_aborted() {
+    fn a_committed_id_is_a_duplicate_until_forgotten_and_one_in_flight_is_in_progress() {
         let ledger = Ledger::new(Duration::from_millis(30));
         assert_eq!(ledger.begin_commit("a"), CommitTicket::Apply);
-        assert_eq!(ledger.begin_commit("a"), CommitTicket::Duplicate);
+        assert_eq!(
+            ledger.begin_commit("a"),
+            CommitTicket::InProgress,
+            "a retry overtaking the first attempt"
+        );
         ledger.abort_commit("a");
-        assert_eq!(ledger.begin_commit("a"), CommitTicket::Apply);
+        assert_eq!(
+            ledger.begin_commit("a"),
+            CommitTicket::Apply,
+            "the first attempt failed: the retry applies"
+        );
+        ledger.finish_commit("a", false);
+        assert_eq!(ledger.begin_commit("a"), CommitTicket::Duplicate);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(ledger.begin_commit("a"), CommitTicket::Apply, "forgotten");
     }
@@ -317,6 +343,7 @@ mod tests {
         let ledger = Ledger::new(Duration::from_secs(60));
         for i in 0..MAX_REMEMBERED_COMMITS + 10 {
             ledger.begin_commit(&i.to_string());
+            ledger.finish_commit(&i.to_string(), false);
         }
         for i in 0..MAX_TRACKED_RESERVATIONS + 10 {
             let ttl = Duration::from_secs(60 + i as u64);
@@ -325,6 +352,7 @@ mod tests {
         let inner = ledger.inner.lock().unwrap();
         assert_eq!(inner.committed.len(), MAX_REMEMBERED_COMMITS);
         assert_eq!(inner.committed_order.len(), MAX_REMEMBERED_COMMITS);
+        assert!(inner.in_flight.is_empty());
         assert!(
             !inner.committed.contains_key("0"),
             "the oldest is forgotten"

@@ -381,12 +381,26 @@ impl Core {
         check_amount("actual_amount", req.actual_amount)?;
         let id = (!req.reservation_id.is_empty()).then_some(req.reservation_id.as_str());
         if let Some(id) = id {
-            if self.ledger.begin_commit(id) == CommitTicket::Duplicate {
-                log::debug!("Commit of {id:?} again: already applied, ignored");
-                self.metrics.commit_duplicate();
-                return Ok(not_released);
+            match self.ledger.begin_commit(id) {
+                CommitTicket::Apply => {}
+                CommitTicket::Duplicate => {
+                    log::debug!("Commit of {id:?} again: already applied, ignored");
+                    self.metrics.commit_duplicate();
+                    return Ok(not_released);
+                }
+                CommitTicket::InProgress => {
+                    return Err(Status::unavailable(format!(
+                        "a Commit of reservation {id:?} is still being applied: retry later"
+                    )));
+                }
             }
         }
+        // Until settled below, a cancelled call (its deadline passed, the client reset it)
+        // forgets the commit, so that its retry applies.
+        let mut in_flight = CommitInFlight {
+            ledger: &self.ledger,
+            id,
+        };
         let ns = Namespace::from(req.domain.as_str());
         let ctx = context(&req.descriptors, None);
         let reservation_id = id.map(|id| ReservationId::from(id.to_string()));
@@ -395,6 +409,7 @@ impl Core {
                 .commit_reservation(&ns, &ctx, reservation_id.as_ref(), req.actual_amount)
                 .await,
         );
+        in_flight.id = None;
         match result {
             Ok(result) => {
                 // The crate also says released for an expired hold it has not purged yet.
@@ -491,6 +506,22 @@ impl Core {
             .iter()
             .map(|r| status(&r.counters, code(r)))
             .collect())
+    }
+}
+
+/// A commit begun in the [`Ledger`] and not settled yet: dropped with `id` still set (the call
+/// was cancelled while the storage applied it), it aborts the commit.
+struct CommitInFlight<'a> {
+    ledger: &'a Ledger,
+    id: Option<&'a str>,
+}
+
+impl Drop for CommitInFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            log::debug!("Commit of {id:?} cancelled before it settled: forgotten");
+            self.ledger.abort_commit(id);
+        }
     }
 }
 

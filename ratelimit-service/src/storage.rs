@@ -226,7 +226,9 @@ impl Limiter {
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(timeout)
                     .set_response_timeout(timeout)
-                    .set_number_of_retries(1);
+                    // One attempt per reconnection: a Redis that is down fails the call at once
+                    // (the filter retries it), rather than after a backoff.
+                    .set_number_of_retries(0);
                 let connection = ConnectionManager::new_with_config(client, config)
                     .await
                     .map_err(fail)?;

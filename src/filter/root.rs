@@ -219,10 +219,10 @@ impl RootFilter {
                 host.set_tick_period(policy.service.flush_period);
                 let mut shared = self.shared.borrow_mut();
                 let old = std::mem::take(&mut shared.queue);
-                shared.queue = ReportQueue::new(policy.service.max_retries);
+                shared.queue = ReportQueue::new(policy.service.retry_backoff());
                 shared.queue.absorb(old);
                 let old = std::mem::take(&mut shared.commits);
-                shared.commits = CommitQueue::new(policy.service.max_retries);
+                shared.commits = CommitQueue::new(policy.service.retry_backoff());
                 shared.commits.absorb(old);
                 self.policy = Some(Rc::new(policy));
                 true
@@ -264,6 +264,7 @@ impl RootFilter {
             }
             return;
         }
+        let now = now_ms(host);
         if self.shared.borrow().commits.owns(token) {
             // An empty message is a valid (all-default) answer.
             let answer = if status == 0 {
@@ -275,7 +276,7 @@ impl RootFilter {
                 Err(())
             };
             let mut shared = self.shared.borrow_mut();
-            let outcome = shared.commits.reply(token, answer);
+            let outcome = shared.commits.reply(token, answer, now);
             record_commit_outcome(host, &mut shared, outcome, status);
             return;
         }
@@ -285,7 +286,7 @@ impl RootFilter {
                 .and_then(|b| RateLimitResponse::decode(b.as_slice()).ok())
                 .is_some_and(|r| r.overall_code == Code::Ok as i32);
         let mut shared = self.shared.borrow_mut();
-        let outcome = shared.queue.reply(token, ok);
+        let outcome = shared.queue.reply(token, ok, now);
         record_report_outcome(host, &mut shared, outcome, status);
     }
 
@@ -411,7 +412,8 @@ pub(crate) fn dispatch_queued(
     shared: &SharedRef,
     reports: bool,
 ) {
-    let commits = shared.borrow_mut().commits.take_batch();
+    let now = now_ms(host);
+    let commits = shared.borrow_mut().commits.take_batch(now);
     for commit in commits {
         let request = CommitRequest {
             domain: policy.service.domain.clone(),
@@ -428,7 +430,7 @@ pub(crate) fn dispatch_queued(
             }
             Err(reason) => {
                 host_log!(host, Debug, "commit dispatch failed: {reason}");
-                let outcome = shared.commits.dispatch_failed(commit);
+                let outcome = shared.commits.dispatch_failed(commit, now);
                 record_commit_outcome(host, &mut shared, outcome, GRPC_UNAVAILABLE);
             }
         }
@@ -436,7 +438,7 @@ pub(crate) fn dispatch_queued(
     if !reports {
         return;
     }
-    let batch = shared.borrow_mut().queue.take_batch();
+    let batch = shared.borrow_mut().queue.take_batch(now);
     for report in batch {
         let request = RateLimitRequest {
             domain: policy.service.domain.clone(),
@@ -452,11 +454,18 @@ pub(crate) fn dispatch_queued(
             }
             Err(reason) => {
                 host_log!(host, Debug, "report dispatch failed: {reason}");
-                let outcome = shared.queue.dispatch_failed(report);
+                let outcome = shared.queue.dispatch_failed(report, now);
                 record_report_outcome(host, &mut shared, outcome, GRPC_UNAVAILABLE);
             }
         }
     }
+}
+
+/// The host's clock in milliseconds since the Unix epoch (0 before it).
+fn now_ms(host: &mut impl Host) -> u64 {
+    host.now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// Dispatches a `Commit` or `Report` (`method`) of `message` to the rate-limit service, with the

@@ -677,6 +677,10 @@ fn failed_reports_are_retried_then_dropped_and_counted() {
     let first = host.calls(REPORT)[0].token;
     root.on_grpc_reply(&mut host, first, 14, 0);
     assert_eq!(host.counter(names::REPORTS_RETRIED), 1);
+    // The retry waits one flushPeriod (100 ms) after the failure.
+    root.on_tick(&mut host);
+    assert_eq!(host.calls(REPORT).len(), 1, "retried before its time");
+    host.now += std::time::Duration::from_millis(100);
     root.on_tick(&mut host);
     let second = host.calls(REPORT)[1].token;
     assert_eq!(reports(&host)[1].hits_addend, 9);
@@ -1025,6 +1029,9 @@ fn failed_commits_are_retried_on_the_tick_then_dropped_and_counted() {
     let first = host.calls(COMMIT)[0].token;
     root.on_grpc_reply(&mut host, first, 14, 0);
     assert_eq!(host.counter(names::COMMITS_RETRIED), 1);
+    root.on_tick(&mut host);
+    assert_eq!(host.calls(COMMIT).len(), 1, "retried before its time");
+    host.now += std::time::Duration::from_millis(100);
     root.on_tick(&mut host);
     let second = host.calls(COMMIT)[1].token;
     assert_eq!(commits(&host)[1].reservation_id, "r");

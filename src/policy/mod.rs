@@ -133,6 +133,18 @@ pub struct ServiceSettings {
     pub mode: AdmissionMode,
 }
 
+impl ServiceSettings {
+    /// How failed `Report`s and `Commit`s are retried: `max_retries` times, the first one
+    /// `flush_period` after the failure, each later one twice as late (at most
+    /// [`crate::reports::MAX_RETRY_DELAY_MS`]).
+    pub fn retry_backoff(&self) -> crate::reports::Backoff {
+        crate::reports::Backoff {
+            max_retries: self.max_retries,
+            first_ms: u64::try_from(self.flush_period.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
 /// Usage settings, validated.
 #[derive(Debug, Clone)]
 pub struct UsageSettings {

@@ -827,9 +827,22 @@ impl Stack {
     /// The live counter of `userid` (`auth.identity.userid`) in `GET /counters/llm` (the first
     /// one: the shipped limits give each user one counter), `None` when it has none.
     pub fn counter_of(&self, userid: &str) -> Option<Counter> {
-        self.counters()
-            .as_array()?
-            .iter()
+        self.try_counter_of(userid)
+            .unwrap_or_else(|e| panic!("counters: {e}"))
+    }
+
+    /// [`Stack::counter_of`], or `Err` with the service's answer while it cannot read its
+    /// counters (with `redis URL`, while Redis is unreachable: `503` and a line of text).
+    pub fn try_counter_of(&self, userid: &str) -> Result<Option<Counter>, String> {
+        let text = self.get(&format!(
+            "http://127.0.0.1:{}/counters/llm",
+            self.ports.rls_http
+        ));
+        let counters: serde_json::Value = serde_json::from_str(&text).map_err(|_| text)?;
+        Ok(counters
+            .as_array()
+            .into_iter()
+            .flatten()
             .find(|c| {
                 c["set_variables"]
                     .as_object()
@@ -842,7 +855,7 @@ impl Stack {
                     .unwrap_or(0)
                     .saturating_sub(c["remaining"].as_u64().unwrap_or(0)),
                 reserved: c["reserved"].as_u64().unwrap_or(0),
-            })
+            }))
     }
 
     /// What the service holds in all (`reserved` summed over `GET /counters/llm`).

@@ -143,10 +143,10 @@ fn service_restart_with_failure_mode_deny_refuses_while_down_and_counts_lost_com
 
 /// `mode`: `None` for the shipped `auto` (reservation).
 fn service_restart_with_failure_mode_deny(mode: Option<&'static str>) {
-    // Default reporting (maxRetries 3, flushPeriod 100 ms): a report or commit that fails for
-    // ~400 ms is dropped, and counted.
+    // Three retries (flushPeriod 100 ms: 0.1, 0.2 and 0.4 s apart): a report or commit that
+    // fails for ~700 ms is dropped, and counted.
     let mut stack = Stack::start(Options {
-        edits: vec![gold_unlimited()],
+        edits: vec![gold_unlimited(), reporting(3, "100ms")],
         mode,
         ..Options::default()
     });
@@ -235,7 +235,8 @@ fn service_restart_with_failure_mode_allow_delivers_the_retried_commits() {
 
 /// `mode`: `None` for the shipped `auto` (reservation).
 fn service_restart_with_failure_mode_allow(mode: Option<&'static str>) {
-    // Retries span the outage: 200 retries, one per 100 ms tick (20 s).
+    // Retries span the outage: 200 retries, 0.1 s after the failure and twice as late each
+    // time up to 5 s apart (the first 8 span 16 s).
     let mut stack = Stack::start(Options {
         failure_mode: "allow",
         edits: vec![reporting(200, "100ms")],
@@ -312,6 +313,9 @@ fn slow_service(failure_mode: &'static str) -> Stack {
         failure_mode,
         check_timeout: "300ms",
         service_args: vec!["--grpc-delay-ms".into(), "2000".into()],
+        // Three retries (0.1 + 0.2 + 0.4 s apart, each timing out after 1 s): charges are
+        // dropped within about 5 s rather than the default 8 retries' 25 s.
+        edits: vec![reporting(3, "100ms")],
         ..Options::default()
     })
 }

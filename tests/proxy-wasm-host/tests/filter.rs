@@ -1247,6 +1247,11 @@ fn a_failing_report_is_retried_up_to_max_retries_then_dropped() {
         &|token| plugin.fail_grpc(token, grpc_status::INTERNAL, "oops"),
     ];
     for (attempt, fail) in fail.iter().enumerate() {
+        if attempt > 0 {
+            // Retry n waits flushPeriod × 2^(n-1) after the failure: not on the next tick.
+            assert!(tick(&plugin).is_empty(), "attempt {attempt} before its time");
+            plugin.advance_time(Duration::from_millis(100 << (attempt - 1)));
+        }
         let reports = tick(&plugin);
         assert_eq!(reports.len(), 1, "attempt {attempt}: {reports:?}");
         assert_eq!(reports[0].hits(), 12);
@@ -1273,6 +1278,7 @@ fn a_retried_report_that_succeeds_is_not_sent_again() {
     let first = tick(&plugin);
     plugin.timeout_grpc(first[0].call.token);
     assert_eq!(metric(&plugin, "reports_retried"), 1);
+    plugin.advance_time(Duration::from_millis(100));
     assert_eq!(
         tick_delivered(&plugin),
         vec![(user_descriptor("free", "alice"), 9)]
@@ -1307,6 +1313,8 @@ fn a_reconfiguration_keeps_the_tokens_still_owed() {
     // The report in flight before is still known: its failure is retried.
     plugin.fail_grpc(in_flight[0].call.token, grpc_status::UNAVAILABLE, "down");
     assert_eq!(metric(&plugin, "reports_retried"), 1);
+    // Retried one (new) flushPeriod after the failure.
+    plugin.advance_time(Duration::from_secs(1));
     let mut delivered = tick_delivered(&plugin);
     delivered.sort();
     assert_eq!(
@@ -1430,6 +1438,7 @@ fn a_report_sent_at_once_that_fails_is_retried_on_the_tick() {
     assert_eq!(at_once.len(), 1);
     plugin.fail_grpc(at_once[0].call.token, grpc_status::UNAVAILABLE, "down");
     assert_eq!(metric(&plugin, "reports_retried"), 1);
+    plugin.advance_time(Duration::from_millis(100));
     assert_eq!(
         tick_delivered(&plugin),
         vec![(user_descriptor("free", "alice"), 10)]
