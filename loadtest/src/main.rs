@@ -1530,20 +1530,20 @@ struct Holds {
 
 impl Holds {
     /// Summed over the services: each shows only the holds it granted (`reserved`); with Redis
-    /// they list the same counters, which are counted once (the most any service lists).
+    /// they list the same counters, each counted once (by its limit and variables).
     fn read(stacks: &[Stack]) -> Holds {
-        let mut held: Vec<u64> = Vec::new();
-        let mut counters = 0;
+        let mut held: BTreeMap<String, u64> = BTreeMap::new();
         for s in stacks {
-            let list = s.counters().as_array().cloned().unwrap_or_default();
-            counters = counters.max(list.len() as u64);
-            held.extend(list.iter().map(|c| c["reserved"].as_u64().unwrap_or(0)));
+            for c in s.counters().as_array().cloned().unwrap_or_default() {
+                let key = format!("{} {}", c["limit"], c["set_variables"]);
+                *held.entry(key).or_default() += c["reserved"].as_u64().unwrap_or(0);
+            }
         }
         let metrics = ServiceMetrics::read(stacks);
         Holds {
-            counters_with_holds: held.iter().filter(|r| **r > 0).count() as u64,
-            counters,
-            reserved: held.iter().sum(),
+            counters_with_holds: held.values().filter(|r| **r > 0).count() as u64,
+            counters: held.len() as u64,
+            reserved: held.values().sum(),
             outstanding: metrics.get("ratelimit_reservations_outstanding"),
             outstanding_hits: metrics.get("ratelimit_reserved_hits_outstanding"),
         }
