@@ -1462,6 +1462,46 @@ fn main() -> ExitCode {
                 charged_gold as i128 - expected as i128
             );
         }
+        // The free users' budget is one across the replicas: what one free user was served
+        // (with usage in the answer) stays within one limit, not one per replica (in
+        // checkReport a request admitted under the limit may take it past: informational).
+        if window > 0 && since_first < window as f64 {
+            let is_free = |key: &str| {
+                key.strip_prefix("APIKEY load-")
+                    .or_else(|| key.strip_prefix("load-"))
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| n % 100 < args.free_percent)
+            };
+            let free_limit = stacks[0]
+                .counters()
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| {
+                    c["set_variables"]
+                        .as_object()
+                        .is_some_and(|vars| vars.values().any(|v| v.as_str().is_some_and(is_free)))
+                })
+                .and_then(|c| c["limit"]["max_value"].as_u64());
+            let free: Vec<u64> = served_json["by_user"]
+                .as_object()
+                .map(|users| {
+                    users
+                        .iter()
+                        .filter(|(k, _)| is_free(k))
+                        .map(|(_, v)| v["total_tokens"].as_u64().unwrap_or(0))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let (Some(limit), Some(most)) = (free_limit, free.iter().max()) {
+                println!(
+                    "free users (one budget of {limit} per {window} s across the replicas): {} served, the most to one \
+                     {most} tokens, {} over {limit}",
+                    free.len(),
+                    free.iter().filter(|t| **t > limit).count()
+                );
+            }
+        }
     }
     let ok = exact && holds_ok && counters_ok && tally.kinds.iter().map(|k| k.ok).sum::<u64>() > 0;
     if ok {
