@@ -1443,7 +1443,12 @@ fn main() -> ExitCode {
         } else {
             String::new()
         };
-        if window == 0 || since_first >= window as f64 {
+        if window == 0 {
+            println!(
+                "counters (Redis): not compared: no live gold user's counter left ({since_first:.0} s since the first \
+                 request: their windows ended)"
+            );
+        } else if since_first >= window as f64 {
             println!(
                 "counters (Redis): not compared: {since_first:.0} s since the first request, the limits' window is \
                  {window} s (counters may have started again)"
