@@ -129,6 +129,10 @@ impl Redis {
         let Some(mut process) = self.process.take() else {
             return;
         };
+        // A paused server cannot shut down.
+        let _ = Command::new("kill")
+            .args(["-CONT", &process.pid().to_string()])
+            .status();
         // The server closes the connection without an answer when it shuts down.
         let _ = self.command(&["SHUTDOWN"]);
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -136,6 +140,31 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(20));
         }
         process.kill();
+    }
+
+    /// Freezes the server (SIGSTOP): connections stay open and commands are accepted by the
+    /// kernel, but nothing is answered until [`Redis::resume`], which then runs them (a stalled
+    /// Redis, or a network that stops delivering without resetting connections).
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT): it executes what it was sent meanwhile.
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self
+            .process
+            .as_ref()
+            .expect("redis-server is not running")
+            .pid();
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &pid.to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{name} {pid}");
     }
 
     /// Whether the server answers `PING` with `PONG` (within 2 s).
@@ -239,6 +268,7 @@ impl Resp {
 impl Drop for Redis {
     fn drop(&mut self) {
         if let Some(mut p) = self.process.take() {
+            // SIGKILL ends a paused process too.
             p.kill();
         }
     }
