@@ -699,7 +699,14 @@ impl kuadrant::rate_limit_service_server::RateLimitService for KuadrantRls {
         self.0.delay().await;
         let req = request.into_inner();
         log::debug!("Commit {req:?}");
-        self.0.commit(&req).await.map(Response::new)
+        // Applied in a task of its own, which outlives this call: a commit whose caller gave up
+        // (its deadline passed while Redis did not answer) still settles in the ledger, so that
+        // its retry is a duplicate once it is applied, not applied a second time.
+        let core = self.0.clone();
+        match tokio::spawn(async move { core.commit(&req).await }).await {
+            Ok(answer) => answer.map(Response::new),
+            Err(e) => Err(Status::internal(format!("the commit failed: {e}"))),
+        }
     }
 }
 

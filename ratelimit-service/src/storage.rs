@@ -167,13 +167,28 @@ fn panicked() -> LimiterError {
     )
 }
 
+/// Longest wait for Redis's answer to a `Commit` with the `redis` storage. A commit is never
+/// given up sooner: Redis may still run a command whose answer the service stopped waiting
+/// for, and the filter's retry would then be applied as well. While the first attempt waits,
+/// a retry answers `UNAVAILABLE` (see [`crate::reservations`]), and once it is applied, the
+/// retry is a duplicate. This is longer than the filter's retries last by default (about 16 s
+/// of delays plus each attempt's timeout).
+pub const COMMIT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The limitador crate's limiter over the chosen [`Storage`]: the blocking one for memory, the
 /// async one for Redis.
 pub enum Limiter {
     /// In-memory counters.
     Blocking(RateLimiter),
     /// Redis (cached or not).
-    Async(AsyncRateLimiter),
+    Async {
+        /// Every call but `Commit`.
+        calls: AsyncRateLimiter,
+        /// `Commit`s, on a connection of their own that waits up to
+        /// [`COMMIT_RESPONSE_TIMEOUT`] (`redis` only; `redis_cached` commits to its local
+        /// cache).
+        commits: Option<AsyncRateLimiter>,
+    },
 }
 
 /// Runs one blocking limiter call, its errors and panics turned into [`LimiterError`].
@@ -222,26 +237,28 @@ impl Limiter {
                 response_timeout_ms,
             } => {
                 let timeout = Duration::from_millis(*response_timeout_ms);
-                let client = redis::Client::open(url.as_str()).map_err(fail)?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(timeout)
-                    .set_response_timeout(timeout)
-                    // One attempt per reconnection: a Redis that is down fails the call at once
-                    // (the filter retries it), rather than after a backoff.
-                    .set_number_of_retries(0);
-                let connection = ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map_err(fail)?;
-                let redis = AsyncRedisStorage::new_with_conn_manager(connection)
-                    .await
-                    .map_err(fail)?;
-                Ok(Limiter::Async(
-                    AsyncRateLimiterBuilder::new(AsyncStorage::with_counter_storage(Box::new(
-                        redis,
-                    )))
-                    .reservation_limits(reservations)
-                    .build(),
-                ))
+                let limiter = |response_timeout: Duration| async move {
+                    let client = redis::Client::open(url.as_str())?;
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(timeout)
+                        .set_response_timeout(response_timeout)
+                        // One attempt per reconnection: a Redis that is down fails the call at
+                        // once (the filter retries it), rather than after a backoff.
+                        .set_number_of_retries(0);
+                    let connection = ConnectionManager::new_with_config(client, config).await?;
+                    let redis = AsyncRedisStorage::new_with_conn_manager(connection).await?;
+                    Ok::<_, redis::RedisError>(
+                        AsyncRateLimiterBuilder::new(AsyncStorage::with_counter_storage(Box::new(
+                            redis,
+                        )))
+                        .reservation_limits(reservations)
+                        .build(),
+                    )
+                };
+                Ok(Limiter::Async {
+                    calls: limiter(timeout).await.map_err(fail)?,
+                    commits: Some(limiter(COMMIT_RESPONSE_TIMEOUT).await.map_err(fail)?),
+                })
             }
             Storage::RedisCached {
                 url,
@@ -260,13 +277,14 @@ impl Limiter {
                     .build()
                     .await
                     .map_err(fail)?;
-                Ok(Limiter::Async(
-                    AsyncRateLimiterBuilder::new(AsyncStorage::with_counter_storage(Box::new(
-                        cached,
-                    )))
+                Ok(Limiter::Async {
+                    calls: AsyncRateLimiterBuilder::new(AsyncStorage::with_counter_storage(
+                        Box::new(cached),
+                    ))
                     .reservation_limits(reservations)
                     .build(),
-                ))
+                    commits: None,
+                })
             }
         }
     }
@@ -275,7 +293,12 @@ impl Limiter {
     pub fn add_limit(&self, limit: Limit) -> bool {
         match self {
             Limiter::Blocking(l) => l.add_limit(limit),
-            Limiter::Async(l) => l.add_limit(limit),
+            Limiter::Async { calls, commits } => {
+                if let Some(commits) = commits {
+                    commits.add_limit(limit.clone());
+                }
+                calls.add_limit(limit)
+            }
         }
     }
 
@@ -283,7 +306,7 @@ impl Limiter {
     pub fn get_limits(&self, namespace: &Namespace) -> HashSet<Limit> {
         match self {
             Limiter::Blocking(l) => l.get_limits(namespace),
-            Limiter::Async(l) => l.get_limits(namespace),
+            Limiter::Async { calls: l, .. } => l.get_limits(namespace),
         }
     }
 
@@ -294,7 +317,7 @@ impl Limiter {
     ) -> Result<HashSet<Counter>, LimiterError> {
         match self {
             Limiter::Blocking(l) => blocking(|| l.get_counters(namespace)),
-            Limiter::Async(l) => awaited(l.get_counters(namespace)).await,
+            Limiter::Async { calls: l, .. } => awaited(l.get_counters(namespace)).await,
         }
     }
 
@@ -307,7 +330,9 @@ impl Limiter {
     ) -> Result<CheckResult, LimiterError> {
         match self {
             Limiter::Blocking(l) => blocking(|| l.is_rate_limited(namespace, ctx, delta)),
-            Limiter::Async(l) => awaited(l.is_rate_limited(namespace, ctx, delta)).await,
+            Limiter::Async { calls: l, .. } => {
+                awaited(l.is_rate_limited(namespace, ctx, delta)).await
+            }
         }
     }
 
@@ -320,7 +345,9 @@ impl Limiter {
     ) -> Result<(), LimiterError> {
         match self {
             Limiter::Blocking(l) => blocking(|| l.update_counters(namespace, ctx, delta)),
-            Limiter::Async(l) => awaited(l.update_counters(namespace, ctx, delta)).await,
+            Limiter::Async { calls: l, .. } => {
+                awaited(l.update_counters(namespace, ctx, delta)).await
+            }
         }
     }
 
@@ -335,7 +362,7 @@ impl Limiter {
             Limiter::Blocking(l) => {
                 blocking(|| l.check_rate_limited_and_update(namespace, ctx, delta))
             }
-            Limiter::Async(l) => {
+            Limiter::Async { calls: l, .. } => {
                 awaited(l.check_rate_limited_and_update(namespace, ctx, delta)).await
             }
         }
@@ -352,7 +379,9 @@ impl Limiter {
     ) -> Result<ReserveResult, LimiterError> {
         match self {
             Limiter::Blocking(l) => blocking(|| l.reserve(namespace, ctx, amount, Some(ttl))),
-            Limiter::Async(l) => awaited(l.reserve(namespace, ctx, amount, Some(ttl))).await,
+            Limiter::Async { calls: l, .. } => {
+                awaited(l.reserve(namespace, ctx, amount, Some(ttl))).await
+            }
         }
     }
 
@@ -369,7 +398,8 @@ impl Limiter {
             Limiter::Blocking(l) => {
                 blocking(|| l.commit_reservation(namespace, ctx, reservation_id, actual_amount))
             }
-            Limiter::Async(l) => {
+            Limiter::Async { calls, commits } => {
+                let l = commits.as_ref().unwrap_or(calls);
                 awaited(l.commit_reservation(namespace, ctx, reservation_id, actual_amount)).await
             }
         }
