@@ -8,6 +8,7 @@
 //!   call is one or more Redis round trips; a call that cannot reach Redis within the response
 //!   timeout answers gRPC `UNAVAILABLE` (nothing applied, unless Redis ran the command before
 //!   the timeout), and the connection is re-established on the next call once Redis is back.
+//!   `Commit` alone waits longer, [`COMMIT_RESPONSE_TIMEOUT`], on a connection of its own.
 //! - `redis_cached URL`: the crate's cached Redis storage. Counters are counted in this
 //!   process and flushed to Redis in batches (every `--flush-period` ms, `--batch` counters at
 //!   a time), and read back from Redis on a cache miss; while Redis is unreachable the local
