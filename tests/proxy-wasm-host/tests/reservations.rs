@@ -847,6 +847,13 @@ fn a_failing_commit_is_retried_on_the_tick_up_to_max_retries_then_dropped_and_co
     for (attempt, fail) in fail.iter().enumerate() {
         if attempt > 0 {
             assert!(pending_commits(&plugin).is_empty(), "retried on the tick");
+            // Retry n waits flushPeriod × 2^(n-1) after the failure: not on the next tick.
+            plugin.tick();
+            assert!(
+                pending_commits(&plugin).is_empty(),
+                "attempt {attempt} before its time"
+            );
+            plugin.advance_time(Duration::from_millis(100 << (attempt - 1)));
             plugin.tick();
         }
         let commits = pending_commits(&plugin);
@@ -872,6 +879,7 @@ fn a_retried_commit_that_succeeds_is_not_sent_again() {
     served(&plugin, "hold-1", 4, 5).finish();
     let first = pending_commits(&plugin);
     plugin.fail_grpc(first[0].call.token, grpc_status::UNAVAILABLE, "down");
+    plugin.advance_time(Duration::from_millis(100));
     plugin.tick();
     assert_eq!(
         commits_delivered(&plugin),
@@ -897,6 +905,7 @@ fn a_commit_that_cannot_be_dispatched_is_retried_on_the_tick() {
     assert!(pending_commits(&plugin).is_empty());
     assert_eq!(metric(&plugin, "commits_retried"), 1);
     stream.finish();
+    plugin.advance_time(Duration::from_millis(100));
     plugin.tick();
     assert_eq!(
         commits_delivered(&plugin),
@@ -922,6 +931,8 @@ fn a_reconfiguration_keeps_the_commits_still_owed() {
     // The commit in flight before is still known: its failure is retried.
     plugin.fail_grpc(in_flight[0].call.token, grpc_status::UNAVAILABLE, "down");
     assert_eq!(metric(&plugin, "commits_retried"), 1);
+    // Retried one (new) flushPeriod after the failure.
+    plugin.advance_time(Duration::from_secs(1));
     plugin.tick();
     assert_eq!(
         commits_delivered(&plugin),

@@ -75,7 +75,6 @@ pub const CONFIG: &str = r#"{
   }
 }"#;
 
-
 // ---------------------------------------------------------------------------------------------
 // Scenario helpers (tests/filter.rs): a configuration builder, identities, requests, the rate-limit
 // service's replies and the reports the root context sends.
