@@ -308,6 +308,13 @@ impl Reply {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
+
+    /// The `usage.total_tokens` a (non-streamed) answer reports; panics when it has none.
+    pub fn usage_total(&self) -> u64 {
+        self.json()["usage"]["total_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no usage: {}", self.body))
+    }
 }
 
 /// Polls `ready` every 50 ms until it holds or `timeout` passes; `false` (and a line on stderr

@@ -109,13 +109,6 @@ fn stat(stack: &Stack, name: &str) -> u64 {
     stack.envoy_stat(&format!("wasmcustom.token_ratelimit.{name}"))
 }
 
-/// The served total a (non-streamed) answer reports.
-fn usage_total(r: &Reply) -> u64 {
-    r.json()["usage"]["total_tokens"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no usage: {}", r.body))
-}
-
 /// A refusal as the filter sends it: 429 in OpenAI's error shape.
 fn assert_refused(r: &Reply, what: &str) {
     assert_eq!(r.status, 429, "{what}: {}", r.body);
@@ -125,7 +118,7 @@ fn assert_refused(r: &Reply, what: &str) {
 /// Served, with its usage `want`.
 fn assert_served(r: &Reply, want: u64, what: &str) {
     assert_eq!(r.status, 200, "{what}: {}", r.body);
-    assert_eq!(usage_total(r), want, "{what}: usage");
+    assert_eq!(r.usage_total(), want, "{what}: usage");
 }
 
 /// The counter of `userid` as `stack`'s service shows it, `None` while the service cannot

@@ -89,13 +89,6 @@ fn gold_limit(limit: u64) -> (String, String) {
     )
 }
 
-/// The served total a (non-streamed) answer reports.
-fn usage_total(r: &Reply) -> u64 {
-    r.json()["usage"]["total_tokens"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no usage: {}", r.body))
-}
-
 /// A refusal as the filter sends it: 429, OpenAI's error shape, `retry-after` in seconds.
 fn assert_refused(r: &Reply, what: &str) {
     assert_eq!(r.status, 429, "{what}: {}", r.body);
@@ -208,7 +201,7 @@ fn burst(stack: &Stack) -> Burst {
     };
     for r in replies {
         match r.status {
-            200 => burst.admitted.push(usage_total(&r)),
+            200 => burst.admitted.push(r.usage_total()),
             429 => burst.refused.push(r),
             other => panic!("unexpected {other}: {}", r.body),
         }
@@ -325,7 +318,7 @@ fn a_finished_request_releases_its_hold_so_the_next_is_admitted_against_actual_s
         );
         let r = first.join().expect("first request");
         assert_eq!(r.status, 200, "{}", r.body);
-        assert_eq!(usage_total(&r), 4);
+        assert_eq!(r.usage_total(), 4);
     });
     // Its commit charged 4 and released 47.
     assert!(stack.await_no_holds(WAIT), "{}", stack.counters());
@@ -518,7 +511,7 @@ fn a_request_that_outlives_its_hold_is_charged_in_full_and_counted() {
         &[("x-simulator-latency-ms", "2000")],
     );
     assert_eq!(r.status, 200, "{}", r.body);
-    let served = usage_total(&r);
+    let served = r.usage_total();
     assert_eq!(stack.served_tokens(GOLD), served);
     assert_eq!(settled_charge(&stack), served);
     assert!(
@@ -582,7 +575,7 @@ fn spend_then_ask(first: &mut e2e::Conn, second: Option<&mut e2e::Conn>, key: &s
         .post("/v1/chat/completions", key, &chat_body(2, 50, false), &[])
         .expect("first request");
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(usage_total(&r), 52, "the first answer arrives whole");
+    assert_eq!(r.usage_total(), 52, "the first answer arrives whole");
     assert!(r.json()["choices"][0]["message"]["content"]
         .as_str()
         .is_some_and(|c| c.ends_with("tok50")));
@@ -636,7 +629,7 @@ fn reservation_mode_holds_30_back_to_back_requests_on_one_keep_alive_connection_
             .unwrap_or_else(|e| panic!("request {i}: {e}"));
         statuses.push(r.status);
         match r.status {
-            200 => beyond += usage_total(&r).saturating_sub(reserved),
+            200 => beyond += r.usage_total().saturating_sub(reserved),
             _ => assert_refused(&r, &format!("request {i}")),
         }
     }
@@ -676,7 +669,7 @@ fn reservation_mode_holds_requests_whose_bodies_come_late_to_the_budget() {
     let mut beyond = 0;
     for r in &replies {
         match r.status {
-            200 => beyond += usage_total(r).saturating_sub(reserved),
+            200 => beyond += r.usage_total().saturating_sub(reserved),
             _ => assert_refused(r, "a late body"),
         }
     }
