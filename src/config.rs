@@ -151,6 +151,50 @@ pub struct RateLimitServiceConfig {
     /// How requests are admitted before the upstream (default `auto`).
     #[serde(default)]
     pub mode: AdmissionMode,
+    /// Leases (reservation mode): a hot counter's requests admitted locally from a larger
+    /// reservation held by the Envoy worker. Absent: off.
+    #[serde(default)]
+    pub lease: Option<LeaseConfig>,
+}
+
+/// `rateLimitService.lease`: when and how large a worker leases a counter's budget.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// Off when false, keeping the other settings (default true).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// A lease holds this fraction of the smallest rate of the limits it serves, in (0, 0.25]
+    /// (default 0.1), plus the holds of the requests it carries from the lease before.
+    #[serde(default = "default_lease_fraction")]
+    pub fraction: f64,
+    /// Most tokens a lease holds for new requests (default 1,000,000).
+    #[serde(default = "default_lease_max_amount")]
+    pub max_amount: u64,
+    /// A counter is leased once the worker saw this many of its requests within one `ttl`,
+    /// and only if a lease holds at least this many of its reservation amounts (default 4).
+    #[serde(default = "default_lease_min_requests")]
+    pub min_requests: u32,
+    /// How long a lease's hold lives, e.g. `30s` (default `30s`; the service may cap it, and
+    /// it never outlives the counter's window). Renewed after half of it.
+    #[serde(default = "default_lease_ttl")]
+    pub ttl: String,
+}
+
+fn default_lease_fraction() -> f64 {
+    0.1
+}
+
+fn default_lease_max_amount() -> u64 {
+    1_000_000
+}
+
+fn default_lease_min_requests() -> u32 {
+    4
+}
+
+fn default_lease_ttl() -> String {
+    "30s".into()
 }
 
 /// How a request is admitted before the upstream.

@@ -260,11 +260,31 @@ impl RequestFlow {
         reply: Result<&[u8], ServiceFailure>,
     ) -> Option<Verdict> {
         let outcome = self.reservations.on_reply(index, reply)?;
+        Some(self.reservation_verdict(policy, outcome))
+    }
+
+    /// Reservation `index` was admitted from the worker's lease `key` (no call); `status`:
+    /// what the lease knows of the budget. Returns the verdict when no reservation is left
+    /// waiting for an answer.
+    pub fn on_leased(
+        &mut self,
+        policy: &Policy,
+        index: usize,
+        key: String,
+        status: Option<DescriptorStatus>,
+    ) -> Option<Verdict> {
+        self.reservations.lease(index, key, status);
+        let outcome = self.reservations.outcome()?;
+        Some(self.reservation_verdict(policy, outcome))
+    }
+
+    /// The verdict of the reservations' outcome.
+    fn reservation_verdict(&mut self, policy: &Policy, outcome: Outcome) -> Verdict {
         let response = RateLimitResponse {
             statuses: self.reservations.statuses().to_vec(),
             ..Default::default()
         };
-        Some(match outcome {
+        match outcome {
             Outcome::Admitted => {
                 self.response_headers = rate_limit_headers(&response, false);
                 self.allowed = true;
@@ -279,7 +299,7 @@ impl RequestFlow {
                 ServiceFailure::Grpc(crate::reservation::GRPC_UNIMPLEMENTED),
             ),
             Outcome::Failed(f) => self.failure(policy.service.failure_mode, f),
-        })
+        }
     }
 
     /// Whether any limit applies to this request.
@@ -572,6 +592,7 @@ impl RequestFlow {
         if self.denied || !self.allowed {
             return Finished {
                 commits: self.reservations.commits(None),
+                leased: self.reservations.leased(None),
                 ..Finished::default()
             };
         }
@@ -597,8 +618,10 @@ impl RequestFlow {
         });
         let mut reports = Vec::new();
         let mut commits = Vec::new();
+        let mut leased = Vec::new();
         if !self.reservations.is_empty() {
             commits = self.reservations.commits(usage.as_ref());
+            leased = self.reservations.leased(usage.as_ref());
         } else if let Some(u) = usage {
             for category in policy.categories_in(&self.applied) {
                 let tokens = u.tokens(category).unwrap_or(0);
@@ -619,6 +642,7 @@ impl RequestFlow {
             usage,
             reports,
             commits,
+            leased,
             clamped,
         }
     }
@@ -646,8 +670,10 @@ pub struct Finished {
     pub clamped: bool,
     /// Reports to queue (checkReport mode).
     pub reports: Vec<CategoryReport>,
-    /// Commits to queue (reservation mode): one per reservation.
+    /// Commits to queue (reservation mode): one per reservation not admitted from a lease.
     pub commits: Vec<CommitOrder>,
+    /// What the reservations admitted from a lease spent, for the lease table.
+    pub leased: Vec<crate::reservation::LeasedSpend>,
 }
 
 /// The 500 reply for a request whose body the filter needs but the proxy withholds (Envoy

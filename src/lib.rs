@@ -20,6 +20,7 @@ pub mod config;
 pub mod estimate;
 pub mod filter;
 pub mod flow;
+pub mod lease;
 pub mod limits;
 pub mod policy;
 pub mod reports;

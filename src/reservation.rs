@@ -27,6 +27,8 @@ pub enum Hold {
     /// Admitted: the service holds the amount under this id (empty: nothing was held, e.g.
     /// no limit of the service matched).
     Granted(String),
+    /// Admitted from the worker's lease of this key, without a call ([`crate::lease`]).
+    Leased(String),
     /// Refused: OVER_LIMIT.
     Refused,
     /// No usable answer.
@@ -53,6 +55,22 @@ pub enum Outcome {
     Unimplemented,
     /// A reservation failed (the first failure).
     Failed(ServiceFailure),
+}
+
+/// What a finished request spent under a lease: handed back to the lease table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedSpend {
+    /// The lease's key.
+    pub key: String,
+    /// The reservation's token category.
+    pub category: TokenCategory,
+    /// The reservation's descriptor.
+    pub descriptor: ratelimit_proto::RateLimitDescriptor,
+    /// The reservation amount the lease admitted the request with.
+    pub amount: u64,
+    /// Tokens spent in the reservation's category (0: the request never reached the
+    /// upstream).
+    pub actual: u64,
 }
 
 /// One commit a finished request owes.
@@ -86,10 +104,22 @@ impl Reservations {
 
     /// The encoded `ReserveRequest` of each plan, in order, for `domain`.
     pub fn requests(&self, domain: &str) -> Vec<Vec<u8>> {
+        self.pending_requests(domain)
+            .into_iter()
+            .map(|(_, bytes)| bytes)
+            .collect()
+    }
+
+    /// The encoded `ReserveRequest` of each plan not answered yet (not admitted from a
+    /// lease), with its index, for `domain`.
+    pub fn pending_requests(&self, domain: &str) -> Vec<(usize, Vec<u8>)> {
         self.plans
             .iter()
-            .map(|p| {
-                ReserveRequest {
+            .zip(&self.holds)
+            .enumerate()
+            .filter(|(_, (_, hold))| **hold == Hold::Pending)
+            .map(|(index, (p, _))| {
+                let request = ReserveRequest {
                     domain: domain.to_string(),
                     descriptors: vec![p.descriptor.clone()],
                     amount: p.amount,
@@ -97,8 +127,36 @@ impl Reservations {
                         seconds: i64::try_from(p.ttl.as_secs()).unwrap_or(i64::MAX),
                         nanos: i32::try_from(p.ttl.subsec_nanos()).unwrap_or(0),
                     }),
-                }
-                .encode_to_vec()
+                };
+                (index, request.encode_to_vec())
+            })
+            .collect()
+    }
+
+    /// Reservation `index` was admitted from the lease `key`; `status`: what the lease knows
+    /// of the budget (for the response headers).
+    pub fn lease(&mut self, index: usize, key: String, status: Option<DescriptorStatus>) {
+        if let Some(hold) = self.holds.get_mut(index) {
+            *hold = Hold::Leased(key);
+            self.statuses.extend(status);
+        }
+    }
+
+    /// What each reservation admitted from a lease spent: its category's tokens of `usage`
+    /// (`None`: the request did not reach the upstream, and spent nothing).
+    pub fn leased(&self, usage: Option<&Usage>) -> Vec<LeasedSpend> {
+        self.plans
+            .iter()
+            .zip(&self.holds)
+            .filter_map(|(plan, hold)| match hold {
+                Hold::Leased(key) => Some(LeasedSpend {
+                    key: key.clone(),
+                    category: plan.category,
+                    descriptor: plan.descriptor.clone(),
+                    amount: plan.amount,
+                    actual: usage.and_then(|u| u.tokens(plan.category)).unwrap_or(0),
+                }),
+                _ => None,
             })
             .collect()
     }
@@ -176,6 +234,8 @@ impl Reservations {
                 let actual = actual(plan.category);
                 let reservation_id = match hold {
                     Hold::Granted(id) => id.clone(),
+                    // Charged through the lease.
+                    Hold::Leased(_) => return None,
                     _ => String::new(),
                 };
                 (actual > 0 || !reservation_id.is_empty()).then(|| CommitOrder {
@@ -206,6 +266,7 @@ mod tests {
             },
             amount,
             ttl: Duration::from_millis(1500),
+            capacity: 1000,
         }
     }
 

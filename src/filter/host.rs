@@ -140,6 +140,9 @@ pub trait Host {
     fn log(&mut self, level: Level, message: &str);
     /// Re-reads the proxy's log level (it can change at run time through Envoy's admin API).
     fn refresh_log_level(&mut self) {}
+    /// Tells the proxy that the root context, which answered `false` to its shutdown
+    /// (`proxy_on_done`), has finished (`proxy_done`).
+    fn done(&mut self) {}
 }
 
 /// Logs through a [`Host`] at a level, formatting the message only when that level is on.

@@ -66,6 +66,20 @@ pub mod names {
     pub const RESERVATIONS_EXPIRED: &str = "token_ratelimit.reservations_expired";
     /// Admission mode `auto` fell back to checkReport: the service has no `Reserve`.
     pub const RESERVATIONS_UNIMPLEMENTED: &str = "token_ratelimit.reservations_unimplemented";
+    /// Requests admitted from the worker's lease, without a call (each is also in
+    /// `requests_allowed`).
+    pub const REQUESTS_LEASED: &str = "token_ratelimit.requests_leased";
+    /// Leases granted to a counter that had none.
+    pub const LEASES_GRANTED: &str = "token_ratelimit.leases_granted";
+    /// Leases granted in place of the counter's previous one (which is then committed).
+    pub const LEASES_RENEWED: &str = "token_ratelimit.leases_renewed";
+    /// Lease `Reserve`s the service refused (budget nearly spent) or held nothing for.
+    pub const LEASES_REFUSED: &str = "token_ratelimit.leases_refused";
+    /// Lease `Reserve`s without a usable answer (error, timeout).
+    pub const LEASES_FAILED: &str = "token_ratelimit.leases_failed";
+    /// Leases given up and committed (idle, expired, out of room, leases off, VM shutdown);
+    /// renewed leases are committed too, and counted in `leases_renewed`.
+    pub const LEASES_COMMITTED: &str = "token_ratelimit.leases_committed";
     /// Plugin configurations refused.
     pub const CONFIG_ERRORS: &str = "token_ratelimit.config_errors";
     /// Tokens queued for report, category `total`.
@@ -91,6 +105,8 @@ pub enum Hot {
     TokensPrompt,
     /// [`names::TOKENS_COMPLETION`].
     TokensCompletion,
+    /// [`names::REQUESTS_LEASED`].
+    Leased,
 }
 
 impl Hot {
@@ -105,12 +121,13 @@ impl Hot {
 }
 
 /// The names of [`Hot`]'s counters, in its order.
-const HOT_NAMES: [&str; 5] = [
+const HOT_NAMES: [&str; 6] = [
     names::CHECKED,
     names::ALLOWED,
     names::TOKENS_TOTAL,
     names::TOKENS_PROMPT,
     names::TOKENS_COMPLETION,
+    names::REQUESTS_LEASED,
 ];
 
 /// Counters defined lazily by name; a metric the host refuses is skipped silently.
@@ -118,7 +135,7 @@ const HOT_NAMES: [&str; 5] = [
 pub struct Metrics {
     ids: HashMap<String, Option<u32>>,
     /// Increments of the [`Hot`] counters not yet added to the proxy's.
-    hot: [u64; 5],
+    hot: [u64; 6],
 }
 
 impl Metrics {

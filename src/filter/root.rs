@@ -57,6 +57,8 @@ pub struct Shared {
     pub queue: ReportQueue,
     /// Reservations waiting for their commit.
     pub commits: CommitQueue,
+    /// The worker's leases (reservation mode with `rateLimitService.lease`).
+    pub leases: crate::lease::Leases,
     /// The service answered `Reserve` with UNIMPLEMENTED: admission mode `auto` checks
     /// instead for the life of the VM.
     pub reservations_unimplemented: bool,
@@ -171,6 +173,9 @@ pub struct RootFilter {
     context_id: u32,
     policy: Option<Rc<Policy>>,
     shared: SharedRef,
+    /// The proxy is shutting the VM down (`proxy_on_done` answered false): `proxy_done` is
+    /// called once the calls on their way are answered.
+    finishing: bool,
 }
 
 impl RootFilter {
@@ -182,6 +187,7 @@ impl RootFilter {
             context_id,
             policy: None,
             shared,
+            finishing: false,
         }
     }
 
@@ -224,6 +230,7 @@ impl RootFilter {
                 let old = std::mem::take(&mut shared.commits);
                 shared.commits = CommitQueue::new(policy.service.retry_backoff());
                 shared.commits.absorb(old);
+                shared.leases.reconfigure(policy.service.lease.clone());
                 self.policy = Some(Rc::new(policy));
                 true
             }
@@ -252,12 +259,83 @@ impl RootFilter {
             return;
         };
         self.release_stuck_requests(host, &policy);
+        let now = now_ms(host);
+        {
+            let mut shared = self.shared.borrow_mut();
+            let committed = shared.leases.tick(now);
+            shared
+                .metrics
+                .add(host, names::LEASES_COMMITTED, committed as u64);
+        }
         dispatch_queued(host, &policy, &self.shared, true);
+    }
+
+    /// The proxy shuts the VM down: every lease is committed and every queued commit and
+    /// report sent now. Returns whether the root context is done (nothing on its way);
+    /// otherwise it calls [`Host::done`] once the last of those calls is answered (each has
+    /// its timeout), without retrying what fails.
+    pub fn on_done(&mut self, host: &mut impl Host) -> bool {
+        let Some(policy) = self.policy.clone() else {
+            return true;
+        };
+        {
+            let mut shared = self.shared.borrow_mut();
+            let committed = shared.leases.commit_all();
+            shared
+                .metrics
+                .add(host, names::LEASES_COMMITTED, committed as u64);
+            shared.metrics.flush(host);
+        }
+        dispatch_queued(host, &policy, &self.shared, true);
+        self.finishing = !self.calls_answered();
+        !self.finishing
+    }
+
+    /// Whether none of the root context's calls is on its way.
+    fn calls_answered(&self) -> bool {
+        let shared = self.shared.borrow();
+        shared.commits.in_flight() == 0 && shared.queue.in_flight() == 0
+    }
+
+    /// During shutdown: the proxy is told the root context is done once its calls are
+    /// answered.
+    fn maybe_done(&mut self, host: &mut impl Host) {
+        if self.finishing && self.calls_answered() {
+            self.finishing = false;
+            host.done();
+        }
     }
 
     /// The reply to one of the root's calls (a report): `status` is the gRPC status, `size`
     /// the reply's length in the [`Buffer::GrpcReply`] buffer.
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
+        self.grpc_reply(host, token, status, size);
+        self.maybe_done(host);
+    }
+
+    fn grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
+        if self.shared.borrow().leases.owns(token) {
+            let bytes;
+            let reply = if status == 0 {
+                bytes = host.buffer(Buffer::GrpcReply, 0, size).unwrap_or_default();
+                Ok(bytes.as_slice())
+            } else {
+                Err(crate::flow::ServiceFailure::Grpc(status))
+            };
+            let now = now_ms(host);
+            let commits = {
+                let mut shared = self.shared.borrow_mut();
+                let event = shared.leases.on_reply(token, reply, now);
+                record_lease_event(host, &mut shared, event);
+                shared.leases.has_commits()
+            };
+            if commits {
+                if let Some(policy) = self.policy.clone() {
+                    dispatch_queued(host, &policy, &self.shared, false);
+                }
+            }
+            return;
+        }
         if queue_orphan_release(host, &self.shared, token, status, size) {
             if let Some(policy) = self.policy.clone() {
                 dispatch_queued(host, &policy, &self.shared, false);
@@ -413,6 +491,7 @@ pub(crate) fn dispatch_queued(
     reports: bool,
 ) {
     let now = now_ms(host);
+    dispatch_lease_calls(host, policy, shared, now);
     let commits = shared.borrow_mut().commits.take_batch(now);
     for commit in commits {
         let request = CommitRequest {
@@ -461,8 +540,79 @@ pub(crate) fn dispatch_queued(
     }
 }
 
+/// Queues the commits the leases owe and dispatches the `Reserve`s they want (acquisitions
+/// and renewals), as the root context's calls.
+fn dispatch_lease_calls(host: &mut impl Host, policy: &Policy, shared: &SharedRef, now: u64) {
+    let calls = {
+        let mut shared = shared.borrow_mut();
+        for c in shared.leases.take_commits() {
+            shared.commits.add(c.descriptor, c.reservation_id, c.actual);
+        }
+        if !shared.leases.has_calls() {
+            return;
+        }
+        shared.leases.take_calls(now)
+    };
+    for call in calls {
+        let request = ratelimit_proto::ReserveRequest {
+            domain: policy.service.domain.clone(),
+            descriptors: vec![call.descriptor],
+            amount: call.amount,
+            ttl: Some(prost_types::Duration {
+                seconds: i64::try_from(call.ttl.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(call.ttl.subsec_nanos()).unwrap_or(0),
+            }),
+        };
+        let result = host.dispatch_grpc(&GrpcCall {
+            cluster: &policy.service.cluster,
+            service: KUADRANT_SERVICE,
+            method: ratelimit_proto::RESERVE,
+            message: &request.encode_to_vec(),
+            timeout: policy.service.report_timeout,
+        });
+        let mut shared = shared.borrow_mut();
+        match result {
+            Ok(token) => shared.leases.sent(&call.key, token),
+            Err(reason) => {
+                host_log!(host, Debug, "lease reserve dispatch failed: {reason}");
+                shared.leases.dispatch_failed(&call.key, now);
+                let failure = crate::flow::ServiceFailure::Dispatch(reason);
+                record_lease_event(
+                    host,
+                    &mut shared,
+                    Some(crate::lease::LeaseEvent::Failed(failure)),
+                );
+            }
+        }
+    }
+}
+
+/// Logs and counts what a lease's `Reserve` came to.
+fn record_lease_event(
+    host: &mut impl Host,
+    shared: &mut Shared,
+    event: Option<crate::lease::LeaseEvent>,
+) {
+    use crate::lease::LeaseEvent;
+    let name = match &event {
+        None => return,
+        Some(LeaseEvent::Granted) => names::LEASES_GRANTED,
+        Some(LeaseEvent::Renewed) => names::LEASES_RENEWED,
+        Some(LeaseEvent::Refused) => names::LEASES_REFUSED,
+        Some(LeaseEvent::Failed(failure)) => {
+            host_log!(
+                host,
+                Debug,
+                "lease reserve failed ({failure}); its counter uses per-request reservations until it is asked again"
+            );
+            names::LEASES_FAILED
+        }
+    };
+    shared.metrics.inc(host, name);
+}
+
 /// The host's clock in milliseconds since the Unix epoch (0 before it).
-fn now_ms(host: &mut impl Host) -> u64 {
+pub(crate) fn now_ms(host: &mut impl Host) -> u64 {
     host.now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

@@ -324,16 +324,16 @@ impl StreamFilter {
             .body_json
             .as_ref()
             .map(|b| RequestBound::of_request(&self.path, b));
-        let calls: Vec<Vec<u8>> = if self.reserving(policy) {
+        let calls: Vec<(usize, Vec<u8>)> = if self.reserving(policy) {
             let (flow, requests) =
                 RequestFlow::start_reservation(policy, decision, &self.path, bound);
             self.flow = flow;
-            requests
+            requests.into_iter().enumerate().collect()
         } else {
             let (flow, check) = RequestFlow::start(policy, decision, &self.path);
             self.flow = flow;
             self.flow.set_request_bound(bound);
-            check.into_iter().collect()
+            check.into_iter().map(|c| (0, c)).collect()
         };
         self.flow.on_request_body_len(body_bytes);
         if complete {
@@ -375,8 +375,11 @@ impl StreamFilter {
         } else {
             RESERVE
         };
+        if method == RESERVE && policy.service.lease.is_some() {
+            return self.admit_from_leases(host, policy);
+        }
         if method == CHECK_RATE_LIMIT {
-            let check = calls.first().map_or(&[][..], Vec::as_slice);
+            let check = calls.first().map_or(&[][..], |(_, c)| c.as_slice());
             let key = super::spent::key(check);
             if let Some(status) = super::spent::status(host, &key, check) {
                 // A request of the same counters, on any worker, spent what remained: the
@@ -389,17 +392,54 @@ impl StreamFilter {
         self.admit(host, policy, method, calls)
     }
 
-    /// Dispatches the admission calls (one check, or one `Reserve` per reservation): pauses
-    /// until they are answered, or carries out the verdict at once when none could be sent.
+    /// Admits what the worker's leases have room for, without a call; the other reservations
+    /// make their `Reserve`. The leases' own calls (a hot counter's lease asked or renewed) go
+    /// out as the root context's.
+    fn admit_from_leases(&mut self, host: &mut impl Host, policy: &Rc<Policy>) -> Action {
+        let now = super::root::now_ms(host);
+        let admissions: Vec<crate::lease::Admission> = {
+            let mut shared = self.shared.borrow_mut();
+            self.flow
+                .reservations()
+                .plans()
+                .iter()
+                .map(|plan| shared.leases.admit(plan, now))
+                .collect()
+        };
+        let mut verdict = None;
+        for (index, admission) in admissions.into_iter().enumerate() {
+            if let crate::lease::Admission::Leased { key, status } = admission {
+                verdict = self.flow.on_leased(policy, index, key, status);
+            }
+        }
+        let lease_calls = self.shared.borrow().leases.has_calls();
+        if lease_calls {
+            self.send_now(host, policy, false);
+        }
+        if let Some(verdict) = verdict {
+            self.shared.borrow_mut().metrics.hot(Hot::Leased, 1);
+            return self.apply(host, policy, verdict, false);
+        }
+        let calls = self
+            .flow
+            .reservations()
+            .pending_requests(&policy.service.domain);
+        self.admit(host, policy, RESERVE, calls)
+    }
+
+    /// Dispatches the admission calls (one check, or one `Reserve` per reservation, with its
+    /// index): pauses until they are answered, or carries out the verdict at once when none
+    /// could be sent.
     fn admit(
         &mut self,
         host: &mut impl Host,
         policy: &Rc<Policy>,
         method: &str,
-        calls: Vec<Vec<u8>>,
+        calls: Vec<(usize, Vec<u8>)>,
     ) -> Action {
         let mut verdict = None;
-        for (index, bytes) in calls.iter().enumerate() {
+        for (index, bytes) in &calls {
+            let index = *index;
             let call = GrpcCall {
                 cluster: &policy.service.cluster,
                 service: KUADRANT_SERVICE,
@@ -543,7 +583,7 @@ impl StreamFilter {
         }
         self.reserve_tokens.clear();
         let bytes = self.flow.fall_back_to_check(policy);
-        let action = self.admit(host, policy, CHECK_RATE_LIMIT, vec![bytes]);
+        let action = self.admit(host, policy, CHECK_RATE_LIMIT, vec![(0, bytes)]);
         if paused && action == Action::Continue {
             // The request was paused for its reservation: it goes on now.
             self.headers_released = true;
@@ -595,6 +635,7 @@ impl StreamFilter {
         };
         let mut done = self.flow.finish(&policy);
         let commits = std::mem::take(&mut done.commits);
+        let leased = std::mem::take(&mut done.leased);
         // The fewest tokens this request spent in any category it reports.
         let spent = done.reports.iter().map(|r| r.tokens).min();
         let mut send_reports = false;
@@ -607,6 +648,14 @@ impl StreamFilter {
                 shared
                     .commits
                     .add(c.descriptor.clone(), c.reservation_id.clone(), c.actual);
+            }
+            for l in &leased {
+                shared
+                    .metrics
+                    .hot(Hot::tokens_reported(l.category), l.actual);
+                shared
+                    .leases
+                    .finish(&l.key, &l.descriptor, l.amount, l.actual);
             }
             self.record_charge(host, &policy, &mut shared, done);
             if !shared.queue.is_idle() {
@@ -621,7 +670,8 @@ impl StreamFilter {
         if let (true, Some(spent)) = (send_reports, spent) {
             self.mark_spent(host, spent);
         }
-        if !commits.is_empty() || send_reports {
+        let lease_commits = !leased.is_empty() && self.shared.borrow().leases.has_commits();
+        if !commits.is_empty() || send_reports || lease_commits {
             self.send_now(host, &policy, send_reports);
         }
     }

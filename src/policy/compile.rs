@@ -79,6 +79,50 @@ impl Place {
     }
 }
 
+/// Validates `rateLimitService.lease`.
+fn lease_settings(
+    l: &config::LeaseConfig,
+    mode: config::AdmissionMode,
+) -> Result<crate::lease::LeaseSettings, ConfigError> {
+    if mode == config::AdmissionMode::CheckReport {
+        return Err(field(
+            "rateLimitService.lease",
+            "leases hold budget by reservation: they need `mode: reservation` or `auto`, not `checkReport`",
+        ));
+    }
+    if !(l.fraction > 0.0 && l.fraction <= crate::lease::MAX_FRACTION) {
+        return Err(field(
+            "rateLimitService.lease.fraction",
+            format!("must be in (0, {}]", crate::lease::MAX_FRACTION),
+        ));
+    }
+    if l.max_amount == 0 || l.max_amount > crate::lease::MAX_AMOUNT {
+        return Err(field(
+            "rateLimitService.lease.maxAmount",
+            format!("must be in [1, {}]", crate::lease::MAX_AMOUNT),
+        ));
+    }
+    if l.min_requests == 0 {
+        return Err(field(
+            "rateLimitService.lease.minRequests",
+            "must be at least 1",
+        ));
+    }
+    let ttl = config::parse_duration(&l.ttl).map_err(|e| field("rateLimitService.lease.ttl", e))?;
+    if ttl < crate::lease::MIN_TTL {
+        return Err(field(
+            "rateLimitService.lease.ttl",
+            format!("must be at least {} s", crate::lease::MIN_TTL.as_secs()),
+        ));
+    }
+    Ok(crate::lease::LeaseSettings {
+        fraction: l.fraction,
+        max_amount: l.max_amount,
+        min_requests: l.min_requests,
+        ttl,
+    })
+}
+
 impl Policy {
     /// Validates and compiles a configuration. Errors name the field and the reason.
     ///
@@ -118,6 +162,10 @@ impl Policy {
             report_timeout: duration(&cfg.reporting.timeout, "reporting.timeout")?,
             max_retries: cfg.reporting.max_retries,
             mode: svc.mode,
+            lease: match svc.lease.as_ref().filter(|l| l.enabled) {
+                None => None,
+                Some(l) => Some(lease_settings(l, svc.mode)?),
+            },
         };
         let r = &cfg.reservation;
         let reservation = ReservationSettings {

@@ -131,6 +131,8 @@ pub struct ServiceSettings {
     /// How requests are admitted: reservation, checkReport, or reservation falling back to
     /// checkReport.
     pub mode: AdmissionMode,
+    /// Leases of hot counters (reservation mode); `None`: off.
+    pub lease: Option<crate::lease::LeaseSettings>,
 }
 
 impl ServiceSettings {

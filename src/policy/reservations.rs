@@ -18,6 +18,8 @@ pub struct PlannedReservation {
     pub amount: u64,
     /// The longest hold.
     pub ttl: Duration,
+    /// The smallest rate of those limits, in tokens: what a lease is a fraction of.
+    pub capacity: u64,
 }
 
 impl Policy {
@@ -36,7 +38,7 @@ impl Policy {
         bound: Option<RequestBound>,
     ) -> Vec<PlannedReservation> {
         let r = &self.reservation;
-        let mut groups: Vec<(TokenCategory, u64, Duration, Vec<&Applied>)> = Vec::new();
+        let mut groups: Vec<(TokenCategory, u64, Duration, u64, Vec<&Applied>)> = Vec::new();
         for a in applied {
             let Some(limit) = self.limits.get(a.limit) else {
                 continue;
@@ -57,20 +59,26 @@ impl Policy {
             let ttl = limit.reservation_ttl.unwrap_or(r.ttl);
             match groups
                 .iter_mut()
-                .find(|(c, n, t, _)| *c == category && *n == amount && *t == ttl)
+                .find(|(c, n, t, _, _)| *c == category && *n == amount && *t == ttl)
             {
-                Some(group) => group.3.push(a),
-                None => groups.push((category, amount, ttl, vec![a])),
+                Some(group) => {
+                    group.3 = group.3.min(smallest_rate);
+                    group.4.push(a);
+                }
+                None => groups.push((category, amount, ttl, smallest_rate, vec![a])),
             }
         }
         groups
             .into_iter()
-            .map(|(category, amount, ttl, members)| PlannedReservation {
-                category,
-                descriptor: self.descriptor(members.into_iter()),
-                amount,
-                ttl,
-            })
+            .map(
+                |(category, amount, ttl, capacity, members)| PlannedReservation {
+                    category,
+                    descriptor: self.descriptor(members.into_iter()),
+                    amount,
+                    ttl,
+                    capacity,
+                },
+            )
             .collect()
     }
 }

@@ -154,6 +154,10 @@ impl Host for Envoy {
         host::log(log_level(level), message);
     }
 
+    fn done(&mut self) {
+        host::done();
+    }
+
     fn refresh_log_level(&mut self) {
         // Follows the proxy's level (Envoy's admin API can change it at run time), so that a
         // message it would drop costs nothing.

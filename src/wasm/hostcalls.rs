@@ -164,6 +164,7 @@ extern "C" {
     ) -> u32;
     fn proxy_continue_stream(stream_type: u32) -> u32;
     fn proxy_set_effective_context(context_id: u32) -> u32;
+    fn proxy_done() -> u32;
     fn proxy_define_metric(
         metric_type: u32,
         name_data: *const u8,
@@ -388,6 +389,12 @@ pub(crate) fn continue_stream(stream: u32) {
 pub(crate) fn set_effective_context(context_id: u32) -> bool {
     // SAFETY: no memory crosses the boundary.
     unsafe { proxy_set_effective_context(context_id) == OK }
+}
+
+/// The root context has finished its shutdown work (`proxy_done`).
+pub(crate) fn done() {
+    // SAFETY: no arguments; the status is not actionable.
+    let _ = unsafe { proxy_done() };
 }
 
 /// `proxy_define_metric`: the metric's id.

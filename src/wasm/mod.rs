@@ -111,10 +111,13 @@ pub extern "C" fn proxy_on_tick(root_id: u32) {
     with_root(root_id, |root| root.on_tick(&mut Envoy));
 }
 
-/// The context is done as far as the filter is concerned (1): nothing is left to finish.
+/// The context is done as far as the filter is concerned (1), or, for a root context whose
+/// leases' commits (and last reports) are on their way, not yet (0): it calls `proxy_done`
+/// once they are answered.
 #[no_mangle]
-pub extern "C" fn proxy_on_done(_context_id: u32) -> u32 {
-    1
+pub extern "C" fn proxy_on_done(context_id: u32) -> u32 {
+    let done = with_root(context_id, |root| root.on_done(&mut Envoy));
+    u32::from(done.unwrap_or(true))
 }
 
 /// The context is gone: dropped from the registry.
