@@ -173,7 +173,7 @@ fn a_hot_counter_gets_a_lease_and_its_requests_are_then_admitted_without_a_call(
             "{headers:?}"
         );
         assert!(headers.iter().any(|(k, _)| k == "x-ratelimit-remaining"));
-        s.response_body(&openai_json(0, 25), true);
+        s.response_body(openai_json(0, 25), true);
         s.finish();
     }
     assert!(plugin.pending_grpc_calls().is_empty(), "no call at all");
