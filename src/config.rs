@@ -165,8 +165,13 @@ pub struct LeaseConfig {
     #[serde(default = "default_true")]
     pub enabled: bool,
     /// A lease holds this fraction of the smallest rate of the limits it serves, in (0, 0.25]
-    /// (default 0.1), plus the holds of the requests it carries from the lease before.
-    #[serde(default = "default_lease_fraction")]
+    /// (default 0.1), plus the holds of the requests it carries from the lease before. A
+    /// number, or a string of one: Envoy hands a YAML `0.1` of a `Struct` configuration over
+    /// as the string `"0.1"`.
+    #[serde(
+        default = "default_lease_fraction",
+        deserialize_with = "number_or_numeric_string"
+    )]
     pub fraction: f64,
     /// Most tokens a lease holds for new requests (default 1,000,000).
     #[serde(default = "default_lease_max_amount")]
@@ -183,6 +188,23 @@ pub struct LeaseConfig {
 
 fn default_lease_fraction() -> f64 {
     0.1
+}
+
+/// A number, or a string holding one (`"0.1"`).
+fn number_or_numeric_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Number(f64),
+        Text(String),
+    }
+    match Either::deserialize(d)? {
+        Either::Number(n) => Ok(n),
+        Either::Text(t) => t
+            .trim()
+            .parse::<f64>()
+            .map_err(|_| serde::de::Error::custom(format!("`{t}` is not a number"))),
+    }
 }
 
 fn default_lease_max_amount() -> u64 {

@@ -1141,6 +1141,7 @@ mod tests {
                 code: Code::Ok as i32,
                 reservation_id: format!("h{i}"),
                 statuses: Vec::new(),
+                hold_ttl: None,
             };
             verdict = flow.on_reserve_reply(p, i, Ok(&reply.encode_to_vec()));
         }
@@ -1292,6 +1293,7 @@ mod tests {
                 code: Code::Ok as i32,
                 reservation_id: format!("h{i}"),
                 statuses: Vec::new(),
+                hold_ttl: None,
             };
             flow.on_reserve_reply(&p, i, Ok(&reply.encode_to_vec()));
         }

@@ -18,8 +18,14 @@
 //!   service refuses once the budget is spent); once nothing is in flight and the room left is
 //!   less than a request's amount, the lease is committed, so that its unused room returns to
 //!   the budget;
-//! - **idle** (no admission for half its life), **expired**, or leases turned off by a new
-//!   configuration: committed once nothing is in flight; at VM shutdown, at once.
+//! - **idle** (no admission for half a ttl; not renewed then), **past its admissions**, or
+//!   leases turned off by a new configuration: committed once nothing is in flight; at VM
+//!   shutdown, at once.
+//!
+//! A lease's `Reserve` asks for `lease.ttl` plus the request ttl (`reservation.ttl`); the
+//! lease admits for `lease.ttl` at most, and only as long as its last request stays held for
+//! the request ttl (half the hold when the service holds for less than asked, as its
+//! `hold_ttl` or the counter's window end says).
 //!
 //! What this costs and guarantees: everything a worker admits from leases is held at the
 //! service, so admission never passes the limit the service enforces; overshoot only comes
@@ -137,8 +143,10 @@ struct Lease {
     id: String,
     /// Tokens held at the service.
     size: u64,
-    /// When the service may release the hold (ms): the call's dispatch + its life.
-    expires_ms: u64,
+    /// The last admission from it (ms): `lease.ttl` after it was asked, and early enough that a
+    /// request it admits stays held for the reservation ttl (at least half the hold's life),
+    /// as a request's own reservation would be, even if no renewal is granted.
+    admit_until_ms: u64,
     /// When to renew (half its life).
     renew_ms: u64,
     /// The most restrictive status of the grant, and when it was asked.
@@ -159,6 +167,9 @@ struct Entry {
     descriptor: RateLimitDescriptor,
     /// The smallest rate of the limits the descriptor names.
     capacity: u64,
+    /// How long a request's own reservation would be held (`reservation.ttl`): a lease is
+    /// held that much longer than it admits.
+    request_ttl: Duration,
     lease: Option<Lease>,
     /// Reservation amounts of the requests admitted from a lease and not finished.
     in_flight: u64,
@@ -248,6 +259,7 @@ impl Leases {
         let entry = self.entries.entry(key.clone()).or_insert_with(|| Entry {
             descriptor: plan.descriptor.clone(),
             capacity: plan.capacity,
+            request_ttl: plan.ttl,
             lease: None,
             in_flight: 0,
             spent: 0,
@@ -267,7 +279,10 @@ impl Leases {
         entry.last_seen_ms = now_ms;
         entry.last_amount = plan.amount;
         let amount = plan.amount;
-        let live = entry.lease.as_ref().is_some_and(|l| now_ms < l.expires_ms);
+        let live = entry
+            .lease
+            .as_ref()
+            .is_some_and(|l| now_ms < l.admit_until_ms);
         let fits_pending = entry.pending.is_none_or(|p| {
             // While a renewal is pending the lease admits only what the new one holds.
             p.token.is_none() && p.amount == 0 || entry.in_flight.saturating_add(amount) <= p.amount
@@ -363,7 +378,7 @@ impl Leases {
                 key,
                 descriptor: e.descriptor.clone(),
                 amount,
-                ttl: settings.ttl,
+                ttl: settings.ttl.saturating_add(e.request_ttl),
             });
         }
         calls
@@ -444,20 +459,34 @@ impl Leases {
             });
             return Some(LeaseEvent::Refused);
         };
-        // The hold lives at most the ttl, and never past the counter's window (the service
-        // counts from when it answered, after the call left: this end is never later).
+        // The hold lives at most the ttl, as long as the service says it holds (its longest
+        // hold, the counters' windows: `hold_ttl`, this project's extension), and never past
+        // the counter's window. The service counts from when it answered, after the call
+        // left: this end is never later than its own.
+        let duration_ms = |d: &prost_types::Duration| {
+            u64::try_from(d.seconds.max(0))
+                .unwrap_or(0)
+                .saturating_mul(1000)
+                .saturating_add(u64::try_from(d.nanos.max(0)).unwrap_or(0) / 1_000_000)
+        };
+        let held_ms = response.hold_ttl.as_ref().map(duration_ms);
         let reset_ms = response
             .statuses
             .iter()
             .filter_map(|s| s.duration_until_reset.as_ref())
-            .map(|d| {
-                u64::try_from(d.seconds.max(0))
-                    .unwrap_or(0)
-                    .saturating_mul(1000)
-                    .saturating_add(u64::try_from(d.nanos.max(0)).unwrap_or(0) / 1_000_000)
-            })
+            .map(duration_ms)
             .min();
-        let life_ms = reset_ms.map_or(ttl_ms, |r| r.min(ttl_ms));
+        // Asked for `lease.ttl` + the request ttl (see `take_calls`).
+        let request_ttl_ms = u64::try_from(entry.request_ttl.as_millis()).unwrap_or(u64::MAX);
+        let asked_ttl_ms = ttl_ms.saturating_add(request_ttl_ms);
+        let life_ms = [Some(asked_ttl_ms), held_ms, reset_ms]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(asked_ttl_ms);
+        // Admits for `lease.ttl` at most, leaving its requests the request ttl of hold (at
+        // least half its life when the hold is shorter than asked).
+        let window_ms = ttl_ms.min(life_ms - request_ttl_ms.min(life_ms / 2));
         let status = response
             .statuses
             .iter()
@@ -467,8 +496,8 @@ impl Leases {
         let new = Lease {
             id: response.reservation_id,
             size: pending.amount,
-            expires_ms: pending.asked_ms.saturating_add(life_ms),
-            renew_ms: pending.asked_ms.saturating_add(life_ms / 2),
+            admit_until_ms: pending.asked_ms.saturating_add(window_ms),
+            renew_ms: pending.asked_ms.saturating_add(window_ms / 2),
             status,
             asked_ms: pending.asked_ms,
         };
@@ -481,9 +510,12 @@ impl Leases {
                 });
                 LeaseEvent::Renewed
             }
-            None => LeaseEvent::Granted,
+            None => {
+                // Not idle before it had its chance.
+                entry.last_admit_ms = now_ms;
+                LeaseEvent::Granted
+            }
         };
-        entry.last_admit_ms = entry.last_admit_ms.max(now_ms);
         Some(event)
     }
 
@@ -530,7 +562,8 @@ impl Leases {
             let Some(lease) = &e.lease else {
                 continue;
             };
-            let expired = now_ms >= lease.expires_ms;
+            // Past its admissions: nothing more to gain from it.
+            let expired = now_ms >= lease.admit_until_ms;
             let idle = now_ms.saturating_sub(e.last_admit_ms) >= ttl_ms / 2;
             // Out of room and not to be renewed soon (refused or failed): its unused room
             // returns to the budget.
@@ -547,7 +580,10 @@ impl Leases {
                 }
                 continue;
             }
-            let due = now_ms >= lease.renew_ms || e.room() < e.last_amount.max(1);
+            // By age only while the counter is still hot: an admission within the last quarter
+            // of a ttl (an idle lease is left to be committed, not renewed).
+            let recent = now_ms.saturating_sub(e.last_admit_ms) < ttl_ms / 4;
+            let due = (now_ms >= lease.renew_ms && recent) || e.room() < e.last_amount.max(1);
             if settings.is_some()
                 && !expired
                 && !idle
@@ -657,6 +693,7 @@ mod tests {
                     nanos: 0,
                 }),
             }],
+            hold_ttl: None,
         }
         .encode_to_vec()
     }
@@ -862,28 +899,81 @@ mod tests {
             leases.admit(&plan("a", 10), 1_000);
         }
         send(&mut leases, 1_000, 1);
-        // The window ends in 4 s: the lease lives 4 s from when it was asked, not 30.
+        // The window ends in 4 s: the hold lives 4 s from when it was asked, not 30 + 60;
+        // the lease admits for half of that, so that its last request is still held 2 s.
         leases.on_reply(1, Ok(&granted("L1", 500, 4)), 1_100);
         assert!(matches!(
-            leases.admit(&plan("a", 10), 2_000),
+            leases.admit(&plan("a", 10), 1_500),
             Admission::Leased { .. }
         ));
-        // Half its life: the tick asks for a renewal, which fails.
-        leases.tick(3_000);
-        send(&mut leases, 3_000, 2);
+        // Half its admissions: the tick asks for a renewal, which fails.
+        leases.tick(2_000);
+        assert_eq!(send(&mut leases, 2_000, 2).len(), 1);
         assert_eq!(
-            leases.on_reply(2, Err(ServiceFailure::Grpc(14)), 3_010),
+            leases.on_reply(2, Err(ServiceFailure::Grpc(14)), 2_010),
             Some(LeaseEvent::Failed(ServiceFailure::Grpc(14)))
         );
         assert!(matches!(
-            leases.admit(&plan("a", 10), 4_999),
+            leases.admit(&plan("a", 10), 2_999),
             Admission::Leased { .. }
         ));
         assert_eq!(
-            leases.admit(&plan("a", 10), 5_000),
+            leases.admit(&plan("a", 10), 3_000),
             Admission::Call,
-            "expired: no admission without a hold"
+            "past its admissions: none without a hold for the request's time"
         );
+    }
+
+    #[test]
+    fn an_idle_lease_is_not_renewed_and_is_committed_half_a_ttl_after_its_last_admission() {
+        let mut leases = Leases::new(Some(settings()));
+        for _ in 0..4 {
+            leases.admit(&plan("a", 10), 0);
+        }
+        send(&mut leases, 0, 1);
+        leases.on_reply(1, Ok(&granted("L1", 500, 3_600)), 0);
+        let key = leased_key(leases.admit(&plan("a", 10), 1_000));
+        leases.finish(&key, &plan("a", 10).descriptor, 10, 7);
+        // Half its admissions (15 s): due by age, but idle for 14 s: no renewal.
+        assert_eq!(leases.tick(15_000), 0);
+        assert!(!leases.has_calls(), "an idle lease is not renewed");
+        assert_eq!(leases.tick(16_000), 1, "idle for half a ttl: committed");
+        assert_eq!(leases.take_commits()[0].actual, 7);
+    }
+
+    #[test]
+    fn a_lease_admits_for_its_ttl_and_holds_its_requests_a_reservation_ttl_longer() {
+        let mut leases = Leases::new(Some(settings()));
+        for _ in 0..4 {
+            leases.admit(&plan("a", 10), 0);
+        }
+        let calls = leases.take_calls(0);
+        assert_eq!(calls[0].ttl, Duration::from_secs(90), "30 s + 60 s");
+        leases.sent(&calls[0].key, 1);
+        leases.on_reply(1, Ok(&granted("L1", 500, 3_600)), 5);
+        assert!(matches!(
+            leases.admit(&plan("a", 10), 29_999),
+            Admission::Leased { .. }
+        ));
+        assert_eq!(leases.admit(&plan("a", 10), 30_000), Admission::Call);
+        // A service that holds for less than asked says so (`hold_ttl`): 20 s here, so the
+        // lease admits for 10 s and its last request stays held 10 s.
+        let mut leases = Leases::new(Some(settings()));
+        for _ in 0..4 {
+            leases.admit(&plan("a", 10), 0);
+        }
+        send(&mut leases, 0, 1);
+        let mut reply = ReserveResponse::decode(granted("L1", 500, 3_600).as_slice()).unwrap();
+        reply.hold_ttl = Some(prost_types::Duration {
+            seconds: 20,
+            nanos: 0,
+        });
+        leases.on_reply(1, Ok(&reply.encode_to_vec()), 5);
+        assert!(matches!(
+            leases.admit(&plan("a", 10), 9_999),
+            Admission::Leased { .. }
+        ));
+        assert_eq!(leases.admit(&plan("a", 10), 10_000), Admission::Call);
     }
 
     #[test]

@@ -275,6 +275,7 @@ mod tests {
             code: code as i32,
             reservation_id: id.into(),
             statuses: Vec::new(),
+            hold_ttl: None,
         }
         .encode_to_vec()
     }

@@ -10,9 +10,9 @@
 //!   methods (Kuadrant's reservation protocol) take and return [`ReserveRequest`],
 //!   [`ReserveResponse`], [`CommitRequest`] and [`CommitResponse`].
 //!
-//! One field is this project's extension, not Limitador's: [`ReserveResponse::statuses`]
-//! (field 3). Limitador never sends it, and a client that does not know it skips it, so the
-//! messages stay wire-compatible both ways.
+//! Two fields are this project's extensions, not Limitador's: [`ReserveResponse::statuses`]
+//! (field 3) and [`ReserveResponse::hold_ttl`] (field 4). Limitador never sends them, and a
+//! client that does not know them skips them, so the messages stay wire-compatible both ways.
 //!
 //! The gRPC method paths are given as constants so that callers (the wasm filter, the service,
 //! tests) agree on them.
@@ -203,6 +203,12 @@ pub struct ReserveResponse {
     /// skips it.
     #[prost(message, repeated, tag = "3")]
     pub statuses: Vec<DescriptorStatus>,
+    /// **Extension, not Limitador's**: how long the hold lives from when the service answered
+    /// (the request's `ttl`, shortened to the service's longest hold and to the end of every
+    /// counter's window), set when something is held. Limitador never sends this field; a
+    /// client that does not know it skips it.
+    #[prost(message, optional, tag = "4")]
+    pub hold_ttl: Option<prost_types::Duration>,
 }
 
 /// `kuadrant.service.ratelimit.v1.CommitRequest` (Limitador's `kuadrantrls.proto`): add the
@@ -328,6 +334,7 @@ mod tests {
             code: Code::Ok as i32,
             reservation_id: "id-1".into(),
             statuses: vec![status()],
+            hold_ttl: None,
         };
         let bytes = resp.encode_to_vec();
         assert_eq!(&bytes[..8], b"\x08\x01\x12\x04id-1");
@@ -369,6 +376,10 @@ mod tests {
             code: Code::Ok as i32,
             reservation_id: "id-2".into(),
             statuses: vec![status()],
+            hold_ttl: Some(prost_types::Duration {
+                seconds: 30,
+                nanos: 0,
+            }),
         };
         // A client that does not know field 3 skips it.
         let theirs = LimitadorReserveResponse::decode(ours.encode_to_vec().as_slice()).unwrap();
@@ -384,6 +395,7 @@ mod tests {
         assert_eq!(decoded.code, Code::Ok as i32);
         assert_eq!(decoded.reservation_id, "id-2");
         assert!(decoded.statuses.is_empty());
+        assert_eq!(decoded.hold_ttl, None);
     }
 
     #[test]

@@ -324,6 +324,7 @@ impl Core {
                 code: Code::Unknown as i32,
                 reservation_id: String::new(),
                 statuses: Vec::new(),
+                hold_ttl: None,
             });
         }
         check_amount("amount", req.amount)?;
@@ -339,14 +340,16 @@ impl Core {
             self.metrics.authorized(&req.domain, 0);
             Code::Ok
         };
+        let mut held_for = None;
         let reservation_id = match &result.reservation_id {
             Some(id) => {
                 // The crate holds on each counter until min(ttl, its window's end).
-                let holds = result
+                let holds: Vec<(Counter, Duration)> = result
                     .counters
                     .iter()
                     .map(|c| (c.clone(), ttl.min(reset(c))))
                     .collect();
+                held_for = Some(holds.iter().map(|(_, d)| *d).min().unwrap_or(ttl));
                 self.ledger.record_hold(id.as_str(), result.amount, holds);
                 self.metrics.reserved(&req.domain, result.amount);
                 id.to_string()
@@ -363,6 +366,10 @@ impl Core {
             code: code as i32,
             reservation_id,
             statuses,
+            hold_ttl: held_for.map(|d| prost_types::Duration {
+                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+            }),
         })
     }
 

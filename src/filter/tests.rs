@@ -740,6 +740,7 @@ fn reserve_reply(code: Code, id: &str, remaining: u32) -> Vec<u8> {
         code: code as i32,
         reservation_id: id.into(),
         statuses,
+        hold_ttl: None,
     }
     .encode_to_vec()
 }

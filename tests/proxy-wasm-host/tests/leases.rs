@@ -95,6 +95,7 @@ fn granted(id: &str) -> ReserveResponse {
             8_000,
             Duration::from_secs(45),
         )],
+        hold_ttl: None,
     }
 }
 
@@ -147,7 +148,11 @@ fn hot(plugin: &Plugin) {
     let (call, request) = &lease[0];
     assert_eq!(call.context_id, plugin.root_context_id(), "the root's call");
     assert_eq!(request.amount, 1_000, "a tenth of 10,000");
-    assert_eq!(request.ttl.map(|t| t.seconds), Some(30));
+    assert_eq!(
+        request.ttl.map(|t| t.seconds),
+        Some(90),
+        "the lease's 30 s, plus reservation.ttl's 60 s for the requests it admits last"
+    );
     assert_eq!(
         entries(&request.descriptors[0]),
         user_descriptor(LIMIT, "alice")
@@ -292,8 +297,9 @@ fn a_failed_renewal_admits_until_the_lease_expires_then_the_failure_mode_decides
     // Still held: admitted.
     let s = leased(&plugin, "alice");
     spend(&s, 10);
-    // Past its life (30 s from the call that asked for it), no admission without a hold: the
-    // request's own Reserve fails too, and failure mode deny refuses it.
+    // Past its admissions (its hold ends with the window, 45 s after the call that asked for
+    // it; it admits until 22.5 s so that its last request stays held as long): the request's
+    // own Reserve fails too, and failure mode deny refuses it.
     plugin.advance_time(Duration::from_secs(15));
     let (stream, action) = start(&plugin, "alice");
     assert_eq!(action, Action::Pause);
@@ -367,12 +373,18 @@ fn a_lease_configuration_the_filter_cannot_honour_is_refused() {
         (json!({"maxAmount": 0}), "maxAmount"),
         (json!({"ttl": "1s"}), "ttl"),
         (json!({"renew": "5s"}), "unknown field"),
+        (json!({"fraction": "a tenth"}), "not a number"),
+        (json!({"fraction": "NaN"}), "fraction"),
     ] {
         let refused = config()
             .set(&["rateLimitService", "lease"], lease.clone())
             .refuse();
         assert!(refused.to_string().contains(says), "{lease}: {refused}");
     }
+    // Envoy hands a YAML `0.05` of a Struct configuration over as a string.
+    config()
+        .set(&["rateLimitService", "lease", "fraction"], json!("0.05"))
+        .start();
     let refused = config()
         .set(&["rateLimitService", "mode"], json!("checkReport"))
         .refuse();

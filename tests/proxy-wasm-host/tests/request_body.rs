@@ -60,6 +60,7 @@ fn grant(plugin: &Plugin, token: u32) {
         code: Code::Ok as i32,
         reservation_id: "r1".into(),
         statuses: vec![],
+        hold_ttl: None,
     };
     plugin.reply_grpc(token, reply.encode_to_vec());
 }

@@ -97,6 +97,7 @@ fn granted(id: &str, statuses: Vec<DescriptorStatus>) -> ReserveResponse {
         code: Code::Ok as i32,
         reservation_id: id.into(),
         statuses,
+        hold_ttl: None,
     }
 }
 
@@ -106,6 +107,7 @@ fn refused(statuses: Vec<DescriptorStatus>) -> ReserveResponse {
         code: Code::OverLimit as i32,
         reservation_id: String::new(),
         statuses,
+        hold_ttl: None,
     }
 }
 

@@ -230,14 +230,11 @@ impl CounterStorage for InMemoryStorage {
         ttl: Duration,
     ) -> Result<Authorization, StorageErr> {
         let now = SystemTime::now();
-        let values_and_window_ttls: Vec<(u64, Duration)> = counters
-            .iter()
-            .map(|counter| self.touch(counter, now))
-            .collect();
-
-        Ok(self.reservations.reserve(
+        // token-ratelimit: the values are read under the registry's admission lock (see
+        // `reserve_reading`), not before it.
+        Ok(self.reservations.reserve_reading(
             counters,
-            &values_and_window_ttls,
+            |counter| self.touch(counter, now),
             ReservationRequest {
                 reservation_id,
                 check_amount,

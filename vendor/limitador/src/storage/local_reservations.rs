@@ -126,10 +126,33 @@ impl LocalReservationRegistry {
         values_and_window_ttls: &[(u64, Duration)],
         request: ReservationRequest,
     ) -> Authorization {
-        debug_assert!(request.hold_amount <= request.check_amount);
-
         // Held for the whole check-then-write sequence below - see `admission_lock`'s docs.
         let _admission_guard = self.admission_lock.lock().unwrap();
+        self.reserve_locked(counters, values_and_window_ttls, request)
+    }
+
+    // token-ratelimit: like `reserve`, reading the counters' values (with `read`) under
+    // `admission_lock` too. Read before it, a value can miss the tokens of a commit that
+    // added them and then released its hold (under the lock) in between: the reservation
+    // then sees neither the tokens nor the hold, and admits past the limit.
+    pub(crate) fn reserve_reading(
+        &self,
+        counters: &mut [Counter],
+        read: impl Fn(&Counter) -> (u64, Duration),
+        request: ReservationRequest,
+    ) -> Authorization {
+        let _admission_guard = self.admission_lock.lock().unwrap();
+        let values_and_window_ttls: Vec<(u64, Duration)> = counters.iter().map(read).collect();
+        self.reserve_locked(counters, &values_and_window_ttls, request)
+    }
+
+    fn reserve_locked(
+        &self,
+        counters: &mut [Counter],
+        values_and_window_ttls: &[(u64, Duration)],
+        request: ReservationRequest,
+    ) -> Authorization {
+        debug_assert!(request.hold_amount <= request.check_amount);
 
         let now = request.now;
         let mut first_limited = None;
