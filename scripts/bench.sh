@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make bench`: token-ratelimit side by side with the alternatives, in one run, on loopback.
 #
-# One Envoy (--concurrency 1) with four listeners, the same upstream (llm-simulator, no
+# One Envoy (--concurrency 1) with one listener per variant, the same upstream (llm-simulator, no
 # latency) and the same rate-limit service (ratelimit-service), measured one after the other
 # while the others are idle:
 #   (a) Envoy, no rate limiting
@@ -24,7 +24,8 @@
 #
 # Knobs (environment): BENCH_DURATION (s, default 10), BENCH_WARMUP (s, 2), BENCH_CONNECTIONS
 # (32), BENCH_PORT_BASE (19000), BENCH_PIN (1: Envoy on CPU 0, the rest on the other CPUs,
-# when there are at least 2), BENCH_VARIANTS (default "a b c c-r d e"), ENVOY (default .venv/bin/envoy),
+# when there are at least 2), BENCH_VARIANTS (default "a b c c-r c-l1 c-lN d e"), BENCH_LEASE_USERS (1000:
+# (c-lN)'s users), BENCH_LEASE_TTL (s, 300: the lease ttl), ENVOY (default .venv/bin/envoy),
 # CARGO_TARGET_DIR (default target: where the module and the binaries are built and found),
 # BENCH_WASM (a module to measure instead of building $CARGO_TARGET_DIR/wasm32-wasip1/release/token_ratelimit.wasm),
 # BENCH_WASM_BASELINE (another module, e.g. an older build: variants C, D and N are c, d and n
@@ -46,7 +47,9 @@ WARMUP=${BENCH_WARMUP:-2}
 CONNECTIONS=${BENCH_CONNECTIONS:-32}
 BASE=${BENCH_PORT_BASE:-19000}
 PIN=${BENCH_PIN:-1}
-VARIANTS=${BENCH_VARIANTS:-a b c c-r d e}
+VARIANTS=${BENCH_VARIANTS:-a b c c-r c-l1 c-lN d e}
+USERS=${BENCH_LEASE_USERS:-1000}
+LEASE_TTL=${BENCH_LEASE_TTL:-300}
 ENVOY=${ENVOY:-.venv/bin/envoy}
 PROFILE=bench-tools
 OUT=.run/bench
@@ -54,6 +57,7 @@ mkdir -p "$OUT"
 
 PORT_A=$((BASE + 80)) PORT_B=$((BASE + 81)) PORT_C=$((BASE + 82)) PORT_D=$((BASE + 83)) PORT_N=$((BASE + 84))
 PORT_C0=$((BASE + 85)) PORT_D0=$((BASE + 86)) PORT_N0=$((BASE + 87)) PORT_CR=$((BASE + 88))
+PORT_CL1=$((BASE + 89)) PORT_CLN=$((BASE + 90))
 ADMIN=$((BASE + 901)) RLS_GRPC=$((BASE + 181)) RLS_HTTP=$((BASE + 182)) SIM=$((BASE + 190))
 
 log() { echo "bench: $*" >&2; }
@@ -84,7 +88,7 @@ BASELINE=${BENCH_WASM_BASELINE:+$(realpath "$BENCH_WASM_BASELINE")}
 BIN=$TARGET/$PROFILE
 TOOL=$TARGET/debug/token-ratelimit
 
-for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $PORT_C0 $PORT_D0 $PORT_N0 $PORT_CR $ADMIN $RLS_GRPC $RLS_HTTP $SIM; do
+for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $PORT_C0 $PORT_D0 $PORT_N0 $PORT_CR $PORT_CL1 $PORT_CLN $ADMIN $RLS_GRPC $RLS_HTTP $SIM; do
   if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
     log "port $port on 127.0.0.1 is in use (set BENCH_PORT_BASE)"; exit 1
   fi
@@ -119,6 +123,16 @@ PLUGIN_JSON=$("$TOOL" json "$OUT/plugin.yaml" | tr -d '\n')
 sed 's|mode: checkReport|mode: reservation|' "$OUT/plugin.yaml" > "$OUT/plugin-reservation.yaml"
 grep -q 'mode: reservation' "$OUT/plugin-reservation.yaml" || { log "no mode in $OUT/plugin.yaml"; exit 1; }
 PLUGIN_RES_JSON=$("$TOOL" json "$OUT/plugin-reservation.yaml" | tr -d '\n')
+# (c-l1) and (c-lN): (c-r) with leases (settings: see the top). Only when one of them is
+# measured (a module without leases refuses the configuration).
+LEASES=0
+case " $VARIANTS " in *" c-l1 "* | *" c-lN "*) LEASES=1 ;; esac
+if [ "$LEASES" = 1 ]; then
+  sed "s|mode: reservation}|mode: reservation, lease: {fraction: 0.1, minRequests: 2, ttl: ${LEASE_TTL}s}}|" \
+    "$OUT/plugin-reservation.yaml" > "$OUT/plugin-lease.yaml"
+  grep -q 'lease:' "$OUT/plugin-lease.yaml" || { log "no lease in $OUT/plugin-lease.yaml"; exit 1; }
+  PLUGIN_LEASE_JSON=$("$TOOL" json "$OUT/plugin-lease.yaml" | tr -d '\n')
+fi
 # (n), a diagnostic: the same filter where no limit applies (no check call).
 sed 's|request.path == "/v1/chat/completions"|request.path == "/nothing"|' "$OUT/plugin.yaml" > "$OUT/plugin-none.yaml"
 PLUGIN_NONE_JSON=$("$TOOL" json "$OUT/plugin-none.yaml" | tr -d '\n')
@@ -190,6 +204,10 @@ EOF
   hcm token_stream "$PORT_D" "" "$WASM_FILTER"
   hcm token_none "$PORT_N" "" "${WASM_FILTER//"$PLUGIN_JSON"/"$PLUGIN_NONE_JSON"}"
   hcm token_reservation "$PORT_CR" "" "${WASM_FILTER//"$PLUGIN_JSON"/"$PLUGIN_RES_JSON"}"
+  if [ "$LEASES" = 1 ]; then
+    hcm token_lease_one "$PORT_CL1" "" "${WASM_FILTER//"$PLUGIN_JSON"/"$PLUGIN_LEASE_JSON"}"
+    hcm token_lease_users "$PORT_CLN" "" "${WASM_FILTER//"$PLUGIN_JSON"/"$PLUGIN_LEASE_JSON"}"
+  fi
   if [ -n "$BASELINE" ]; then
     # The same listeners with another module (BENCH_WASM_BASELINE), in a VM of its own.
     base_filter=${WASM_FILTER//"$WASM"/"$BASELINE"}
@@ -225,23 +243,39 @@ body() {
   [ "$1" = stream ] && s=true
   printf '{"model":"sim","messages":[{"role":"user","content":"hello there"}],"max_tokens":20,"stream":%s}' "$s"
 }
-# Where each variant sends it: sets PORT and KIND (plain or stream).
+# Where each variant sends it: sets PORT, KIND (plain or stream) and LUA (wrk's script).
 target() {
+  LUA=""
   case $1 in
     a) PORT=$PORT_A KIND=plain ;; b) PORT=$PORT_B KIND=plain ;; c) PORT=$PORT_C KIND=plain ;;
     d) PORT=$PORT_D KIND=stream ;; e) PORT=$PORT_A KIND=stream ;; n) PORT=$PORT_N KIND=plain ;;
-    c-r) PORT=$PORT_CR KIND=plain ;;
+    c-r) PORT=$PORT_CR KIND=plain ;; c-l1) PORT=$PORT_CL1 KIND=plain ;;
+    c-lN) PORT=$PORT_CLN KIND=plain LUA=plain-users ;;
     C) PORT=$PORT_C0 KIND=plain ;; D) PORT=$PORT_D0 KIND=stream ;; N) PORT=$PORT_N0 KIND=plain ;;
     *) log "unknown variant $1"; exit 1 ;;
   esac
+  LUA=${LUA:-$KIND}
 }
-for variant in stream plain; do
+for variant in stream plain plain-users; do
   cat > "$OUT/$variant.lua" <<EOF
 wrk.method = "POST"
 wrk.path = "/v1/chat/completions"
-wrk.body = '$(body $variant)'
+wrk.body = '$(body "${variant%-users}")'
 wrk.headers["content-type"] = "application/json"
 wrk.headers["x-user"] = "bench-user"
+EOF
+  if [ "$variant" = plain-users ]; then
+    # (c-lN): x-user bench-user-<i>, i = the request's number mod $USERS (one Lua state: -t1).
+    cat >> "$OUT/$variant.lua" <<EOF
+local i = -1
+request = function()
+  i = (i + 1) % $USERS
+  wrk.headers["x-user"] = "bench-user-" .. i
+  return wrk.format()
+end
+EOF
+  fi
+  cat >> "$OUT/$variant.lua" <<EOF
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format("RESULT requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d non2xx=%d\n",
@@ -266,8 +300,11 @@ else
   PIN_ENVOY="" PIN_REST=""
 fi
 
+# The leases' hold must last their ttl: the service caps it at --max-reservation-ttl (60 s).
+RLS_TTL=()
+[ "$LEASES" = 1 ] && [ "$LEASE_TTL" -gt 60 ] && RLS_TTL=(--max-reservation-ttl "$LEASE_TTL")
 $PIN_REST "$BIN/ratelimit-service" "$OUT/limits.yaml" -b 127.0.0.1 -p "$RLS_GRPC" \
-  --http-ip 127.0.0.1 --http-port "$RLS_HTTP" > "$OUT/ratelimit-service.log" 2>&1 &
+  --http-ip 127.0.0.1 --http-port "$RLS_HTTP" "${RLS_TTL[@]}" > "$OUT/ratelimit-service.log" 2>&1 &
 pids+=($!)
 $PIN_REST "$BIN/llm-simulator" --listen "127.0.0.1:$SIM" > "$OUT/llm-simulator.log" 2>&1 &
 pids+=($!)
@@ -285,19 +322,6 @@ done
 # .venv/bin/envoy execs the real binary: the pid is Envoy's.
 grep -q envoy "/proc/$ENVOY_PID/comm" || { log "pid $ENVOY_PID is not envoy"; exit 1; }
 
-# A first request through each listener: everything answers 200.
-for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $PORT_CR ${BASELINE:+$PORT_C0 $PORT_D0 $PORT_N0}; do
-  code=$(curl -s -D "$OUT/probe.headers" -o "$OUT/probe.out" -w '%{http_code}' "127.0.0.1:$port/v1/chat/completions" \
-    -H 'content-type: application/json' -H 'x-user: bench-user' -d "$(body plain)")
-  [ "$code" = 200 ] || { log "listener $port answered $code: $(cat "$OUT/probe.out")"; exit 1; }
-  # (b), (c) and (c-r) do the same work for the client: they add x-ratelimit-{limit,remaining,reset}.
-  if [ "$port" = "$PORT_B" ] || [ "$port" = "$PORT_C" ] || [ "$port" = "$PORT_CR" ]; then
-    grep -qi '^x-ratelimit-remaining:' "$OUT/probe.headers" \
-      || { log "listener $port added no x-ratelimit-remaining header"; cat "$OUT/probe.headers" >&2; exit 1; }
-  fi
-done
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$ENVOY_PID/stat"; }
 # The service's calls so far: "<all> <reports> <checks> <ShouldRateLimit> <reserves> <commits>".
 rls_calls() {
   curl -s "127.0.0.1:$RLS_HTTP/metrics" | awk '
@@ -308,14 +332,71 @@ rls_calls() {
     END {print n + 0, r + 0, c + 0, s + 0, v + 0, m + 0}'
 }
 fstat() { curl -s "127.0.0.1:$ADMIN/stats?filter=token_ratelimit" | awk -v k="$1" -F': ' '$1 ~ "token_ratelimit." k "$" {print $2; f=1} END {if (!f) print 0}'; }
+# Whether Envoy has the stat token_ratelimit.<name> (the module defines it on first use).
+has_fstat() { curl -s "127.0.0.1:$ADMIN/stats?filter=token_ratelimit" | grep "token_ratelimit\.$1:" > /dev/null; }
+probe() { # port user: one request, its headers in $OUT/probe.headers
+  local code
+  code=$(curl -s -D "$OUT/probe.headers" -o "$OUT/probe.out" -w '%{http_code}' "127.0.0.1:$1/v1/chat/completions" \
+    -H 'content-type: application/json' -H "x-user: $2" -d "$(body plain)")
+  [ "$code" = 200 ] || { log "listener $1 answered $code: $(cat "$OUT/probe.out")"; exit 1; }
+}
+probe_headers() { # port what
+  grep -qi '^x-ratelimit-remaining:' "$OUT/probe.headers" \
+    || { log "listener $1 added no x-ratelimit-remaining header$2"; cat "$OUT/probe.headers" >&2; exit 1; }
+}
+# A first request through each listener: everything answers 200.
+for port in $PORT_A $PORT_B $PORT_C $PORT_D $PORT_N $PORT_CR ${BASELINE:+$PORT_C0 $PORT_D0 $PORT_N0}; do
+  probe "$port" bench-user
+  # (b), (c) and (c-r) do the same work for the client: they add x-ratelimit-{limit,remaining,reset}.
+  if [ "$port" = "$PORT_B" ] || [ "$port" = "$PORT_C" ] || [ "$port" = "$PORT_CR" ]; then
+    probe_headers "$port" ""
+  fi
+done
+# (c-l1) and (c-lN) too, on a request admitted from a lease: a user's first request makes its
+# own Reserve, the second too and asks for the lease; a request the service saw no Reserve for
+# (its count unchanged, the lease's own call answered meanwhile) was a leased admission.
+reserves() { rls_calls | cut -d' ' -f5; }
+if [ "$LEASES" = 1 ]; then
+  for port in $PORT_CL1 $PORT_CLN; do
+    probe "$port" bench-user-probe
+    probe_headers "$port" " (a request with its own Reserve)"
+    leased=no
+    for _ in $(seq 1 20); do
+      before=$(reserves)
+      probe "$port" bench-user-probe
+      sleep 0.2
+      if [ "$(reserves)" = "$before" ]; then leased=yes; break; fi
+    done
+    [ "$leased" = yes ] || { log "listener $port: every request made its own Reserve (no lease)"; exit 1; }
+    probe_headers "$port" " to a request admitted from a lease"
+  done
+fi
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$ENVOY_PID/stat"; }
 HZ=$(getconf CLK_TCK)
 
-declare -A RPS P50 P99 CPU CALLS REPORTS N METHODS
-run() { # variant port lua label
-  local v=$1 port=$2 lua=$3
+# The leases' counters so far: "<requests_leased> <leases_granted> <leases_renewed>".
+lease_stats() {
+  curl -s "127.0.0.1:$ADMIN/stats?filter=token_ratelimit" | awk -F': ' '
+    $1 ~ /token_ratelimit\.requests_leased$/ {l = $2} $1 ~ /token_ratelimit\.leases_granted$/ {g = $2}
+    $1 ~ /token_ratelimit\.leases_renewed$/ {r = $2} END {print l + 0, g + 0, r + 0}'
+}
+declare -A RPS P50 P99 CPU CALLS REPORTS N METHODS LEASED
+run() { # variant port lua
+  local v=$1 port=$2 lua=$3 gw0
+  read -r _ gw0 _ < <(lease_stats)
   $PIN_REST wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$OUT/$lua.lua" "http://127.0.0.1:$port" > /dev/null 2>&1 || true
   sleep 0.3
-  local c0 r0 k0 s0 v0 m0 t0 r
+  if [ "$lua" = plain-users ]; then
+    # (c-lN): warmed up until every user has its lease (two rounds each), a few times at most.
+    local tries=0 g
+    while read -r _ g _ < <(lease_stats) && [ $((g - gw0)) -lt "$USERS" ] && [ $((tries += 1)) -le 5 ]; do
+      $PIN_REST wrk -t1 -c"$CONNECTIONS" -d"${WARMUP}s" -s "$OUT/$lua.lua" "http://127.0.0.1:$port" > /dev/null 2>&1 || true
+      sleep 0.3
+    done
+  fi
+  local c0 r0 k0 s0 v0 m0 t0 r l0 g0 w0
+  read -r l0 g0 w0 < <(lease_stats)
   read -r c0 r0 k0 s0 v0 m0 < <(rls_calls); t0=$(cpu_ticks)
   local perf_pid=""
   if [ "${BENCH_PERF:-0}" = 1 ]; then
@@ -327,6 +408,7 @@ run() { # variant port lua label
   local t1; t1=$(cpu_ticks)
   sleep 0.3 # the last tick's reports
   local c1 r1 k1 s1 v1 m1; read -r c1 r1 k1 s1 v1 m1 < <(rls_calls)
+  local l1 g1 w1; read -r l1 g1 w1 < <(lease_stats)
   local n dur p50 p99 errs non2xx
   field() { echo "$r" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
   n=$(field requests); dur=$(field duration_us); p50=$(field p50_us); p99=$(field p99_us)
@@ -340,6 +422,8 @@ run() { # variant port lua label
   CPU[$v]=$(awk -v t="$((t1 - t0))" -v hz="$HZ" -v n="$n" 'BEGIN {printf "%.1f", t / hz * 1e6 / n}')
   CALLS[$v]=$(awk -v c="$((c1 - c0))" -v n="$n" 'BEGIN {printf "%.3f", c / n}')
   REPORTS[$v]=$((r1 - r0)) N[$v]=$n
+  LEASED[$v]=$(awk -v l="$((l1 - l0))" -v n="$n" -v g="$((g1 - g0))" -v gw="$((g0 - gw0))" -v w="$((w1 - w0))" \
+    'BEGIN {printf "%.3f leased admissions per request; leases granted %d (%d in the warm-up), renewed %d", l / n, g, gw, w}')
   METHODS[$v]=$(awk -v n="$n" -v k="$((k1 - k0))" -v r="$((r1 - r0))" -v s="$((s1 - s0))" -v v="$((v1 - v0))" -v m="$((m1 - m0))" \
     'BEGIN {printf "CheckRateLimit %.3f, Report %.4f, ShouldRateLimit %.3f, Reserve %.3f, Commit %.3f", k / n, r / n, s / n, v / n, m / n}')
   printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$v" "${RPS[$v]}" "${P50[$v]}" "${P99[$v]}" "${CPU[$v]}" "${CALLS[$v]}" >> "$OUT/results.tsv"
@@ -350,9 +434,11 @@ LOAD0=$(cut -d" " -f1-3 /proc/loadavg)
 checked0=$(fstat requests_checked); missing0=$(fstat usage_missing)
 for v in $VARIANTS; do
   target "$v"
-  run "$v" "$PORT" "$KIND"
+  run "$v" "$PORT" "$LUA"
 done
 checked=$(( $(fstat requests_checked) - checked0 )); missing=$(( $(fstat usage_missing) - missing0 ))
+LEASE_STAT=0
+has_fstat requests_leased && LEASE_STAT=1
 tokens=$(fstat tokens_reported.total); reports=$(fstat reports_sent)
 
 # --- instruction counts (callgrind) ---------------------------------------------------------
@@ -368,13 +454,16 @@ if [ "$CALLGRIND" = 1 ]; then
   # Reports go out per tick, not per request: under load they amount to a few calls per
   # thousand requests, but these requests are slow (valgrind), so that nearly every tick would
   # carry one. A 10-minute flushPeriod keeps them (and the tick) out of the count.
-  for f in plugin plugin-none plugin-reservation; do
+  for f in plugin plugin-none plugin-reservation ${PLUGIN_LEASE_JSON:+plugin-lease}; do
     { cat "$OUT/$f.yaml"; echo "reporting: {flushPeriod: 10m}"; } > "$OUT/$f-callgrind.yaml"
   done
   cfg=$(cat "$OUT/envoy.yaml")
   cfg=${cfg//"$PLUGIN_JSON"/"$("$TOOL" json "$OUT/plugin-callgrind.yaml" | tr -d '\n')"}
   cfg=${cfg//"$PLUGIN_NONE_JSON"/"$("$TOOL" json "$OUT/plugin-none-callgrind.yaml" | tr -d '\n')"}
   cfg=${cfg//"$PLUGIN_RES_JSON"/"$("$TOOL" json "$OUT/plugin-reservation-callgrind.yaml" | tr -d '\n')"}
+  if [ "$LEASES" = 1 ]; then
+    cfg=${cfg//"$PLUGIN_LEASE_JSON"/"$("$TOOL" json "$OUT/plugin-lease-callgrind.yaml" | tr -d '\n')"}
+  fi
   printf '%s\n' "$cfg" > "$OUT/envoy-callgrind.yaml"
   $PIN_ENVOY valgrind --tool=callgrind --instr-atstart=no --smc-check=all-non-file \
     --callgrind-out-file="$OUT/callgrind.out" "$ENVOY_BIN" -c "$OUT/envoy-callgrind.yaml" --concurrency 1 -l warning \
@@ -412,7 +501,8 @@ echo "token-ratelimit benchmark: Envoy ${envoy_version:-?} --concurrency 1, wrk 
 echo "machine: $ncpu x $cpu_model; load average before: $LOAD0, after: $(cut -d" " -f1-3 /proc/loadavg); pinned: $([ -n "$PIN_ENVOY" ] && echo "envoy cpu 0, rest cpu 1-$((ncpu - 1))" || echo no); wasm module: $wasm_size bytes"
 printf '%-38s %9s %8s %8s %14s %10s\n' variant "req/s" "p50 ms" "p99 ms" "envoy CPU/req" "RLS calls/req"
 label() { case $1 in a) echo "(a) envoy, no rate limiting";; b) echo "(b) native ratelimit (ShouldRateLimit)";; c) echo "(c) token-ratelimit";; d) echo "(d) token-ratelimit, streaming";;
-  c-r) echo "(c-r) token-ratelimit, reservation";;
+  c-r) echo "(c-r) token-ratelimit, reservation";; c-l1) echo "(c-l1) reservation, 1 lease";;
+  c-lN) echo "(c-lN) reservation, $USERS leases";;
   e) echo "(e) envoy, streaming, no rate limiting";; n) echo "(n) token-ratelimit, no limit applies";;
   C) echo "(C) = (c), baseline module";; D) echo "(D) = (d), baseline module";; N) echo "(N) = (n), baseline module";; esac; }
 for v in $VARIANTS; do
@@ -442,6 +532,12 @@ echo "rate-limit calls per request, per method (the service's /metrics over each
 for v in $VARIANTS; do
   printf '  %-38s %s\n' "$(label "$v")" "${METHODS[$v]}"
 done
+if [ "$LEASES" = 1 ] && [ "$LEASE_STAT" = 1 ]; then
+  echo "requests admitted from a lease (Envoy's stat token_ratelimit.requests_leased over each measured run):"
+  for v in c-l1 c-lN; do
+    [ -z "${LEASED[$v]:-}" ] || printf '  %-38s %s\n' "$(label "$v")" "${LEASED[$v]}"
+  done
+fi
 if [ -n "${RPS[a]:-}" ] && [ -n "${RPS[c]:-}" ]; then
   echo "cpu c-a: $(awk -v c="${CPU[c]}" -v a="${CPU[a]}" 'BEGIN {printf "%.1f", c - a}') us/req (token-ratelimit with its check call)$( [ -n "${CPU[b]:-}" ] && echo "; c-b: $(awk -v c="${CPU[c]}" -v b="${CPU[b]}" 'BEGIN {printf "%.1f", c - b}') us/req (beyond the native filter's call)")"
   echo "ratio c/a: $(awk -v c="${RPS[c]}" -v a="${RPS[a]}" 'BEGIN {printf "%.2f", c / a}')"
@@ -452,6 +548,12 @@ fi
 if [ -n "${RPS[c]:-}" ] && [ -n "${RPS[c-r]:-}" ]; then
   echo "reservation: cpu (c-r)-c: $(awk -v r="${CPU[c-r]}" -v c="${CPU[c]}" 'BEGIN {printf "%.1f", r - c}') us/req$(
     [ -n "${RPS[b]:-}" ] && echo "; ratio c-r/b: $(awk -v r="${RPS[c-r]}" -v b="${RPS[b]}" 'BEGIN {printf "%.2f", r / b}')")"
+fi
+if [ -n "${RPS[c-r]:-}" ] && [ -n "${RPS[c-l1]:-}" ]; then
+  echo "leases: cpu (c-l1)-(c-r): $(awk -v l="${CPU[c-l1]}" -v r="${CPU[c-r]}" 'BEGIN {printf "%.1f", l - r}') us/req$(
+    [ -n "${RPS[c-lN]:-}" ] && echo ", (c-lN)-(c-r): $(awk -v l="${CPU[c-lN]}" -v r="${CPU[c-r]}" 'BEGIN {printf "%.1f", l - r}') us/req")$(
+    [ -n "${RPS[b]:-}" ] && echo "; ratio c-l1/b: $(awk -v l="${RPS[c-l1]}" -v b="${RPS[b]}" 'BEGIN {printf "%.2f", l / b}')")$(
+    [ -n "${RPS[b]:-}" ] && [ -n "${RPS[c-lN]:-}" ] && echo ", c-lN/b: $(awk -v l="${RPS[c-lN]}" -v b="${RPS[b]}" 'BEGIN {printf "%.2f", l / b}')")"
 fi
 if [ -n "${RPS[b]:-}" ] && [ -n "${RPS[c]:-}" ]; then
   echo "ratio c/b: $(awk -v c="${RPS[c]}" -v b="${RPS[b]}" 'BEGIN {printf "%.2f", c / b}')"
