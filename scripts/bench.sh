@@ -15,6 +15,27 @@
 #       (c)'s configuration, so c-r minus c is what the second call costs. Like (c), Envoy does not
 #       hand the filter the body before the headers go upstream (no allow_on_headers_stop_iteration),
 #       so the reservation holds reservation.defaultAmount (256 tokens)
+#   (c-l1) (c-r) with leases (rateLimitService.lease): the worker Reserves a larger amount for
+#       the one hot counter (x-user: bench-user) and admits its requests from it, without a call;
+#       the lease is renewed (a Reserve) in the background, and committed (the tokens spent
+#       under it) when replaced. Checked on a leased request: it adds x-ratelimit-* as (c-r) does
+#   (c-lN) (c-l1)'s configuration with BENCH_LEASE_USERS (1,000) users round-robin, x-user
+#       bench-user-<i> (i = the request's number mod 1,000), the same connections: one lease each.
+#       Under wrk its warm-up is repeated (5 times at most) until every user has its lease
+#   Lease settings of both: fraction 0.1 of the never-reached budget, so that a lease holds the
+#       default maxAmount (1,000,000 tokens, ~4,000 reservation amounts); minRequests 2: a user
+#       asks for its lease on its second request, so two rounds over the users lease them all;
+#       ttl BENCH_LEASE_TTL (300 s), so that the steady state is what is measured: a lease is
+#       renewed once half its ttl is over (and given up when idle that long), and the callgrind
+#       pass runs Envoy ~50x slower: a round over the 1,000 users takes 25-40 s there, and a lease
+#       asked in the warm-up's second round is that old when the measured round uses it. Half the
+#       ttl outlives that several times over, so that every measured request is a leased
+#       admission and no lease is renewed meanwhile (the service's calls during the measured
+#       round are shown, and a line says so when Reserves were made). Under wrk the leases
+#       (c-lN's) are as young and are not renewed either; (c-l1)'s is renewed each time half its
+#       room is spent (~23,000 requests). The service caps a hold at --max-reservation-ttl (60 s
+#       by default) while the filter keeps the lease for the ttl it asked: the service is given
+#       --max-reservation-ttl BENCH_LEASE_TTL when that is longer
 #   (d) token-ratelimit, checkReport, streaming ("stream": true; the filter adds include_usage)
 #   (e) Envoy, no rate limiting, the streaming requests of (d): (d)'s baseline
 #   (n) on request only (BENCH_VARIANTS): token-ratelimit where no limit applies (no check call)
@@ -446,7 +467,11 @@ tokens=$(fstat tokens_reported.total); reports=$(fstat reports_sent)
 # while each variant's requests run: Envoy's instructions per request, with the event loop, the
 # wasm VM (V8's compiled code included) and the gRPC calls, the same on every run of the same
 # binaries whatever else the machine does. Requests are sequential on one connection.
-declare -A INSTR
+# (c-lN) is measured in its steady state: its users round-robin, after two rounds over them
+# (the first makes each user's own Reserve, the second asks for its lease), so that every
+# measured request finds its user's lease; whole rounds are measured, and what the service was
+# called for meanwhile (no Reserve: every request leased, no lease renewed) is shown.
+declare -A INSTR CG_COUNT CG_CALLS CG_TIME
 if [ "$CALLGRIND" = 1 ]; then
   ENVOY_BIN=$(readlink "/proc/$ENVOY_PID/exe")
   kill "$ENVOY_PID" 2>/dev/null; wait "$ENVOY_PID" 2>/dev/null || true
@@ -480,17 +505,46 @@ if [ "$CALLGRIND" = 1 ]; then
       -d "$(body "$kind")" \
       "${args[@]}" | sort | uniq -c | awk '{printf "%s%s x %s", (NR > 1 ? ", " : ""), $1, $2}'
   }
+  # (c-lN)'s requests: count's, but with x-user bench-user-<i>, i = the request's number mod
+  # $USERS, still one curl on one keep-alive connection: a config file of one transfer per
+  # request (`next` between them), each with its header.
+  count_users() { # port plain|stream requests
+    local port=$1 i
+    body "$2" > "$OUT/callgrind-body.json"
+    for ((i = 0; i < $3; i++)); do
+      [ "$i" = 0 ] || echo next
+      printf 'url = "http://127.0.0.1:%s/v1/chat/completions"\nheader = "content-type: application/json"\n' "$port"
+      printf 'header = "x-user: bench-user-%d"\ndata = "@%s"\noutput = "/dev/null"\n' $((i % USERS)) "$OUT/callgrind-body.json"
+      printf 'silent\nwrite-out = "%%{http_code}\\n"\n'
+    done > "$OUT/callgrind-users.curl"
+    curl -K "$OUT/callgrind-users.curl" | sort | uniq -c | awk '{printf "%s%s x %s", (NR > 1 ? ", " : ""), $1, $2}'
+  }
   for v in $VARIANTS; do
     target "$v"
-    count "$PORT" "$KIND" 100 > /dev/null # warm-up, not counted
+    if [ "$LUA" = plain-users ]; then
+      # Two rounds to warm up; whole rounds measured, at least CG_N requests.
+      cg_n=$(( (CG_N + USERS - 1) / USERS * USERS ))
+      counter=count_users warm=$((2 * USERS))
+    else
+      cg_n=$CG_N counter=count warm=100
+    fi
+    cg_t0=$(date +%s.%N)
+    $counter "$PORT" "$KIND" "$warm" > /dev/null # warm-up, not counted
+    sleep 0.3 # the warm-up's last calls answered
+    read -r _ _ _ _ cv0 cm0 < <(rls_calls)
+    cg_t1=$(date +%s.%N)
     callgrind_control -i on "$ENVOY_PID" > /dev/null 2>&1
-    codes=$(count "$PORT" "$KIND" "$CG_N")
+    codes=$($counter "$PORT" "$KIND" "$cg_n")
     callgrind_control -i off "$ENVOY_PID" > /dev/null 2>&1
+    CG_TIME[$v]=$(awk -v a="$cg_t0" -v b="$cg_t1" -v c="$(date +%s.%N)" 'BEGIN {printf "%.0f s warm-up, %.0f s measured", b - a, c - b}')
+    log "($v) under callgrind: ${CG_TIME[$v]}"
     callgrind_control -d "$v" "$ENVOY_PID" > /dev/null 2>&1
-    [ "$codes" = "$CG_N x 200" ] || { log "($v) under callgrind: $codes"; exit 1; }
+    [ "$codes" = "$cg_n x 200" ] || { log "($v) under callgrind: $codes"; exit 1; }
+    read -r _ _ _ _ cv1 cm1 < <(rls_calls)
     dump=$OUT/callgrind.out.$((++dumps))
     total=$(callgrind_annotate "$dump" 2>/dev/null | awk '/PROGRAM TOTALS/ && !t {gsub(",", "", $1); t = $1} END {print t + 0}')
-    INSTR[$v]=$((total / CG_N))
+    INSTR[$v]=$((total / cg_n)) CG_COUNT[$v]=$cg_n
+    CG_CALLS[$v]=$(awk -v n="$cg_n" -v v="$((cv1 - cv0))" -v m="$((cm1 - cm0))" 'BEGIN {printf "Reserve %.3f, Commit %.3f", v / n, m / n}')
   done
 fi
 
