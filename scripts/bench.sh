@@ -53,12 +53,17 @@
 # with it, in the same Envoy, for a side-by-side comparison), BENCH_PERF (1: `perf record` Envoy during each measured run, into .run/bench/perf-<variant>.data;
 # its CPU figures then include perf's overhead), BENCH_CALLGRIND (1, the default when valgrind is
 # installable: a second pass counts the instructions Envoy executes per request under valgrind's
-# callgrind, BENCH_CALLGRIND_REQUESTS (300) sequential requests per variant on one connection;
+# callgrind, BENCH_CALLGRIND_REQUESTS (300) sequential requests per variant on one connection,
+# after 100 to warm up; (c-lN): round-robin over its users, after two rounds to warm up (every
+# user then has its lease), whole rounds of at least BENCH_CALLGRIND_REQUESTS, measured;
 # instruction counts do not depend on what else the machine is doing, unlike CPU time).
 # Rate-limit calls per request: per variant and per method (CheckRateLimit, Report,
-# ShouldRateLimit, Reserve, Commit), from the service's /metrics over each measured run.
-# Builds what it needs (installs wrk and valgrind from Debian when missing); the last line of
-# its output is `ratio c/b: X.XX`.
+# ShouldRateLimit, Reserve, Commit), from the service's /metrics over each measured run; for
+# (c-l1) and (c-lN) also the requests admitted from a lease (Envoy's stat
+# wasmcustom.token_ratelimit.requests_leased) per request.
+# Builds what it needs (installs wrk and valgrind from Debian when missing); the last four lines
+# of its output are `instructions b/c: X.XX`, `instructions b/c-r: X.XX`, `instructions b/c-l1:
+# X.XX` and `instructions b/c-lN: X.XX` (without callgrind, the last line is `ratio c/b: X.XX`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -565,16 +570,19 @@ done
 if [ "$CALLGRIND" = 1 ]; then
   echo "instructions per request (callgrind, $CG_N sequential requests per variant, Envoy's whole process):"
   for v in $VARIANTS; do
-    printf '  %-36s %9s%s\n' "$(label "$v")" "${INSTR[$v]}" \
-      "$([ -n "${INSTR[a]:-}" ] && [ "$v" != a ] && awk -v x="${INSTR[$v]}" -v a="${INSTR[a]}" 'BEGIN {printf "   (+%d over a)", x - a}')"
+    extra=""
+    if [ "$v" = c-l1 ] || [ "$v" = c-lN ]; then
+      extra="   [${CG_COUNT[$v]} requests$([ "$v" = c-l1 ] || echo " round-robin after $((2 * USERS))") (${CG_TIME[$v]}); service calls per request meanwhile: ${CG_CALLS[$v]}]"
+    fi
+    printf '  %-36s %9s%s%s\n' "$(label "$v")" "${INSTR[$v]}" \
+      "$([ -n "${INSTR[a]:-}" ] && [ "$v" != a ] && awk -v x="${INSTR[$v]}" -v a="${INSTR[a]}" 'BEGIN {printf "   (+%d over a)", x - a}')" "$extra"
   done
-  if [ -n "${INSTR[b]:-}" ] && [ -n "${INSTR[c]:-}" ]; then
-    echo "instructions b/c: $(awk -v b="${INSTR[b]}" -v c="${INSTR[c]}" 'BEGIN {printf "%.2f", b / c}') (the ratio c/b a CPU-bound Envoy would reach if time followed instructions)"
-  fi
-  if [ -n "${INSTR[b]:-}" ] && [ -n "${INSTR[c-r]:-}" ]; then
-    echo "instructions b/c-r: $(awk -v b="${INSTR[b]}" -v c="${INSTR[c-r]}" 'BEGIN {printf "%.2f", b / c}')$(
-      [ -n "${INSTR[c]:-}" ] && echo " (c-r - c: $((INSTR[c-r] - INSTR[c])) instructions per request: the second call, Commit, and the reservation's own work)")"
-  fi
+  for v in c-l1 c-lN; do
+    # Steady state: every measured request admitted from its lease (no Reserve of its own).
+    if [ -n "${CG_CALLS[$v]:-}" ] && ! awk -v c="${CG_CALLS[$v]}" 'BEGIN {split(c, f, "[ ,]+"); exit !(f[2] + 0 < 0.01)}'; then
+      echo "($v) under callgrind is not the steady state: ${CG_CALLS[$v]} per request (leases missing or renewed: a longer BENCH_LEASE_TTL?)"
+    fi
+  done
 fi
 echo "token-ratelimit: $checked requests checked, $missing without usage (streams cut by wrk at the end of a run), $tokens tokens in $reports reports"
 for v in c d; do
@@ -611,4 +619,19 @@ if [ -n "${RPS[c-r]:-}" ] && [ -n "${RPS[c-l1]:-}" ]; then
 fi
 if [ -n "${RPS[b]:-}" ] && [ -n "${RPS[c]:-}" ]; then
   echo "ratio c/b: $(awk -v c="${RPS[c]}" -v b="${RPS[b]}" 'BEGIN {printf "%.2f", c / b}')"
+fi
+# The last lines: the instruction ratios (repeatable, unlike the wall-clock ones above).
+if [ "$CALLGRIND" = 1 ] && [ -n "${INSTR[b]:-}" ]; then
+  if [ -n "${INSTR[c]:-}" ]; then
+    echo "instructions b/c: $(awk -v b="${INSTR[b]}" -v c="${INSTR[c]}" 'BEGIN {printf "%.2f", b / c}') (the ratio c/b a CPU-bound Envoy would reach if time followed instructions)"
+  fi
+  if [ -n "${INSTR[c-r]:-}" ]; then
+    echo "instructions b/c-r: $(awk -v b="${INSTR[b]}" -v c="${INSTR[c-r]}" 'BEGIN {printf "%.2f", b / c}')$(
+      [ -n "${INSTR[c]:-}" ] && echo " (c-r - c: $((INSTR[c-r] - INSTR[c])) instructions per request: the second call, Commit, and the reservation's own work)")"
+  fi
+  for v in c-l1 c-lN; do
+    if [ -n "${INSTR[$v]:-}" ]; then
+      echo "instructions b/$v: $(awk -v b="${INSTR[b]}" -v c="${INSTR[$v]}" 'BEGIN {printf "%.2f", b / c}')"
+    fi
+  done
 fi
