@@ -27,7 +27,7 @@
 #       asks for its lease on its second request, so two rounds over the users lease them all;
 #       ttl BENCH_LEASE_TTL (300 s), so that the steady state is what is measured: a lease is
 #       renewed once half its ttl is over (and given up when idle that long), and the callgrind
-#       pass runs Envoy ~50x slower: a round over the 1,000 users takes 25-40 s there, and a lease
+#       pass runs Envoy ~50x slower: a round over the 1,000 users takes 18-36 s there, and a lease
 #       asked in the warm-up's second round is that old when the measured round uses it. Half the
 #       ttl outlives that several times over, so that every measured request is a leased
 #       admission and no lease is renewed meanwhile (the service's calls during the measured
