@@ -93,10 +93,13 @@ FUZZ_SECONDS ?= 60
 fuzz:
 	FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
 
-## bench: token-ratelimit (checkReport, and reservation: variant c-r) side by side with Envoy
-## alone and Envoy's native rate-limit filter, on loopback with a real Envoy (scripts/bench.sh;
-## installs wrk and valgrind, builds what it needs). Knobs: BENCH_DURATION, BENCH_WARMUP,
-## BENCH_CONNECTIONS, BENCH_VARIANTS, BENCH_CALLGRIND, ENVOY (see the script).
+## bench: token-ratelimit (checkReport; reservation: variant c-r; reservation with leases, one
+## hot user and 1,000 users round-robin: c-l1 and c-lN) side by side with Envoy alone and
+## Envoy's native rate-limit filter, on loopback with a real Envoy (scripts/bench.sh; installs
+## wrk and valgrind, builds what it needs). Its last four lines are `instructions b/c`, `b/c-r`,
+## `b/c-l1` and `b/c-lN` (`ratio c/b` without callgrind). Knobs: BENCH_DURATION, BENCH_WARMUP,
+## BENCH_CONNECTIONS, BENCH_VARIANTS, BENCH_CALLGRIND, BENCH_LEASE_USERS, BENCH_LEASE_TTL,
+## ENVOY (see the script).
 .PHONY: bench
 bench: envoy
 	scripts/bench.sh
