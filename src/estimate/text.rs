@@ -548,19 +548,29 @@ data: [DONE]
     /// What an extractor of `format` and `framing` reads from `body`: (its text estimate, the
     /// completion tokens its usage reports).
     fn estimate_and_actual(format: Format, framing: BodyFormat, body: &[u8]) -> (u64, u64) {
-        let mut x = UsageExtractor::new(
-            format,
-            framing,
-            Encoding::Identity,
-            UsagePaths::default(),
-            1 << 20,
-        );
-        // Fed in small chunks, as a stream arrives.
-        for chunk in body.chunks(97) {
-            x.feed(chunk);
-        }
-        let estimate = x.text_tokens();
-        let actual = x.finish().and_then(|u| u.completion).unwrap_or(0);
+        let extractor = |max_bytes| {
+            let mut x = UsageExtractor::new(
+                format,
+                framing,
+                Encoding::Identity,
+                UsagePaths::default(),
+                max_bytes,
+            );
+            // Fed in small chunks, as a stream arrives.
+            for chunk in body.chunks(97) {
+                x.feed(chunk);
+            }
+            x
+        };
+        // A JSON document with usage is never counted; one over the extractor's bound (here
+        // 1 byte) is counted as it comes, as every event stream is.
+        let mut counted = extractor(1);
+        counted.finish();
+        let estimate = counted.text_tokens();
+        let actual = extractor(1 << 20)
+            .finish()
+            .and_then(|u| u.completion)
+            .unwrap_or(0);
         (estimate, actual)
     }
 

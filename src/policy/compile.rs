@@ -142,7 +142,9 @@ impl Policy {
     ///   function that does not exist, reads an attribute outside Envoy's vocabulary (or one
     ///   only known after the upstream is picked, or a whole root), or whose type, when the
     ///   syntax tree shows it, does not fit its place (a predicate that is not a bool);
-    /// - `requestBodyJSON()` used without `requestBody.allowOnHeadersStopIteration`.
+    /// - `requestBodyJSON()` used without `requestBody.allowOnHeadersStopIteration`;
+    /// - `rateLimitService.lease` with `mode: checkReport`, a `fraction` outside (0, 0.25], a
+    ///   `maxAmount` of 0 or above `u32::MAX`, `minRequests` 0, a `ttl` under 2 s.
     pub fn compile(cfg: &PluginConfig) -> Result<Policy, ConfigError> {
         let svc = &cfg.rate_limit_service;
         if svc.cluster.trim().is_empty() {

@@ -58,7 +58,9 @@ pub struct UsageExtractor {
     overflowed: bool,
     /// Decoded body bytes seen.
     body_bytes: u64,
-    /// The text of the decoded body, for the estimate when no usage is reported.
+    /// The text of the decoded body, for the estimate when no usage is reported. A JSON
+    /// document kept whole is counted only at [`UsageExtractor::finish`], and only when it
+    /// carries no usage (most do); one that outgrew the bound is counted as it comes.
     text: TextCounter,
     /// The usage read so far.
     found: Usage,
@@ -109,10 +111,11 @@ impl UsageExtractor {
         self.body_bytes
     }
 
-    /// Tokens of the text in the decoded body so far, for the estimate when no usage is
-    /// reported: the generated text of a JSON or event-stream body (per [`TextKeys::Response`],
-    /// or [`TextKeys::ResponsesStream`] for a Responses API stream), every word of a body
-    /// that is not JSON ([`TextCounter`]).
+    /// Tokens of the text in the decoded body, for the estimate when no usage is reported:
+    /// the generated text of a JSON or event-stream body (per [`TextKeys::Response`], or
+    /// [`TextKeys::ResponsesStream`] for a Responses API stream), every word of a body that is
+    /// not JSON ([`TextCounter`]). A JSON document is counted by [`UsageExtractor::finish`]
+    /// (when it has no usage): call this after it.
     pub fn text_tokens(&self) -> u64 {
         self.text.tokens()
     }
@@ -129,21 +132,27 @@ impl UsageExtractor {
             &decoded
         };
         self.body_bytes += data.len() as u64;
-        self.text.feed(data);
         match self.framing {
-            BodyFormat::Other => {}
+            BodyFormat::Other => self.text.feed(data),
             BodyFormat::Json => {
                 if self.overflowed {
+                    self.text.feed(data);
                     return;
                 }
                 if self.buffer.len() + data.len() > self.max_bytes {
+                    // Counted from here on as it comes: the document is no longer kept.
                     self.overflowed = true;
-                    self.buffer = Vec::new();
+                    let kept = std::mem::take(&mut self.buffer);
+                    self.text.feed(&kept);
+                    self.text.feed(data);
                 } else {
                     self.buffer.extend_from_slice(data);
                 }
             }
-            BodyFormat::EventStream => self.feed_sse(data),
+            BodyFormat::EventStream => {
+                self.text.feed(data);
+                self.feed_sse(data);
+            }
         }
     }
 
@@ -157,7 +166,6 @@ impl UsageExtractor {
             && chunk.len() <= self.max_bytes
         {
             self.body_bytes += chunk.len() as u64;
-            self.text.feed(&chunk);
             self.buffer = chunk;
             return;
         }
@@ -270,6 +278,10 @@ impl UsageExtractor {
                     if let Some(u) = read_bytes(self.format, &self.paths, &doc, true) {
                         self.found.merge(u);
                     }
+                    if self.found.is_empty() {
+                        // No usage: the text is counted for the estimate.
+                        self.text.feed(&doc);
+                    }
                 }
             }
             BodyFormat::EventStream => {
@@ -309,6 +321,42 @@ mod tests {
         x.feed(&body[..cut]);
         x.feed(&body[cut..]);
         x.finish()
+    }
+
+    #[test]
+    fn a_json_answer_is_counted_for_the_estimate_only_when_it_lacks_usage_whole_or_in_chunks() {
+        let without =
+            br#"{"choices":[{"message":{"role":"assistant","content":"four five six seven"}}]}"#;
+        let with = br#"{"choices":[{"message":{"content":"four five six seven"}}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+        let new = |max_bytes| {
+            UsageExtractor::new(
+                Format::OpenAi,
+                BodyFormat::Json,
+                Encoding::Identity,
+                UsagePaths::default(),
+                max_bytes,
+            )
+        };
+        for max_bytes in [1 << 20, 10] {
+            let mut whole = new(max_bytes);
+            whole.feed_vec(without.to_vec());
+            assert_eq!(whole.finish(), None);
+            let mut chunked = new(max_bytes);
+            for c in without.chunks(7) {
+                chunked.feed(c);
+            }
+            assert_eq!(chunked.finish(), None);
+            assert_eq!(whole.text_tokens(), 4, "max_bytes {max_bytes}");
+            assert_eq!(chunked.text_tokens(), 4, "max_bytes {max_bytes}");
+        }
+        let mut x = new(1 << 20);
+        x.feed_vec(with.to_vec());
+        assert_eq!(x.finish(), u(1, 2, Some(3)));
+        assert_eq!(
+            x.text_tokens(),
+            0,
+            "usage reported: the text is not counted"
+        );
     }
 
     fn u(p: u64, c: u64, t: Option<u64>) -> Option<Usage> {
