@@ -7,7 +7,10 @@
 //!   the requests past the budget get proper 429s;
 //! - the life of one lease: a counter is leased once a worker saw `minRequests` of its
 //!   requests, the requests after it are admitted without a call, and once traffic stops the
-//!   idle lease is committed with exactly what was served and leaves no hold.
+//!   idle lease is committed with exactly what was served and leaves no hold;
+//! - (ignored: fail today) a lease fraction written in Envoy's YAML is accepted; an idle
+//!   lease's room returns within half its ttl, without a renewal; a lease admits nothing past a
+//!   hold the service ended early (`--max-reservation-ttl` below the lease's `ttl`).
 //!
 //! A chat request of `words` words (`"word word ..."`, a token each) and `max_tokens: m`
 //! reserves `words + m` tokens (Envoy hands the filter the body before the headers go upstream,
@@ -426,8 +429,10 @@ fn fifty_connections_on_leases_spend_the_budget_exactly_with_few_calls_then_get_
 /// - the next 10 requests are admitted from the lease: `requests_leased` 10, and the service
 ///   receives no call at all (and charges nothing yet: the lease's hold covers them);
 /// - once traffic stops, the lease is committed when idle (no admission for half its ttl; it
-///   may first be renewed once, at half its life): then nothing is held, and the counter and
-///   the tokens charged by `Commit` are exactly what the simulator served (14 × 22).
+///   may first be renewed once, at half its life, which README's promise does not allow: see
+///   [`an_idle_leases_room_returns_within_half_its_ttl_without_a_renewal`]): then nothing is
+///   held, and the counter and the tokens charged by `Commit` are exactly what the simulator
+///   served (14 × 22).
 #[test]
 fn a_hot_counter_is_leased_after_min_requests_admitted_without_calls_and_committed_once_idle() {
     let reserved = reserved_for(WORDS, MAX_TOKENS);
@@ -529,6 +534,160 @@ fn a_hot_counter_is_leased_after_min_requests_admitted_without_calls_and_committ
     );
     assert_eq!(stat(&stack, "leases_granted"), 1);
     assert_eq!(stat(&stack, "requests_leased"), 10);
+}
+
+/// What README promises of an idle lease: its unspent room "returns within half a `ttl` of
+/// idleness". One connection, `ttl: 10s`: 4 requests make the counter hot, the lease is
+/// granted, 10 requests are admitted from it over 2 s (one every 200 ms), then traffic stops;
+/// the lease's hold must be gone within 5 s (+ 1.5 s for the tick and the commit) of the last
+/// request, without a renewal. Ignored: fails today (room returned 8 s after the last
+/// request, after a renewal). At half its life (3 s after the last request) the lease is
+/// renewed although nothing was admitted since: `Leases::tick` renews a lease due by age
+/// unless it is idle by then, and a lease that admitted anything after its grant cannot be
+/// idle at half its life; the renewal's grant then restarts the idle clock (`Leases::on_reply`
+/// sets `last_admit_ms` to the grant), so the room returns half a `ttl` after the renewal, for
+/// 2 calls more.
+#[test]
+#[ignore = "fails today: an idle lease is renewed at half its life, holding its room longer"]
+fn an_idle_leases_room_returns_within_half_its_ttl_without_a_renewal() {
+    let reserved = reserved_for(WORDS, MAX_TOKENS);
+    let stack = stack(vec![free_limit(10_000), lease(4, "10s")]);
+    let body = chat_body(WORDS, MAX_TOKENS);
+    let mut conn = stack.connect();
+    for i in 1..=4 {
+        let r = conn.post(CHAT, FREE, &body, &[]).expect("request");
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
+    assert!(
+        wait_until("the lease", WAIT, || stat(&stack, "leases_granted") == 1),
+        "no lease"
+    );
+    for i in 5..=14 {
+        // Pacing, not a wait for anything.
+        std::thread::sleep(Duration::from_millis(200));
+        let r = conn.post(CHAT, FREE, &body, &[]).expect("request");
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+    }
+    let last = Instant::now();
+    assert!(
+        stack.await_no_holds(WAIT),
+        "holds left: {}",
+        stack.counters()
+    );
+    let returned = last.elapsed();
+    let renewed = stat(&stack, "leases_renewed");
+    eprintln!(
+        "idle lease: its room returned {returned:.1?} after the last request; renewed {renewed}"
+    );
+    assert!(
+        wait_until("the leased requests counted", WAIT, || stat(
+            &stack,
+            "requests_leased"
+        ) == 10),
+        "requests_leased {}",
+        stat(&stack, "requests_leased")
+    );
+    assert_eq!(
+        stack.counter_of(FREE_USER).map(|c| c.value),
+        Some(14 * reserved)
+    );
+    assert!(
+        returned <= Duration::from_millis(6_500) && renewed == 0,
+        "the idle lease's room returned {returned:?} after the last request, not within half \
+         its ttl (5 s); renewed {renewed} times meanwhile"
+    );
+}
+
+/// Keep-alive connections, one accepted by each of Envoy's two workers.
+fn one_connection_per_worker(stack: &Stack) -> [e2e::Conn; 2] {
+    let mut on: [Option<e2e::Conn>; 2] = [None, None];
+    for _ in 0..40 {
+        if on.iter().all(Option::is_some) {
+            break;
+        }
+        let (conn, worker) = stack.connect_on_worker();
+        if let Some(w) = worker.filter(|&w| w < 2) {
+            if on[w].is_none() {
+                on[w] = Some(conn);
+            }
+        }
+    }
+    match on {
+        [Some(a), Some(b)] => [a, b],
+        _ => panic!(
+            "no connection on each worker: {:?}",
+            stack.worker_connections()
+        ),
+    }
+}
+
+/// A lease whose hold the service ends early: `ratelimit-service --max-reservation-ttl 2`
+/// under the default lease `ttl` (30 s), a free budget of 1,000 tokens (leases of 100).
+/// Worker A leases the counter (4 requests of 22, per-request, then its lease of 100); 2 s
+/// later the service has dropped the lease's hold. Worker B then spends the whole rest of the
+/// budget with requests of 114 (too large to lease: 4 × 114 > 100), 8 of them, until a 429.
+/// Worker A then admits 4 requests of 22 from the lease it believes it holds. README: "A lease
+/// never admits past its hold's end" and "admission never passes the limit the service
+/// enforces". Ignored: fails today, 1,088 tokens served of 1,000 (the lease's life is the
+/// filter's `ttl`, which the service capped without the filter knowing).
+#[test]
+#[ignore = "fails today: a lease admits past its hold when the service caps the hold's ttl"]
+fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
+    let limit = 1_000;
+    let stack = Stack::start(Options {
+        concurrency: 2,
+        mode: Some("reservation"),
+        edits: vec![free_limit(limit), lease(4, "30s")],
+        service_args: vec!["--max-reservation-ttl".into(), "2".into()],
+        ..Options::default()
+    });
+    let [mut a, mut b] = one_connection_per_worker(&stack);
+    let small = chat_body(2, 20);
+    for i in 1..=4 {
+        let r = a.post(CHAT, FREE, &small, &[]).expect("A");
+        assert_eq!(r.status, 200, "A's request {i}: {}", r.body);
+    }
+    assert!(
+        wait_until("A's lease", WAIT, || stat(&stack, "leases_granted") == 1),
+        "no lease"
+    );
+    assert!(
+        wait_until("the lease's hold dropped by the service", WAIT, || stack
+            .counter_of(FREE_USER)
+            .is_some_and(|c| c.reserved == 0)),
+        "{}",
+        stack.counters()
+    );
+    let large = chat_body(2, 112);
+    let mut b_served = 0;
+    loop {
+        let r = b.post(CHAT, FREE, &large, &[]).expect("B");
+        if r.status != 200 {
+            assert_eq!(not_a_refusal(&r), None);
+            break;
+        }
+        b_served += 1;
+        assert!(b_served <= 20, "B is never refused");
+    }
+    assert_eq!(b_served, 8, "B spent the budget's rest: (1,000 - 88) / 114");
+    let mut a_admitted = 0;
+    for _ in 0..4 {
+        let r = a.post(CHAT, FREE, &small, &[]).expect("A");
+        if r.status == 200 {
+            a_admitted += 1;
+        } else {
+            assert_eq!(not_a_refusal(&r), None);
+        }
+    }
+    settle(&stack);
+    let served = stack.served_tokens(FREE);
+    eprintln!(
+        "capped hold: B served {b_served}, then A admitted {a_admitted} from its lease; served \
+         {served} of {limit}; charged {}",
+        stack.committed_tokens()
+    );
+    assert_eq!(stack.committed_tokens(), served);
+    assert!(served <= limit, "served {served} > the budget {limit}");
 }
 
 // ---------------------------------------------------------------------------------------------
