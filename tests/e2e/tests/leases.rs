@@ -8,9 +8,11 @@
 //! - the life of one lease: a counter is leased once a worker saw `minRequests` of its
 //!   requests, the requests after it are admitted without a call, and once traffic stops the
 //!   idle lease is committed with exactly what was served and leaves no hold;
-//! - (ignored: fail today) a lease fraction written in Envoy's YAML is accepted; an idle
-//!   lease's room returns within half its ttl, without a renewal; a lease admits nothing past a
-//!   hold the service ended early (`--max-reservation-ttl` below the lease's `ttl`).
+//! - (ignored: fail today) a lease fraction written in Envoy's YAML is accepted; a request
+//!   admitted from a lease stays held until it ends, also when the lease's renewals are
+//!   refused; an idle lease's room returns within half its ttl, without a renewal; a lease
+//!   admits nothing past a hold the service ended early (`--max-reservation-ttl` below the
+//!   lease's `ttl`).
 //!
 //! A chat request of `words` words (`"word word ..."`, a token each) and `max_tokens: m`
 //! reserves `words + m` tokens (Envoy hands the filter the body before the headers go upstream,
@@ -151,10 +153,10 @@ const CONNECTIONS: usize = 50;
 /// Each request: 2 words, `max_tokens: 20`: 22 tokens reserved and served.
 const WORDS: usize = 2;
 const MAX_TOKENS: u64 = 20;
-/// The free user's budget: 4,000 requests' worth (about 8 s of this load on a 2-core machine
+/// The free user's budget: 6,000 requests' worth (about 8 s of this load on a 2-core machine
 /// shared with Envoy, the debug-built service and simulator). The number of 200s is the
 /// budget's, whatever the speed: a slower machine only takes longer to spend it.
-const BUDGET_REQUESTS: u64 = 4_000;
+const BUDGET_REQUESTS: u64 = 6_000;
 /// Traffic stops once 429s made at least 90% of the answers over the last `REFUSED_SPELL`, or
 /// after `RUN_CAP` (well inside the counter's one-minute window, so that the budget cannot
 /// refill mid-run).
@@ -168,8 +170,9 @@ const LATENCY_MS: &str = "20";
 struct Load {
     ok: AtomicU64,
     refused: AtomicU64,
-    /// 200s whose usage differed from what they reserved (the bound assumes none).
-    off_usage: Mutex<Vec<u64>>,
+    /// The usage of 200s that were served other than what they reserved (the bound assumes
+    /// none), `None` for an answer without usage.
+    off_usage: Mutex<Vec<Option<u64>>>,
     /// Refusals that were not proper 429s, and other answers or connection errors.
     wrong: Mutex<Vec<String>>,
     /// When the first 429 and the last 200 came, from the start.
@@ -212,8 +215,10 @@ fn run_load(stack: &Stack, start: Instant) -> (Load, Duration) {
                         200 => {
                             load.ok.fetch_add(1, Ordering::Relaxed);
                             *load.last_ok.lock().unwrap() = Some(start.elapsed());
-                            let usage = r.usage_total();
-                            if usage != reserved {
+                            let usage = serde_json::from_str::<Value>(&r.body)
+                                .ok()
+                                .and_then(|v| v["usage"]["total_tokens"].as_u64());
+                            if usage != Some(reserved) {
                                 load.off_usage.lock().unwrap().push(usage);
                             }
                         }
@@ -259,8 +264,8 @@ fn run_load(stack: &Stack, start: Instant) -> (Load, Duration) {
 }
 
 /// 50 connections for up to 35 s (stopping once 429s made 90% of the answers for 2 s) against a
-/// free user whose budget is 4,000 requests' worth (88,000 tokens a minute); leases of a tenth
-/// of it (8,800 tokens, 400 requests), `minRequests: 4`, `ttl: 10s`. Asserts:
+/// free user whose budget is 6,000 requests' worth (132,000 tokens a minute); leases of a tenth
+/// of it (13,200 tokens, 600 requests), `minRequests: 4`, `ttl: 10s`. Asserts:
 ///
 /// - (a) once every lease and request is committed and nothing is held, the user's counter and
 ///   the tokens charged by `Commit` equal the tokens the simulator served the user, exactly;
@@ -270,13 +275,13 @@ fn run_load(stack: &Stack, start: Instant) -> (Load, Duration) {
 /// - (c) the calls, exactly: a request admitted from a lease makes none, one admitted by its
 ///   own reservation a `Reserve` and a `Commit`, a 429 its refused `Reserve`, a lease asked
 ///   for a `Reserve` and a lease that held budget a `Commit`. Calls for admitted requests
-///   ((`Reserve` + `Commit` − the 429s' refused `Reserve`s) / 200s) <= 0.35, where per-request
-///   reservations make 2: a lease admits 400 requests for 2 calls, but the requests before each
+///   ((`Reserve` + `Commit` − the 429s' refused `Reserve`s) / 200s) <= 0.3, where per-request
+///   reservations make 2: a lease admits 600 requests for 2 calls, but the requests before each
 ///   worker's first lease (at most its connections, 50) and, once renewals are refused, the
-///   budget's last part (less than a lease's size plus what is in flight, 450 requests) go by
-///   per-request reservations: 2 × (100 + 450) / 4,000 ≈ 0.28 at worst (measured 0.21 to
-///   0.23); `requests_leased` >= 80% of the 200s (measured 89% to 90%). The 429s' `Reserve`s are left out of the ratio: how many come
-///   before traffic stops is the machine's speed;
+///   budget's last part (less than a lease's size plus what is in flight, 650 requests) go by
+///   per-request reservations: 2 × (100 + 650) / 6,000 ≈ 0.25 at worst (measured 0.20);
+///   `requests_leased` >= 80% of the 200s (measured 90%). The 429s' `Reserve`s are left out of
+///   the ratio: how many come before traffic stops is the machine's speed;
 /// - (d) the budget ran out mid-run: the first 429 came at least 1 s before traffic stopped,
 ///   after 200s; each 429 is a proper one (`error.code` `rate_limit_exceeded`, `retry-after` in
 ///   seconds), and nothing else failed (no other status, no connection error).
@@ -332,9 +337,13 @@ fn fifty_connections_on_leases_spend_the_budget_exactly_with_few_calls_then_get_
         wrong.len(),
         &wrong[..wrong.len().min(5)]
     );
+    let off_usage = load.off_usage.lock().unwrap();
     assert!(
-        load.off_usage.lock().unwrap().is_empty(),
-        "200s served other than the {reserved} they reserved: the bound below assumes none"
+        off_usage.is_empty(),
+        "{} 200s served other than the {reserved} they reserved (the bound below assumes \
+         none): {:?}",
+        off_usage.len(),
+        &off_usage[..off_usage.len().min(5)]
     );
     assert!(
         start.elapsed() < Duration::from_secs(55),
@@ -393,8 +402,8 @@ fn fifty_connections_on_leases_spend_the_budget_exactly_with_few_calls_then_get_
     assert_eq!(stat(&stack, "requests_allowed"), ok);
     assert_eq!(stat(&stack, "requests_limited"), refused);
     assert!(
-        admitted_calls * 100 <= ok * 35,
-        "{admitted_calls} calls for {ok} admitted requests: more than 0.35 a request"
+        admitted_calls * 10 <= ok * 3,
+        "{admitted_calls} calls for {ok} admitted requests: more than 0.3 a request"
     );
     assert!(
         leased * 10 >= ok * 8,
@@ -683,6 +692,81 @@ fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
     let served = stack.served_tokens(FREE);
     eprintln!(
         "capped hold: B served {b_served}, then A admitted {a_admitted} from its lease; served \
+         {served} of {limit}; charged {}",
+        stack.committed_tokens()
+    );
+    assert_eq!(stack.committed_tokens(), served);
+    assert!(served <= limit, "served {served} > the budget {limit}");
+}
+
+/// A leased request that outlives its lease: a free budget of 1,000 tokens (leases of 100),
+/// lease `ttl: 4s`. Worker A leases the counter (4 requests of 22, then its lease of 100);
+/// worker B spends the budget down to 14 tokens with requests of 114 (too large to lease), so
+/// A's renewals are refused. A then admits one request of 22 from its lease whose answer takes
+/// 6 s: the lease's hold ends 4 s after its grant, at the service too, while that request is
+/// still in flight, unheld. B's request of 114 then fits in what the hold's end returned, and
+/// when A's request ends its 22 tokens are charged on top: 1,022 served of 1,000, though every
+/// request was served exactly what it reserved. Per-request reservations hold each request
+/// for its own `reservation.ttl` (60 s); a lease holds the requests it admitted only until its
+/// own `ttl`, and a refused renewal keeps them in the old lease to its end. Ignored: fails
+/// today (the same path made the 50-connection test serve one request past its budget, 6,001
+/// of 6,000, in 1 run of 9).
+#[test]
+#[ignore = "fails today: requests admitted from a lease whose renewal was refused outlive its hold"]
+fn a_request_admitted_from_a_lease_stays_held_until_it_ends() {
+    let limit = 1_000;
+    let stack = stack(vec![free_limit(limit), lease(4, "4s")]);
+    let [mut a, mut b] = one_connection_per_worker(&stack);
+    let small = chat_body(2, 20);
+    for i in 1..=4 {
+        let r = a.post(CHAT, FREE, &small, &[]).expect("A");
+        assert_eq!(r.status, 200, "A's request {i}: {}", r.body);
+    }
+    assert!(
+        wait_until("A's lease", WAIT, || stat(&stack, "leases_granted") == 1),
+        "no lease"
+    );
+    let large = chat_body(2, 112);
+    let mut b_served = 0;
+    loop {
+        let r = b.post(CHAT, FREE, &large, &[]).expect("B");
+        if r.status != 200 {
+            assert_eq!(not_a_refusal(&r), None);
+            break;
+        }
+        b_served += 1;
+        assert!(b_served <= 20, "B is never refused");
+    }
+    assert_eq!(
+        b_served, 7,
+        "B spent the budget down to 14: (1,000 - 88 - 100) / 114"
+    );
+    // A's request from its lease, answered in 6 s.
+    a.send_post(CHAT, FREE, &small, &[("x-simulator-latency-ms", "6000")])
+        .expect("A's slow request");
+    assert!(
+        wait_until("A's renewal refused", WAIT, || stat(
+            &stack,
+            "leases_refused"
+        ) >= 1),
+        "leases refused {}",
+        stat(&stack, "leases_refused")
+    );
+    assert!(
+        wait_until("the lease's hold ended at the service", WAIT, || stack
+            .counter_of(FREE_USER)
+            .is_some_and(|c| c.reserved == 0)),
+        "{}",
+        stack.counters()
+    );
+    let r = b.post(CHAT, FREE, &large, &[]).expect("B");
+    let b_after = r.status;
+    let r = a.read_response().expect("A's slow answer");
+    assert_eq!(r.status, 200, "A's slow request: {}", r.body);
+    settle(&stack);
+    let served = stack.served_tokens(FREE);
+    eprintln!(
+        "leased request past its lease: B's request after the hold ended: {b_after}; served \
          {served} of {limit}; charged {}",
         stack.committed_tokens()
     );
