@@ -357,14 +357,21 @@ fn fifty_connections_on_leases_spend_the_budget_exactly_with_few_calls_then_get_
         "the simulator served other than the 200s"
     );
     assert_eq!(charged, served, "charged by Commit ≠ served");
+    // (b) Nothing admitted past the budget (checked before the counter, which stops at its
+    // max), and the budget spent. A request or two past it, also without leases, in about 1
+    // run of 7: the service's `Reserve` reads the counter's value before it takes the lock
+    // under which it counts the holds, and a `Commit` adds its tokens, then releases its hold
+    // under that lock, so a `Reserve` between the two sees the hold gone but not the tokens.
+    assert!(
+        served <= limit,
+        "served {served} > the budget {limit} ({} requests past it)",
+        (served - limit).div_ceil(reserved)
+    );
     assert_eq!(
         (counter.value, counter.reserved),
         (served, 0),
         "the counter ≠ what was served"
     );
-
-    // (b) Nothing admitted past the budget, and the budget spent.
-    assert!(served <= limit, "served {served} > the budget {limit}");
     assert!(
         served * 10 >= limit * 9,
         "only {served} of {limit} served: leases stranded budget"
@@ -709,8 +716,7 @@ fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
 /// request was served exactly what it reserved. Per-request reservations hold each request
 /// for its own `reservation.ttl` (60 s); a lease holds the requests it admitted only until its
 /// own `ttl`, and a refused renewal keeps them in the old lease to its end. Ignored: fails
-/// today (the same path made the 50-connection test serve one request past its budget, 6,001
-/// of 6,000, in 1 run of 9).
+/// today.
 #[test]
 #[ignore = "fails today: requests admitted from a lease whose renewal was refused outlive its hold"]
 fn a_request_admitted_from_a_lease_stays_held_until_it_ends() {
