@@ -20,7 +20,14 @@ use serde_json::Value;
 /// that only the body's last bytes change: the proxy may have sent the rest on); otherwise the
 /// body is parsed and serialized again (compact, the other members of `stream_options` kept).
 pub fn inject_include_usage(body: &[u8]) -> Option<Vec<u8>> {
-    // Most bodies need no rewrite: find out without building the document (its messages).
+    // Most bodies need no rewrite. A body without the bytes `stream` and without any escape
+    // (a key could spell `stream` with `\u` escapes) cannot ask for streaming: two byte
+    // searches instead of a read.
+    if memchr::memmem::find(body, b"stream").is_none() && memchr::memchr(b'\\', body).is_none()
+    {
+        return None;
+    }
+    // Otherwise, find out without building the document (its messages).
     let text = std::str::from_utf8(body).ok()?;
     let streaming = json::read(text, json::Read::StreamRequest)?.streaming()?;
     if !streaming.wants_usage {
@@ -102,6 +109,9 @@ mod tests {
         assert_eq!(inject_include_usage(br#"{"model":"m"}"#), None);
         assert_eq!(inject_include_usage(b"[1,2]"), None);
         assert_eq!(inject_include_usage(b"\xff not json"), None);
+        // A key spelled with escapes is still the key.
+        assert!(inject_include_usage(br#"{"\u0073tream":true}"#).is_some());
+        assert!(inject_include_usage(br#"{"str\u0065am":true}"#).is_some());
     }
 
     #[test]
