@@ -195,6 +195,19 @@ impl RequestFlow {
         path: &str,
         bound: Option<RequestBound>,
     ) -> (RequestFlow, Vec<Vec<u8>>) {
+        let flow = RequestFlow::reserving(policy, decision, path, bound);
+        let requests = flow.reservations.requests(&policy.service.domain);
+        (flow, requests)
+    }
+
+    /// [`RequestFlow::start_reservation`] without encoding the requests: the caller encodes
+    /// what no lease admits ([`Reservations::pending_requests`]).
+    pub fn reserving(
+        policy: &Policy,
+        decision: Decision,
+        path: &str,
+        bound: Option<RequestBound>,
+    ) -> RequestFlow {
         let mut flow = RequestFlow {
             applied: decision.applied,
             format: Format::from_path(path),
@@ -202,8 +215,7 @@ impl RequestFlow {
         };
         flow.reservations = Reservations::new(policy.plan_reservations(&flow.applied, bound));
         flow.bound = bound;
-        let requests = flow.reservations.requests(&policy.service.domain);
-        (flow, requests)
+        flow
     }
 
     /// Switches a request in reservation mode to a check (the service has no `Reserve`):
@@ -280,17 +292,19 @@ impl RequestFlow {
 
     /// The verdict of the reservations' outcome.
     fn reservation_verdict(&mut self, policy: &Policy, outcome: Outcome) -> Verdict {
-        let response = RateLimitResponse {
-            statuses: self.reservations.statuses().to_vec(),
-            ..Default::default()
-        };
         match outcome {
             Outcome::Admitted => {
-                self.response_headers = rate_limit_headers(&response, false);
+                self.response_headers = status_headers(self.reservations.statuses(), &[], false);
                 self.allowed = true;
                 Verdict::Allow
             }
-            Outcome::Refused => self.limited(&response),
+            Outcome::Refused => {
+                let response = RateLimitResponse {
+                    statuses: self.reservations.statuses().to_vec(),
+                    ..Default::default()
+                };
+                self.limited(&response)
+            }
             Outcome::Unimplemented if policy.service.mode == AdmissionMode::Auto => {
                 Verdict::FallBackToCheck
             }
@@ -737,8 +751,21 @@ fn most_restrictive(statuses: &[DescriptorStatus], over: bool) -> Option<&Descri
 /// `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` (seconds) from the
 /// statuses, `retry-after` (seconds) when limited, and the service's `response_headers_to_add`.
 fn rate_limit_headers(response: &RateLimitResponse, limited: bool) -> Vec<(String, String)> {
+    status_headers(
+        &response.statuses,
+        &response.response_headers_to_add,
+        limited,
+    )
+}
+
+/// [`rate_limit_headers`] of `statuses` and the service's headers `to_add`.
+fn status_headers(
+    statuses: &[DescriptorStatus],
+    to_add: &[ratelimit_proto::HeaderValue],
+    limited: bool,
+) -> Vec<(String, String)> {
     let mut headers = Vec::new();
-    if let Some(s) = most_restrictive(&response.statuses, limited) {
+    if let Some(s) = most_restrictive(statuses, limited) {
         if let Some(l) = &s.current_limit {
             headers.push(("x-ratelimit-limit".into(), l.requests_per_unit.to_string()));
         }
@@ -755,7 +782,7 @@ fn rate_limit_headers(response: &RateLimitResponse, limited: bool) -> Vec<(Strin
             }
         }
     }
-    for h in &response.response_headers_to_add {
+    for h in to_add {
         let value = if h.value.is_empty() && !h.raw_value.is_empty() {
             String::from_utf8_lossy(&h.raw_value).into_owned()
         } else {

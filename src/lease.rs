@@ -190,6 +190,24 @@ struct Entry {
 }
 
 impl Entry {
+    fn new(plan: &PlannedReservation, now_ms: u64) -> Self {
+        Entry {
+            descriptor: plan.descriptor.clone(),
+            capacity: plan.capacity,
+            request_ttl: plan.ttl,
+            lease: None,
+            in_flight: 0,
+            spent: 0,
+            pending: None,
+            seen: 0,
+            seen_since_ms: now_ms,
+            last_seen_ms: now_ms,
+            last_admit_ms: 0,
+            last_amount: 0,
+            not_before_ms: 0,
+        }
+    }
+
     fn room(&self) -> u64 {
         self.lease.as_ref().map_or(0, |l| {
             l.size
@@ -250,27 +268,18 @@ impl Leases {
             return Admission::Call;
         };
         let key = key_of(plan.category, &plan.descriptor);
-        if !self.entries.contains_key(&key) && self.entries.len() >= MAX_KEYS {
-            return Admission::Call;
-        }
         let ttl_ms = settings.ttl_ms();
         let target = settings.target(plan.capacity);
         let min_requests = u64::from(settings.min_requests);
-        let entry = self.entries.entry(key.clone()).or_insert_with(|| Entry {
-            descriptor: plan.descriptor.clone(),
-            capacity: plan.capacity,
-            request_ttl: plan.ttl,
-            lease: None,
-            in_flight: 0,
-            spent: 0,
-            pending: None,
-            seen: 0,
-            seen_since_ms: now_ms,
-            last_seen_ms: now_ms,
-            last_admit_ms: 0,
-            last_amount: 0,
-            not_before_ms: 0,
-        });
+        if !self.entries.contains_key(&key) {
+            if self.entries.len() >= MAX_KEYS {
+                return Admission::Call;
+            }
+            self.entries.insert(key.clone(), Entry::new(plan, now_ms));
+        }
+        let Some(entry) = self.entries.get_mut(&key) else {
+            return Admission::Call;
+        };
         if now_ms.saturating_sub(entry.seen_since_ms) >= ttl_ms {
             entry.seen = 0;
             entry.seen_since_ms = now_ms;

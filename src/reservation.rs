@@ -64,8 +64,9 @@ pub struct LeasedSpend {
     pub key: String,
     /// The reservation's token category.
     pub category: TokenCategory,
-    /// The reservation's descriptor.
-    pub descriptor: ratelimit_proto::RateLimitDescriptor,
+    /// The reservation's index among the request's plans (its descriptor:
+    /// [`Reservations::plans`]).
+    pub index: usize,
     /// The reservation amount the lease admitted the request with.
     pub amount: u64,
     /// Tokens spent in the reservation's category (0: the request never reached the
@@ -148,11 +149,12 @@ impl Reservations {
         self.plans
             .iter()
             .zip(&self.holds)
-            .filter_map(|(plan, hold)| match hold {
+            .enumerate()
+            .filter_map(|(index, (plan, hold))| match hold {
                 Hold::Leased(key) => Some(LeasedSpend {
                     key: key.clone(),
                     category: plan.category,
-                    descriptor: plan.descriptor.clone(),
+                    index,
                     amount: plan.amount,
                     actual: usage.and_then(|u| u.tokens(plan.category)).unwrap_or(0),
                 }),

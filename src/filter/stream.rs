@@ -324,11 +324,11 @@ impl StreamFilter {
             .body_json
             .as_ref()
             .map(|b| RequestBound::of_request(&self.path, b));
+        // Reservation mode: the `Reserve`s are encoded at the admission, for what no lease
+        // admits.
         let calls: Vec<(usize, Vec<u8>)> = if self.reserving(policy) {
-            let (flow, requests) =
-                RequestFlow::start_reservation(policy, decision, &self.path, bound);
-            self.flow = flow;
-            requests.into_iter().enumerate().collect()
+            self.flow = RequestFlow::reserving(policy, decision, &self.path, bound);
+            Vec::new()
         } else {
             let (flow, check) = RequestFlow::start(policy, decision, &self.path);
             self.flow = flow;
@@ -339,7 +339,7 @@ impl StreamFilter {
         if complete {
             self.flow.on_request_complete();
         }
-        if calls.is_empty() {
+        if calls.is_empty() && self.flow.reservations().is_empty() {
             return self.release_body();
         }
         // Ask the upstream only for encodings whose usage can be read (a copy is decompressed;
@@ -375,8 +375,15 @@ impl StreamFilter {
         } else {
             RESERVE
         };
-        if method == RESERVE && policy.service.lease.is_some() {
-            return self.admit_from_leases(host, policy);
+        if method == RESERVE {
+            if policy.service.lease.is_some() {
+                return self.admit_from_leases(host, policy);
+            }
+            let calls = self
+                .flow
+                .reservations()
+                .pending_requests(&policy.service.domain);
+            return self.admit(host, policy, RESERVE, calls);
         }
         if method == CHECK_RATE_LIMIT {
             let check = calls.first().map_or(&[][..], |(_, c)| c.as_slice());
@@ -653,9 +660,11 @@ impl StreamFilter {
                 shared
                     .metrics
                     .hot(Hot::tokens_reported(l.category), l.actual);
-                shared
-                    .leases
-                    .finish(&l.key, &l.descriptor, l.amount, l.actual);
+                if let Some(plan) = self.flow.reservations().plans().get(l.index) {
+                    shared
+                        .leases
+                        .finish(&l.key, &plan.descriptor, l.amount, l.actual);
+                }
             }
             self.record_charge(host, &policy, &mut shared, done);
             if !shared.queue.is_idle() {
