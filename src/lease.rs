@@ -52,8 +52,9 @@ pub const MAX_FRACTION: f64 = 0.25;
 pub const MAX_AMOUNT: u64 = u32::MAX as u64;
 /// Shortest `lease.ttl`.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
-/// Most counters a worker tracks for leases; others use per-request reservations.
-pub const MAX_KEYS: usize = 100_000;
+/// Most counters a worker tracks for leases (each seen within a ttl, leased or not: a few
+/// hundred bytes each, and the tick walks them); others use per-request reservations.
+pub const MAX_KEYS: usize = 10_000;
 /// Shortest wait before a counter whose lease was refused or failed asks again, in ms.
 const MIN_RETRY_MS: u64 = 1_000;
 
@@ -762,6 +763,24 @@ mod tests {
             leases.finish(k, &plan("a", 100).descriptor, 100, 60);
         }
         assert!(leases.take_commits().is_empty(), "nothing committed yet");
+    }
+
+    #[test]
+    fn past_max_keys_counters_are_not_tracked_until_the_sweep_forgets_idle_ones() {
+        let mut leases = Leases::new(Some(settings()));
+        for i in 0..MAX_KEYS {
+            leases.admit(&plan(&i.to_string(), 100), 0);
+        }
+        for _ in 0..10 {
+            assert_eq!(leases.admit(&plan("late", 100), 0), Admission::Call);
+        }
+        assert!(!leases.has_calls(), "not tracked: never hot");
+        // A ttl later, the idle counters are forgotten and new ones tracked again.
+        leases.tick(30_000);
+        for _ in 0..4 {
+            leases.admit(&plan("late", 100), 30_001);
+        }
+        assert!(leases.has_calls());
     }
 
     #[test]
