@@ -729,6 +729,18 @@ mod tests {
             .collect()
     }
 
+    /// A table whose counter of `plan` was made hot by 4 requests at `now` and leased by the
+    /// answer `reply` at `answered`.
+    fn leased(plan: &PlannedReservation, now: u64, reply: Vec<u8>, answered: u64) -> Leases {
+        let mut leases = Leases::new(Some(settings()));
+        for _ in 0..4 {
+            leases.admit(plan, now);
+        }
+        send(&mut leases, now, 1);
+        leases.on_reply(1, Ok(&reply), answered);
+        leases
+    }
+
     fn leased_key(a: Admission) -> String {
         match a {
             Admission::Leased { key, .. } => key,
@@ -795,12 +807,7 @@ mod tests {
 
     #[test]
     fn renewal_carries_the_requests_in_flight_and_commits_each_token_once() {
-        let mut leases = Leases::new(Some(settings()));
-        for _ in 0..4 {
-            leases.admit(&plan("a", 100), 0);
-        }
-        send(&mut leases, 0, 1);
-        leases.on_reply(1, Ok(&granted("L1", 5_000, 60)), 0);
+        let mut leases = leased(&plan("a", 100), 0, granted("L1", 5_000, 60), 0);
         let d = plan("a", 100).descriptor;
         // Five in flight (500): the renewal asks for them plus a new lease.
         let inflight: Vec<String> = (0..5)
@@ -851,12 +858,7 @@ mod tests {
 
     #[test]
     fn while_a_renewal_is_pending_the_old_lease_admits_only_what_the_new_one_will_hold() {
-        let mut leases = Leases::new(Some(settings()));
-        for _ in 0..4 {
-            leases.admit(&plan("a", 100), 0);
-        }
-        send(&mut leases, 0, 1);
-        leases.on_reply(1, Ok(&granted("L1", 5_000, 60)), 0);
+        let mut leases = leased(&plan("a", 100), 0, granted("L1", 5_000, 60), 0);
         let d = plan("a", 100).descriptor;
         let first: Vec<String> = (0..5)
             .map(|_| leased_key(leases.admit(&plan("a", 100), 1)))
@@ -880,12 +882,7 @@ mod tests {
 
     #[test]
     fn a_refused_renewal_spends_the_room_left_then_returns_it_once_drained() {
-        let mut leases = Leases::new(Some(settings()));
-        for _ in 0..4 {
-            leases.admit(&plan("a", 100), 0);
-        }
-        send(&mut leases, 0, 1);
-        leases.on_reply(1, Ok(&granted("L1", 500, 60)), 0);
+        let mut leases = leased(&plan("a", 100), 0, granted("L1", 500, 60), 0);
         let d = plan("a", 100).descriptor;
         let mut admitted: Vec<String> = (0..5)
             .map(|_| leased_key(leases.admit(&plan("a", 100), 1)))
@@ -1006,12 +1003,7 @@ mod tests {
 
     #[test]
     fn the_status_of_a_leased_admission_counts_the_room_left_and_the_time_to_reset() {
-        let mut leases = Leases::new(Some(settings()));
-        for _ in 0..4 {
-            leases.admit(&plan("a", 100), 0);
-        }
-        send(&mut leases, 0, 1);
-        leases.on_reply(1, Ok(&granted("L1", 5_000, 60)), 0);
+        let mut leases = leased(&plan("a", 100), 0, granted("L1", 5_000, 60), 0);
         let Admission::Leased {
             status: Some(status),
             ..
@@ -1026,12 +1018,7 @@ mod tests {
 
     #[test]
     fn at_shutdown_leases_are_committed_and_later_ends_commit_without_an_id() {
-        let mut leases = Leases::new(Some(settings()));
-        for _ in 0..4 {
-            leases.admit(&plan("a", 100), 0);
-        }
-        send(&mut leases, 0, 1);
-        leases.on_reply(1, Ok(&granted("L1", 5_000, 60)), 0);
+        let mut leases = leased(&plan("a", 100), 0, granted("L1", 5_000, 60), 0);
         let d = plan("a", 100).descriptor;
         let a = leased_key(leases.admit(&plan("a", 100), 1));
         let b = leased_key(leases.admit(&plan("a", 100), 1));
@@ -1057,12 +1044,7 @@ mod tests {
 
     #[test]
     fn leases_turned_off_are_committed_once_drained_and_ask_nothing() {
-        let mut leases = Leases::new(Some(settings()));
-        for _ in 0..4 {
-            leases.admit(&plan("a", 100), 0);
-        }
-        send(&mut leases, 0, 1);
-        leases.on_reply(1, Ok(&granted("L1", 5_000, 60)), 0);
+        let mut leases = leased(&plan("a", 100), 0, granted("L1", 5_000, 60), 0);
         let d = plan("a", 100).descriptor;
         let a = leased_key(leases.admit(&plan("a", 100), 1));
         leases.reconfigure(None);

@@ -911,6 +911,31 @@ impl Stack {
         per_worker.into_iter().map(|(_, v)| v).collect()
     }
 
+    /// Keep-alive connections, one accepted by each of Envoy's first two workers (a stack
+    /// started with `concurrency: 2`). Panics, naming the connections per worker, when 40
+    /// attempts do not find both.
+    pub fn one_connection_per_worker(&self) -> [Conn; 2] {
+        let mut on: [Option<Conn>; 2] = [None, None];
+        for _ in 0..40 {
+            if on.iter().all(Option::is_some) {
+                break;
+            }
+            let (conn, worker) = self.connect_on_worker();
+            if let Some(w) = worker.filter(|&w| w < 2) {
+                if on[w].is_none() {
+                    on[w] = Some(conn);
+                }
+            }
+        }
+        match on {
+            [Some(a), Some(b)] => [a, b],
+            _ => panic!(
+                "no connection on each worker: {:?}",
+                self.worker_connections()
+            ),
+        }
+    }
+
     /// Opens a keep-alive connection and tells which Envoy worker accepted it (bounded wait
     /// for the worker's stat; `None` when no worker's count moved, e.g. another connection
     /// was accepted at the same time).

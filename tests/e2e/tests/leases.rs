@@ -613,27 +613,31 @@ fn an_idle_leases_room_returns_within_half_its_ttl() {
     );
 }
 
-/// Keep-alive connections, one accepted by each of Envoy's two workers.
-fn one_connection_per_worker(stack: &Stack) -> [e2e::Conn; 2] {
-    let mut on: [Option<e2e::Conn>; 2] = [None, None];
-    for _ in 0..40 {
-        if on.iter().all(Option::is_some) {
-            break;
+/// Requests `body` of the free user on `conn` until one is refused (a proper 429); returns how
+/// many were served (at most 20).
+fn until_refused(conn: &mut e2e::Conn, body: &Value) -> u64 {
+    let mut served = 0;
+    loop {
+        let r = conn.post(CHAT, FREE, body, &[]).expect("request");
+        if r.status != 200 {
+            assert_eq!(not_a_refusal(&r), None);
+            return served;
         }
-        let (conn, worker) = stack.connect_on_worker();
-        if let Some(w) = worker.filter(|&w| w < 2) {
-            if on[w].is_none() {
-                on[w] = Some(conn);
-            }
-        }
+        served += 1;
+        assert!(served <= 20, "never refused");
     }
-    match on {
-        [Some(a), Some(b)] => [a, b],
-        _ => panic!(
-            "no connection on each worker: {:?}",
-            stack.worker_connections()
-        ),
-    }
+}
+
+/// After the run: every served token charged once, and no more served than `limit`.
+fn assert_charged_within(stack: &Stack, limit: u64, what: &str) {
+    settle(stack);
+    let served = stack.served_tokens(FREE);
+    eprintln!(
+        "{what}: served {served} of {limit}; charged {}",
+        stack.committed_tokens()
+    );
+    assert_eq!(stack.committed_tokens(), served);
+    assert!(served <= limit, "served {served} > the budget {limit}");
 }
 
 /// A lease whose hold the service ends early: `ratelimit-service --max-reservation-ttl 2`
@@ -655,7 +659,7 @@ fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
         service_args: vec!["--max-reservation-ttl".into(), "2".into()],
         ..Options::default()
     });
-    let [mut a, mut b] = one_connection_per_worker(&stack);
+    let [mut a, mut b] = stack.one_connection_per_worker();
     let small = chat_body(2, 20);
     for i in 1..=4 {
         let r = a.post(CHAT, FREE, &small, &[]).expect("A");
@@ -673,16 +677,7 @@ fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
         stack.counters()
     );
     let large = chat_body(2, 112);
-    let mut b_served = 0;
-    loop {
-        let r = b.post(CHAT, FREE, &large, &[]).expect("B");
-        if r.status != 200 {
-            assert_eq!(not_a_refusal(&r), None);
-            break;
-        }
-        b_served += 1;
-        assert!(b_served <= 20, "B is never refused");
-    }
+    let b_served = until_refused(&mut b, &large);
     assert_eq!(b_served, 8, "B spent the budget's rest: (1,000 - 88) / 114");
     let mut a_admitted = 0;
     for _ in 0..4 {
@@ -693,15 +688,11 @@ fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
             assert_eq!(not_a_refusal(&r), None);
         }
     }
-    settle(&stack);
-    let served = stack.served_tokens(FREE);
-    eprintln!(
-        "capped hold: B served {b_served}, then A admitted {a_admitted} from its lease; served \
-         {served} of {limit}; charged {}",
-        stack.committed_tokens()
+    assert_charged_within(
+        &stack,
+        limit,
+        &format!("capped hold: B served {b_served}, then A admitted {a_admitted} from its lease"),
     );
-    assert_eq!(stack.committed_tokens(), served);
-    assert!(served <= limit, "served {served} > the budget {limit}");
 }
 
 /// A leased request that outlives its lease: a free budget of 1,000 tokens (leases of 100),
@@ -720,7 +711,7 @@ fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
 fn a_request_admitted_from_a_lease_stays_held_until_it_ends() {
     let limit = 1_000;
     let stack = stack(vec![free_limit(limit), lease(4, "4s")]);
-    let [mut a, mut b] = one_connection_per_worker(&stack);
+    let [mut a, mut b] = stack.one_connection_per_worker();
     let small = chat_body(2, 20);
     for i in 1..=4 {
         let r = a.post(CHAT, FREE, &small, &[]).expect("A");
@@ -731,16 +722,7 @@ fn a_request_admitted_from_a_lease_stays_held_until_it_ends() {
         "no lease"
     );
     let large = chat_body(2, 112);
-    let mut b_served = 0;
-    loop {
-        let r = b.post(CHAT, FREE, &large, &[]).expect("B");
-        if r.status != 200 {
-            assert_eq!(not_a_refusal(&r), None);
-            break;
-        }
-        b_served += 1;
-        assert!(b_served <= 20, "B is never refused");
-    }
+    let b_served = until_refused(&mut b, &large);
     assert_eq!(
         b_served,
         7,
@@ -774,15 +756,11 @@ fn a_request_admitted_from_a_lease_stays_held_until_it_ends() {
     assert_eq!(b_after, 429, "B after the lease's admissions: {}", r.body);
     let r = a.read_response().expect("A's slow answer");
     assert_eq!(r.status, 200, "A's slow request: {}", r.body);
-    settle(&stack);
-    let served = stack.served_tokens(FREE);
-    eprintln!(
-        "leased request past its lease: B's request after the hold ended: {b_after}; served \
-         {served} of {limit}; charged {}",
-        stack.committed_tokens()
+    assert_charged_within(
+        &stack,
+        limit,
+        &format!("leased request past its lease: B after the lease's admissions: {b_after}"),
     );
-    assert_eq!(stack.committed_tokens(), served);
-    assert!(served <= limit, "served {served} > the budget {limit}");
 }
 
 // ---------------------------------------------------------------------------------------------

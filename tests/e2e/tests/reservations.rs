@@ -543,30 +543,6 @@ fn more_free_users(n: usize) -> (String, String) {
     (line.into(), to)
 }
 
-/// Keep-alive connections, one accepted by each of Envoy's two workers.
-fn one_connection_per_worker(stack: &Stack) -> [e2e::Conn; 2] {
-    let mut on: [Option<e2e::Conn>; 2] = [None, None];
-    for _ in 0..40 {
-        if on.iter().all(Option::is_some) {
-            break;
-        }
-        let (conn, worker) = stack.connect_on_worker();
-        if let Some(w) = worker.filter(|&w| w < 2) {
-            if on[w].is_none() {
-                on[w] = Some(conn);
-            }
-        }
-    }
-    let [a, b] = on;
-    match (a, b) {
-        (Some(a), Some(b)) => [a, b],
-        _ => panic!(
-            "no connection on each worker: {:?}",
-            stack.worker_connections()
-        ),
-    }
-}
-
 /// The first request spends a free user's budget (2 + 50 = 52 of 50): its answer arrives
 /// whole; the second, sent the moment it ended (on `second`, else on the same connection),
 /// must be refused.
@@ -592,13 +568,13 @@ fn check_report_mode_refuses_a_request_sent_right_after_one_that_spent_the_budge
     let stack = stack(Some("checkReport"), vec![more_free_users(2)]);
     // A refusal sent before the request body was read ends an HTTP/1.1 connection (Envoy
     // closes it rather than read the body), so each case takes fresh connections.
-    let [mut w0, mut w1] = one_connection_per_worker(&stack);
+    let [mut w0, mut w1] = stack.one_connection_per_worker();
     // Spent on worker 0, asked on worker 1, and the other way round.
     spend_then_ask(&mut w0, Some(&mut w1), FREE);
-    let [mut w0, mut w1] = one_connection_per_worker(&stack);
+    let [mut w0, mut w1] = stack.one_connection_per_worker();
     spend_then_ask(&mut w1, Some(&mut w0), FREE_2);
     // On a new connection, wherever it lands.
-    let [mut w0, _] = one_connection_per_worker(&stack);
+    let [mut w0, _] = stack.one_connection_per_worker();
     let mut b = stack.connect();
     spend_then_ask(&mut w0, Some(&mut b), "iamfree10");
     // On one keep-alive connection.
@@ -778,7 +754,7 @@ fn auto_falls_back_to_check_report_against_a_service_without_reserve_and_keeps_l
     }
     assert_eq!(statuses, vec![200, 200, 200, 429]);
     // Requests on both workers.
-    let [mut w0, mut w1] = one_connection_per_worker(&stack);
+    let [mut w0, mut w1] = stack.one_connection_per_worker();
     for conn in [&mut w0, &mut w1] {
         let r = conn
             .post("/v1/chat/completions", GOLD, &chat_body(2, 20, false), &[])
