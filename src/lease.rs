@@ -327,15 +327,8 @@ impl Leases {
             let s = l.status.as_ref()?;
             let elapsed = now_ms.saturating_sub(l.asked_ms);
             let reset = s.duration_until_reset.as_ref().map(|d| {
-                let ms = u64::try_from(d.seconds.max(0))
-                    .unwrap_or(0)
-                    .saturating_mul(1000)
-                    .saturating_add(u64::try_from(d.nanos.max(0)).unwrap_or(0) / 1_000_000)
-                    .saturating_sub(elapsed);
-                prost_types::Duration {
-                    seconds: i64::try_from(ms / 1000).unwrap_or(i64::MAX),
-                    nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
-                }
+                let ms = ratelimit_proto::duration_ms(d).saturating_sub(elapsed);
+                ratelimit_proto::duration(Duration::from_millis(ms))
             });
             let remaining = u64::from(s.limit_remaining).saturating_add(entry.room());
             Some(DescriptorStatus {
@@ -473,18 +466,12 @@ impl Leases {
         // hold, the counters' windows: `hold_ttl`, this project's extension), and never past
         // the counter's window. The service counts from when it answered, after the call
         // left: this end is never later than its own.
-        let duration_ms = |d: &prost_types::Duration| {
-            u64::try_from(d.seconds.max(0))
-                .unwrap_or(0)
-                .saturating_mul(1000)
-                .saturating_add(u64::try_from(d.nanos.max(0)).unwrap_or(0) / 1_000_000)
-        };
-        let held_ms = response.hold_ttl.as_ref().map(duration_ms);
+        let held_ms = response.hold_ttl.as_ref().map(ratelimit_proto::duration_ms);
         let reset_ms = response
             .statuses
             .iter()
             .filter_map(|s| s.duration_until_reset.as_ref())
-            .map(duration_ms)
+            .map(ratelimit_proto::duration_ms)
             .min();
         // Asked for `lease.ttl` + the request ttl (see `take_calls`).
         let request_ttl_ms = u64::try_from(entry.request_ttl.as_millis()).unwrap_or(u64::MAX);
@@ -919,14 +906,9 @@ mod tests {
 
     #[test]
     fn a_failed_renewal_keeps_the_lease_until_it_expires_at_the_window_end() {
-        let mut leases = Leases::new(Some(settings()));
-        for _ in 0..4 {
-            leases.admit(&plan("a", 10), 1_000);
-        }
-        send(&mut leases, 1_000, 1);
         // The window ends in 4 s: the hold lives 4 s from when it was asked, not 30 + 60;
         // the lease admits for half of that, so that its last request is still held 2 s.
-        leases.on_reply(1, Ok(&granted("L1", 500, 4)), 1_100);
+        let mut leases = leased(&plan("a", 10), 1_000, granted("L1", 500, 4), 1_100);
         assert!(matches!(
             leases.admit(&plan("a", 10), 1_500),
             Admission::Leased { .. }
@@ -951,12 +933,7 @@ mod tests {
 
     #[test]
     fn an_idle_lease_is_not_renewed_and_is_committed_half_a_ttl_after_its_last_admission() {
-        let mut leases = Leases::new(Some(settings()));
-        for _ in 0..4 {
-            leases.admit(&plan("a", 10), 0);
-        }
-        send(&mut leases, 0, 1);
-        leases.on_reply(1, Ok(&granted("L1", 500, 3_600)), 0);
+        let mut leases = leased(&plan("a", 10), 0, granted("L1", 500, 3_600), 0);
         let key = leased_key(leases.admit(&plan("a", 10), 1_000));
         leases.finish(&key, &plan("a", 10).descriptor, 10, 7);
         // Half its admissions (15 s): due by age, but idle for 14 s: no renewal.

@@ -35,6 +35,23 @@ pub enum Hold {
     Failed(ServiceFailure),
 }
 
+/// The encoded `ReserveRequest` of `amount` tokens over `descriptor` in `domain`, held at
+/// most `ttl`.
+pub fn encode_reserve(
+    domain: &str,
+    descriptor: ratelimit_proto::RateLimitDescriptor,
+    amount: u64,
+    ttl: std::time::Duration,
+) -> Vec<u8> {
+    ReserveRequest {
+        domain: domain.to_string(),
+        descriptors: vec![descriptor],
+        amount,
+        ttl: Some(ratelimit_proto::duration(ttl)),
+    }
+    .encode_to_vec()
+}
+
 /// A request's reservations.
 #[derive(Debug, Default)]
 pub struct Reservations {
@@ -120,16 +137,8 @@ impl Reservations {
             .enumerate()
             .filter(|(_, (_, hold))| **hold == Hold::Pending)
             .map(|(index, (p, _))| {
-                let request = ReserveRequest {
-                    domain: domain.to_string(),
-                    descriptors: vec![p.descriptor.clone()],
-                    amount: p.amount,
-                    ttl: Some(prost_types::Duration {
-                        seconds: i64::try_from(p.ttl.as_secs()).unwrap_or(i64::MAX),
-                        nanos: i32::try_from(p.ttl.subsec_nanos()).unwrap_or(0),
-                    }),
-                };
-                (index, request.encode_to_vec())
+                let bytes = encode_reserve(domain, p.descriptor.clone(), p.amount, p.ttl);
+                (index, bytes)
             })
             .collect()
     }

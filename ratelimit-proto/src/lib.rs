@@ -186,6 +186,24 @@ pub struct ReserveRequest {
     pub ttl: Option<prost_types::Duration>,
 }
 
+/// `d` as a `google.protobuf.Duration`; a duration beyond `i64::MAX` seconds saturates.
+pub fn duration(d: std::time::Duration) -> prost_types::Duration {
+    prost_types::Duration::try_from(d).unwrap_or(prost_types::Duration {
+        seconds: i64::MAX,
+        nanos: 999_999_999,
+    })
+}
+
+/// Milliseconds of a `google.protobuf.Duration` from an untrusted peer: a negative part counts
+/// as 0, and the sum saturates. (Not `std::time::Duration::try_from`: its error path negates
+/// the seconds, which overflows on `i64::MIN` where overflow checks are on.)
+pub fn duration_ms(d: &prost_types::Duration) -> u64 {
+    u64::try_from(d.seconds.max(0))
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .saturating_add(u64::try_from(d.nanos.max(0)).unwrap_or(0) / 1_000_000)
+}
+
 /// `kuadrant.service.ratelimit.v1.ReserveResponse` (Limitador's `kuadrantrls.proto`), plus
 /// `statuses` (field 3), this project's extension.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -396,6 +414,20 @@ mod tests {
         assert_eq!(decoded.reservation_id, "id-2");
         assert!(decoded.statuses.is_empty());
         assert_eq!(decoded.hold_ttl, None);
+    }
+
+    #[test]
+    fn durations_convert_with_negatives_as_zero_and_saturation() {
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        assert_eq!(duration_ms(&d(2, 500_000_000)), 2_500);
+        assert_eq!(duration_ms(&d(-5, 0)), 0);
+        assert_eq!(duration_ms(&d(i64::MIN, i32::MIN)), 0);
+        assert_eq!(duration_ms(&d(i64::MAX, 0)), u64::MAX);
+        assert_eq!(
+            duration(std::time::Duration::from_millis(1_500)),
+            d(1, 500_000_000)
+        );
+        assert_eq!(duration(std::time::Duration::MAX), d(i64::MAX, 999_999_999));
     }
 
     #[test]

@@ -366,10 +366,7 @@ impl Core {
             code: code as i32,
             reservation_id,
             statuses,
-            hold_ttl: held_for.map(|d| prost_types::Duration {
-                seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-            }),
+            hold_ttl: held_for.map(ratelimit_proto::duration),
         })
     }
 
@@ -647,10 +644,7 @@ fn status(counters: &[Counter], code: Code) -> DescriptorStatus {
             unit: Unit::from_seconds(limit.seconds()).unwrap_or(Unit::Unknown) as i32,
         }),
         limit_remaining: clamp_u32(remaining),
-        duration_until_reset: Some(prost_types::Duration {
-            seconds: i64::try_from(until_reset.as_secs()).unwrap_or(i64::MAX),
-            nanos: until_reset.subsec_nanos() as i32,
-        }),
+        duration_until_reset: Some(ratelimit_proto::duration(until_reset)),
     }
 }
 

@@ -554,20 +554,17 @@ fn dispatch_lease_calls(host: &mut impl Host, policy: &Policy, shared: &SharedRe
         shared.leases.take_calls(now)
     };
     for call in calls {
-        let request = ratelimit_proto::ReserveRequest {
-            domain: policy.service.domain.clone(),
-            descriptors: vec![call.descriptor],
-            amount: call.amount,
-            ttl: Some(prost_types::Duration {
-                seconds: i64::try_from(call.ttl.as_secs()).unwrap_or(i64::MAX),
-                nanos: i32::try_from(call.ttl.subsec_nanos()).unwrap_or(0),
-            }),
-        };
+        let request = crate::reservation::encode_reserve(
+            &policy.service.domain,
+            call.descriptor,
+            call.amount,
+            call.ttl,
+        );
         let result = host.dispatch_grpc(&GrpcCall {
             cluster: &policy.service.cluster,
             service: KUADRANT_SERVICE,
             method: ratelimit_proto::RESERVE,
-            message: &request.encode_to_vec(),
+            message: &request,
             timeout: policy.service.report_timeout,
         });
         let mut shared = shared.borrow_mut();

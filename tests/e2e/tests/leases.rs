@@ -640,6 +640,22 @@ fn assert_charged_within(stack: &Stack, limit: u64, what: &str) {
     assert!(served <= limit, "served {served} > the budget {limit}");
 }
 
+/// Connections to each worker, [A, B]: A sends 4 chat requests of 22 tokens of the free user
+/// (per-request reservations), which makes the counter hot on its worker, and gets its lease.
+fn leased_by_worker_a(stack: &Stack) -> [e2e::Conn; 2] {
+    let [mut a, b] = stack.one_connection_per_worker();
+    let small = chat_body(2, 20);
+    for i in 1..=4 {
+        let r = a.post(CHAT, FREE, &small, &[]).expect("A");
+        assert_eq!(r.status, 200, "A's request {i}: {}", r.body);
+    }
+    assert!(
+        wait_until("A's lease", WAIT, || stat(stack, "leases_granted") == 1),
+        "no lease"
+    );
+    [a, b]
+}
+
 /// A lease whose hold the service ends early: `ratelimit-service --max-reservation-ttl 2`
 /// under the default lease `ttl` (30 s), a free budget of 1,000 tokens (leases of 100).
 /// Worker A leases the counter (4 requests of 22, per-request, then its lease of 100); 2 s
@@ -659,16 +675,8 @@ fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
         service_args: vec!["--max-reservation-ttl".into(), "2".into()],
         ..Options::default()
     });
-    let [mut a, mut b] = stack.one_connection_per_worker();
+    let [mut a, mut b] = leased_by_worker_a(&stack);
     let small = chat_body(2, 20);
-    for i in 1..=4 {
-        let r = a.post(CHAT, FREE, &small, &[]).expect("A");
-        assert_eq!(r.status, 200, "A's request {i}: {}", r.body);
-    }
-    assert!(
-        wait_until("A's lease", WAIT, || stat(&stack, "leases_granted") == 1),
-        "no lease"
-    );
     assert!(
         wait_until("the lease's hold dropped by the service", WAIT, || stack
             .counter_of(FREE_USER)
@@ -711,16 +719,8 @@ fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
 fn a_request_admitted_from_a_lease_stays_held_until_it_ends() {
     let limit = 1_000;
     let stack = stack(vec![free_limit(limit), lease(4, "4s")]);
-    let [mut a, mut b] = stack.one_connection_per_worker();
+    let [mut a, mut b] = leased_by_worker_a(&stack);
     let small = chat_body(2, 20);
-    for i in 1..=4 {
-        let r = a.post(CHAT, FREE, &small, &[]).expect("A");
-        assert_eq!(r.status, 200, "A's request {i}: {}", r.body);
-    }
-    assert!(
-        wait_until("A's lease", WAIT, || stat(&stack, "leases_granted") == 1),
-        "no lease"
-    );
     let large = chat_body(2, 112);
     let b_served = until_refused(&mut b, &large);
     assert_eq!(
