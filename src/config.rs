@@ -130,8 +130,44 @@ pub struct PluginConfig {
     /// `reservation`: what reservation mode reserves by default.
     #[serde(default)]
     pub reservation: ReservationConfig,
+    /// `rateLimitHeaders`: which rate-limit headers responses carry (default `draft03`).
+    #[serde(default)]
+    pub rate_limit_headers: RateLimitHeaders,
     /// Named limits; the names become descriptor entries `limit.<name>`.
     pub limits: BTreeMap<String, LimitConfig>,
+}
+
+/// Which rate-limit headers the filter adds to responses (`rateLimitHeaders`). Every `429`
+/// carries `retry-after` (seconds) and `retry-after-ms` (milliseconds, read by OpenAI's SDKs)
+/// whatever the choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RateLimitHeaders {
+    /// `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` (seconds), as in
+    /// draft-ietf-httpapi-ratelimit-headers-03 and Envoy's rate-limit filter.
+    #[default]
+    Draft03,
+    /// OpenAI's names: `x-ratelimit-limit-tokens`, `x-ratelimit-remaining-tokens`,
+    /// `x-ratelimit-reset-tokens` (a duration such as `6m0s`, `1.5s`, `20ms`).
+    Openai,
+    /// The IETF structured fields `RateLimit-Policy` and `RateLimit`
+    /// (draft-ietf-httpapi-ratelimit-headers-09 and later).
+    Ietf,
+    /// No rate-limit headers (a `429` still carries `retry-after` and `retry-after-ms`).
+    None,
+}
+
+/// Whether a limit refuses requests over its budget (`enforcement`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Enforcement {
+    /// Over budget: `429`, the upstream is not called.
+    #[default]
+    Enforce,
+    /// Checked and spent like an enforced limit, never refuses: a request it would have
+    /// refused goes on, marked (a response header, a metric, its usage record). For rolling a
+    /// new budget out.
+    Shadow,
 }
 
 /// Where the rate-limit service is and how to treat its failures.
@@ -535,6 +571,9 @@ pub struct LimitConfig {
     /// cannot be evaluated for it (default `deny`).
     #[serde(default)]
     pub on_error: OnError,
+    /// `enforce` (default) or `shadow`: a shadow limit never refuses.
+    #[serde(default)]
+    pub enforcement: Enforcement,
 }
 
 /// What happens to a request for which a limit's expression fails at run time (a missing

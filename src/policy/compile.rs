@@ -355,6 +355,7 @@ impl Policy {
                 reservation_amount,
                 reservation_ttl,
                 on_error: limit.on_error,
+                enforcement: limit.enforcement,
             });
         }
         let needs_body = attributes
@@ -408,6 +409,7 @@ impl Policy {
             usage,
             reservation,
             needs_body,
+            rate_limit_headers: cfg.rate_limit_headers,
             limits,
             attributes,
             first_of_source,

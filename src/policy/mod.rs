@@ -29,7 +29,8 @@ pub(crate) mod test_support;
 
 use crate::attributes::Attribute;
 use crate::config::{
-    AdmissionMode, ErrorResponsesConfig, FailureMode, Fallback, OnError, TokenCategory,
+    AdmissionMode, Enforcement, ErrorResponsesConfig, FailureMode, Fallback, OnError,
+    RateLimitHeaders, TokenCategory,
 };
 use crate::usage::UsagePaths;
 use binding::Binding;
@@ -96,6 +97,8 @@ pub struct Limit {
     pub reservation_ttl: Option<Duration>,
     /// What a request gets when one of this limit's expressions fails for it.
     pub on_error: OnError,
+    /// Whether the limit refuses requests over budget, or only marks them (shadow).
+    pub enforcement: Enforcement,
 }
 
 /// What reservation mode reserves by default.
@@ -185,6 +188,8 @@ pub struct Policy {
     /// Some expression reads the request body (`requestBodyJSON()`): the policy is evaluated
     /// once the body is complete.
     pub needs_body: bool,
+    /// Which rate-limit headers responses carry.
+    pub rate_limit_headers: RateLimitHeaders,
     /// Limits in name order.
     pub limits: Vec<Limit>,
     /// Every attribute any expression reads, deduplicated.
