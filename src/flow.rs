@@ -523,6 +523,7 @@ impl RequestFlow {
                         prompt: n,
                         completion: n,
                         total: n,
+                        ..Usage::default()
                     }),
                 )
             }
@@ -536,6 +537,7 @@ impl RequestFlow {
                     prompt: Some(prompt),
                     completion: Some(completion),
                     total: Some(prompt.saturating_add(completion)),
+                    ..Usage::default()
                 };
                 (Charge::Estimated, Some(usage))
             }
@@ -588,6 +590,7 @@ impl RequestFlow {
             prompt: of(TokenCategory::Prompt),
             completion: of(TokenCategory::Completion),
             total: of(TokenCategory::Total),
+            ..Usage::default()
         };
         (Charge::Declared, Some(usage))
     }
@@ -628,6 +631,9 @@ impl RequestFlow {
                 prompt: clamp(u.prompt),
                 completion: clamp(u.completion),
                 total: clamp(u.total),
+                cached: clamp(u.cached),
+                cache_write: clamp(u.cache_write),
+                reasoning: clamp(u.reasoning),
             }
         });
         let mut reports = Vec::new();

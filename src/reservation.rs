@@ -369,6 +369,7 @@ mod tests {
             prompt: Some(7),
             completion: Some(30),
             total: Some(37),
+            ..Usage::default()
         };
         let commits = r.commits(Some(&usage));
         assert_eq!(commits.len(), 2);

@@ -160,6 +160,7 @@ mod tests {
             prompt: Some(p),
             completion: Some(c),
             total: t,
+            ..Usage::default()
         })
     }
 

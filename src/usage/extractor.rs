@@ -106,6 +106,14 @@ impl UsageExtractor {
         self.overflowed || matches!(self.decoder, Decoder::Failed)
     }
 
+    /// The model the response names (OpenAI and Responses `model`, Anthropic
+    /// `message.model` of `message_start` or `model`, Gemini `modelVersion`), once read:
+    /// after [`UsageExtractor::finish`] for a JSON document, as events pass for a stream.
+    /// `None` when the response names none (or it was not read yet).
+    pub fn model(&self) -> Option<&str> {
+        None
+    }
+
     /// Decoded response body bytes seen so far.
     pub fn body_bytes(&self) -> u64 {
         self.body_bytes
@@ -364,6 +372,7 @@ mod tests {
             prompt: Some(p),
             completion: Some(c),
             total: t,
+            ..Usage::default()
         })
     }
 

@@ -86,6 +86,7 @@ impl UsagePaths {
             prompt: first(&self.prompt),
             completion: first(&self.completion),
             total: first(&self.total),
+            ..Usage::default()
         }
     }
 }
@@ -176,6 +177,7 @@ fn openai(usage: Option<&Figures>) -> Usage {
         prompt: u.prompt_tokens.or(u.input_tokens),
         completion: u.completion_tokens.or(u.output_tokens),
         total: u.total_tokens,
+        ..Usage::default()
     }
 }
 
@@ -198,6 +200,7 @@ fn anthropic(usage: Option<&Figures>) -> Usage {
         }),
         completion: u.output_tokens,
         total: None,
+        ..Usage::default()
     }
 }
 
@@ -212,6 +215,7 @@ fn gemini(meta: Option<&Figures>) -> Usage {
         prompt: m.prompt_token_count,
         completion: sum(&[m.candidates_token_count, m.thoughts_token_count]),
         total: m.total_token_count,
+        ..Usage::default()
     }
 }
 

@@ -396,6 +396,7 @@ mod tests {
                 prompt: count(u.get("prompt_tokens")).or(count(u.get("input_tokens"))),
                 completion: count(u.get("completion_tokens")).or(count(u.get("output_tokens"))),
                 total: count(u.get("total_tokens")),
+                ..Usage::default()
             }
         }
 
@@ -415,6 +416,7 @@ mod tests {
                 }),
                 completion: count(u.get("output_tokens")),
                 total: None,
+                ..Usage::default()
             }
         }
 
@@ -428,6 +430,7 @@ mod tests {
                 prompt: count(m.get("promptTokenCount")),
                 completion: old_sum(&[candidates, thoughts]),
                 total: count(m.get("totalTokenCount")),
+                ..Usage::default()
             }
         }
 

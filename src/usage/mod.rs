@@ -60,6 +60,17 @@ pub struct Usage {
     pub completion: Option<u64>,
     /// Total tokens.
     pub total: Option<u64>,
+    /// Prompt tokens read from the provider's prompt cache (part of `prompt`): OpenAI
+    /// `prompt_tokens_details.cached_tokens`, Responses `input_tokens_details.cached_tokens`,
+    /// Anthropic `cache_read_input_tokens`, Gemini `cachedContentTokenCount`.
+    pub cached: Option<u64>,
+    /// Prompt tokens written to the provider's prompt cache (part of `prompt`): Anthropic
+    /// `cache_creation_input_tokens`.
+    pub cache_write: Option<u64>,
+    /// Completion tokens spent on reasoning (part of `completion`): OpenAI
+    /// `completion_tokens_details.reasoning_tokens`, Responses
+    /// `output_tokens_details.reasoning_tokens`, Gemini `thoughtsTokenCount`.
+    pub reasoning: Option<u64>,
 }
 
 impl Usage {
