@@ -10,14 +10,20 @@
 //! end of stream or on_log ─▶ finish once ─▶ reports per token category ─▶ root queue
 //! ```
 
-use crate::config::{AdmissionMode, ErrorCharge, FailureMode, Fallback, TokenCategory};
+use crate::config::{AdmissionMode, Enforcement, ErrorCharge, FailureMode, Fallback, TokenCategory};
 use crate::estimate::{RequestBound, TextCounter, TextKeys, WORD_CHARS_PER_TOKEN};
 pub use crate::filter::LocalReply;
 use crate::policy::{Applied, Decision, Policy};
+use crate::record::{Admission, LimitOutcome, LimitRecord, Source, Status, UsageFigures, UsageRecord};
 use crate::reservation::{CommitOrder, Outcome, Reservations};
 use crate::usage::{BodyFormat, Encoding, Format, Usage, UsageExtractor};
 use prost::Message;
 use ratelimit_proto::{Code, DescriptorStatus, RateLimitDescriptor, RateLimitResponse};
+
+/// The index of the enforced limits' `CheckRateLimit` among a request's calls.
+pub const CHECK_CALL: usize = 0;
+/// The index of the shadow limits' `CheckRateLimit` among a request's calls.
+pub const SHADOW_CALL: usize = 1;
 
 /// Why the rate-limit service gave no usable answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +83,13 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// Whether the request goes on (allowed, or let through by the failure mode).
+    pub fn allows(&self) -> bool {
+        matches!(self, Verdict::Allow | Verdict::AllowOnFailure(_))
+    }
+}
+
 /// One request's state.
 #[derive(Debug)]
 pub struct RequestFlow {
@@ -104,6 +117,34 @@ pub struct RequestFlow {
     response: Option<(u16, Responder)>,
     /// What the request body declares (`None`: the filter did not read it).
     bound: Option<RequestBound>,
+    /// How the stream ended, when not at the end of its response.
+    ending: Ending,
+    /// Why the request was refused (limited, failure mode deny).
+    refusal: Option<Status>,
+    /// The failure mode let the request through.
+    failure_allowed: bool,
+    /// The limit a 429 named (`None`: the service named none).
+    limited_by: Option<String>,
+    /// The shadow limits that would have refused the request.
+    shadow_limited: Vec<String>,
+    /// A shadow check (checkReport mode) is owed an answer.
+    shadow_pending: bool,
+    /// checkReport mode: the enforced limits' check was asked.
+    enforced_check: bool,
+    /// The request body's `model`, when the filter read the body.
+    request_model: Option<String>,
+}
+
+/// How a stream ended, as the proxy tells at its log phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Ending {
+    /// At the end of its response (or by a local reply).
+    #[default]
+    Complete,
+    /// The client went away first.
+    ClientAborted,
+    /// The upstream reset the stream.
+    UpstreamReset,
 }
 
 /// Who sent a request's response, as seen at its headers.
@@ -137,6 +178,14 @@ impl Default for RequestFlow {
             request_complete: false,
             response: None,
             bound: None,
+            ending: Ending::Complete,
+            refusal: None,
+            failure_allowed: false,
+            limited_by: None,
+            shadow_limited: Vec::new(),
+            shadow_pending: false,
+            enforced_check: false,
+            request_model: None,
         }
     }
 }
@@ -174,16 +223,116 @@ impl RequestFlow {
         decision: Decision,
         path: &str,
     ) -> (RequestFlow, Option<Vec<u8>>) {
-        let flow = RequestFlow {
+        let mut flow = RequestFlow {
             applied: decision.applied,
             format: Format::from_path(path),
             ..Default::default()
         };
-        if flow.applied.is_empty() {
-            return (flow, None);
+        let request = flow.check_request(policy);
+        (flow, request)
+    }
+
+    /// The encoded `CheckRateLimit` of the enforced limits that apply (`None`: none does);
+    /// notes the shadow check owed when shadow limits apply too.
+    fn check_request(&mut self, policy: &Policy) -> Option<Vec<u8>> {
+        if self.applied.is_empty() {
+            return None;
         }
-        let request = policy.encode_check_request(&flow.applied);
-        (flow, Some(request))
+        if !policy.has_shadow {
+            self.enforced_check = true;
+            return Some(policy.encode_check_request(&self.applied));
+        }
+        let enforced = self.applied_of(policy, Enforcement::Enforce);
+        self.shadow_pending = self.applied.len() > enforced.len();
+        self.enforced_check = !enforced.is_empty();
+        self.enforced_check
+            .then(|| policy.encode_check_request(&enforced))
+    }
+
+    /// The applied limits of one enforcement.
+    fn applied_of(&self, policy: &Policy, enforcement: Enforcement) -> Vec<Applied> {
+        self.applied
+            .iter()
+            .filter(|a| policy.limits.get(a.limit).map(|l| l.enforcement) == Some(enforcement))
+            .cloned()
+            .collect()
+    }
+
+    /// checkReport mode: the encoded `CheckRateLimit` request of the shadow limits that apply,
+    /// asked beside the enforced limits' check and never refusing (see
+    /// [`RequestFlow::on_shadow_reply`]); `None` when no shadow limit applies.
+    pub fn shadow_check(&self, policy: &Policy) -> Option<Vec<u8>> {
+        if !self.shadow_pending {
+            return None;
+        }
+        Some(policy.encode_check_request(&self.applied_of(policy, Enforcement::Shadow)))
+    }
+
+    /// Whether the shadow check is owed an answer.
+    pub fn shadow_pending(&self) -> bool {
+        self.shadow_pending
+    }
+
+    /// Takes the answer to the shadow check: an OVER_LIMIT marks the shadow limits that would
+    /// have refused (the ones its statuses name, else every shadow limit that applied); a
+    /// failure marks nothing and refuses nothing. Returns the failure, for the caller to count.
+    pub fn on_shadow_reply(
+        &mut self,
+        policy: &Policy,
+        reply: Result<&[u8], ServiceFailure>,
+    ) -> Option<ServiceFailure> {
+        if !std::mem::take(&mut self.shadow_pending) {
+            return None;
+        }
+        let response = match reply.and_then(|bytes| {
+            RateLimitResponse::decode(bytes).map_err(|e| ServiceFailure::Undecodable(e.to_string()))
+        }) {
+            Ok(r) => r,
+            Err(f) => return Some(f),
+        };
+        match Code::try_from(response.overall_code) {
+            Ok(Code::Ok) => None,
+            Ok(Code::OverLimit) => {
+                let shadow: Vec<&str> = self
+                    .applied
+                    .iter()
+                    .filter_map(|a| policy.limits.get(a.limit))
+                    .filter(|l| l.enforcement == Enforcement::Shadow)
+                    .map(|l| l.name.as_str())
+                    .collect();
+                let named: Vec<String> = response
+                    .statuses
+                    .iter()
+                    .filter(|s| s.code == Code::OverLimit as i32)
+                    .filter_map(|s| s.current_limit.as_ref())
+                    .map(|l| l.name.clone())
+                    .filter(|n| shadow.contains(&n.as_str()))
+                    .collect();
+                self.shadow_limited = if named.is_empty() {
+                    shadow.into_iter().map(str::to_string).collect()
+                } else {
+                    named
+                };
+                None
+            }
+            _ => Some(ServiceFailure::UnknownCode),
+        }
+    }
+
+    /// The shadow limits that would have refused the request, in the order found.
+    pub fn shadow_limited(&self) -> &[String] {
+        &self.shadow_limited
+    }
+
+    /// The request body's `model` (read with the body).
+    pub fn set_request_model(&mut self, model: Option<String>) {
+        self.request_model = model;
+    }
+
+    /// How the stream ended, when it ends without the end of its response (an abort). A
+    /// request already finished keeps its record.
+    pub fn set_ending(&mut self, ending: Ending) {
+        self.ending = ending;
     }
 
     /// Starts a request in reservation mode. `bound`: what the request body declares (`None`
@@ -219,10 +368,39 @@ impl RequestFlow {
     }
 
     /// Switches a request in reservation mode to a check (the service has no `Reserve`):
-    /// returns the encoded `CheckRateLimit` request.
-    pub fn fall_back_to_check(&mut self, policy: &Policy) -> Vec<u8> {
+    /// returns the calls of [`RequestFlow::check_calls`].
+    pub fn fall_back_to_check(&mut self, policy: &Policy) -> Vec<(usize, Vec<u8>)> {
         self.reservations = Reservations::default();
-        policy.encode_check_request(&self.applied)
+        let check = self.check_request(policy);
+        self.check_calls(policy, check)
+    }
+
+    /// The calls of checkReport mode: the enforced limits' check (`check`, index
+    /// [`CHECK_CALL`]) and the shadow limits' (index [`SHADOW_CALL`]), those that apply.
+    pub fn check_calls(&self, policy: &Policy, check: Option<Vec<u8>>) -> Vec<(usize, Vec<u8>)> {
+        let shadow = self.shadow_check(policy).map(|c| (SHADOW_CALL, c));
+        check.map(|c| (CHECK_CALL, c)).into_iter().chain(shadow).collect()
+    }
+
+    /// Whether the request was let through or refused.
+    pub fn is_decided(&self) -> bool {
+        self.allowed || self.denied
+    }
+
+    /// checkReport mode with shadow limits only: the verdict once the shadow check is
+    /// answered (the request goes on, whatever it said); `None` in any other case.
+    pub fn verdict_without_check(&mut self) -> Option<Verdict> {
+        if self.enforced_check
+            || self.shadow_pending
+            || !self.reservations.is_empty()
+            || self.is_decided()
+            || self.finished
+            || self.applied.is_empty()
+        {
+            return None;
+        }
+        self.allowed = true;
+        Some(Verdict::Allow)
     }
 
     /// The request's reservations (reservation mode).
@@ -292,6 +470,7 @@ impl RequestFlow {
 
     /// The verdict of the reservations' outcome.
     fn reservation_verdict(&mut self, policy: &Policy, outcome: Outcome) -> Verdict {
+        self.shadow_limited = self.reservations.shadow_refused();
         match outcome {
             Outcome::Admitted => {
                 self.response_headers = status_headers(self.reservations.statuses(), &[], false);
@@ -354,11 +533,13 @@ impl RequestFlow {
     /// A 429 for an over-limit answer, naming the limit that constrains most.
     fn limited(&mut self, response: &RateLimitResponse) -> Verdict {
         self.denied = true;
+        self.refusal = Some(Status::Limited);
         let over = most_restrictive(&response.statuses, true);
         let limit = over
             .and_then(|s| s.current_limit.as_ref())
             .map(|l| l.name.clone())
             .filter(|n| !n.is_empty());
+        self.limited_by.clone_from(&limit);
         let message = match &limit {
             Some(name) => format!(
                 "Token rate limit exceeded for limit '{name}'. Retry after the window resets."
@@ -381,10 +562,12 @@ impl RequestFlow {
         match mode {
             FailureMode::Allow => {
                 self.allowed = true;
+                self.failure_allowed = true;
                 Verdict::AllowOnFailure(failure)
             }
             FailureMode::Deny => {
                 self.denied = true;
+                self.refusal = Some(Status::FailureModeDenied);
                 Verdict::DenyOnFailure {
                     reply: LocalReply {
                         status: 500,
@@ -610,6 +793,7 @@ impl RequestFlow {
             return Finished {
                 commits: self.reservations.commits(None),
                 leased: self.reservations.leased(None),
+                record: Some(self.record(policy, Charge::Nothing, None)),
                 ..Finished::default()
             };
         }
@@ -657,6 +841,7 @@ impl RequestFlow {
                 }
             }
         }
+        let record = Some(self.record(policy, charge, usage.as_ref()));
         Finished {
             charge,
             usage,
@@ -664,6 +849,96 @@ impl RequestFlow {
             commits,
             leased,
             clamped,
+            record,
+        }
+    }
+
+    /// How the request ended, from its refusal, its admission and its response.
+    fn status(&self) -> Status {
+        if let Some(refusal) = self.refusal {
+            return refusal;
+        }
+        if !self.allowed {
+            return Status::ClientAborted;
+        }
+        match (self.ending, self.response) {
+            (Ending::ClientAborted, _) => Status::ClientAborted,
+            (Ending::UpstreamReset, _) => Status::UpstreamReset,
+            (Ending::Complete, None) => Status::ClientAborted,
+            (Ending::Complete, Some((400..=599, _))) => Status::UpstreamError,
+            (Ending::Complete, Some(_)) if self.failure_allowed => Status::FailureModeAllowed,
+            (Ending::Complete, Some(_)) => Status::Completed,
+        }
+    }
+
+    /// The usage record of the finished request, charged `charge` (`usage`: the figures).
+    fn record(&self, policy: &Policy, charge: Charge, usage: Option<&Usage>) -> UsageRecord {
+        let status = self.status();
+        let admission = if self.denied {
+            Admission::Refused
+        } else if !self.allowed {
+            Admission::Pending
+        } else if self.failure_allowed {
+            Admission::FailureModeAllowed
+        } else if self.reservations.any_leased() {
+            Admission::Leased
+        } else if self.reservations.is_empty() {
+            Admission::Checked
+        } else {
+            Admission::Reserved
+        };
+        let source = match charge {
+            Charge::Reported => Source::Reported,
+            Charge::Estimated => Source::Estimated,
+            Charge::Fixed => Source::Fixed,
+            Charge::Declared => Source::Declared,
+            Charge::Missing => Source::None,
+            Charge::Free | Charge::Nothing => Source::Free,
+        };
+        let mut counters = std::collections::BTreeMap::new();
+        let mut limits = Vec::with_capacity(self.applied.len());
+        for a in &self.applied {
+            let Some(limit) = policy.limits.get(a.limit) else {
+                continue;
+            };
+            for (k, v) in &a.counters {
+                counters.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            let shadow = limit.enforcement == Enforcement::Shadow;
+            let outcome = if shadow && self.shadow_limited.contains(&limit.name) {
+                LimitOutcome::ShadowLimited
+            } else {
+                match status {
+                    Status::Limited
+                        if !shadow
+                            && self.limited_by.as_ref().is_none_or(|n| *n == limit.name) =>
+                    {
+                        LimitOutcome::Limited
+                    }
+                    Status::FailureModeDenied => LimitOutcome::FailureModeDenied,
+                    _ if self.failure_allowed => LimitOutcome::FailureModeAllowed,
+                    _ => LimitOutcome::Allowed,
+                }
+            };
+            limits.push(LimitRecord {
+                name: limit.name.clone(),
+                tokens: limit.tokens,
+                enforcement: limit.enforcement,
+                outcome,
+            });
+        }
+        let model = self
+            .request_model
+            .clone()
+            .or_else(|| self.extractor.as_ref().and_then(|x| x.model()).map(str::to_string));
+        UsageRecord {
+            status,
+            admission,
+            model,
+            usage: UsageFigures::new(source, usage),
+            limits,
+            counters,
+            reserved: self.reservations.reserved(),
         }
     }
 }
@@ -694,6 +969,8 @@ pub struct Finished {
     pub commits: Vec<CommitOrder>,
     /// What the reservations admitted from a lease spent, for the lease table.
     pub leased: Vec<crate::reservation::LeasedSpend>,
+    /// The request's usage record (`None`: no limit applied).
+    pub record: Option<UsageRecord>,
 }
 
 /// The 500 reply for a request whose body the filter needs but the proxy withholds (Envoy

@@ -670,6 +670,7 @@ mod tests {
             amount,
             ttl: Duration::from_secs(60),
             capacity: 10_000,
+            shadow: false,
         }
     }
 

@@ -23,6 +23,7 @@ pub mod flow;
 pub mod lease;
 pub mod limits;
 pub mod policy;
+pub mod record;
 pub mod reports;
 pub mod reservation;
 pub mod request_body;

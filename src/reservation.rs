@@ -209,26 +209,69 @@ impl Reservations {
         self.outcome()
     }
 
-    /// What the answers say, once none is pending.
+    /// What the answers say, once none is pending. A shadow reservation never refuses, and
+    /// its failure never invokes the failure mode (only `UNIMPLEMENTED`, which says the
+    /// service has no `Reserve` at all, counts).
     pub fn outcome(&self) -> Option<Outcome> {
         if self.holds.contains(&Hold::Pending) {
             return None;
         }
-        let failed = self.holds.iter().find_map(|h| match h {
+        let enforced = || {
+            self.plans
+                .iter()
+                .zip(&self.holds)
+                .filter(|(p, _)| !p.shadow)
+                .map(|(_, h)| h)
+        };
+        let unimplemented = Hold::Failed(ServiceFailure::Grpc(GRPC_UNIMPLEMENTED));
+        let failed = enforced().find_map(|h| match h {
             Hold::Failed(f) => Some(f),
             _ => None,
         });
-        Some(
-            if failed == Some(&ServiceFailure::Grpc(GRPC_UNIMPLEMENTED)) {
-                Outcome::Unimplemented
-            } else if self.holds.contains(&Hold::Refused) {
-                Outcome::Refused
-            } else if let Some(f) = failed {
-                Outcome::Failed(f.clone())
-            } else {
-                Outcome::Admitted
-            },
-        )
+        Some(if self.holds.contains(&unimplemented) {
+            Outcome::Unimplemented
+        } else if enforced().any(|h| *h == Hold::Refused) {
+            Outcome::Refused
+        } else if let Some(f) = failed {
+            Outcome::Failed(f.clone())
+        } else {
+            Outcome::Admitted
+        })
+    }
+
+    /// The names of the limits whose shadow reservation the service refused: the requests
+    /// they would have refused (the limit entries of the reservation's descriptor).
+    pub fn shadow_refused(&self) -> Vec<String> {
+        let prefix = crate::policy::LIMIT_ENTRY_PREFIX;
+        self.plans
+            .iter()
+            .zip(&self.holds)
+            .filter(|(p, h)| p.shadow && **h == Hold::Refused)
+            .flat_map(|(p, _)| {
+                p.descriptor
+                    .entries
+                    .iter()
+                    .filter_map(|e| e.key.strip_prefix(prefix).map(str::to_string))
+            })
+            .collect()
+    }
+
+    /// Whether a lease admitted any of the reservations.
+    pub fn any_leased(&self) -> bool {
+        self.holds.iter().any(|h| matches!(h, Hold::Leased(_)))
+    }
+
+    /// Tokens held per category before the upstream: the amounts of the reservations granted
+    /// or admitted from a lease (summed over reservations of one category).
+    pub fn reserved(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for (p, h) in self.plans.iter().zip(&self.holds) {
+            if matches!(h, Hold::Granted(_) | Hold::Leased(_)) {
+                let n: &mut u64 = out.entry(p.category.as_str()).or_default();
+                *n = n.saturating_add(p.amount);
+            }
+        }
+        out
     }
 
     /// The commits a finished request owes. `usage`: what it spent when it reached the upstream
@@ -278,6 +321,7 @@ mod tests {
             amount,
             ttl: Duration::from_millis(1500),
             capacity: 1000,
+            shadow: false,
         }
     }
 

@@ -129,6 +129,9 @@ pub trait Host {
     fn add_to_counter(&mut self, id: u32, n: u64);
     /// The proxy's wall-clock time.
     fn now(&mut self) -> SystemTime;
+    /// Sets the current stream's property `path` to `value` (Envoy keeps it as filter state
+    /// `wasm.<path>`, which access logs read); a refusal is ignored.
+    fn set_property(&mut self, path: &str, value: &[u8]);
     /// The value of `key` in the data every VM of the plugin shares (all worker threads of one
     /// proxy); `None` when absent.
     fn shared_data(&mut self, key: &str) -> Option<Vec<u8>>;

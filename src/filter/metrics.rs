@@ -3,6 +3,7 @@
 
 use super::Host;
 use crate::config::TokenCategory;
+use crate::record::LimitOutcome;
 use std::collections::HashMap;
 
 /// Counter names, as they appear in Envoy's stats (Envoy may prefix them, e.g. `wasmcustom.`).
@@ -130,12 +131,30 @@ const HOT_NAMES: [&str; 6] = [
     names::REQUESTS_LEASED,
 ];
 
+/// Per limit: `token_ratelimit.limit_requests.<limit>.<outcome>`, requests by what the limit
+/// said of them ([`LimitOutcome`]).
+pub const LIMIT_REQUESTS: &str = "token_ratelimit.limit_requests";
+/// Per limit: `token_ratelimit.limit_tokens.<limit>.<category>`, tokens charged to it (the
+/// category it spends).
+pub const LIMIT_TOKENS: &str = "token_ratelimit.limit_tokens";
+
+/// One limit's counts not yet added to the proxy's.
+#[derive(Debug)]
+struct LimitCounts {
+    name: String,
+    category: TokenCategory,
+    outcomes: [u64; LimitOutcome::ALL.len()],
+    tokens: u64,
+}
+
 /// Counters defined lazily by name; a metric the host refuses is skipped silently.
 #[derive(Debug, Default)]
 pub struct Metrics {
     ids: HashMap<String, Option<u32>>,
     /// Increments of the [`Hot`] counters not yet added to the proxy's.
     hot: [u64; 6],
+    /// Per limit, the counts of [`LIMIT_REQUESTS`] and [`LIMIT_TOKENS`] not yet added.
+    limits: Vec<LimitCounts>,
 }
 
 impl Metrics {
@@ -146,12 +165,54 @@ impl Metrics {
         }
     }
 
-    /// Adds the [`Hot`] counts gathered since the last flush to the proxy's counters.
+    /// Counts a request limit `name` (spending `category`) said `outcome` of, and the
+    /// `tokens` charged to it (sent on the next [`Metrics::flush`]).
+    pub fn limit(&mut self, name: &str, category: TokenCategory, outcome: LimitOutcome, tokens: u64) {
+        let counts = match self.limits.iter().position(|l| l.name == name) {
+            Some(i) => self.limits.get_mut(i),
+            None => {
+                self.limits.push(LimitCounts {
+                    name: name.to_string(),
+                    category,
+                    outcomes: [0; LimitOutcome::ALL.len()],
+                    tokens: 0,
+                });
+                self.limits.last_mut()
+            }
+        };
+        if let Some(c) = counts {
+            c.category = category;
+            if let Some(n) = c.outcomes.get_mut(outcome.index()) {
+                *n = n.saturating_add(1);
+            }
+            c.tokens = c.tokens.saturating_add(tokens);
+        }
+    }
+
+    /// Adds the [`Hot`] and per-limit counts gathered since the last flush to the proxy's
+    /// counters.
     pub fn flush(&mut self, host: &mut impl Host) {
         for (i, name) in HOT_NAMES.iter().enumerate() {
             let n = self.hot.get_mut(i).map(std::mem::take).unwrap_or(0);
             self.add(host, name, n);
         }
+        let mut limits = std::mem::take(&mut self.limits);
+        for l in &mut limits {
+            for (outcome, n) in LimitOutcome::ALL.iter().zip(l.outcomes.iter_mut()) {
+                let n = std::mem::take(n);
+                if n > 0 {
+                    let name = format!("{LIMIT_REQUESTS}.{}.{}", l.name, outcome.as_str());
+                    self.add(host, &name, n);
+                }
+            }
+            let tokens = std::mem::take(&mut l.tokens);
+            if tokens > 0 {
+                let name = format!("{LIMIT_TOKENS}.{}.{}", l.name, l.category.as_str());
+                self.add(host, &name, tokens);
+            }
+        }
+        // Kept (zeroed): the next requests of these limits find their entries.
+        self.limits = limits;
     }
 
     /// Adds `n` to counter `name` now (defining it on first use); 0 costs nothing.

@@ -74,6 +74,8 @@ pub struct MockHost {
     pub now: SystemTime,
     /// The data shared between VMs, by key.
     pub shared: HashMap<String, Vec<u8>>,
+    /// Properties the filter set ([`Host::set_property`]), by path.
+    pub set_properties: HashMap<String, Vec<u8>>,
     /// Messages logged at or above `log_level`.
     pub logs: Vec<(Level, String)>,
     /// The lowest level logged.
@@ -115,6 +117,7 @@ impl Default for MockHost {
             counter_adds: 0,
             now: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             shared: HashMap::new(),
+            set_properties: HashMap::new(),
             logs: Vec::new(),
             log_level: Level::Debug,
             property_reads: 0,
@@ -356,6 +359,10 @@ impl Host for MockHost {
 
     fn shared_data(&mut self, key: &str) -> Option<Vec<u8>> {
         self.shared.get(key).cloned()
+    }
+
+    fn set_property(&mut self, path: &str, value: &[u8]) {
+        self.set_properties.insert(path.to_string(), value.to_vec());
     }
 
     fn set_shared_data(&mut self, key: &str, value: &[u8]) {

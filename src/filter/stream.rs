@@ -23,8 +23,12 @@ use super::{host_log, Action, Buffer, GrpcCall, HeaderMap, Host};
 use crate::attributes::AttributeHost;
 use crate::config::{AdmissionMode, FailureMode, OnError};
 use crate::estimate::RequestBound;
-use crate::flow::{body_unavailable_reply, Charge, RequestFlow, ServiceFailure, Verdict};
+use crate::flow::{
+    body_unavailable_reply, Charge, Ending, RequestFlow, ServiceFailure, Verdict, CHECK_CALL,
+    SHADOW_CALL,
+};
 use crate::policy::{Decision, Policy};
+use crate::record::{LimitOutcome, UsageRecord};
 use crate::usage::{Format, UsageEventWithholder};
 use ratelimit_proto::{CHECK_RATE_LIMIT, KUADRANT_SERVICE, RESERVE};
 use std::rc::Rc;
@@ -59,6 +63,11 @@ pub struct StreamFilter {
     shared: SharedRef,
     flow: RequestFlow,
     check_token: Option<u32>,
+    /// checkReport mode: the shadow limits' check, not answered yet.
+    shadow_token: Option<u32>,
+    /// The verdict of an admission answered while another call is still owed an answer (a
+    /// shadow check): carried out once none is.
+    verdict: Option<Verdict>,
     /// Reservation mode: the `Reserve` calls not answered yet, with their reservation's index.
     reserve_tokens: Vec<(u32, usize)>,
     /// checkReport mode: the shared-data key marking this request's counters as spent, and
@@ -93,6 +102,20 @@ pub struct StreamFilter {
     injected: bool,
     /// Removes that event from the response body (an uncompressed event stream).
     withholder: Option<UsageEventWithholder>,
+}
+
+/// The longest `model` a usage record carries, in bytes (a longer one is cut at a character
+/// boundary).
+const MAX_MODEL_BYTES: usize = 256;
+
+/// The request body's `model` (a string), cut to [`MAX_MODEL_BYTES`].
+fn request_model(body: Option<&serde_json::Value>) -> Option<String> {
+    let model = body?.get("model")?.as_str()?;
+    let mut end = model.len().min(MAX_MODEL_BYTES);
+    while !model.is_char_boundary(end) {
+        end -= 1;
+    }
+    model.get(..end).map(str::to_string)
 }
 
 /// The first value of a header in a header map. Invalid UTF-8 becomes U+FFFD (a client can
@@ -144,6 +167,8 @@ impl StreamFilter {
             shared,
             flow: RequestFlow::default(),
             check_token: None,
+            shadow_token: None,
+            verdict: None,
             reserve_tokens: Vec::new(),
             spent_key: None,
             path: String::new(),
@@ -209,7 +234,8 @@ impl StreamFilter {
     /// in the [`Buffer::GrpcReply`] buffer.
     pub fn on_grpc_reply(&mut self, host: &mut impl Host, token: u32, status: u32, size: usize) {
         let reservation = self.reserve_tokens.iter().position(|(t, _)| *t == token);
-        if self.check_token != Some(token) && reservation.is_none() {
+        let shadow = self.shadow_token == Some(token);
+        if self.check_token != Some(token) && reservation.is_none() && !shadow {
             // A reservation answered after this stream's log phase: its hold is released.
             if super::root::queue_orphan_release(host, &self.shared, token, status, size) {
                 if let Some(policy) = self.policy.clone() {
@@ -234,6 +260,11 @@ impl StreamFilter {
                 let (_, index) = self.reserve_tokens.swap_remove(pos);
                 self.flow.on_reserve_reply(&policy, index, reply)
             }
+            None if shadow => {
+                self.shadow_token = None;
+                self.on_shadow_reply(host, &policy, reply);
+                None
+            }
             None if self.flow.is_finished() => {
                 self.check_token = None;
                 None
@@ -243,8 +274,42 @@ impl StreamFilter {
                 Some(self.flow.on_check_reply(&policy, reply))
             }
         };
-        if let Some(verdict) = verdict {
+        if verdict.is_some() {
+            self.verdict = verdict;
+        }
+        if let Some(verdict) = self.next_verdict() {
             self.apply(host, &policy, verdict, true);
+        }
+    }
+
+    /// The verdict to carry out now: a refusal at once, any other once no call is owed an
+    /// answer (a shadow check with shadow limits only lets the request go on).
+    fn next_verdict(&mut self) -> Option<Verdict> {
+        if self.verdict.as_ref().is_some_and(|v| !v.allows()) {
+            return self.verdict.take();
+        }
+        if self.admission_pending() {
+            return None;
+        }
+        self.verdict
+            .take()
+            .or_else(|| self.flow.verdict_without_check())
+    }
+
+    /// Takes the shadow check's answer (a failure is counted and logged, never acted on).
+    fn on_shadow_reply(
+        &mut self,
+        host: &mut impl Host,
+        policy: &Policy,
+        reply: Result<&[u8], ServiceFailure>,
+    ) {
+        if let Some(failure) = self.flow.on_shadow_reply(policy, reply) {
+            host_log!(
+                host,
+                Debug,
+                "rate-limit service failed for the shadow limits ({failure}); they mark nothing"
+            );
+            record_service_failure(host, &mut self.shared.borrow_mut().metrics, &failure);
         }
     }
 
@@ -264,7 +329,7 @@ impl StreamFilter {
 
     /// Whether the request waits for its admission (a check or reservations unanswered).
     fn admission_pending(&self) -> bool {
-        self.check_token.is_some() || !self.reserve_tokens.is_empty()
+        self.check_token.is_some() || self.shadow_token.is_some() || !self.reserve_tokens.is_empty()
     }
 
     /// Whether the request's headers are held until its admission is answered.
@@ -289,6 +354,9 @@ impl StreamFilter {
                 }
             }
         }
+        if self.flow.is_limited() && !self.flow.is_finished() {
+            self.flow.set_ending(ending(host));
+        }
         self.finish(host);
     }
 
@@ -312,6 +380,14 @@ impl StreamFilter {
             // `onError: deny`: no budget can be named for the request; nothing is asked or
             // charged.
             let limit = refusal.limit.clone();
+            if let Some(l) = policy.limits.iter().find(|l| l.name == limit) {
+                let record = UsageRecord::refused_on_error(&l.name, l.tokens, l.enforcement);
+                self.write_record(host, &record);
+                let mut shared = self.shared.borrow_mut();
+                shared
+                    .metrics
+                    .limit(&l.name, l.tokens, LimitOutcome::RefusedOnError, 0);
+            }
             let verdict = Verdict::Unevaluable {
                 reply: crate::flow::unevaluable_reply(&limit),
                 limit,
@@ -333,8 +409,9 @@ impl StreamFilter {
             let (flow, check) = RequestFlow::start(policy, decision, &self.path);
             self.flow = flow;
             self.flow.set_request_bound(bound);
-            check.into_iter().map(|c| (0, c)).collect()
+            self.flow.check_calls(policy, check)
         };
+        self.flow.set_request_model(request_model(self.body_json.as_ref()));
         self.flow.on_request_body_len(body_bytes);
         if complete {
             self.flow.on_request_complete();
@@ -385,8 +462,7 @@ impl StreamFilter {
                 .pending_requests(&policy.service.domain);
             return self.admit(host, policy, RESERVE, calls);
         }
-        if method == CHECK_RATE_LIMIT {
-            let check = calls.first().map_or(&[][..], |(_, c)| c.as_slice());
+        if let Some((_, check)) = calls.iter().find(|(i, _)| *i == CHECK_CALL) {
             let key = super::spent::key(check);
             if let Some(status) = super::spent::status(host, &key, check) {
                 // A request of the same counters, on any worker, spent what remained: the
@@ -394,7 +470,7 @@ impl StreamFilter {
                 let verdict = self.flow.refuse_spent(status);
                 return self.apply(host, policy, verdict, false);
             }
-            self.spent_key = Some((key, check.to_vec()));
+            self.spent_key = Some((key, check.clone()));
         }
         self.admit(host, policy, method, calls)
     }
@@ -444,7 +520,6 @@ impl StreamFilter {
         method: &str,
         calls: Vec<(usize, Vec<u8>)>,
     ) -> Action {
-        let mut verdict = None;
         for (index, bytes) in &calls {
             let index = *index;
             let call = GrpcCall {
@@ -459,21 +534,31 @@ impl StreamFilter {
                     self.reserve_tokens.push((token, index));
                     continue;
                 }
+                Ok(token) if index == SHADOW_CALL => {
+                    self.shadow_token = Some(token);
+                    continue;
+                }
                 Ok(token) => {
                     self.check_token = Some(token);
                     continue;
                 }
                 Err(reason) => ServiceFailure::Dispatch(reason),
             };
-            verdict = if method == RESERVE {
+            let verdict = if method == RESERVE {
                 self.flow.on_reserve_reply(policy, index, Err(failure))
+            } else if index == SHADOW_CALL {
+                self.on_shadow_reply(host, policy, Err(failure));
+                None
             } else {
                 Some(self.flow.on_check_reply(policy, Err(failure)))
             };
+            if verdict.is_some() {
+                self.verdict = verdict;
+            }
         }
-        match verdict {
-            Some(v) if !self.admission_pending() => self.apply(host, policy, v, false),
-            _ => Action::Pause,
+        match self.next_verdict() {
+            Some(v) => self.apply(host, policy, v, false),
+            None => Action::Pause,
         }
     }
 
@@ -589,8 +674,8 @@ impl StreamFilter {
             );
         }
         self.reserve_tokens.clear();
-        let bytes = self.flow.fall_back_to_check(policy);
-        let action = self.admit(host, policy, CHECK_RATE_LIMIT, vec![(0, bytes)]);
+        let calls = self.flow.fall_back_to_check(policy);
+        let action = self.admit(host, policy, CHECK_RATE_LIMIT, calls);
         if paused && action == Action::Continue {
             // The request was paused for its reservation: it goes on now.
             self.headers_released = true;
@@ -641,6 +726,14 @@ impl StreamFilter {
             return;
         };
         let mut done = self.flow.finish(&policy);
+        if let Some(record) = done.record.take() {
+            self.write_record(host, &record);
+            let mut shared = self.shared.borrow_mut();
+            for l in &record.limits {
+                let spent = done.usage.and_then(|u| u.tokens(l.tokens)).unwrap_or(0);
+                shared.metrics.limit(&l.name, l.tokens, l.outcome, spent);
+            }
+        }
         let commits = std::mem::take(&mut done.commits);
         let leased = std::mem::take(&mut done.leased);
         // The fewest tokens this request spent in any category it reports.
@@ -683,6 +776,12 @@ impl StreamFilter {
         if !commits.is_empty() || send_reports || lease_commits {
             self.send_now(host, &policy, send_reports);
         }
+    }
+
+    /// Writes the request's usage record where the proxy's access log reads it (filter state
+    /// `wasm.token_ratelimit`).
+    fn write_record(&self, host: &mut impl Host, record: &UsageRecord) {
+        host.set_property(crate::record::PROPERTY, &record.to_json());
     }
 
     /// Marks this request's counters spent for every worker (see [`super::spent::mark`]).
@@ -753,6 +852,16 @@ impl StreamFilter {
                 .hot(Hot::tokens_reported(r.category), r.tokens);
             shared.queue.add(r.descriptor, r.tokens);
         }
+    }
+}
+
+/// How a stream that did not reach the end of its response ended: Envoy's
+/// `response.code_details` says `upstream_reset_…` when the upstream reset it; anything else
+/// (the client's disconnect) is taken as the client's abort.
+fn ending(host: &mut impl Host) -> Ending {
+    match host.property(&["response", "code_details"]) {
+        Some(d) if d.starts_with(b"upstream_reset") => Ending::UpstreamReset,
+        _ => Ending::ClientAborted,
     }
 }
 

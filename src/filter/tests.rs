@@ -239,8 +239,14 @@ fn hot_counters_are_batched_until_the_tick() {
     assert_eq!(host.counter(names::CHECKED), 3);
     assert_eq!(host.counter(names::ALLOWED), 3);
     assert_eq!(host.counter(names::TOKENS_TOTAL), 15);
-    // One add per hot counter with a count, one for reports_sent.
-    assert_eq!(host.counter_adds - adds, 4);
+    // Per limit: its outcome and the tokens charged to it, batched too.
+    assert_eq!(
+        host.counter("token_ratelimit.limit_requests.per-user.allowed"),
+        3
+    );
+    assert_eq!(host.counter("token_ratelimit.limit_tokens.per-user.total"), 15);
+    // One add per hot counter with a count, two for the limit, one for reports_sent.
+    assert_eq!(host.counter_adds - adds, 6);
 }
 
 #[test]

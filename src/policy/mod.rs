@@ -190,6 +190,8 @@ pub struct Policy {
     pub needs_body: bool,
     /// Which rate-limit headers responses carry.
     pub rate_limit_headers: RateLimitHeaders,
+    /// Some limit is a shadow limit (`enforcement: shadow`).
+    pub has_shadow: bool,
     /// Limits in name order.
     pub limits: Vec<Limit>,
     /// Every attribute any expression reads, deduplicated.

@@ -2,7 +2,7 @@
 //! distinct amount or hold time), over the descriptor of the limits that spend it.
 
 use super::{Applied, Policy};
-use crate::config::TokenCategory;
+use crate::config::{Enforcement, TokenCategory};
 use crate::estimate::RequestBound;
 use ratelimit_proto::RateLimitDescriptor;
 use std::time::Duration;
@@ -20,6 +20,9 @@ pub struct PlannedReservation {
     pub ttl: Duration,
     /// The smallest rate of those limits, in tokens: what a lease is a fraction of.
     pub capacity: u64,
+    /// Those limits are shadow limits (`enforcement: shadow`): a refusal only marks the
+    /// request. Shadow and enforced limits never share a reservation.
+    pub shadow: bool,
 }
 
 impl Policy {
@@ -31,14 +34,23 @@ impl Policy {
     /// `reservation.defaultAmount` when none is declared, or their sum for `total`), else
     /// `reservation.defaultAmount`; always capped by `reservation.maxAmount` and by the
     /// limit's smallest rate (a larger hold could never be admitted). Limits of one category
-    /// with the same amount and hold time share one reservation.
+    /// with the same amount and hold time share one reservation, shadow limits apart from
+    /// enforced ones.
     pub fn plan_reservations(
         &self,
         applied: &[Applied],
         bound: Option<RequestBound>,
     ) -> Vec<PlannedReservation> {
         let r = &self.reservation;
-        let mut groups: Vec<(TokenCategory, u64, Duration, u64, Vec<&Applied>)> = Vec::new();
+        struct Group<'a> {
+            category: TokenCategory,
+            amount: u64,
+            ttl: Duration,
+            shadow: bool,
+            capacity: u64,
+            members: Vec<&'a Applied>,
+        }
+        let mut groups: Vec<Group<'_>> = Vec::new();
         for a in applied {
             let Some(limit) = self.limits.get(a.limit) else {
                 continue;
@@ -57,28 +69,34 @@ impl Policy {
                 .min(r.max_amount)
                 .min(smallest_rate);
             let ttl = limit.reservation_ttl.unwrap_or(r.ttl);
-            match groups
-                .iter_mut()
-                .find(|(c, n, t, _, _)| *c == category && *n == amount && *t == ttl)
-            {
+            let shadow = limit.enforcement == Enforcement::Shadow;
+            match groups.iter_mut().find(|g| {
+                g.category == category && g.amount == amount && g.ttl == ttl && g.shadow == shadow
+            }) {
                 Some(group) => {
-                    group.3 = group.3.min(smallest_rate);
-                    group.4.push(a);
+                    group.capacity = group.capacity.min(smallest_rate);
+                    group.members.push(a);
                 }
-                None => groups.push((category, amount, ttl, smallest_rate, vec![a])),
+                None => groups.push(Group {
+                    category,
+                    amount,
+                    ttl,
+                    shadow,
+                    capacity: smallest_rate,
+                    members: vec![a],
+                }),
             }
         }
         groups
             .into_iter()
-            .map(
-                |(category, amount, ttl, capacity, members)| PlannedReservation {
-                    category,
-                    descriptor: self.descriptor(members.into_iter()),
-                    amount,
-                    ttl,
-                    capacity,
-                },
-            )
+            .map(|g| PlannedReservation {
+                category: g.category,
+                descriptor: self.descriptor(g.members.into_iter()),
+                amount: g.amount,
+                ttl: g.ttl,
+                capacity: g.capacity,
+                shadow: g.shadow,
+            })
             .collect()
     }
 }

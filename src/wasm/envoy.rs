@@ -142,6 +142,10 @@ impl Host for Envoy {
         host::shared_data(key)
     }
 
+    fn set_property(&mut self, path: &str, value: &[u8]) {
+        host::set_property(path, value);
+    }
+
     fn set_shared_data(&mut self, key: &str, value: &[u8]) {
         host::set_shared_data(key, value);
     }

@@ -82,6 +82,12 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_set_property(
+        path_data: *const u8,
+        path_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_get_shared_data(
         key_data: *const u8,
         key_size: usize,
@@ -235,6 +241,12 @@ pub(crate) fn property(path: &[&str]) -> Option<Vec<u8>> {
     })
     .ok()
     .flatten()
+}
+
+/// `proxy_set_property` of the one-segment `path`; a refusal is ignored.
+pub(crate) fn set_property(path: &str, value: &[u8]) {
+    // SAFETY: path and value are live slices the host only reads.
+    unsafe { proxy_set_property(path.as_ptr(), path.len(), value.as_ptr(), value.len()) };
 }
 
 /// `proxy_get_shared_data`: the value of `key` in the data the VMs of one plugin share (every

@@ -7,6 +7,10 @@ use crate::filter::{host_log, Action, Buffer, HeaderMap, Host};
 use crate::flow::Responder;
 use crate::usage::{BodyFormat, Encoding, UsageEventWithholder};
 
+/// The response header naming the shadow limits that would have refused the request
+/// (comma-separated), which went on.
+pub const SHADOW_HEADER: &str = "x-ratelimit-shadow-limited";
+
 impl StreamFilter {
     /// The response headers arrived: adds the rate-limit headers and chooses how to read usage.
     pub fn on_response_headers(&mut self, host: &mut impl Host) -> Action {
@@ -15,6 +19,10 @@ impl StreamFilter {
         }
         for (k, v) in self.flow.response_headers() {
             host.add_header(HeaderMap::ResponseHeaders, k, v);
+        }
+        if !self.flow.shadow_limited().is_empty() {
+            let names = self.flow.shadow_limited().join(", ");
+            host.add_header(HeaderMap::ResponseHeaders, SHADOW_HEADER, &names);
         }
         if let (true, Some(policy)) = (self.flow.reads_response(), self.policy.clone()) {
             // Two single-header reads, not the header map: a response carries many headers

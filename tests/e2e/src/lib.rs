@@ -317,6 +317,13 @@ impl Reply {
     }
 }
 
+/// The usage record of an access-log entry: its `token_ratelimit` string parsed as JSON;
+/// `None` when the entry has none (no limit applied to the request).
+pub fn usage_record(entry: &serde_json::Value) -> Option<serde_json::Value> {
+    let text = entry.get("token_ratelimit")?.as_str()?;
+    serde_json::from_str(text).ok()
+}
+
 /// Polls `ready` every 50 ms until it holds or `timeout` passes; `false` (and a line on stderr
 /// naming `what`) on timeout.
 pub fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
@@ -963,6 +970,43 @@ impl Stack {
             .lines()
             .filter(|l| l.contains(needle))
             .count()
+    }
+
+    /// The entries of Envoy's JSON access log so far (`envoy/envoy.yaml` writes one JSON object
+    /// per request to stdout), in order; other output lines are skipped.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.envoy
+            .output()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v.get("response_code").is_some())
+            .collect()
+    }
+
+    /// Waits (10 s at most) until the access log has `n` entries; returns them all.
+    pub fn await_access_log(&self, n: usize) -> Vec<serde_json::Value> {
+        wait_until("access log entries", Duration::from_secs(10), || {
+            self.access_log().len() >= n
+        });
+        let log = self.access_log();
+        assert!(
+            log.len() >= n,
+            "{} access-log entries, wanted {n}:\n{}",
+            log.len(),
+            self.envoy.output()
+        );
+        log
+    }
+
+    /// The last access-log entry once there are `n`, and its usage record (the filter's
+    /// `token_ratelimit` field, a JSON object in a string), parsed.
+    pub fn await_record(&self, n: usize) -> (serde_json::Value, serde_json::Value) {
+        let log = self.await_access_log(n);
+        let entry = log.get(n - 1).cloned().unwrap_or_default();
+        let record = usage_record(&entry)
+            .unwrap_or_else(|| panic!("access-log entry {n} has no usage record: {entry}"));
+        (entry, record)
     }
 
     /// An Envoy stat (from `/stats`), 0 when absent.
