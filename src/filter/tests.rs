@@ -1335,3 +1335,196 @@ fn a_hang_up_after_a_declared_max_tokens_commits_the_prompt_estimate_plus_the_ma
     assert_eq!(reserves(&host)[0].amount, 43);
     assert_eq!(host.counter(names::USAGE_DECLARED), 1);
 }
+
+// --- shadow limits and usage records ------------------------------------------------------------
+
+/// A root whose `per-user` limit is enforced (100 a minute) and `trial` a shadow limit (10 a
+/// minute) over the same counter, in `mode`.
+fn shadow_root(mode: &str) -> (RootFilter, MockHost) {
+    let cfg = config_in(mode, "");
+    let cfg = format!(
+        "{}{}",
+        &cfg[..cfg.find("\"limits\"").unwrap()],
+        r#""limits": {
+          "per-user": {"rates": [{"limit": 100, "window": "1m"}], "counters": [{"expression": "request.headers['x-user']"}]},
+          "trial": {"rates": [{"limit": 10, "window": "1m"}], "counters": [{"expression": "request.headers['x-user']"}],
+            "enforcement": "shadow"}
+        }}"#
+    );
+    let mut host = MockHost::with_configuration(cfg.into_bytes());
+    host.effective_context = ROOT;
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    (root, host)
+}
+
+/// The limit entries (`limit.<name>`) of a call's first descriptor.
+fn limit_entries(descriptors: &[ratelimit_proto::RateLimitDescriptor]) -> Vec<String> {
+    descriptors[0]
+        .entries
+        .iter()
+        .filter(|e| e.key.starts_with("limit."))
+        .map(|e| e.key.clone())
+        .collect()
+}
+
+fn over_named(name: &str) -> Vec<u8> {
+    let mut r = RateLimitResponse::decode(over_reply().as_slice()).unwrap();
+    r.statuses[0].current_limit.as_mut().unwrap().name = name.into();
+    r.encode_to_vec()
+}
+
+/// The usage record the stream wrote (filter state `wasm.token_ratelimit`).
+fn record(host: &MockHost) -> serde_json::Value {
+    let bytes = host
+        .set_properties
+        .get(crate::record::PROPERTY)
+        .expect("a usage record");
+    serde_json::from_slice(bytes).unwrap()
+}
+
+#[test]
+fn a_shadow_limit_over_budget_lets_the_request_through_marked_while_the_enforced_limit_refuses() {
+    let (mut root, mut host) = shadow_root("checkReport");
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+    // Two checks: the enforced limit's, then the shadow limit's, each with its own limit entry.
+    let checks: Vec<(u32, RateLimitRequest)> = host
+        .calls(CHECK_RATE_LIMIT)
+        .iter()
+        .map(|d| (d.token, RateLimitRequest::decode(d.message.as_slice()).unwrap()))
+        .collect();
+    assert_eq!(checks.len(), 2);
+    assert_eq!(limit_entries(&checks[0].1.descriptors), ["limit.per-user"]);
+    assert_eq!(limit_entries(&checks[1].1.descriptors), ["limit.trial"]);
+    // The shadow limit is spent: its check says OVER_LIMIT; the enforced one allows.
+    answer_token(&mut stream, &mut host, checks[1].0, 0, over_named("trial"));
+    assert!(host.resumed.is_empty(), "waits for the enforced check");
+    answer_token(&mut stream, &mut host, checks[0].0, 0, ok_reply(90));
+    assert_eq!(host.resumed, vec![2], "the shadow limit never refuses");
+    assert!(host.replies.is_empty());
+    serve(&mut stream, &mut host, 7);
+    let shadow_header = host
+        .response_headers
+        .iter()
+        .find(|(k, _)| k == "x-ratelimit-shadow-limited")
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+    assert_eq!(shadow_header.as_deref(), Some("trial"));
+    let r = record(&host);
+    assert_eq!(r["status"], "completed");
+    assert_eq!(
+        r["limits"],
+        serde_json::json!([
+            {"name": "per-user", "tokens": "total", "enforcement": "enforce", "outcome": "allowed"},
+            {"name": "trial", "tokens": "total", "enforcement": "shadow", "outcome": "shadow_limited"}
+        ])
+    );
+    // Spent like any other: the report carries both limits.
+    host.effective_context = ROOT;
+    root.on_tick(&mut host);
+    let sent = reports(&host);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        limit_entries(&sent[0].descriptors),
+        ["limit.per-user", "limit.trial"]
+    );
+    assert_eq!(sent[0].hits_addend, 7);
+    assert_eq!(
+        host.counter("token_ratelimit.limit_requests.trial.shadow_limited"),
+        1
+    );
+    assert_eq!(
+        host.counter("token_ratelimit.limit_requests.per-user.allowed"),
+        1
+    );
+
+    // The enforced limit over budget refuses, whatever the shadow limit says.
+    host.effective_context = 3;
+    let mut stream = root.new_stream(3);
+    stream.on_request_headers(&mut host, true);
+    let tokens: Vec<u32> = host
+        .calls(CHECK_RATE_LIMIT)
+        .iter()
+        .map(|d| d.token)
+        .collect();
+    answer_token(&mut stream, &mut host, tokens[2], 0, over_reply());
+    assert_eq!(host.replies.last().map(|(c, r)| (*c, r.status)), Some((3, 429)));
+    let r = record(&host);
+    assert_eq!(r["status"], "limited");
+    assert_eq!(r["limits"][0]["outcome"], "limited");
+    assert_eq!(r["limits"][1]["outcome"], "allowed");
+    // Its shadow check answers late, and changes nothing.
+    answer_token(&mut stream, &mut host, tokens[3], 0, ok_reply(5));
+    assert_eq!(host.replies.len(), 1);
+}
+
+#[test]
+fn shadow_limits_alone_never_refuse_not_even_when_the_service_fails() {
+    let cfg = config_in("checkReport", "").replace(
+        r#""counters": [{"expression": "request.headers['x-user']"}]}"#,
+        r#""counters": [{"expression": "request.headers['x-user']"}], "enforcement": "shadow"}"#,
+    );
+    let mut host = MockHost::with_configuration(cfg.into_bytes());
+    host.effective_context = ROOT;
+    host.set_property("request.url_path", "/v1/chat/completions");
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+    assert_eq!(host.calls(CHECK_RATE_LIMIT).len(), 1);
+    answer(&mut stream, &mut host, 0, over_reply());
+    assert_eq!(host.resumed, vec![2]);
+    serve(&mut stream, &mut host, 5);
+    assert_eq!(record(&host)["limits"][0]["outcome"], "shadow_limited");
+    // The service unreachable (failure mode deny): the request still goes on.
+    host.effective_context = 3;
+    let mut stream = root.new_stream(3);
+    answer_after_headers(&mut stream, &mut host, 14);
+    assert_eq!(host.resumed, vec![2, 3]);
+    assert!(host.replies.is_empty());
+    assert_eq!(host.counter(names::SERVICE_ERRORS), 1);
+}
+
+fn answer_after_headers(stream: &mut StreamFilter, host: &mut MockHost, status: u32) {
+    stream.on_request_headers(host, true);
+    answer(stream, host, status, Vec::new());
+}
+
+#[test]
+fn a_refused_shadow_reservation_lets_the_request_through_and_commits_its_spend_without_an_id() {
+    let (mut root, mut host) = shadow_root("reservation");
+    let mut stream = root.new_stream(2);
+    assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+    let calls: Vec<(u32, ReserveRequest)> = host
+        .calls(RESERVE)
+        .iter()
+        .map(|d| (d.token, ReserveRequest::decode(d.message.as_slice()).unwrap()))
+        .collect();
+    assert_eq!(calls.len(), 2, "shadow and enforced limits never share a reservation");
+    let shadow = calls
+        .iter()
+        .find(|(_, r)| limit_entries(&r.descriptors) == ["limit.trial"])
+        .map(|(t, _)| *t)
+        .unwrap();
+    let enforced = calls.iter().map(|(t, _)| *t).find(|t| *t != shadow).unwrap();
+    answer_token(&mut stream, &mut host, shadow, 0, reserve_reply(Code::OverLimit, "", 0));
+    answer_token(&mut stream, &mut host, enforced, 0, reserve_reply(Code::Ok, "held", 90));
+    assert_eq!(host.resumed, vec![2]);
+    serve(&mut stream, &mut host, 9);
+    let r = record(&host);
+    assert_eq!(r["admission"], "reserved");
+    assert_eq!(r["limits"][1]["outcome"], "shadow_limited");
+    assert_eq!(r["reserved"]["total"], 100, "only the granted hold: {r}");
+    host.effective_context = ROOT;
+    root.on_tick(&mut host);
+    let mut sent: Vec<(String, u64)> = commits(&host)
+        .iter()
+        .map(|c| (c.reservation_id.clone(), c.actual_amount))
+        .collect();
+    sent.sort();
+    assert_eq!(sent, [(String::new(), 9), ("held".to_string(), 9)]);
+}
