@@ -129,6 +129,8 @@ pub struct RequestFlow {
     shadow_limited: Vec<String>,
     /// A shadow check (checkReport mode) is owed an answer.
     shadow_pending: bool,
+    /// The fewest tokens the shadow check said remain (`None`: not told).
+    shadow_remaining: Option<u64>,
     /// checkReport mode: the enforced limits' check was asked.
     enforced_check: bool,
     /// The request body's `model`, when the filter read the body.
@@ -184,6 +186,7 @@ impl Default for RequestFlow {
             limited_by: None,
             shadow_limited: Vec::new(),
             shadow_pending: false,
+            shadow_remaining: None,
             enforced_check: false,
             request_model: None,
         }
@@ -290,9 +293,14 @@ impl RequestFlow {
             Ok(r) => r,
             Err(f) => return Some(f),
         };
+        let remaining = most_restrictive(&response.statuses, false).map(|s| s.limit_remaining);
         match Code::try_from(response.overall_code) {
-            Ok(Code::Ok) => None,
+            Ok(Code::Ok) => {
+                self.shadow_remaining = remaining.map(u64::from);
+                None
+            }
             Ok(Code::OverLimit) => {
+                self.shadow_remaining = Some(0);
                 let shadow: Vec<&str> = self
                     .applied
                     .iter()
@@ -408,12 +416,18 @@ impl RequestFlow {
         &self.reservations
     }
 
-    /// The fewest tokens the check said remain for the request's counters (checkReport mode;
-    /// `None` when the service did not say, as Limitador does not).
+    /// The fewest tokens the checks said remain for the request's counters, its shadow limits'
+    /// included (checkReport mode; `None` when the service did not say, as Limitador does
+    /// not).
     pub fn remaining(&self) -> Option<u64> {
-        self.restrictive
+        let enforced = self
+            .restrictive
             .as_ref()
-            .map(|s| u64::from(s.limit_remaining))
+            .map(|s| u64::from(s.limit_remaining));
+        match (enforced, self.shadow_remaining) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The most restrictive status the check answered (checkReport mode).
@@ -473,13 +487,13 @@ impl RequestFlow {
         self.shadow_limited = self.reservations.shadow_refused();
         match outcome {
             Outcome::Admitted => {
-                self.response_headers = status_headers(self.reservations.statuses(), &[], false);
+                self.response_headers = status_headers(&self.enforced_statuses(policy), &[], false);
                 self.allowed = true;
                 Verdict::Allow
             }
             Outcome::Refused => {
                 let response = RateLimitResponse {
-                    statuses: self.reservations.statuses().to_vec(),
+                    statuses: self.enforced_statuses(policy),
                     ..Default::default()
                 };
                 self.limited(&response)
@@ -493,6 +507,25 @@ impl RequestFlow {
             ),
             Outcome::Failed(f) => self.failure(policy.service.failure_mode, f),
         }
+    }
+
+    /// The statuses the reservations' answers carried, but those of shadow limits: the
+    /// budgets that admit or refuse the request.
+    fn enforced_statuses(&self, policy: &Policy) -> Vec<DescriptorStatus> {
+        let shadow = |s: &DescriptorStatus| {
+            s.current_limit.as_ref().is_some_and(|l| {
+                policy
+                    .limits
+                    .iter()
+                    .any(|x| x.name == l.name && x.enforcement == Enforcement::Shadow)
+            })
+        };
+        self.reservations
+            .statuses()
+            .iter()
+            .filter(|s| !shadow(s))
+            .cloned()
+            .collect()
     }
 
     /// Whether any limit applies to this request.

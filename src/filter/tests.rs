@@ -1528,3 +1528,17 @@ fn a_refused_shadow_reservation_lets_the_request_through_and_commits_its_spend_w
     sent.sort();
     assert_eq!(sent, [(String::new(), 9), ("held".to_string(), 9)]);
 }
+
+#[test]
+fn a_shadow_check_answered_after_the_enforced_one_still_marks_the_request() {
+    let (root, mut host) = shadow_root("checkReport");
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    let tokens: Vec<u32> = host.calls(CHECK_RATE_LIMIT).iter().map(|d| d.token).collect();
+    answer_token(&mut stream, &mut host, tokens[0], 0, ok_reply(90));
+    assert!(host.resumed.is_empty(), "waits for the shadow check");
+    answer_token(&mut stream, &mut host, tokens[1], 0, over_named("trial"));
+    assert_eq!(host.resumed, vec![2]);
+    serve(&mut stream, &mut host, 7);
+    assert_eq!(record(&host)["limits"][1]["outcome"], "shadow_limited");
+}
