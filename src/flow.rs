@@ -12,8 +12,8 @@
 
 use crate::config::{AdmissionMode, ErrorCharge, FailureMode, Fallback, TokenCategory};
 use crate::estimate::{RequestBound, TextCounter, TextKeys, WORD_CHARS_PER_TOKEN};
-use crate::headers::most_restrictive;
 pub use crate::filter::LocalReply;
+use crate::headers::most_restrictive;
 use crate::policy::{Applied, Decision, Policy};
 use crate::reservation::{CommitOrder, Outcome, Reservations};
 use crate::usage::{BodyFormat, Encoding, Format, Usage, UsageExtractor};

@@ -382,53 +382,48 @@ mod tests {
     }
 
     #[test]
-    fn draft03_shows_limit_remaining_and_reset_in_seconds_rounded_up() {
-        let k = known(RateLimitHeaders::Draft03, gold());
-        assert_eq!(
-            render(&k, &ok_gold(), &[], false),
-            pairs(&[
-                ("x-ratelimit-limit", "200"),
-                ("x-ratelimit-remaining", "40"),
-                ("x-ratelimit-reset", "30"),
-            ])
-        );
-        assert_eq!(
-            render(&k, &over_gold(), &[], true),
-            pairs(&[
-                ("x-ratelimit-limit", "200"),
-                ("x-ratelimit-remaining", "0"),
-                ("x-ratelimit-reset", "30"),
-                ("retry-after", "30"),
-                ("retry-after-ms", "29200"),
-            ])
-        );
-    }
-
-    #[test]
-    fn openai_shows_the_tokens_headers_with_a_go_duration() {
-        let k = known(RateLimitHeaders::Openai, gold());
-        assert_eq!(
-            render(&k, &ok_gold(), &[], false),
-            pairs(&[
-                ("x-ratelimit-limit-tokens", "200"),
-                ("x-ratelimit-remaining-tokens", "40"),
-                ("x-ratelimit-reset-tokens", "29.2s"),
-            ])
-        );
-        assert_eq!(
-            render(&k, &over_gold(), &[], true),
-            pairs(&[
-                ("x-ratelimit-limit-tokens", "200"),
-                ("x-ratelimit-remaining-tokens", "0"),
-                ("x-ratelimit-reset-tokens", "29.2s"),
-                ("retry-after", "30"),
-                ("retry-after-ms", "29200"),
-            ])
-        );
-    }
-
-    #[test]
-    fn ietf_shows_the_policy_and_the_service_limit_as_structured_fields() {
+    fn each_format_shows_the_status_on_a_200_and_a_429() {
+        for (format, ok, over) in [
+            (
+                // Seconds rounded up.
+                RateLimitHeaders::Draft03,
+                [
+                    ("x-ratelimit-limit", "200"),
+                    ("x-ratelimit-remaining", "40"),
+                    ("x-ratelimit-reset", "30"),
+                ],
+                [
+                    ("x-ratelimit-limit", "200"),
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "30"),
+                ],
+            ),
+            (
+                // A Go duration.
+                RateLimitHeaders::Openai,
+                [
+                    ("x-ratelimit-limit-tokens", "200"),
+                    ("x-ratelimit-remaining-tokens", "40"),
+                    ("x-ratelimit-reset-tokens", "29.2s"),
+                ],
+                [
+                    ("x-ratelimit-limit-tokens", "200"),
+                    ("x-ratelimit-remaining-tokens", "0"),
+                    ("x-ratelimit-reset-tokens", "29.2s"),
+                ],
+            ),
+        ] {
+            let k = known(format, gold());
+            assert_eq!(render(&k, &ok_gold(), &[], false), pairs(&ok), "{format:?}");
+            let mut over = over.to_vec();
+            over.extend([("retry-after", "30"), ("retry-after-ms", "29200")]);
+            assert_eq!(
+                render(&k, &over_gold(), &[], true),
+                pairs(&over),
+                "{format:?}"
+            );
+        }
+        // Structured fields: the policy, then the service limit.
         let k = known(RateLimitHeaders::Ietf, gold());
         assert_eq!(
             render(&k, &ok_gold(), &[], false),

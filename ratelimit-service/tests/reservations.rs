@@ -485,38 +485,29 @@ async fn reservations_unimplemented_answers_unimplemented_for_reserve_and_commit
 
 #[tokio::test]
 async fn no_statuses_answers_like_limitador_codes_and_counters_unchanged() {
-    assert!(Config::try_parse_from(["ratelimit-service", "l.yaml", "--no-statuses"])
-        .unwrap()
-        .no_statuses);
+    assert!(
+        Config::try_parse_from(["ratelimit-service", "l.yaml", "--no-statuses"])
+            .unwrap()
+            .no_statuses
+    );
     let svc = start(LIMITS, &["--no-statuses"]).await;
     let mut c = kuadrant_client(svc.rls_addr).await;
     let mut e = envoy_client(svc.rls_addr).await;
     let (hal, gus) = (free("hal"), free("gus"));
-    let r = c
-        .check_rate_limit(request("llm", &entries(&hal), 1))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((code(&r), r.statuses.len()), (Code::Ok, 0));
-    let r = c
-        .report(request("llm", &entries(&hal), 10))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((code(&r), r.statuses.len()), (Code::Ok, 0));
+    let hal_request = |hits| request("llm", &entries(&hal), hits);
+    let shape = |r: tonic::Response<ratelimit_proto::RateLimitResponse>| {
+        let r = r.into_inner();
+        (code(&r), r.statuses.len())
+    };
+    let r = c.check_rate_limit(hal_request(1)).await.unwrap();
+    assert_eq!(shape(r), (Code::Ok, 0));
+    let r = c.report(hal_request(10)).await.unwrap();
+    assert_eq!(shape(r), (Code::Ok, 0));
     // hal's 10 of 10 are spent: every method refuses, saying no more than its code.
-    let r = c
-        .check_rate_limit(request("llm", &entries(&hal), 1))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((code(&r), r.statuses.len()), (Code::OverLimit, 0));
-    let r = e
-        .should_rate_limit(request("llm", &entries(&hal), 1))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((code(&r), r.statuses.len()), (Code::OverLimit, 0));
+    let r = c.check_rate_limit(hal_request(1)).await.unwrap();
+    assert_eq!(shape(r), (Code::OverLimit, 0));
+    let r = e.should_rate_limit(hal_request(1)).await.unwrap();
+    assert_eq!(shape(r), (Code::OverLimit, 0));
     let r = reserve(&mut c, &hal, 1).await;
     assert_eq!((as_code(r.code), r.statuses.len()), (Code::OverLimit, 0));
     // A reservation that fits is held and named, without statuses.

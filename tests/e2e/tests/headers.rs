@@ -34,6 +34,17 @@ fn first_and_refusal(stack: &Stack) -> (Reply, Reply) {
     panic!("never refused")
 }
 
+/// [`first_and_refusal`] on a stack in checkReport mode (its checks show the counters before
+/// the request) with `rateLimitHeaders: <format>`.
+fn checked_with(format: &str) -> (Reply, Reply) {
+    let stack = Stack::start(Options {
+        mode: Some("checkReport"),
+        edits: vec![headers_format(format)],
+        ..Options::default()
+    });
+    first_and_refusal(&stack)
+}
+
 /// Milliseconds of a duration in OpenAI's format (`1m0s`, `29.5s`, `20ms`).
 fn go_duration_ms(text: &str) -> u64 {
     if let Some(ms) = text.strip_suffix("ms") {
@@ -62,26 +73,37 @@ fn go_duration_ms(text: &str) -> u64 {
 /// The 429's `retry-after` (seconds) and `retry-after-ms`, checked to agree (the seconds
 /// rounded up, at least 1).
 fn retry_after(r: &Reply) -> (u64, u64) {
-    let secs: u64 = r.header("retry-after").expect("retry-after").parse().unwrap();
-    let ms: u64 = r.header("retry-after-ms").expect("retry-after-ms").parse().unwrap();
-    assert_eq!(secs, ms.div_ceil(1000).max(1), "retry-after {secs}, {ms} ms");
+    let secs: u64 = r
+        .header("retry-after")
+        .expect("retry-after")
+        .parse()
+        .unwrap();
+    let ms: u64 = r
+        .header("retry-after-ms")
+        .expect("retry-after-ms")
+        .parse()
+        .unwrap();
+    assert_eq!(
+        secs,
+        ms.div_ceil(1000).max(1),
+        "retry-after {secs}, {ms} ms"
+    );
     (secs, ms)
 }
 
 #[test]
 fn openai_headers_show_the_tokens_left_and_the_reset_as_a_duration() {
-    let stack = Stack::start(Options {
-        mode: Some("checkReport"),
-        edits: vec![headers_format("openai")],
-        ..Options::default()
-    });
-    let (first, refused) = first_and_refusal(&stack);
+    let (first, refused) = checked_with("openai");
     // The first check, before any charge: all 50 left, the window a minute at most.
     assert_eq!(first.header("x-ratelimit-limit-tokens"), Some("50"));
     assert_eq!(first.header("x-ratelimit-remaining-tokens"), Some("50"));
     let reset = go_duration_ms(first.header("x-ratelimit-reset-tokens").unwrap());
     assert!((1..=60_000).contains(&reset), "{reset}");
-    assert_eq!(first.header("x-ratelimit-limit"), None, "no draft-03 header");
+    assert_eq!(
+        first.header("x-ratelimit-limit"),
+        None,
+        "no draft-03 header"
+    );
     assert_eq!(first.header("retry-after"), None);
 
     assert_eq!(refused.header("x-ratelimit-limit-tokens"), Some("50"));
@@ -94,13 +116,11 @@ fn openai_headers_show_the_tokens_left_and_the_reset_as_a_duration() {
 
 #[test]
 fn ietf_headers_are_the_policy_and_the_service_limit_structured_fields() {
-    let stack = Stack::start(Options {
-        mode: Some("checkReport"),
-        edits: vec![headers_format("ietf")],
-        ..Options::default()
-    });
-    let (first, refused) = first_and_refusal(&stack);
-    assert_eq!(first.header("ratelimit-policy"), Some(r#""free";q=50;w=60"#));
+    let (first, refused) = checked_with("ietf");
+    assert_eq!(
+        first.header("ratelimit-policy"),
+        Some(r#""free";q=50;w=60"#)
+    );
     let limit = first.header("ratelimit").unwrap();
     let t: u64 = limit
         .strip_prefix(r#""free";r=50;t="#)
@@ -108,7 +128,11 @@ fn ietf_headers_are_the_policy_and_the_service_limit_structured_fields() {
         .parse()
         .unwrap();
     assert!((1..=60).contains(&t), "{limit}");
-    assert_eq!(first.header("x-ratelimit-remaining"), None, "no draft-03 header");
+    assert_eq!(
+        first.header("x-ratelimit-remaining"),
+        None,
+        "no draft-03 header"
+    );
 
     assert_eq!(
         refused.header("ratelimit-policy"),
@@ -124,13 +148,19 @@ fn ietf_headers_are_the_policy_and_the_service_limit_structured_fields() {
 #[test]
 fn behind_limitador_a_429_says_to_retry_after_the_window_and_a_200_says_nothing() {
     let stack = Stack::start(Options {
-        service_args: vec!["--no-statuses".into(), "--reservations-unimplemented".into()],
+        service_args: vec![
+            "--no-statuses".into(),
+            "--reservations-unimplemented".into(),
+        ],
         edits: vec![headers_format("openai")],
         ..Options::default()
     });
     let (first, refused) = first_and_refusal(&stack);
     assert!(
-        first.headers.keys().all(|k| !k.as_str().contains("ratelimit")),
+        first
+            .headers
+            .keys()
+            .all(|k| !k.as_str().contains("ratelimit")),
         "what remains is unknown: {:?}",
         first.headers
     );

@@ -158,7 +158,10 @@ fn on_a_429_the_sdk_raises_rate_limit_error_and_retries_after_the_time_to_reset(
 fn behind_limitador_the_sdk_retries_after_the_window_length() {
     let stack = Stack::start(Options {
         edits: vec![short_gold_window()],
-        service_args: vec!["--no-statuses".into(), "--reservations-unimplemented".into()],
+        service_args: vec![
+            "--no-statuses".into(),
+            "--reservations-unimplemented".into(),
+        ],
         ..Options::default()
     });
     let seen = run_python("openai_sdk.py", &[&base_url(&stack), GOLD, "rate_limited"]);

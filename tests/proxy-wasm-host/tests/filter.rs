@@ -910,14 +910,28 @@ fn rate_limit_headers_openai_and_ietf_show_the_status_on_a_200_and_a_429() {
         let free = status(Code::Ok, "free", 50, 28, Duration::from_millis(29_500));
         answer(&plugin, &stream, &reply(Code::Ok, vec![free]));
         response_headers(&stream, Some("application/json"), &[]);
-        assert_eq!(stream.response_headers_added(), pairs(&ok_headers), "{format}");
+        assert_eq!(
+            stream.response_headers_added(),
+            pairs(&ok_headers),
+            "{format}"
+        );
 
         let stream = post(&plugin, Some("alice"), CHAT, &[]);
         stream.request_body(REQUEST_BODY, true);
-        let spent = status(Code::OverLimit, "free", 50, 0, Duration::from_millis(42_500));
+        let spent = status(
+            Code::OverLimit,
+            "free",
+            50,
+            0,
+            Duration::from_millis(42_500),
+        );
         answer(&plugin, &stream, &reply(Code::OverLimit, vec![spent]));
         assert_eq!(stream.local_reply().map(|r| r.status), Some(429));
-        assert_eq!(sent_headers(&stream, OURS), pairs(&over_headers), "{format}");
+        assert_eq!(
+            sent_headers(&stream, OURS),
+            pairs(&over_headers),
+            "{format}"
+        );
     }
 }
 
