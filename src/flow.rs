@@ -13,6 +13,7 @@
 use crate::config::{AdmissionMode, Enforcement, ErrorCharge, FailureMode, Fallback, TokenCategory};
 use crate::estimate::{RequestBound, TextCounter, TextKeys, WORD_CHARS_PER_TOKEN};
 pub use crate::filter::LocalReply;
+use crate::headers::most_restrictive;
 use crate::policy::{Applied, Decision, Policy};
 use crate::record::{Admission, LimitOutcome, LimitRecord, Source, Status, UsageFigures, UsageRecord};
 use crate::reservation::{CommitOrder, Outcome, Reservations};
@@ -102,6 +103,8 @@ pub struct RequestFlow {
     request_text: TextCounter,
     /// Headers to add to the client's response (`x-ratelimit-*`, the service's own).
     response_headers: Vec<(String, String)>,
+    /// What the policy tells of the response's rate-limit headers (format, enforced rates).
+    headers: crate::headers::Known,
     extractor: Option<UsageExtractor>,
     /// Reservation mode: the request's reservations.
     reservations: Reservations,
@@ -171,6 +174,7 @@ impl Default for RequestFlow {
             request_bytes: 0,
             request_text: TextCounter::new(TextKeys::Request),
             response_headers: Vec::new(),
+            headers: crate::headers::Known::default(),
             extractor: None,
             reservations: Reservations::default(),
             restrictive: None,
@@ -227,6 +231,7 @@ impl RequestFlow {
         path: &str,
     ) -> (RequestFlow, Option<Vec<u8>>) {
         let mut flow = RequestFlow {
+            headers: crate::headers::Known::of(policy, &decision.applied),
             applied: decision.applied,
             format: Format::from_path(path),
             ..Default::default()
@@ -366,6 +371,7 @@ impl RequestFlow {
         bound: Option<RequestBound>,
     ) -> RequestFlow {
         let mut flow = RequestFlow {
+            headers: crate::headers::Known::of(policy, &decision.applied),
             applied: decision.applied,
             format: Format::from_path(path),
             ..Default::default()
@@ -487,7 +493,12 @@ impl RequestFlow {
         self.shadow_limited = self.reservations.shadow_refused();
         match outcome {
             Outcome::Admitted => {
-                self.response_headers = status_headers(&self.enforced_statuses(policy), &[], false);
+                self.response_headers = crate::headers::render(
+                    &self.headers,
+                    &self.enforced_statuses(policy),
+                    &[],
+                    false,
+                );
                 self.allowed = true;
                 Verdict::Allow
             }
@@ -553,7 +564,7 @@ impl RequestFlow {
         };
         match Code::try_from(response.overall_code) {
             Ok(Code::Ok) => {
-                self.response_headers = rate_limit_headers(&response, false);
+                self.response_headers = rate_limit_headers(&self.headers, &response, false);
                 self.restrictive = most_restrictive(&response.statuses, false).cloned();
                 self.allowed = true;
                 Verdict::Allow
@@ -579,7 +590,7 @@ impl RequestFlow {
             ),
             None => "Token rate limit exceeded. Retry after the window resets.".to_string(),
         };
-        let mut headers = rate_limit_headers(response, true);
+        let mut headers = rate_limit_headers(&self.headers, response, true);
         headers.push(("content-type".into(), "application/json".into()));
         Verdict::Limited {
             reply: LocalReply {
@@ -1045,71 +1056,19 @@ pub fn error_body(message: &str, kind: &str, code: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// The status that constrains most: among OVER_LIMIT statuses (when `over`) the one that
-/// resets last, otherwise the one with the fewest tokens remaining.
-fn most_restrictive(statuses: &[DescriptorStatus], over: bool) -> Option<&DescriptorStatus> {
-    let reset = |s: &DescriptorStatus| s.duration_until_reset.as_ref().map_or(0, |d| d.seconds);
-    if over {
-        let limited = statuses
-            .iter()
-            .filter(|s| s.code == Code::OverLimit as i32)
-            .max_by_key(|s| reset(s));
-        if limited.is_some() {
-            return limited;
-        }
-    }
-    statuses
-        .iter()
-        .filter(|s| s.current_limit.is_some())
-        .min_by_key(|s| s.limit_remaining)
-}
-
-/// `x-ratelimit-limit`, `x-ratelimit-remaining`, `x-ratelimit-reset` (seconds) from the
-/// statuses, `retry-after` (seconds) when limited, and the service's `response_headers_to_add`.
-fn rate_limit_headers(response: &RateLimitResponse, limited: bool) -> Vec<(String, String)> {
-    status_headers(
+/// The headers of `response` ([`crate::headers::render`]): the rate-limit headers of the
+/// format `known` names, `retry-after` and `retry-after-ms` when `limited`, the service's own.
+fn rate_limit_headers(
+    known: &crate::headers::Known,
+    response: &RateLimitResponse,
+    limited: bool,
+) -> Vec<(String, String)> {
+    crate::headers::render(
+        known,
         &response.statuses,
         &response.response_headers_to_add,
         limited,
     )
-}
-
-/// [`rate_limit_headers`] of `statuses` and the service's headers `to_add`.
-fn status_headers(
-    statuses: &[DescriptorStatus],
-    to_add: &[ratelimit_proto::HeaderValue],
-    limited: bool,
-) -> Vec<(String, String)> {
-    let mut headers = Vec::new();
-    if let Some(s) = most_restrictive(statuses, limited) {
-        if let Some(l) = &s.current_limit {
-            headers.push(("x-ratelimit-limit".into(), l.requests_per_unit.to_string()));
-        }
-        headers.push((
-            "x-ratelimit-remaining".into(),
-            s.limit_remaining.to_string(),
-        ));
-        if let Some(d) = &s.duration_until_reset {
-            // Round up: a client that waits this long finds the window reset.
-            let secs = d.seconds.max(0) + i64::from(d.nanos > 0);
-            headers.push(("x-ratelimit-reset".into(), secs.to_string()));
-            if limited {
-                headers.push(("retry-after".into(), secs.max(1).to_string()));
-            }
-        }
-    }
-    for h in to_add {
-        let value = if h.value.is_empty() && !h.raw_value.is_empty() {
-            String::from_utf8_lossy(&h.raw_value).into_owned()
-        } else {
-            h.value.clone()
-        };
-        let key = h.key.to_ascii_lowercase();
-        if !key.is_empty() && !headers.iter().any(|(k, _)| *k == key) {
-            headers.push((key, value));
-        }
-    }
-    headers
 }
 
 #[cfg(test)]
@@ -1248,6 +1207,47 @@ mod tests {
         flow.on_response_headers(&p, Some("application/json"), None);
         assert!(!flow.wants_body());
         assert!(flow.finish(&p).reports.is_empty());
+    }
+
+    #[test]
+    fn a_refusal_without_statuses_says_to_retry_after_the_longest_enforced_window() {
+        // Limitador's OVER_LIMIT has no statuses; per-user (1m) and prompts (1h) apply.
+        let p = policy("deny");
+        let over = RateLimitResponse {
+            overall_code: Code::OverLimit as i32,
+            ..Default::default()
+        };
+        let (mut flow, _) = start(&p);
+        let Verdict::Limited { reply, .. } = flow.on_check_reply(&p, Ok(&over.encode_to_vec()))
+        else {
+            panic!("not limited");
+        };
+        let retry: Vec<_> = reply
+            .headers
+            .iter()
+            .filter(|(k, _)| k.starts_with("retry-after"))
+            .cloned()
+            .collect();
+        let expected = vec![
+            ("retry-after".to_string(), "3600".to_string()),
+            ("retry-after-ms".to_string(), "3600000".to_string()),
+        ];
+        assert_eq!(retry, expected);
+        // Reservation mode: a Reserve refused without statuses, the same.
+        let d = p.evaluate(&mut host());
+        let (mut flow, calls) = RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None);
+        let refused = ratelimit_proto::ReserveResponse {
+            code: Code::OverLimit as i32,
+            ..Default::default()
+        };
+        let mut verdict = None;
+        for i in 0..calls.len() {
+            verdict = flow.on_reserve_reply(&p, i, Ok(&refused.encode_to_vec()));
+        }
+        let Some(Verdict::Limited { reply, .. }) = verdict else {
+            panic!("not limited: {verdict:?}");
+        };
+        assert!(expected.iter().all(|h| reply.headers.contains(h)));
     }
 
     #[test]

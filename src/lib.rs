@@ -12,6 +12,7 @@
 //! - [`request_body`]: the request-body rewrite (`stream_options.include_usage`);
 //! - [`estimate`]: what a request declares about its size (for reservations);
 //! - [`flow`]: one request's pure state machine; [`reports`]: the report and commit queues;
+//! - [`headers`]: the rate-limit headers of responses, per `rateLimitHeaders`;
 //! - [`limits`]: the Limitador limits generated from a policy.
 
 pub mod attributes;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod estimate;
 pub mod filter;
 pub mod flow;
+pub mod headers;
 pub mod lease;
 pub mod limits;
 pub mod policy;

@@ -137,6 +137,11 @@ pub struct Config {
     #[arg(long = "reservations-unimplemented")]
     pub reservations_unimplemented: bool,
 
+    /// Testing aid: answer like Limitador: no `statuses` in `CheckRateLimit`, `Report` and
+    /// `Reserve` answers (nor in `ShouldRateLimit`'s)
+    #[arg(long = "no-statuses")]
+    pub no_statuses: bool,
+
     /// Validate LIMITS_FILE, print the limits as JSON, and exit
     #[arg(long)]
     pub validate: bool,
@@ -297,18 +302,21 @@ pub async fn start(config: &Config) -> Result<RunningService, Error> {
     let limits = limits::load_limits_file(&config.limits_file)?;
     let count = limits.len();
     let storage = config.storage.clone().unwrap_or(storage::Storage::Memory);
-    let core = Arc::new(
-        Core::connect(
-            &storage,
-            limits,
-            config.cache_size,
-            Duration::from_millis(config.grpc_delay_ms),
-            config.rate_limit_headers == RateLimitHeaders::DraftVersion03,
-            config.reservation_settings(),
-        )
-        .await
-        .map_err(Error::Storage)?,
-    );
+    let core = Core::connect(
+        &storage,
+        limits,
+        config.cache_size,
+        Duration::from_millis(config.grpc_delay_ms),
+        config.rate_limit_headers == RateLimitHeaders::DraftVersion03,
+        config.reservation_settings(),
+    )
+    .await
+    .map_err(Error::Storage)?;
+    let core = Arc::new(if config.no_statuses {
+        core.without_statuses()
+    } else {
+        core
+    });
     log::info!(
         "loaded {count} limit(s) from {}; counters in {}",
         config.limits_file.display(),
@@ -350,6 +358,9 @@ pub async fn start(config: &Config) -> Result<RunningService, Error> {
 
     if config.reservations_unimplemented {
         log::warn!("Reserve and Commit answer UNIMPLEMENTED (--reservations-unimplemented)");
+    }
+    if config.no_statuses {
+        log::warn!("answers carry no statuses, as Limitador's (--no-statuses)");
     }
 
     let (shutdown, rx) = watch::channel(false);

@@ -35,7 +35,8 @@
 //! their hits. A `Report` status's code is always `OK` (the hits were taken). `Reserve` answers
 //! them too (`ReserveResponse.statuses`, field 3, this project's extension), with
 //! `limit_remaining` = max − value − outstanding holds (this reservation's included when
-//! admitted), as the crate computes it while reserving.
+//! admitted), as the crate computes it while reserving. [`Core::without_statuses`]
+//! (`--no-statuses`) answers none, as Limitador does.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +82,8 @@ pub struct Core {
     rate_limit_headers: bool,
     reservations: ReservationSettings,
     ledger: Ledger,
+    /// Answers carry `statuses` (false: none, as Limitador's; see [`Core::without_statuses`]).
+    statuses: bool,
 }
 
 impl Core {
@@ -143,6 +146,26 @@ impl Core {
             rate_limit_headers,
             reservations,
             ledger: Ledger::new(reservations.max_ttl.max(MIN_COMMIT_MEMORY)),
+            statuses: true,
+        }
+    }
+
+    /// The same core answering like Limitador: no `statuses` in `CheckRateLimit`, `Report`,
+    /// `ShouldRateLimit` and `Reserve` answers (`--no-statuses`); codes, counters and headers
+    /// unchanged.
+    pub fn without_statuses(self) -> Self {
+        Self {
+            statuses: false,
+            ..self
+        }
+    }
+
+    /// `statuses`, or none when the core answers like Limitador.
+    fn shown(&self, statuses: Vec<DescriptorStatus>) -> Vec<DescriptorStatus> {
+        if self.statuses {
+            statuses
+        } else {
+            Vec::new()
         }
     }
 
@@ -218,7 +241,7 @@ impl Core {
             self.per_descriptor(&ns, &req.descriptors, 1, |r| limited_code(r.limited))
                 .await?
         };
-        Ok(response(code, statuses, Vec::new()))
+        Ok(response(code, self.shown(statuses), Vec::new()))
     }
 
     /// `Report`: adds the hits (0 counts as 1) to every counter that applies, even past its
@@ -240,7 +263,7 @@ impl Core {
             self.per_descriptor(&ns, &req.descriptors, 1, |_| Code::Ok)
                 .await?
         };
-        Ok(response(Code::Ok, statuses, Vec::new()))
+        Ok(response(Code::Ok, self.shown(statuses), Vec::new()))
     }
 
     /// `ShouldRateLimit`: if the hits (0 counts as 1) fit in every counter that applies, adds
@@ -310,7 +333,7 @@ impl Core {
         } else {
             Vec::new()
         };
-        Ok(response(code, statuses, headers))
+        Ok(response(code, self.shown(statuses), headers))
     }
 
     /// `Reserve`: if `amount` fits in every counter that applies once their outstanding holds
@@ -365,7 +388,7 @@ impl Core {
         Ok(ReserveResponse {
             code: code as i32,
             reservation_id,
-            statuses,
+            statuses: self.shown(statuses),
             hold_ttl: held_for.map(ratelimit_proto::duration),
         })
     }

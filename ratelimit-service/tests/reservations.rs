@@ -484,6 +484,55 @@ async fn reservations_unimplemented_answers_unimplemented_for_reserve_and_commit
 }
 
 #[tokio::test]
+async fn no_statuses_answers_like_limitador_codes_and_counters_unchanged() {
+    assert!(
+        Config::try_parse_from(["ratelimit-service", "l.yaml", "--no-statuses"])
+            .unwrap()
+            .no_statuses
+    );
+    let svc = start(LIMITS, &["--no-statuses"]).await;
+    let mut c = kuadrant_client(svc.rls_addr).await;
+    let mut e = envoy_client(svc.rls_addr).await;
+    let (hal, gus) = (free("hal"), free("gus"));
+    let hal_request = |hits| request("llm", &entries(&hal), hits);
+    let shape = |r: tonic::Response<ratelimit_proto::RateLimitResponse>| {
+        let r = r.into_inner();
+        (code(&r), r.statuses.len())
+    };
+    let r = c.check_rate_limit(hal_request(1)).await.unwrap();
+    assert_eq!(shape(r), (Code::Ok, 0));
+    let r = c.report(hal_request(10)).await.unwrap();
+    assert_eq!(shape(r), (Code::Ok, 0));
+    // hal's 10 of 10 are spent: every method refuses, saying no more than its code.
+    let r = c.check_rate_limit(hal_request(1)).await.unwrap();
+    assert_eq!(shape(r), (Code::OverLimit, 0));
+    let r = e.should_rate_limit(hal_request(1)).await.unwrap();
+    assert_eq!(shape(r), (Code::OverLimit, 0));
+    let r = reserve(&mut c, &hal, 1).await;
+    assert_eq!((as_code(r.code), r.statuses.len()), (Code::OverLimit, 0));
+    // A reservation that fits is held and named, without statuses.
+    let r = reserve(&mut c, &gus, 4).await;
+    assert_eq!((as_code(r.code), r.statuses.len()), (Code::Ok, 0));
+    assert!(!r.reservation_id.is_empty());
+    // 4 of gus's 10 are held: 7 more do not fit.
+    let r = reserve(&mut c, &gus, 7).await;
+    assert_eq!((as_code(r.code), r.statuses.len()), (Code::OverLimit, 0));
+    svc.shutdown().await.unwrap();
+
+    // Without the flag, the same calls carry their statuses.
+    let svc = start(LIMITS, &[]).await;
+    let mut c = kuadrant_client(svc.rls_addr).await;
+    let r = c
+        .check_rate_limit(request("llm", &entries(&hal), 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.statuses.len(), 1);
+    assert_eq!(reserve(&mut c, &gus, 4).await.statuses.len(), 1);
+    svc.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn reserve_response_statuses_show_the_most_restrictive_counter_after_the_hold() {
     let svc = start(LIMITS, &[]).await;
     let mut c = kuadrant_client(svc.rls_addr).await;

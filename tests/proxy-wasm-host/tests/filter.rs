@@ -860,6 +860,113 @@ fn over_limit_is_a_429_in_openai_shape_with_retry_after() {
     assert!(tick(&plugin).is_empty(), "a refused request costs nothing");
 }
 
+/// The headers the filter sends on `stream` whose names start with one of `prefixes`.
+fn sent_headers(stream: &Stream, prefixes: &[&str]) -> Vec<(String, String)> {
+    stream
+        .current_response_headers()
+        .into_iter()
+        .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p)))
+        .collect()
+}
+
+#[test]
+fn rate_limit_headers_openai_and_ietf_show_the_status_on_a_200_and_a_429() {
+    const OURS: &[&str] = &["x-ratelimit", "ratelimit", "retry-after"];
+    for (format, ok_headers, over_headers) in [
+        (
+            "openai",
+            vec![
+                ("x-ratelimit-limit-tokens", "50"),
+                ("x-ratelimit-remaining-tokens", "28"),
+                ("x-ratelimit-reset-tokens", "29.5s"),
+            ],
+            vec![
+                ("x-ratelimit-limit-tokens", "50"),
+                ("x-ratelimit-remaining-tokens", "0"),
+                ("x-ratelimit-reset-tokens", "42.5s"),
+                ("retry-after", "43"),
+                ("retry-after-ms", "42500"),
+            ],
+        ),
+        (
+            "ietf",
+            vec![
+                ("ratelimit-policy", r#""free";q=50;w=60"#),
+                ("ratelimit", r#""free";r=28;t=30"#),
+            ],
+            vec![
+                ("ratelimit-policy", r#""free";q=50;w=60"#),
+                ("ratelimit", r#""free";r=0;t=43"#),
+                ("retry-after", "43"),
+                ("retry-after-ms", "42500"),
+            ],
+        ),
+    ] {
+        let plugin = Config::tutorial()
+            .set(&["rateLimitHeaders"], json!(format))
+            .start();
+        let stream = post(&plugin, Some("alice"), CHAT, &[]);
+        stream.request_body(REQUEST_BODY, true);
+        let free = status(Code::Ok, "free", 50, 28, Duration::from_millis(29_500));
+        answer(&plugin, &stream, &reply(Code::Ok, vec![free]));
+        response_headers(&stream, Some("application/json"), &[]);
+        assert_eq!(
+            stream.response_headers_added(),
+            pairs(&ok_headers),
+            "{format}"
+        );
+
+        let stream = post(&plugin, Some("alice"), CHAT, &[]);
+        stream.request_body(REQUEST_BODY, true);
+        let spent = status(
+            Code::OverLimit,
+            "free",
+            50,
+            0,
+            Duration::from_millis(42_500),
+        );
+        answer(&plugin, &stream, &reply(Code::OverLimit, vec![spent]));
+        assert_eq!(stream.local_reply().map(|r| r.status), Some(429));
+        assert_eq!(
+            sent_headers(&stream, OURS),
+            pairs(&over_headers),
+            "{format}"
+        );
+    }
+}
+
+#[test]
+fn behind_limitador_a_429_without_statuses_says_to_retry_after_the_window() {
+    // Limitador answers OVER_LIMIT with no statuses: the one enforced rate, 50 per minute.
+    for (format, expected) in [
+        (
+            "draft03",
+            vec![
+                ("x-ratelimit-limit", "50"),
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", "60"),
+                ("retry-after", "60"),
+                ("retry-after-ms", "60000"),
+            ],
+        ),
+        (
+            "none",
+            vec![("retry-after", "60"), ("retry-after-ms", "60000")],
+        ),
+    ] {
+        let plugin = Config::tutorial()
+            .set(&["rateLimitHeaders"], json!(format))
+            .start();
+        let stream = post(&plugin, Some("alice"), CHAT, &[]);
+        stream.request_body(REQUEST_BODY, true);
+        answer(&plugin, &stream, &reply(Code::OverLimit, vec![]));
+        let limited = stream.local_reply().expect("a local reply");
+        assert_eq!(limited.status, 429);
+        let sent = sent_headers(&stream, &["x-ratelimit", "ratelimit", "retry-after"]);
+        assert_eq!(sent, pairs(&expected), "{format}");
+    }
+}
+
 #[test]
 fn deny_mode_refuses_when_the_service_is_unavailable() {
     assert_denied_on(Failure::Unavailable);
