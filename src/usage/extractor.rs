@@ -336,6 +336,17 @@ mod tests {
         std::fs::read(format!("{SAMPLES}/{path}")).ok()
     }
 
+    /// An extractor of an OpenAI event stream, without custom paths, bounded at 64 KiB.
+    fn plain_stream() -> UsageExtractor {
+        UsageExtractor::new(
+            Format::OpenAi,
+            BodyFormat::EventStream,
+            Encoding::Identity,
+            UsagePaths::default(),
+            1 << 16,
+        )
+    }
+
     fn extract(format: Format, framing: BodyFormat, body: &[u8], cut: usize) -> Option<Usage> {
         let mut x = UsageExtractor::new(
             format,
@@ -567,13 +578,7 @@ mod tests {
             assert!(from_json(&body).and_then(|u| u.total).is_some());
         }
         if let Some(body) = sample("llama-server/chat-stream-include-usage.sse") {
-            let mut x = UsageExtractor::new(
-                Format::OpenAi,
-                BodyFormat::EventStream,
-                Encoding::Identity,
-                UsagePaths::default(),
-                1 << 16,
-            );
+            let mut x = plain_stream();
             for chunk in body.chunks(7) {
                 x.feed(chunk);
             }
@@ -584,13 +589,7 @@ mod tests {
             );
         }
         if let Some(body) = sample("llama-cpp-python/chat-stream.sse") {
-            let mut x = UsageExtractor::new(
-                Format::OpenAi,
-                BodyFormat::EventStream,
-                Encoding::Identity,
-                UsagePaths::default(),
-                1 << 16,
-            );
+            let mut x = plain_stream();
             x.feed(&body);
             assert_eq!(
                 x.finish(),
@@ -689,13 +688,7 @@ mod tests {
             assert_eq!(model.as_deref(), Some(SMOLLM));
             // The model is known once the first chunk (no usage) has passed.
             let first = memchr::memmem::find(&body, b"\n\n").unwrap() + 2;
-            let mut x = UsageExtractor::new(
-                Format::OpenAi,
-                BodyFormat::EventStream,
-                Encoding::Identity,
-                UsagePaths::default(),
-                1 << 16,
-            );
+            let mut x = plain_stream();
             x.feed(&body[..first]);
             assert_eq!(x.model(), Some(SMOLLM));
         }

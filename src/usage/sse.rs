@@ -30,11 +30,7 @@ pub(super) fn markers(format: Format) -> &'static [memchr::memmem::Finder<'stati
     static USAGE: Markers = Markers::new(&["\"usage\""]);
     static METADATA: Markers = Markers::new(&["\"usageMetadata\""]);
     static BOTH: Markers = Markers::new(&["\"usage\"", "\"usageMetadata\""]);
-    match format {
-        Format::OpenAi | Format::Responses | Format::Anthropic => USAGE.get(),
-        Format::Gemini => METADATA.get(),
-        Format::Unknown => BOTH.get(),
-    }
+    per_format(format, [&USAGE, &METADATA, &BOTH])
 }
 
 /// Searchers for the quoted keys that an event in `format` names its model under (`"model"`,
@@ -44,11 +40,21 @@ pub(super) fn model_markers(format: Format) -> &'static [memchr::memmem::Finder<
     static MODEL: Markers = Markers::new(&["\"model\""]);
     static VERSION: Markers = Markers::new(&["\"modelVersion\""]);
     static BOTH: Markers = Markers::new(&["\"model\"", "\"modelVersion\""]);
+    per_format(format, [&MODEL, &VERSION, &BOTH])
+}
+
+/// The searchers for `format`: the first of `markers` for the OpenAI, Responses and Anthropic
+/// formats, the second for Gemini, the third for [`Format::Unknown`].
+fn per_format(
+    format: Format,
+    [openai, gemini, unknown]: [&'static Markers; 3],
+) -> &'static [memchr::memmem::Finder<'static>] {
     match format {
-        Format::OpenAi | Format::Responses | Format::Anthropic => MODEL.get(),
-        Format::Gemini => VERSION.get(),
-        Format::Unknown => BOTH.get(),
+        Format::OpenAi | Format::Responses | Format::Anthropic => openai,
+        Format::Gemini => gemini,
+        Format::Unknown => unknown,
     }
+    .get()
 }
 
 /// Searchers for a few quoted keys, built on first use.
