@@ -407,6 +407,16 @@ pub struct UsagePathsConfig {
     /// JSON pointers to the total tokens.
     #[serde(default)]
     pub total: Vec<String>,
+    /// JSON pointers to the cached prompt tokens (reported, not charged).
+    #[serde(default)]
+    pub cached: Vec<String>,
+    /// JSON pointers to the prompt tokens written to the cache (`cacheWrite`; reported, not
+    /// charged).
+    #[serde(default)]
+    pub cache_write: Vec<String>,
+    /// JSON pointers to the reasoning tokens (reported, not charged).
+    #[serde(default)]
+    pub reasoning: Vec<String>,
 }
 
 /// How usage is read from responses and what a response without usage costs.

@@ -29,6 +29,8 @@ struct Outcome {
     body_bytes: u64,
     /// The text estimate: the same however the body is split or encoded.
     text_tokens: u64,
+    /// The model named: the same however the body is split or encoded.
+    model: Option<String>,
 }
 
 fn run(format: Format, encoding: Encoding, paths: &UsagePaths, max: usize, parts: &[&[u8]]) -> Outcome {
@@ -42,7 +44,11 @@ fn run(format: Format, encoding: Encoding, paths: &UsagePaths, max: usize, parts
             let _ = u.tokens(c);
         }
     }
-    Outcome { usage, overflowed: x.overflowed(), body_bytes: x.body_bytes(), text_tokens: x.text_tokens() }
+    let model = x.model().map(str::to_owned);
+    if let Some(m) = &model {
+        assert!(!m.is_empty() && m.len() <= usage::MODEL_MAX_BYTES, "model {m:?}");
+    }
+    Outcome { usage, overflowed: x.overflowed(), body_bytes: x.body_bytes(), text_tokens: x.text_tokens(), model }
 }
 
 fn gzip(body: &[u8]) -> Vec<u8> {
@@ -73,6 +79,13 @@ fn paths(custom: bool) -> UsagePaths {
             vec!["/meta/output_tokens".into(), "/a~1b/0/c~0d".into()],
             vec!["/meta/total".into()],
         )
+        .and_then(|p| {
+            p.with_reported(
+                vec!["/meta/cached".into(), "/usage/prompt_tokens_details/cached_tokens".into()],
+                vec!["/meta/cache_write".into()],
+                vec!["/meta/reasoning".into()],
+            )
+        })
         .expect("valid pointers")
     } else {
         UsagePaths::default()
@@ -118,6 +131,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(got, identity, "{enc:?} differs from identity");
         } else {
             assert_eq!(got.usage, None);
+            assert_eq!(got.model, None);
         }
     }
 });

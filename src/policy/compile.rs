@@ -185,6 +185,13 @@ impl Policy {
                 u.paths.completion.clone(),
                 u.paths.total.clone(),
             )
+            .and_then(|p| {
+                p.with_reported(
+                    u.paths.cached.clone(),
+                    u.paths.cache_write.clone(),
+                    u.paths.reasoning.clone(),
+                )
+            })
             .map_err(|e| field("usage.paths", e))?,
             fallback: u.fallback,
             fixed_tokens: u.fixed_tokens,

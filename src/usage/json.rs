@@ -1,4 +1,4 @@
-//! Typed reading of the usage locations: everything else in a document is skipped by the
+//! Typed reading of the usage locations (and of the model a document names): everything else in a document is skipped by the
 //! parser without being built (no `serde_json::Value` of a whole response, no copy of its
 //! content). Semantics are those of reading a `Value`: the last of duplicate keys wins, a
 //! location that is not an object holds nothing, a figure counts only as a non-negative integer,
@@ -8,14 +8,14 @@
 //! The same reader answers what a request body asks for ([`Read::StreamRequest`]: `stream`,
 //! `stream_options.include_usage`), for [`crate::request_body`].
 
-use super::formats::{Figures, Locations};
-use super::{Format, Usage};
+use super::formats::{model_name, Figures, Locations, Report};
+use super::Format;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use std::fmt;
 
 /// A map key, as one of the names this module reads.
-#[derive(Clone, Copy)]
-pub(super) enum Key {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Key {
     PromptTokens,
     CompletionTokens,
     TotalTokens,
@@ -27,6 +27,15 @@ pub(super) enum Key {
     CandidatesTokenCount,
     ThoughtsTokenCount,
     TotalTokenCount,
+    CachedContentTokenCount,
+    PromptTokensDetails,
+    CompletionTokensDetails,
+    InputTokensDetails,
+    OutputTokensDetails,
+    CachedTokens,
+    ReasoningTokens,
+    Model,
+    ModelVersion,
     Usage,
     UsageMetadata,
     Response,
@@ -51,6 +60,15 @@ pub(super) fn key(v: &str) -> Key {
         "candidatesTokenCount" => Key::CandidatesTokenCount,
         "thoughtsTokenCount" => Key::ThoughtsTokenCount,
         "totalTokenCount" => Key::TotalTokenCount,
+        "cachedContentTokenCount" => Key::CachedContentTokenCount,
+        "prompt_tokens_details" => Key::PromptTokensDetails,
+        "completion_tokens_details" => Key::CompletionTokensDetails,
+        "input_tokens_details" => Key::InputTokensDetails,
+        "output_tokens_details" => Key::OutputTokensDetails,
+        "cached_tokens" => Key::CachedTokens,
+        "reasoning_tokens" => Key::ReasoningTokens,
+        "model" => Key::Model,
+        "modelVersion" => Key::ModelVersion,
         "usage" => Key::Usage,
         "usageMetadata" => Key::UsageMetadata,
         "response" => Key::Response,
@@ -98,16 +116,25 @@ pub(crate) struct Streaming {
 /// instantiated once (module size).
 #[derive(Clone, Copy)]
 pub(crate) enum Read {
-    /// A document: the usage it reports in `format`. With `arrays`, a top-level array is a
-    /// streamed JSON array (each element a document, later figures win); otherwise an
-    /// array holds no usage.
-    Document { format: Format, arrays: bool },
+    /// A document: the usage it reports in `format`, and with `model` the model it names.
+    /// With `arrays`, a top-level array is a streamed JSON array (each element a document,
+    /// later figures win, the first model named counts); otherwise an array holds no usage.
+    Document {
+        format: Format,
+        arrays: bool,
+        model: bool,
+    },
     /// A usage object's figures (`None`: not an object).
     Object,
-    /// An object whose `usage` is read (`/response`, `/message`).
-    Wrapper,
+    /// An object whose `usage` is read (`/response`, `/message`), and with `model` its `model`.
+    Wrapper { model: bool },
+    /// A breakdown object (`prompt_tokens_details`, ...): its figure under `figure`, `None`
+    /// unless a non-negative integer.
+    Detail { figure: Key },
     /// A figure: `Some` for a non-negative integer.
     Figure,
+    /// A model name: a string, cut to [`super::MODEL_MAX_BYTES`].
+    Name,
     /// Whether the value is `true`.
     True,
     /// `stream_options`: whether `include_usage` is `true`.
@@ -119,11 +146,16 @@ pub(crate) enum Read {
 /// What was read, per [`Read`].
 pub(crate) enum Out {
     /// For [`Read::Document`].
-    Usage(Usage),
-    /// For [`Read::Object`] and [`Read::Wrapper`].
+    Report(Report),
+    /// For [`Read::Object`].
     Figures(Option<Figures>),
-    /// For [`Read::Figure`]: a non-negative integer, or `None` for null.
+    /// For [`Read::Wrapper`]: its usage's figures and its model.
+    Wrapped(Option<Figures>, Option<String>),
+    /// For [`Read::Figure`]: a non-negative integer, or `None` for null; for
+    /// [`Read::Detail`], its figure.
     Figure(Option<u64>),
+    /// For [`Read::Name`].
+    Name(Option<String>),
     /// A figure that is not a non-negative integer (null is `Figure(None)`).
     BadFigure,
     /// For [`Read::True`] and [`Read::StreamOptions`].
@@ -132,18 +164,30 @@ pub(crate) enum Out {
     Streaming(Option<Streaming>),
 }
 
-/// The accessors give the value of the expected kind, or nothing (`Usage::default()`, `None`,
-/// `false`) for another kind.
+/// The accessors give the value of the expected kind, or nothing (`Report::default()`,
+/// `None`, `false`) for another kind.
 impl Out {
-    fn usage(self) -> Usage {
+    fn report(self) -> Report {
         match self {
-            Out::Usage(u) => u,
-            _ => Usage::default(),
+            Out::Report(r) => r,
+            _ => Report::default(),
         }
     }
     fn figures(self) -> Option<Figures> {
         match self {
             Out::Figures(f) => f,
+            _ => None,
+        }
+    }
+    fn wrapped(self) -> (Option<Figures>, Option<String>) {
+        match self {
+            Out::Wrapped(f, m) => (f, m),
+            _ => (None, None),
+        }
+    }
+    fn name(self) -> Option<String> {
+        match self {
+            Out::Name(n) => n,
             _ => None,
         }
     }
@@ -170,9 +214,12 @@ impl Read {
     /// of the wrong kind, drained).
     fn nothing(self) -> Out {
         match self {
-            Read::Document { .. } => Out::Usage(Usage::default()),
-            Read::Object | Read::Wrapper => Out::Figures(None),
+            Read::Document { .. } => Out::Report(Report::default()),
+            Read::Object => Out::Figures(None),
+            Read::Wrapper { .. } => Out::Wrapped(None, None),
+            Read::Detail { .. } => Out::Figure(None),
             Read::Figure => Out::BadFigure,
+            Read::Name => Out::Name(None),
             Read::True | Read::StreamOptions => Out::Bool(false),
             Read::StreamRequest => Out::Streaming(None),
         }
@@ -213,8 +260,11 @@ impl<'de> Visitor<'de> for Read {
     fn visit_f64<E>(self, _: f64) -> Result<Out, E> {
         Ok(self.nothing())
     }
-    fn visit_str<E>(self, _: &str) -> Result<Out, E> {
-        Ok(self.nothing())
+    fn visit_str<E>(self, v: &str) -> Result<Out, E> {
+        Ok(match self {
+            Read::Name => Out::Name(model_name(v)),
+            other => other.nothing(),
+        })
     }
     fn visit_bytes<E>(self, _: &[u8]) -> Result<Out, E> {
         Ok(self.nothing())
@@ -230,17 +280,22 @@ impl<'de> Visitor<'de> for Read {
         if let Read::Document {
             format,
             arrays: true,
+            model,
         } = self
         {
-            let mut found = Usage::default();
-            let element = Read::Document {
-                format,
-                arrays: false,
-            };
-            while let Some(u) = seq.next_element_seed(element)? {
-                found.merge(u.usage());
+            let mut found = Report::default();
+            loop {
+                let element = Read::Document {
+                    format,
+                    arrays: false,
+                    model: model && found.model.is_none(),
+                };
+                let Some(r) = seq.next_element_seed(element)? else {
+                    break;
+                };
+                found.merge(r.report());
             }
-            return Ok(Out::Usage(found));
+            return Ok(Out::Report(found));
         }
         while seq.next_element::<IgnoredAny>()?.is_some() {}
         Ok(self.nothing())
@@ -250,6 +305,8 @@ impl<'de> Visitor<'de> for Read {
         let mut loc = Locations::default();
         let mut figures = Figures::default();
         let mut wrapped = None;
+        let mut name = None;
+        let mut detail = None;
         let mut flag = false;
         let mut streaming = Streaming::default();
         let mut stream = false;
@@ -263,25 +320,56 @@ impl<'de> Visitor<'de> for Read {
                     loc.usage_metadata = map.next_value_seed(Read::Object)?.figures();
                     continue;
                 }
-                (Read::Document { .. }, Key::Response) => {
-                    loc.response_usage = map.next_value_seed(Read::Wrapper)?.figures();
+                (Read::Document { model, .. }, Key::Response) => {
+                    (loc.response_usage, loc.response_model) =
+                        map.next_value_seed(Read::Wrapper { model })?.wrapped();
                     continue;
                 }
-                (Read::Document { .. }, Key::Message) => {
-                    loc.message_usage = map.next_value_seed(Read::Wrapper)?.figures();
+                (Read::Document { model, .. }, Key::Message) => {
+                    (loc.message_usage, loc.message_model) =
+                        map.next_value_seed(Read::Wrapper { model })?.wrapped();
                     continue;
                 }
-                (Read::Object, key) => match figures.slot(key) {
-                    Some(slot) => {
+                (Read::Document { model: true, .. }, Key::Model) => {
+                    loc.model = map.next_value_seed(Read::Name)?.name();
+                    continue;
+                }
+                (Read::Document { model: true, .. }, Key::ModelVersion) => {
+                    loc.model_version = map.next_value_seed(Read::Name)?.name();
+                    continue;
+                }
+                (Read::Object, key) => {
+                    if let Some(slot) = figures.slot(key) {
                         let out = map.next_value_seed(Read::Figure)?;
                         let bad = matches!(out, Out::BadFigure);
                         *slot = out.figure();
                         figures.invalid |= bad;
                         continue;
                     }
-                    None => None,
-                },
-                (Read::Wrapper, Key::Usage) => Some(Read::Object),
+                    // Reported-only figures: one that is not a non-negative integer is ignored
+                    // alone.
+                    if let Some(slot) = figures.reported_slot(key) {
+                        *slot = map.next_value_seed(Read::Figure)?.figure();
+                        continue;
+                    }
+                    if let Some((slot, figure)) = figures.detail_slot(key) {
+                        *slot = map.next_value_seed(Read::Detail { figure })?.figure();
+                        continue;
+                    }
+                    None
+                }
+                (Read::Wrapper { .. }, Key::Usage) => {
+                    wrapped = map.next_value_seed(Read::Object)?.figures();
+                    continue;
+                }
+                (Read::Wrapper { model: true }, Key::Model) => {
+                    name = map.next_value_seed(Read::Name)?.name();
+                    continue;
+                }
+                (Read::Detail { figure }, key) if key == figure => {
+                    detail = map.next_value_seed(Read::Figure)?.figure();
+                    continue;
+                }
                 (Read::StreamOptions, Key::IncludeUsage) => Some(Read::True),
                 (Read::StreamRequest, Key::Stream) => {
                     stream = map.next_value_seed(Read::True)?.bool();
@@ -295,7 +383,6 @@ impl<'de> Visitor<'de> for Read {
                 _ => None,
             };
             match read {
-                Some(Read::Object) => wrapped = map.next_value_seed(Read::Object)?.figures(),
                 Some(r) => flag = map.next_value_seed(r)?.bool(),
                 None => {
                     map.next_value::<IgnoredAny>()?;
@@ -303,10 +390,12 @@ impl<'de> Visitor<'de> for Read {
             }
         }
         Ok(match self {
-            Read::Document { format, .. } => Out::Usage(loc.usage(format)),
+            Read::Document { format, .. } => Out::Report(loc.report(format)),
             Read::Object => Out::Figures(Some(figures)),
-            Read::Wrapper => Out::Figures(wrapped),
+            Read::Wrapper { .. } => Out::Wrapped(wrapped, name),
+            Read::Detail { .. } => Out::Figure(detail),
             Read::Figure => Out::BadFigure,
+            Read::Name => Out::Name(None),
             Read::True => Out::Bool(false),
             Read::StreamOptions => Out::Bool(flag),
             Read::StreamRequest => {
@@ -333,10 +422,18 @@ pub(crate) fn read(text: &str, read: Read) -> Option<Out> {
     Some(out)
 }
 
-/// The usage of the document `text` (see [`Read::Document`]); `None` when `text` is not one
-/// JSON document.
-pub(super) fn document(text: &str, format: Format, arrays: bool) -> Option<Usage> {
-    read(text, Read::Document { format, arrays }).map(Out::usage)
+/// The usage of the document `text`, and with `model` the model it names (see
+/// [`Read::Document`]); `None` when `text` is not one JSON document.
+pub(super) fn document(text: &str, format: Format, arrays: bool, model: bool) -> Option<Report> {
+    read(
+        text,
+        Read::Document {
+            format,
+            arrays,
+            model,
+        },
+    )
+    .map(Out::report)
 }
 
 #[cfg(test)]
@@ -353,6 +450,11 @@ mod tests {
 
         fn count(v: Option<&Value>) -> Option<u64> {
             v.and_then(Value::as_u64)
+        }
+
+        /// A reported-only figure of a breakdown object.
+        fn detail(u: &Value, pointer: &str) -> Option<u64> {
+            count(u.pointer(pointer))
         }
 
         /// Every figure present is a non-negative integer or null.
@@ -396,7 +498,11 @@ mod tests {
                 prompt: count(u.get("prompt_tokens")).or(count(u.get("input_tokens"))),
                 completion: count(u.get("completion_tokens")).or(count(u.get("output_tokens"))),
                 total: count(u.get("total_tokens")),
-                ..Usage::default()
+                cached: detail(u, "/prompt_tokens_details/cached_tokens")
+                    .or(detail(u, "/input_tokens_details/cached_tokens")),
+                cache_write: None,
+                reasoning: detail(u, "/completion_tokens_details/reasoning_tokens")
+                    .or(detail(u, "/output_tokens_details/reasoning_tokens")),
             }
         }
 
@@ -416,7 +522,9 @@ mod tests {
                 }),
                 completion: count(u.get("output_tokens")),
                 total: None,
-                ..Usage::default()
+                cached: count(u.get("cache_read_input_tokens")),
+                cache_write: count(u.get("cache_creation_input_tokens")),
+                reasoning: None,
             }
         }
 
@@ -430,7 +538,9 @@ mod tests {
                 prompt: count(m.get("promptTokenCount")),
                 completion: old_sum(&[candidates, thoughts]),
                 total: count(m.get("totalTokenCount")),
-                ..Usage::default()
+                cached: count(m.get("cachedContentTokenCount")),
+                cache_write: None,
+                reasoning: thoughts,
             }
         }
 
@@ -507,6 +617,25 @@ mod tests {
             r#""usage""#,
             r#"7"#,
             r#"{}"#,
+            // The reported-only figures, invalid ones ignored alone, and models.
+            r#"{"model":"gpt-4o","usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":2}}}"#,
+            r#"{"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":-4},"completion_tokens_details":{"reasoning_tokens":"2"}}}"#,
+            r#"{"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":1.5},"completion_tokens_details":[1]}}"#,
+            r#"{"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":4},"prompt_tokens_details":null}}"#,
+            r#"{"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":4,"cached_tokens":5}}}"#,
+            r#"{"usage":{"prompt_tokens":9,"completion_tokens_details":{"cached_tokens":4},"prompt_tokens_details":{"reasoning_tokens":4}}}"#,
+            r#"{"usage":{"prompt_tokens":9,"cached_tokens":"x","reasoning_tokens":-1}}"#,
+            r#"{"usage":{"prompt_tokens":9,"prompt_tokens_details":{"cached_tokens":1},"input_tokens_details":{"cached_tokens":2}}}"#,
+            r#"{"model":"o3","usage":{"input_tokens":9,"output_tokens":3,"total_tokens":12,"input_tokens_details":{"cached_tokens":4},"output_tokens_details":{"reasoning_tokens":2}}}"#,
+            r#"{"type":"response.completed","response":{"model":"o3","usage":{"input_tokens":9,"output_tokens":3,"total_tokens":12,"input_tokens_details":{"cached_tokens":4},"output_tokens_details":{"reasoning_tokens":2}}}}"#,
+            r#"{"type":"message_start","message":{"model":"claude","usage":{"input_tokens":5,"cache_creation_input_tokens":7,"cache_read_input_tokens":11,"output_tokens":1}}}"#,
+            r#"{"model":"claude","usage":{"input_tokens":5,"cache_creation_input_tokens":-7,"output_tokens":1}}"#,
+            r#"{"modelVersion":"gemini-2.5-flash","usageMetadata":{"promptTokenCount":8,"cachedContentTokenCount":6,"candidatesTokenCount":3,"thoughtsTokenCount":2,"totalTokenCount":13}}"#,
+            r#"{"usageMetadata":{"promptTokenCount":8,"cachedContentTokenCount":-6,"candidatesTokenCount":3}}"#,
+            r#"{"usageMetadata":{"promptTokenCount":8,"cachedContentTokenCount":"6"}}"#,
+            r#"{"model":7,"modelVersion":["x"],"response":{"model":null},"message":{"model":{"a":1}}}"#,
+            r#"{"model":"","response":{"model":"r"},"message":{"model":"m"},"modelVersion":"v"}"#,
+            r#"{"model":"a","model":"b"}"#,
         ];
         let formats = [
             Format::OpenAi,
@@ -516,16 +645,19 @@ mod tests {
             Format::Unknown,
         ];
         let none = UsagePaths::default();
+        // Custom paths that never match: the document is read as a `Value`.
+        let never = UsagePaths::new(vec!["/never".into()], vec![], vec![]).unwrap();
         for doc in docs {
             let value: Value = serde_json::from_str(doc).unwrap();
             for f in formats {
                 let want = value_oracle::read_document(f, &none, &value);
                 assert_eq!(read_document(f, &none, &value), want, "{f:?} {doc}");
-                assert_eq!(
-                    read_bytes(f, &none, doc.as_bytes(), false),
-                    Some(want),
-                    "{f:?} {doc}"
-                );
+                let typed = read_bytes(f, &none, doc.as_bytes(), false, true).unwrap();
+                assert_eq!(typed.usage, want, "{f:?} {doc}");
+                let as_value = read_bytes(f, &never, doc.as_bytes(), false, true);
+                assert_eq!(as_value.as_ref(), Some(&typed), "{f:?} {doc}");
+                let without_model = read_bytes(f, &none, doc.as_bytes(), false, false).unwrap();
+                assert_eq!((without_model.usage, without_model.model), (want, None));
             }
         }
         // Not JSON, trailing bytes, invalid UTF-8: nothing, as a Value would give.
@@ -535,7 +667,55 @@ mod tests {
             b"{\"a\":\"\xff\",\"usage\":{\"total_tokens\":1}}",
         ] {
             assert!(serde_json::from_slice::<Value>(bad).is_err());
-            assert_eq!(read_bytes(Format::OpenAi, &none, bad, false), None);
+            assert_eq!(read_bytes(Format::OpenAi, &none, bad, false, true), None);
         }
+    }
+
+    #[test]
+    fn models_per_format_and_bounded() {
+        let none = UsagePaths::default();
+        let model = |f: Format, doc: &str| {
+            read_bytes(f, &none, doc.as_bytes(), true, true).and_then(|r| r.model)
+        };
+        let all =
+            r#"{"model":"m","response":{"model":"r"},"message":{"model":"a"},"modelVersion":"g"}"#;
+        assert_eq!(model(Format::OpenAi, all).as_deref(), Some("m"));
+        assert_eq!(model(Format::Gemini, all).as_deref(), Some("g"));
+        let wrapped = r#"{"response":{"model":"r"},"message":{"model":"a"},"modelVersion":"g"}"#;
+        assert_eq!(model(Format::OpenAi, wrapped), None);
+        assert_eq!(model(Format::Responses, wrapped).as_deref(), Some("r"));
+        assert_eq!(model(Format::Anthropic, wrapped).as_deref(), Some("a"));
+        assert_eq!(model(Format::Unknown, wrapped).as_deref(), Some("r"));
+        assert_eq!(
+            model(Format::Unknown, r#"{"modelVersion":"g"}"#).as_deref(),
+            Some("g")
+        );
+        // A streamed JSON array: the first element that names one.
+        assert_eq!(
+            model(
+                Format::Gemini,
+                r#"[{"a":1},{"modelVersion":"v1"},{"modelVersion":"v2"}]"#
+            )
+            .as_deref(),
+            Some("v1")
+        );
+        // Cut to MODEL_MAX_BYTES at a character boundary, whether typed or as a Value.
+        let never = UsagePaths::new(vec!["/never".into()], vec![], vec![]).unwrap();
+        let long = format!(r#"{{"model":"{}"}}"#, "é".repeat(200));
+        for paths in [&none, &never] {
+            let got = read_bytes(Format::OpenAi, paths, long.as_bytes(), false, true)
+                .and_then(|r| r.model)
+                .unwrap();
+            assert_eq!(got, "é".repeat(128));
+            assert_eq!(got.len(), crate::usage::MODEL_MAX_BYTES);
+        }
+        let odd = format!(r#"{{"model":"a{}"}}"#, "é".repeat(200));
+        let got = model(Format::OpenAi, &odd).unwrap();
+        assert_eq!(got.len(), crate::usage::MODEL_MAX_BYTES - 1);
+        // Escaped strings are read as text.
+        assert_eq!(
+            model(Format::OpenAi, r#"{"model":"a\/b\u00e9"}"#).as_deref(),
+            Some("a/bé")
+        );
     }
 }

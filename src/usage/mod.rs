@@ -4,12 +4,13 @@
 //! and the response's `content-type` / `content-encoding` ([`BodyFormat`], [`Encoding`]); the
 //! body is never guessed at per byte. Where each API reports usage, per its reference:
 //!
-//! | format | non-streaming (`application/json`) | streaming (`text/event-stream`) |
-//! | --- | --- | --- |
-//! | OpenAI chat completions, completions, embeddings ([API](https://platform.openai.com/docs/api-reference/chat/object)) | `usage.{prompt_tokens, completion_tokens, total_tokens}` | the chunk with `usage` (`choices: []`, or the last chunk with choices), sent when `stream_options.include_usage` is set |
-//! | OpenAI Responses API ([API](https://platform.openai.com/docs/api-reference/responses/object)) | `usage.{input_tokens, output_tokens, total_tokens}` | `response.completed`: `response.usage` |
-//! | Anthropic Messages ([API](https://docs.anthropic.com/en/api/messages)) | `usage.{input_tokens, output_tokens, cache_creation_input_tokens, cache_read_input_tokens}` | `message_start`: `message.usage` (input); `message_delta`: `usage.output_tokens` (cumulative) |
-//! | Gemini `generateContent` / `streamGenerateContent` ([API](https://ai.google.dev/api/generate-content#UsageMetadata)) | `usageMetadata.{promptTokenCount, candidatesTokenCount, thoughtsTokenCount, totalTokenCount}` | every chunk's `usageMetadata` (running totals); also a streamed JSON array |
+//! | format | non-streaming (`application/json`) | streaming (`text/event-stream`) | model |
+//! | --- | --- | --- | --- |
+//! | OpenAI chat completions, completions, embeddings ([API](https://platform.openai.com/docs/api-reference/chat/object)) | `usage.{prompt_tokens, completion_tokens, total_tokens}`, `usage.prompt_tokens_details.cached_tokens` (cached), `usage.completion_tokens_details.reasoning_tokens` (reasoning) | the chunk with `usage` (`choices: []`, or the last chunk with choices), sent when `stream_options.include_usage` is set | `model` (body, every chunk) |
+//! | OpenAI Responses API ([API](https://platform.openai.com/docs/api-reference/responses/object)) | `usage.{input_tokens, output_tokens, total_tokens}`, `usage.input_tokens_details.cached_tokens` (cached), `usage.output_tokens_details.reasoning_tokens` (reasoning) | `response.completed`: `response.usage` (same fields) | `model` (body); `response.model` (`response.created`, `response.completed`, ...) |
+//! | Anthropic Messages ([API](https://docs.anthropic.com/en/api/messages), [streaming](https://docs.anthropic.com/en/api/messages-streaming)) | `usage.{input_tokens, output_tokens, cache_creation_input_tokens (cache write), cache_read_input_tokens (cached)}` | `message_start`: `message.usage` (input); `message_delta`: `usage` (`output_tokens` cumulative) | `model` (body); `message_start`: `message.model` |
+//! | Gemini `generateContent` / `streamGenerateContent` ([API](https://ai.google.dev/api/generate-content#UsageMetadata)) | `usageMetadata.{promptTokenCount, candidatesTokenCount, thoughtsTokenCount (reasoning), totalTokenCount, cachedContentTokenCount (cached)}` | every chunk's `usageMetadata` (running totals); also a streamed JSON array | `modelVersion` ([`GenerateContentResponse`](https://ai.google.dev/api/generate-content#generatecontentresponse), body and chunks) |
+//! | anything else | every location above | every location above | every location above |
 //!
 //! Anthropic's prompt tokens are `input_tokens + cache_creation_input_tokens +
 //! cache_read_input_tokens`; Gemini's completion tokens are `candidatesTokenCount +
@@ -18,6 +19,14 @@
 //! A figure counts only when it is a non-negative integer (negative numbers, floats and strings
 //! are ignored, never trusted as a discount). All figures are counts of tokens, as the provider
 //! reports them; nothing here counts tokens itself.
+//!
+//! The cached, cache-write and reasoning figures ([`Usage::cached`], [`Usage::cache_write`],
+//! [`Usage::reasoning`]) are parts of the prompt or completion, reported beside them and not
+//! charged by themselves. One of them that is not a non-negative integer is ignored alone (the
+//! object is not distrusted for it, as nothing is charged by it), except Anthropic's cache
+//! fields, which are summed into the prompt and distrust the object as any other figure does.
+//! The model ([`UsageExtractor::model`]) is read in the same pass as the usage, from the
+//! locations of the table's last column, cut to [`MODEL_MAX_BYTES`].
 //!
 //! An OpenAI stream carries usage only when the request set `stream_options.include_usage`
 //! (see [`inject_include_usage`]), in a chunk before `data: [DONE]`; some OpenAI-compatible
@@ -45,7 +54,7 @@ mod withhold;
 pub use crate::request_body::inject_include_usage;
 pub use decode::{readable_accept_encoding, Encoding};
 pub use extractor::{BodyFormat, UsageExtractor};
-pub use formats::{from_json, read_document, UsagePaths};
+pub use formats::{from_json, read_document, UsagePaths, MODEL_MAX_BYTES};
 pub use withhold::{is_usage_event, UsageEventWithholder};
 
 use crate::config::TokenCategory;
@@ -87,13 +96,14 @@ impl Usage {
         }
     }
 
-    /// Whether no figure was reported.
+    /// Whether no charged figure (prompt, completion, total) was reported: the cached,
+    /// cache-write and reasoning figures alone do not make a usage.
     fn is_empty(&self) -> bool {
         self.prompt.is_none() && self.completion.is_none() && self.total.is_none()
     }
 
-    /// Later figures replace earlier ones (streams report running totals). A total from an
-    /// earlier event is dropped when the new event updates prompt or completion without one.
+    /// Later figures replace earlier ones, each on its own (streams report running totals;
+    /// an absent figure keeps the earlier one). A total from an earlier event is dropped when the new event updates prompt or completion without one.
     fn merge(&mut self, new: Usage) {
         if new.total.is_some() {
             self.total = new.total;
@@ -105,6 +115,15 @@ impl Usage {
         }
         if new.completion.is_some() {
             self.completion = new.completion;
+        }
+        for (old, new) in [
+            (&mut self.cached, new.cached),
+            (&mut self.cache_write, new.cache_write),
+            (&mut self.reasoning, new.reasoning),
+        ] {
+            if new.is_some() {
+                *old = new;
+            }
         }
     }
 }

@@ -25,20 +25,58 @@ pub(super) fn blank_line(bytes: &[u8]) -> Option<&[u8]> {
 
 /// Searchers for the quoted keys that an event in `format` holds its usage under (`"usage"`,
 /// `"usageMetadata"`, or both for [`Format::Unknown`]): an event that contains none of them is not
-/// parsed. Built once per VM, not per event.
+/// parsed (for its usage). Built once per VM, not per event.
 pub(super) fn markers(format: Format) -> &'static [memchr::memmem::Finder<'static>] {
-    use memchr::memmem::Finder;
-    use std::sync::OnceLock;
-    static USAGE: OnceLock<[Finder<'static>; 1]> = OnceLock::new();
-    static METADATA: OnceLock<[Finder<'static>; 1]> = OnceLock::new();
-    static BOTH: OnceLock<[Finder<'static>; 2]> = OnceLock::new();
+    static USAGE: Markers = Markers::new(&["\"usage\""]);
+    static METADATA: Markers = Markers::new(&["\"usageMetadata\""]);
+    static BOTH: Markers = Markers::new(&["\"usage\"", "\"usageMetadata\""]);
+    per_format(format, [&USAGE, &METADATA, &BOTH])
+}
+
+/// Searchers for the quoted keys that an event in `format` names its model under (`"model"`,
+/// `"modelVersion"` for Gemini, both for [`Format::Unknown`]): until the model is found, an
+/// event that contains one of them is parsed even without usage. Built once per VM.
+pub(super) fn model_markers(format: Format) -> &'static [memchr::memmem::Finder<'static>] {
+    static MODEL: Markers = Markers::new(&["\"model\""]);
+    static VERSION: Markers = Markers::new(&["\"modelVersion\""]);
+    static BOTH: Markers = Markers::new(&["\"model\"", "\"modelVersion\""]);
+    per_format(format, [&MODEL, &VERSION, &BOTH])
+}
+
+/// The searchers for `format`: the first of `markers` for the OpenAI, Responses and Anthropic
+/// formats, the second for Gemini, the third for [`Format::Unknown`].
+fn per_format(
+    format: Format,
+    [openai, gemini, unknown]: [&'static Markers; 3],
+) -> &'static [memchr::memmem::Finder<'static>] {
     match format {
-        Format::OpenAi | Format::Responses | Format::Anthropic => {
-            USAGE.get_or_init(|| [Finder::new(b"\"usage\"")])
+        Format::OpenAi | Format::Responses | Format::Anthropic => openai,
+        Format::Gemini => gemini,
+        Format::Unknown => unknown,
+    }
+    .get()
+}
+
+/// Searchers for a few quoted keys, built on first use.
+struct Markers {
+    keys: &'static [&'static str],
+    finders: std::sync::OnceLock<Vec<memchr::memmem::Finder<'static>>>,
+}
+
+impl Markers {
+    const fn new(keys: &'static [&'static str]) -> Markers {
+        Markers {
+            keys,
+            finders: std::sync::OnceLock::new(),
         }
-        Format::Gemini => METADATA.get_or_init(|| [Finder::new(b"\"usageMetadata\"")]),
-        Format::Unknown => {
-            BOTH.get_or_init(|| [Finder::new(b"\"usage\""), Finder::new(b"\"usageMetadata\"")])
-        }
+    }
+
+    fn get(&self) -> &[memchr::memmem::Finder<'static>] {
+        self.finders.get_or_init(|| {
+            self.keys
+                .iter()
+                .map(|k| memchr::memmem::Finder::new(k.as_bytes()))
+                .collect()
+        })
     }
 }
