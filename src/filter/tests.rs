@@ -1542,3 +1542,26 @@ fn a_shadow_check_answered_after_the_enforced_one_still_marks_the_request() {
     serve(&mut stream, &mut host, 7);
     assert_eq!(record(&host)["limits"][1]["outcome"], "shadow_limited");
 }
+
+#[test]
+fn the_record_of_a_checked_request_names_the_model_of_the_response_and_its_cached_tokens() {
+    let (root, mut host) = root();
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(90));
+    host.response_headers = vec![("content-type".into(), b"application/json".to_vec())];
+    stream.on_response_headers(&mut host);
+    host.response_body = br#"{"model":"gpt-4o-mini-2024-07-18","usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15,"prompt_tokens_details":{"cached_tokens":8}}}"#.to_vec();
+    let size = host.response_body.len();
+    stream.on_response_body(&mut host, size, true);
+    let r = record(&host);
+    assert_eq!(r["model"], "gpt-4o-mini-2024-07-18", "{r}");
+    assert_eq!(r["admission"], "checked");
+    assert_eq!(
+        r["usage"],
+        serde_json::json!({"source": "reported", "prompt": 12, "completion": 3, "total": 15, "cached": 8})
+    );
+    assert!(r.get("reserved").is_none(), "{r}");
+}

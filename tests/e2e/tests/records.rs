@@ -199,4 +199,12 @@ fn a_refused_request_is_recorded_as_limited_by_the_limit_that_refused_it() {
     assert_eq!(record["limits"][0]["name"], "free", "{record}");
     assert_eq!(record["limits"][0]["outcome"], "limited", "{record}");
     assert!(record.get("reserved").is_none(), "nothing held: {record}");
+
+    // A request no limit applies to (an unknown API key, refused by the auth step) has none.
+    let r = stack.chat("not-a-key", 1, 1);
+    assert_eq!(r.status, 401);
+    let log = stack.await_access_log(n + 1);
+    let entry = &log[n];
+    assert_eq!(entry["response_code"], 401, "{entry}");
+    assert!(entry["token_ratelimit"].is_null(), "{entry}");
 }
