@@ -317,6 +317,44 @@ impl Reply {
     }
 }
 
+/// A chat completion request of `words` words of prompt asking for at most `max_tokens`
+/// (model `sim`); streamed with `stream_options.include_usage` when `stream`.
+pub fn chat_body(words: usize, max_tokens: u64, stream: bool) -> serde_json::Value {
+    let mut body = serde_json::json!({
+        "model": "sim",
+        "messages": [{"role": "user", "content": vec!["word"; words].join(" ")}],
+        "max_tokens": max_tokens,
+    });
+    if stream {
+        body["stream"] = serde_json::json!(true);
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    body
+}
+
+/// POSTs chat `body` as `key` with further `headers` to the listener on `port`, returning the
+/// response unread (its body streams), with a 60 s timeout and no pooled connection.
+pub fn stream_request_to(
+    port: u16,
+    key: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> reqwest::blocking::Response {
+    let client = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let mut req = client
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .header("authorization", format!("APIKEY {key}"))
+        .json(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().expect("stream request")
+}
+
 /// The usage record of an access-log entry: its `token_ratelimit` string parsed as JSON;
 /// `None` when the entry has none (no limit applied to the request).
 pub fn usage_record(entry: &serde_json::Value) -> Option<serde_json::Value> {

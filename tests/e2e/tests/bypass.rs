@@ -13,8 +13,8 @@
 
 use std::time::Duration;
 
-use e2e::{Options, Reply, Stack};
-use serde_json::{json, Value};
+use e2e::{chat_body, Options, Reply, Stack};
+use serde_json::Value;
 
 const FREE: &str = "iamafreeuser";
 const FREE_2: &str = "iamanotherfreeuser";
@@ -25,19 +25,6 @@ const SPEND_FREE_BUDGET: [u16; 3] = [200, 200, 429];
 /// What `chat(_, 2, 20)` reserves (and what an admitted reservation's headers leave out):
 /// "word word", 2 tokens (a word of up to 5 characters is one), + 20.
 const RESERVED_2_20: u64 = 2 + 20;
-
-fn chat_body(words: usize, max_tokens: u64, stream: bool) -> Value {
-    let mut body = json!({
-        "model": "sim",
-        "messages": [{"role": "user", "content": vec!["word"; words].join(" ")}],
-        "max_tokens": max_tokens,
-    });
-    if stream {
-        body["stream"] = json!(true);
-        body["stream_options"] = json!({"include_usage": true});
-    }
-    body
-}
 
 /// The fallback estimate of chat `request` (its body read: the shipped `auto` reserves)
 /// answered with `reply`: the request's text plus the answer's generated text, by the filter's

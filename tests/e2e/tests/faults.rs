@@ -10,7 +10,7 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use e2e::{wait_until, Options, Reply, Stack};
+use e2e::{chat_body, stream_request_to, wait_until, Options, Reply, Stack};
 use serde_json::{json, Value};
 
 const FREE: &str = "iamafreeuser";
@@ -33,19 +33,6 @@ fn reporting(max_retries: u32, flush_period: &str) -> (String, String) {
             "                    reporting:\n                      maxRetries: {max_retries}\n                      flushPeriod: {flush_period}\n                    limits:\n"
         ),
     )
-}
-
-fn chat_body(words: usize, max_tokens: u64, stream: bool) -> Value {
-    let mut body = json!({
-        "model": "sim",
-        "messages": [{"role": "user", "content": vec!["word"; words].join(" ")}],
-        "max_tokens": max_tokens,
-    });
-    if stream {
-        body["stream"] = json!(true);
-        body["stream_options"] = json!({"include_usage": true});
-    }
-    body
 }
 
 /// The fallback estimate of chat `request` answered with `response` (its bytes as the client
@@ -72,15 +59,6 @@ fn stat(stack: &Stack, name: &str) -> u64 {
     stack.envoy_stat(&format!("wasmcustom.token_ratelimit.{name}"))
 }
 
-/// A client for one streamed request, with a bounded timeout.
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("client")
-}
-
 fn stream_request(
     stack: &Stack,
     key: &str,
@@ -88,22 +66,6 @@ fn stream_request(
     headers: &[(&str, &str)],
 ) -> reqwest::blocking::Response {
     stream_request_to(stack.ports.listener, key, body, headers)
-}
-
-fn stream_request_to(
-    port: u16,
-    key: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> reqwest::blocking::Response {
-    let mut req = client()
-        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .header("authorization", format!("APIKEY {key}"))
-        .json(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().expect("stream request")
 }
 
 /// Reads a response to its end or to its first error: the bytes and the error, if any.

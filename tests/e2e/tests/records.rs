@@ -5,7 +5,6 @@
 //! client abort, an upstream reset and a 429.
 
 use std::io::Read;
-use std::time::Duration;
 
 use e2e::{Options, Stack};
 use serde_json::{json, Value};
@@ -13,25 +12,11 @@ use serde_json::{json, Value};
 const GOLD: &str = "iamagolduser";
 const FREE: &str = "iamafreeuser";
 
+/// A chat request of model `sim-large` (the simulator answers with the model asked for).
 fn chat_body(words: usize, max_tokens: u64, stream: bool) -> Value {
-    let mut body = json!({
-        "model": "sim-large",
-        "messages": [{"role": "user", "content": vec!["word"; words].join(" ")}],
-        "max_tokens": max_tokens,
-    });
-    if stream {
-        body["stream"] = json!(true);
-        body["stream_options"] = json!({"include_usage": true});
-    }
+    let mut body = e2e::chat_body(words, max_tokens, stream);
+    body["model"] = json!("sim-large");
     body
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(0)
-        .build()
-        .expect("client")
 }
 
 fn stream_request(
@@ -40,17 +25,7 @@ fn stream_request(
     body: &Value,
     headers: &[(&str, &str)],
 ) -> reqwest::blocking::Response {
-    let mut req = client()
-        .post(format!(
-            "http://127.0.0.1:{}/v1/chat/completions",
-            stack.ports.listener
-        ))
-        .header("authorization", format!("APIKEY {key}"))
-        .json(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    req.send().expect("stream request")
+    e2e::stream_request_to(stack.ports.listener, key, body, headers)
 }
 
 fn gold_unlimited() -> (String, String) {

@@ -20,8 +20,8 @@
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use e2e::{wait_until, Options, Reply, Stack};
-use serde_json::{json, Value};
+use e2e::{chat_body, wait_until, Options, Reply, Stack};
+use serde_json::Value;
 
 /// user-1, group free: 50 tokens a minute.
 const FREE: &str = "iamafreeuser";
@@ -34,19 +34,6 @@ const GOLD_LIMIT: u64 = 200;
 
 /// Bounded waits: long enough for a loaded machine, never the expected duration of anything.
 const WAIT: Duration = Duration::from_secs(20);
-
-fn chat_body(words: usize, max_tokens: u64, stream: bool) -> Value {
-    let mut body = json!({
-        "model": "sim",
-        "messages": [{"role": "user", "content": vec!["word"; words].join(" ")}],
-        "max_tokens": max_tokens,
-    });
-    if stream {
-        body["stream"] = json!(true);
-        body["stream_options"] = json!({"include_usage": true});
-    }
-    body
-}
 
 /// What reservation mode reserves for `chat_body(words, max_tokens, _)` under a limit of
 /// `limit`: the prompt estimate (a token per word: each "word" is 4 characters, and a word of up
