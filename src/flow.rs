@@ -143,7 +143,8 @@ pub struct RequestFlow {
 /// How a stream ended, as the proxy tells at its log phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Ending {
-    /// At the end of its response (or by a local reply).
+    /// At the end of its response (or by a local reply); with no response at all, the
+    /// client went away before it.
     #[default]
     Complete,
     /// The client went away first.

@@ -855,13 +855,16 @@ impl StreamFilter {
     }
 }
 
-/// How a stream that did not reach the end of its response ended: Envoy's
-/// `response.code_details` says `upstream_reset_…` when the upstream reset it; anything else
-/// (the client's disconnect) is taken as the client's abort.
+/// How a stream that the filter saw no end of ended, from Envoy's `response.code_details`:
+/// `upstream_reset_…` when the upstream reset it, `via_upstream` (or nothing told) when the
+/// response ended without a body callback (a response of headers only), anything else
+/// (`downstream_remote_disconnect`, a stream reset by the client) the client's abort.
 fn ending(host: &mut impl Host) -> Ending {
     match host.property(&["response", "code_details"]) {
         Some(d) if d.starts_with(b"upstream_reset") => Ending::UpstreamReset,
-        _ => Ending::ClientAborted,
+        None => Ending::Complete,
+        Some(d) if d == b"via_upstream" => Ending::Complete,
+        Some(_) => Ending::ClientAborted,
     }
 }
 

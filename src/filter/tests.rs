@@ -1565,3 +1565,33 @@ fn the_record_of_a_checked_request_names_the_model_of_the_response_and_its_cache
     );
     assert!(r.get("reserved").is_none(), "{r}");
 }
+
+#[test]
+fn a_stream_ended_in_its_log_phase_is_recorded_by_what_envoy_says_of_its_end() {
+    for (details, with_body, status) in [
+        // A response of headers only: no body callback, the log phase ends it.
+        (Some("via_upstream"), false, "completed"),
+        (None, false, "completed"),
+        (Some("downstream_remote_disconnect"), true, "client_aborted"),
+        (Some("upstream_reset_after_response_started{remote_reset}"), true, "upstream_reset"),
+    ] {
+        let (root, mut host) = root();
+        chat_headers(&mut host);
+        host.effective_context = 2;
+        let mut stream = root.new_stream(2);
+        stream.on_request_headers(&mut host, true);
+        answer(&mut stream, &mut host, 0, ok_reply(90));
+        host.response_headers = vec![("content-type".into(), b"text/event-stream".to_vec())];
+        stream.on_response_headers(&mut host);
+        if with_body {
+            host.response_body = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n".to_vec();
+            let size = host.response_body.len();
+            stream.on_response_body(&mut host, size, false);
+        }
+        if let Some(d) = details {
+            host.set_property("response.code_details", d);
+        }
+        stream.on_log(&mut host);
+        assert_eq!(record(&host)["status"], status, "{details:?}");
+    }
+}
