@@ -10,12 +10,16 @@
 //! end of stream or on_log ─▶ finish once ─▶ reports per token category ─▶ root queue
 //! ```
 
-use crate::config::{AdmissionMode, Enforcement, ErrorCharge, FailureMode, Fallback, TokenCategory};
+use crate::config::{
+    AdmissionMode, Enforcement, ErrorCharge, FailureMode, Fallback, TokenCategory,
+};
 use crate::estimate::{RequestBound, TextCounter, TextKeys, WORD_CHARS_PER_TOKEN};
 pub use crate::filter::LocalReply;
 use crate::headers::most_restrictive;
 use crate::policy::{Applied, Decision, Policy};
-use crate::record::{Admission, LimitOutcome, LimitRecord, Source, Status, UsageFigures, UsageRecord};
+use crate::record::{
+    Admission, LimitOutcome, LimitRecord, Source, Status, UsageFigures, UsageRecord,
+};
 use crate::reservation::{CommitOrder, Outcome, Reservations};
 use crate::usage::{BodyFormat, Encoding, Format, Usage, UsageExtractor};
 use prost::Message;
@@ -394,7 +398,11 @@ impl RequestFlow {
     /// [`CHECK_CALL`]) and the shadow limits' (index [`SHADOW_CALL`]), those that apply.
     pub fn check_calls(&self, policy: &Policy, check: Option<Vec<u8>>) -> Vec<(usize, Vec<u8>)> {
         let shadow = self.shadow_check(policy).map(|c| (SHADOW_CALL, c));
-        check.map(|c| (CHECK_CALL, c)).into_iter().chain(shadow).collect()
+        check
+            .map(|c| (CHECK_CALL, c))
+            .into_iter()
+            .chain(shadow)
+            .collect()
     }
 
     /// Whether the request was let through or refused.
@@ -955,8 +963,7 @@ impl RequestFlow {
             } else {
                 match status {
                     Status::Limited
-                        if !shadow
-                            && self.limited_by.as_ref().is_none_or(|n| *n == limit.name) =>
+                        if !shadow && self.limited_by.as_ref().is_none_or(|n| *n == limit.name) =>
                     {
                         LimitOutcome::Limited
                     }
@@ -972,10 +979,12 @@ impl RequestFlow {
                 outcome,
             });
         }
-        let model = self
-            .request_model
-            .clone()
-            .or_else(|| self.extractor.as_ref().and_then(|x| x.model()).map(str::to_string));
+        let model = self.request_model.clone().or_else(|| {
+            self.extractor
+                .as_ref()
+                .and_then(|x| x.model())
+                .map(str::to_string)
+        });
         UsageRecord {
             status,
             admission,

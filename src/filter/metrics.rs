@@ -167,7 +167,13 @@ impl Metrics {
 
     /// Counts a request limit `name` (spending `category`) said `outcome` of, and the
     /// `tokens` charged to it (sent on the next [`Metrics::flush`]).
-    pub fn limit(&mut self, name: &str, category: TokenCategory, outcome: LimitOutcome, tokens: u64) {
+    pub fn limit(
+        &mut self,
+        name: &str,
+        category: TokenCategory,
+        outcome: LimitOutcome,
+        tokens: u64,
+    ) {
         let counts = match self.limits.iter().position(|l| l.name == name) {
             Some(i) => self.limits.get_mut(i),
             None => {

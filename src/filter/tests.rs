@@ -244,7 +244,10 @@ fn hot_counters_are_batched_until_the_tick() {
         host.counter("token_ratelimit.limit_requests.per-user.allowed"),
         3
     );
-    assert_eq!(host.counter("token_ratelimit.limit_tokens.per-user.total"), 15);
+    assert_eq!(
+        host.counter("token_ratelimit.limit_tokens.per-user.total"),
+        15
+    );
     // One add per hot counter with a count, two for the limit, one for reports_sent.
     assert_eq!(host.counter_adds - adds, 6);
 }
@@ -1394,7 +1397,12 @@ fn a_shadow_limit_over_budget_lets_the_request_through_marked_while_the_enforced
     let checks: Vec<(u32, RateLimitRequest)> = host
         .calls(CHECK_RATE_LIMIT)
         .iter()
-        .map(|d| (d.token, RateLimitRequest::decode(d.message.as_slice()).unwrap()))
+        .map(|d| {
+            (
+                d.token,
+                RateLimitRequest::decode(d.message.as_slice()).unwrap(),
+            )
+        })
         .collect();
     assert_eq!(checks.len(), 2);
     assert_eq!(limit_entries(&checks[0].1.descriptors), ["limit.per-user"]);
@@ -1450,7 +1458,10 @@ fn a_shadow_limit_over_budget_lets_the_request_through_marked_while_the_enforced
         .map(|d| d.token)
         .collect();
     answer_token(&mut stream, &mut host, tokens[2], 0, over_reply());
-    assert_eq!(host.replies.last().map(|(c, r)| (*c, r.status)), Some((3, 429)));
+    assert_eq!(
+        host.replies.last().map(|(c, r)| (*c, r.status)),
+        Some((3, 429))
+    );
     let r = record(&host);
     assert_eq!(r["status"], "limited");
     assert_eq!(r["limits"][0]["outcome"], "limited");
@@ -1502,17 +1513,42 @@ fn a_refused_shadow_reservation_lets_the_request_through_and_commits_its_spend_w
     let calls: Vec<(u32, ReserveRequest)> = host
         .calls(RESERVE)
         .iter()
-        .map(|d| (d.token, ReserveRequest::decode(d.message.as_slice()).unwrap()))
+        .map(|d| {
+            (
+                d.token,
+                ReserveRequest::decode(d.message.as_slice()).unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(calls.len(), 2, "shadow and enforced limits never share a reservation");
+    assert_eq!(
+        calls.len(),
+        2,
+        "shadow and enforced limits never share a reservation"
+    );
     let shadow = calls
         .iter()
         .find(|(_, r)| limit_entries(&r.descriptors) == ["limit.trial"])
         .map(|(t, _)| *t)
         .unwrap();
-    let enforced = calls.iter().map(|(t, _)| *t).find(|t| *t != shadow).unwrap();
-    answer_token(&mut stream, &mut host, shadow, 0, reserve_reply(Code::OverLimit, "", 0));
-    answer_token(&mut stream, &mut host, enforced, 0, reserve_reply(Code::Ok, "held", 90));
+    let enforced = calls
+        .iter()
+        .map(|(t, _)| *t)
+        .find(|t| *t != shadow)
+        .unwrap();
+    answer_token(
+        &mut stream,
+        &mut host,
+        shadow,
+        0,
+        reserve_reply(Code::OverLimit, "", 0),
+    );
+    answer_token(
+        &mut stream,
+        &mut host,
+        enforced,
+        0,
+        reserve_reply(Code::Ok, "held", 90),
+    );
     assert_eq!(host.resumed, vec![2]);
     serve(&mut stream, &mut host, 9);
     let r = record(&host);
@@ -1534,7 +1570,11 @@ fn a_shadow_check_answered_after_the_enforced_one_still_marks_the_request() {
     let (root, mut host) = shadow_root("checkReport");
     let mut stream = root.new_stream(2);
     stream.on_request_headers(&mut host, true);
-    let tokens: Vec<u32> = host.calls(CHECK_RATE_LIMIT).iter().map(|d| d.token).collect();
+    let tokens: Vec<u32> = host
+        .calls(CHECK_RATE_LIMIT)
+        .iter()
+        .map(|d| d.token)
+        .collect();
     answer_token(&mut stream, &mut host, tokens[0], 0, ok_reply(90));
     assert!(host.resumed.is_empty(), "waits for the shadow check");
     answer_token(&mut stream, &mut host, tokens[1], 0, over_named("trial"));
@@ -1573,7 +1613,11 @@ fn a_stream_ended_in_its_log_phase_is_recorded_by_what_envoy_says_of_its_end() {
         (Some("via_upstream"), false, "completed"),
         (None, false, "completed"),
         (Some("downstream_remote_disconnect"), true, "client_aborted"),
-        (Some("upstream_reset_after_response_started{remote_reset}"), true, "upstream_reset"),
+        (
+            Some("upstream_reset_after_response_started{remote_reset}"),
+            true,
+            "upstream_reset",
+        ),
     ] {
         let (root, mut host) = root();
         chat_headers(&mut host);
@@ -1584,7 +1628,8 @@ fn a_stream_ended_in_its_log_phase_is_recorded_by_what_envoy_says_of_its_end() {
         host.response_headers = vec![("content-type".into(), b"text/event-stream".to_vec())];
         stream.on_response_headers(&mut host);
         if with_body {
-            host.response_body = b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n".to_vec();
+            host.response_body =
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n".to_vec();
             let size = host.response_body.len();
             stream.on_response_body(&mut host, size, false);
         }
