@@ -2001,3 +2001,22 @@ fn a_huge_usage_figure_does_not_flood_the_service() {
     // The VM lives on.
     serve(&plugin, "bob", CHAT, "application/json", &openai_json(1, 1));
 }
+
+#[test]
+fn the_usage_record_of_a_request_is_set_as_the_stream_property_token_ratelimit() {
+    let plugin = Config::tutorial().start();
+    let stream = post(&plugin, Some("alice"), CHAT, &[]);
+    stream.request_body(REQUEST_BODY, true);
+    answer(&plugin, &stream, &ok());
+    response_headers(&stream, Some("application/json"), &[]);
+    stream.response_body(&openai_json(20, 22), true);
+    let bytes = stream
+        .module_property(&["token_ratelimit"])
+        .expect("proxy_set_property(token_ratelimit)");
+    let record: Value = serde_json::from_slice(&bytes).expect("a JSON record");
+    assert_eq!(record["status"], "completed", "{record}");
+    assert_eq!(record["usage"]["source"], "reported", "{record}");
+    assert_eq!(record["usage"]["total"], 42, "{record}");
+    assert_eq!(record["limits"][0]["name"], "free", "{record}");
+    stream.finish();
+}
