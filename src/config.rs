@@ -448,6 +448,10 @@ pub struct UsageConfig {
     /// counted (default 100,000,000). An upstream cannot flood the service with reports.
     #[serde(default = "default_max_tokens_per_response")]
     pub max_tokens_per_response: u64,
+    /// Write each limited request's usage record to filter state `wasm.token_ratelimit` for
+    /// the access log (default true; see [`crate::record`]).
+    #[serde(default = "default_true")]
+    pub record: bool,
 }
 
 fn default_max_tokens_per_response() -> u64 {
@@ -555,6 +559,7 @@ impl Default for UsageConfig {
             max_body_bytes: default_max_body_bytes(),
             inject_stream_usage: true,
             max_tokens_per_response: default_max_tokens_per_response(),
+            record: true,
         }
     }
 }

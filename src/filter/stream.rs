@@ -780,8 +780,11 @@ impl StreamFilter {
 
     /// Writes the request's usage record where the proxy's access log reads it (filter state
     /// `wasm.token_ratelimit`).
+    /// Nothing with `usage.record: false`.
     fn write_record(&self, host: &mut impl Host, record: &UsageRecord) {
-        host.set_property(crate::record::PROPERTY, &record.to_json());
+        if self.policy.as_ref().is_some_and(|p| p.usage.record) {
+            host.set_property(crate::record::PROPERTY, &record.to_json());
+        }
     }
 
     /// Marks this request's counters spent for every worker (see [`super::spent::mark`]).

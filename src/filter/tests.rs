@@ -1640,3 +1640,21 @@ fn a_stream_ended_in_its_log_phase_is_recorded_by_what_envoy_says_of_its_end() {
         assert_eq!(record(&host)["status"], status, "{details:?}");
     }
 }
+
+#[test]
+fn with_usage_record_false_no_record_is_written_and_the_per_limit_counters_still_count() {
+    let (mut root, mut host) = root_with(r#""usage": {"record": false},"#);
+    chat_headers(&mut host);
+    host.effective_context = 2;
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, true);
+    answer(&mut stream, &mut host, 0, ok_reply(90));
+    serve(&mut stream, &mut host, 5);
+    assert!(host.set_properties.is_empty(), "{:?}", host.set_properties);
+    host.effective_context = ROOT;
+    root.on_tick(&mut host);
+    assert_eq!(
+        host.counter("token_ratelimit.limit_requests.per-user.allowed"),
+        1
+    );
+}

@@ -198,6 +198,7 @@ impl Policy {
             error_responses: u.error_responses,
             max_body_bytes: u.max_body_bytes,
             inject_stream_usage: u.inject_stream_usage,
+            record: u.record,
             max_tokens_per_response: u.max_tokens_per_response,
             max_request_body_bytes: cfg.request_body.max_bytes,
             allow_on_headers_stop_iteration: cfg.request_body.allow_on_headers_stop_iteration,

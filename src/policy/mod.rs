@@ -173,6 +173,8 @@ pub struct UsageSettings {
     pub max_request_body_bytes: usize,
     /// Envoy lets the filter read the body while the headers are held.
     pub allow_on_headers_stop_iteration: bool,
+    /// Write each limited request's usage record for the access log.
+    pub record: bool,
 }
 
 /// The compiled plugin configuration: built once per configuration by [`Policy::compile`]
