@@ -2009,7 +2009,7 @@ fn the_usage_record_of_a_request_is_set_as_the_stream_property_token_ratelimit()
     stream.request_body(REQUEST_BODY, true);
     answer(&plugin, &stream, &ok());
     response_headers(&stream, Some("application/json"), &[]);
-    stream.response_body(&openai_json(20, 22), true);
+    stream.response_body(openai_json(20, 22), true);
     let bytes = stream
         .module_property(&["token_ratelimit"])
         .expect("proxy_set_property(token_ratelimit)");
