@@ -79,12 +79,15 @@ fn main() {
         "auth": {"metadataNamespace": "envoy.filters.http.ext_authz"},
         "reporting": {"flushPeriod": "100ms", "timeout": "1s", "maxRetries": 3},
         "usage": {"paths": {"prompt": ["/meta/input_tokens"], "completion": ["/meta/output_tokens"], "total": []},
-                  "fallback": "fixed", "fixedTokens": 10, "maxBodyBytes": 4194304, "injectStreamUsage": true},
+                  "fallback": "fixed", "fixedTokens": 10, "maxBodyBytes": 4194304, "injectStreamUsage": true,
+                  "record": true},
+        "rateLimitHeaders": "openai",
         "requestBody": {"maxBytes": 1048576, "allowOnHeadersStopIteration": true},
         "limits": {
             "big-model": {"rates": [{"limit": 10000, "window": "1h30m"}, {"limit": 100000, "window": "1d"}],
                           "when": [{"predicate": "requestBodyJSON('/model') == 'big' && source.port > 1024"}],
-                          "counters": [{"expression": "request.headers['x-user'].lowerAscii()"}], "tokens": "completion"}
+                          "counters": [{"expression": "request.headers['x-user'].lowerAscii()"}], "tokens": "completion"},
+            "big-model-next": {"rates": [{"limit": 5000, "window": "1h"}], "enforcement": "shadow"}
         }
     });
     write("config", "full.json", serde_json::to_string_pretty(&full).unwrap().as_bytes());
