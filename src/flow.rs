@@ -342,6 +342,13 @@ impl RequestFlow {
         &self.shadow_limited
     }
 
+    /// The request ended while its verdict waited for another answer (a shadow check): it
+    /// never went upstream, whatever the verdict said, and costs nothing.
+    pub fn abandon_admission(&mut self) {
+        self.allowed = false;
+        self.failure_allowed = false;
+    }
+
     /// The request body's `model` (read with the body).
     pub fn set_request_model(&mut self, model: Option<String>) {
         self.request_model = model;

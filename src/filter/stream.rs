@@ -354,6 +354,10 @@ impl StreamFilter {
                 }
             }
         }
+        if self.verdict.take().is_some() {
+            // Admitted, but held for the shadow check: it never went upstream.
+            self.flow.abandon_admission();
+        }
         if self.flow.is_limited() && !self.flow.is_finished() {
             self.flow.set_ending(ending(host));
         }

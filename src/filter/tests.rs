@@ -1658,3 +1658,32 @@ fn with_usage_record_false_no_record_is_written_and_the_per_limit_counters_still
         1
     );
 }
+
+#[test]
+fn a_request_that_ends_while_its_shadow_check_is_pending_costs_nothing() {
+    let (mut root, mut host) = shadow_root("checkReport");
+    let mut stream = root.new_stream(2);
+    stream.on_request_headers(&mut host, false);
+    let tokens: Vec<u32> = host
+        .calls(CHECK_RATE_LIMIT)
+        .iter()
+        .map(|d| d.token)
+        .collect();
+    answer_token(&mut stream, &mut host, tokens[0], 0, ok_reply(90));
+    assert!(host.resumed.is_empty());
+    // The client hangs up before the shadow check answers: the request never went upstream.
+    host.request_body = vec![b'a'; 400];
+    stream.on_request_body(&mut host, 400, true);
+    stream.on_log(&mut host);
+    host.effective_context = ROOT;
+    root.on_tick(&mut host);
+    assert!(
+        reports(&host).is_empty(),
+        "charged a request that never went upstream"
+    );
+    let r = record(&host);
+    assert_eq!(
+        (&r["status"], &r["admission"]),
+        (&"client_aborted".into(), &"pending".into())
+    );
+}
