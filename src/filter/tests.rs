@@ -1379,6 +1379,14 @@ fn over_named(name: &str) -> Vec<u8> {
     r.encode_to_vec()
 }
 
+/// The calls dispatched to `method`, with their tokens, decoded as `M`.
+fn decoded<M: Message + Default>(host: &MockHost, method: &str) -> Vec<(u32, M)> {
+    host.calls(method)
+        .iter()
+        .map(|d| (d.token, M::decode(d.message.as_slice()).unwrap()))
+        .collect()
+}
+
 /// The usage record the stream wrote (filter state `wasm.token_ratelimit`).
 fn record(host: &MockHost) -> serde_json::Value {
     let bytes = host
@@ -1394,16 +1402,7 @@ fn a_shadow_limit_over_budget_lets_the_request_through_marked_while_the_enforced
     let mut stream = root.new_stream(2);
     assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
     // Two checks: the enforced limit's, then the shadow limit's, each with its own limit entry.
-    let checks: Vec<(u32, RateLimitRequest)> = host
-        .calls(CHECK_RATE_LIMIT)
-        .iter()
-        .map(|d| {
-            (
-                d.token,
-                RateLimitRequest::decode(d.message.as_slice()).unwrap(),
-            )
-        })
-        .collect();
+    let checks: Vec<(u32, RateLimitRequest)> = decoded(&host, CHECK_RATE_LIMIT);
     assert_eq!(checks.len(), 2);
     assert_eq!(limit_entries(&checks[0].1.descriptors), ["limit.per-user"]);
     assert_eq!(limit_entries(&checks[1].1.descriptors), ["limit.trial"]);
@@ -1510,16 +1509,7 @@ fn a_refused_shadow_reservation_lets_the_request_through_and_commits_its_spend_w
     let (mut root, mut host) = shadow_root("reservation");
     let mut stream = root.new_stream(2);
     assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
-    let calls: Vec<(u32, ReserveRequest)> = host
-        .calls(RESERVE)
-        .iter()
-        .map(|d| {
-            (
-                d.token,
-                ReserveRequest::decode(d.message.as_slice()).unwrap(),
-            )
-        })
-        .collect();
+    let calls: Vec<(u32, ReserveRequest)> = decoded(&host, RESERVE);
     assert_eq!(
         calls.len(),
         2,

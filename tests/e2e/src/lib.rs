@@ -340,6 +340,16 @@ pub fn stream_request_to(
     body: &serde_json::Value,
     headers: &[(&str, &str)],
 ) -> reqwest::blocking::Response {
+    try_stream_request_to(port, key, body, headers).expect("stream request")
+}
+
+/// [`stream_request_to`], the client's error returned.
+pub fn try_stream_request_to(
+    port: u16,
+    key: &str,
+    body: &serde_json::Value,
+    headers: &[(&str, &str)],
+) -> Result<reqwest::blocking::Response, reqwest::Error> {
     let client = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(0)
@@ -352,7 +362,25 @@ pub fn stream_request_to(
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    req.send().expect("stream request")
+    req.send()
+}
+
+/// Reads a streamed chat completion until `words` content chunks arrived, then hangs up (drops
+/// the response): the bytes read. Panics when the stream ends first.
+pub fn read_words_then_hang_up(mut resp: reqwest::blocking::Response, words: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(&got)
+        .matches("\"content\":\"")
+        .count()
+        < words
+    {
+        let n = resp.read(&mut buf).expect("read");
+        assert!(n > 0, "stream ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
 }
 
 /// The usage record of an access-log entry: its `token_ratelimit` string parsed as JSON;
@@ -1008,6 +1036,16 @@ impl Stack {
             .lines()
             .filter(|l| l.contains(needle))
             .count()
+    }
+
+    /// [`stream_request_to`] this stack's listener.
+    pub fn stream_request(
+        &self,
+        key: &str,
+        body: &serde_json::Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::blocking::Response {
+        stream_request_to(self.ports.listener, key, body, headers)
     }
 
     /// The entries of Envoy's JSON access log so far (`envoy/envoy.yaml` writes one JSON object

@@ -59,15 +59,6 @@ fn stat(stack: &Stack, name: &str) -> u64 {
     stack.envoy_stat(&format!("wasmcustom.token_ratelimit.{name}"))
 }
 
-fn stream_request(
-    stack: &Stack,
-    key: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> reqwest::blocking::Response {
-    stream_request_to(stack.ports.listener, key, body, headers)
-}
-
 /// Reads a response to its end or to its first error: the bytes and the error, if any.
 fn read_all(mut resp: reqwest::blocking::Response) -> (Vec<u8>, Option<std::io::Error>) {
     let mut out = Vec::new();
@@ -429,7 +420,7 @@ fn an_upstream_reset_mid_stream_charges_the_part_that_passed() {
     // The upstream drops the connection after 10 words.
     let before = stack.reported_tokens();
     let t = Instant::now();
-    let resp = stream_request(&stack, GOLD, &body, &[("x-simulator-abort-after", "10")]);
+    let resp = stack.stream_request(GOLD, &body, &[("x-simulator-abort-after", "10")]);
     assert_eq!(resp.status().as_u16(), 200);
     let (bytes, err) = read_all(resp);
     let took = t.elapsed();
@@ -482,21 +473,10 @@ fn a_client_abort_mid_stream_charges_the_part_that_passed() {
     });
     let body = chat_body(3, 100, true);
     let t = Instant::now();
-    let mut resp = stream_request(&stack, GOLD, &body, &[("x-simulator-token-delay-ms", "50")]);
+    let resp = stack.stream_request(GOLD, &body, &[("x-simulator-token-delay-ms", "50")]);
     assert_eq!(resp.status().as_u16(), 200);
     // Read 5 word chunks (~250 ms of a 5 s stream), then hang up.
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&got)
-        .matches("\"content\":\"")
-        .count()
-        < 5
-    {
-        let n = resp.read(&mut buf).expect("read");
-        assert!(n > 0, "stream ended early");
-        got.extend_from_slice(&buf[..n]);
-    }
-    drop(resp);
+    let got = e2e::read_words_then_hang_up(resp, 5);
     let aborted_after = t.elapsed();
 
     assert!(wait_until(
@@ -551,8 +531,7 @@ fn a_50_mb_stream_keeps_envoy_memory_bounded_and_is_counted() {
     // ~190 bytes per word chunk: 280,000 words are ~53 MB of SSE.
     let words: u64 = 280_000;
     let t = Instant::now();
-    let mut resp = stream_request(
-        &stack,
+    let mut resp = stack.stream_request(
         GOLD,
         &chat_body(3, 1, true),
         &[("x-simulator-completion-tokens", &words.to_string())],

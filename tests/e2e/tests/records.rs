@@ -19,15 +19,6 @@ fn chat_body(words: usize, max_tokens: u64, stream: bool) -> Value {
     body
 }
 
-fn stream_request(
-    stack: &Stack,
-    key: &str,
-    body: &Value,
-    headers: &[(&str, &str)],
-) -> reqwest::blocking::Response {
-    e2e::stream_request_to(stack.ports.listener, key, body, headers)
-}
-
 fn gold_unlimited() -> (String, String) {
     (
         "- {limit: 200, window: 1m}".into(),
@@ -70,7 +61,7 @@ fn a_completed_request_and_a_stream_are_recorded_with_the_usage_the_upstream_rep
         "{record}"
     );
 
-    let resp = stream_request(&stack, GOLD, &chat_body(3, 20, true), &[]);
+    let resp = stack.stream_request(GOLD, &chat_body(3, 20, true), &[]);
     assert_eq!(resp.status().as_u16(), 200);
     let text = resp.text().expect("stream");
     let usage_line = text
@@ -100,25 +91,13 @@ fn a_client_abort_and_an_upstream_reset_are_recorded_as_such_and_charged_the_est
         ..Options::default()
     });
     // A slow stream the client hangs up on after a few words.
-    let mut resp = stream_request(
-        &stack,
+    let resp = stack.stream_request(
         GOLD,
         &chat_body(3, 100, true),
         &[("x-simulator-token-delay-ms", "50")],
     );
     assert_eq!(resp.status().as_u16(), 200);
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while String::from_utf8_lossy(&got)
-        .matches("\"content\":\"")
-        .count()
-        < 5
-    {
-        let n = resp.read(&mut buf).expect("read");
-        assert!(n > 0, "stream ended early");
-        got.extend_from_slice(&buf[..n]);
-    }
-    drop(resp);
+    e2e::read_words_then_hang_up(resp, 5);
     let (entry, record) = stack.await_record(1);
     eprintln!("access log of a client abort: {entry}");
     assert_eq!(record["status"], "client_aborted", "{entry}");
@@ -132,8 +111,7 @@ fn a_client_abort_and_an_upstream_reset_are_recorded_as_such_and_charged_the_est
     );
 
     // The upstream drops the connection after 10 words.
-    let resp = stream_request(
-        &stack,
+    let resp = stack.stream_request(
         GOLD,
         &chat_body(3, 50, true),
         &[("x-simulator-abort-after", "10")],

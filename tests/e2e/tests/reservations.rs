@@ -110,18 +110,8 @@ fn settled_charge(stack: &Stack) -> u64 {
 /// A POST through Envoy's listener on `port` from a client of its own (usable while the
 /// stack is borrowed mutably): the status, or the error.
 fn post_to(port: u16, key: &str, body: &Value, headers: &[(&str, &str)]) -> Result<u16, String> {
-    let client = reqwest::blocking::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()
-        .expect("client");
-    let mut req = client
-        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
-        .header("authorization", format!("APIKEY {key}"))
-        .json(body);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().map_err(|e| e.to_string())?;
+    let resp =
+        e2e::try_stream_request_to(port, key, body, headers).map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     resp.bytes().map_err(|e| e.to_string())?;
     Ok(status)
