@@ -161,3 +161,56 @@ fn a_refused_request_is_recorded_as_limited_by_the_limit_that_refused_it() {
     assert_eq!(entry["response_code"], 401, "{entry}");
     assert!(entry["token_ratelimit"].is_null(), "{entry}");
 }
+
+#[test]
+fn cached_cache_write_and_reasoning_tokens_the_provider_reports_are_in_the_record() {
+    let stack = Stack::start(Options::default());
+    // Anthropic Messages: cache reads and writes, reported by the upstream.
+    let body = json!({
+        "model": "claude-sim",
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "hello there"}],
+    });
+    let r = stack.post_with(
+        "/v1/messages",
+        Some(GOLD),
+        &body,
+        &[
+            ("x-simulator-cache-read-tokens", "7"),
+            ("x-simulator-cache-creation-tokens", "3"),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (_, record) = stack.await_record(1);
+    let usage = &record["usage"];
+    assert_eq!(record["model"], "claude-sim", "{record}");
+    assert_eq!(
+        (&usage["cached"], &usage["cache_write"]),
+        (&json!(7), &json!(3)),
+        "{record}"
+    );
+    // The prompt is input plus both cache figures, as Anthropic bills it.
+    let input = r.json()["usage"]["input_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(usage["prompt"].as_u64(), Some(input + 7 + 3), "{record}");
+
+    // An OpenAI stream whose usage chunk has the details objects.
+    let details = json!({
+        "prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21,
+        "prompt_tokens_details": {"cached_tokens": 8},
+        "completion_tokens_details": {"reasoning_tokens": 4}
+    })
+    .to_string();
+    let resp = stack.stream_request(
+        GOLD,
+        &chat_body(3, 9, true),
+        &[("x-simulator-usage-override", &details)],
+    );
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.text().expect("stream");
+    let (_, record) = stack.await_record(2);
+    assert_eq!(
+        record["usage"],
+        json!({"source": "reported", "prompt": 12, "completion": 9, "total": 21, "cached": 8, "reasoning": 4}),
+        "{record}"
+    );
+}
