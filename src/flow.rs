@@ -281,11 +281,6 @@ impl RequestFlow {
         Some(policy.encode_check_request(&self.applied_of(policy, Enforcement::Shadow)))
     }
 
-    /// Whether the shadow check is owed an answer.
-    pub fn shadow_pending(&self) -> bool {
-        self.shadow_pending
-    }
-
     /// Takes the answer to the shadow check: an OVER_LIMIT marks the shadow limits that would
     /// have refused (the ones its statuses name, else every shadow limit that applied); a
     /// failure marks nothing and refuses nothing. Returns the failure, for the caller to count.
