@@ -10,9 +10,7 @@
 //! end of stream or on_log ─▶ finish once ─▶ reports per token category ─▶ root queue
 //! ```
 
-use crate::config::{
-    AdmissionMode, Enforcement, ErrorCharge, FailureMode, Fallback, TokenCategory,
-};
+use crate::config::{AdmissionMode, ErrorCharge, FailureMode, Fallback, TokenCategory};
 use crate::estimate::{RequestBound, TextCounter, TextKeys, WORD_CHARS_PER_TOKEN};
 pub use crate::filter::LocalReply;
 use crate::headers::most_restrictive;
@@ -255,18 +253,18 @@ impl RequestFlow {
             self.enforced_check = true;
             return Some(policy.encode_check_request(&self.applied));
         }
-        let enforced = self.applied_of(policy, Enforcement::Enforce);
+        let enforced = self.applied_of(policy, false);
         self.shadow_pending = self.applied.len() > enforced.len();
         self.enforced_check = !enforced.is_empty();
         self.enforced_check
             .then(|| policy.encode_check_request(&enforced))
     }
 
-    /// The applied limits of one enforcement.
-    fn applied_of(&self, policy: &Policy, enforcement: Enforcement) -> Vec<Applied> {
+    /// The applied limits that are shadow limits (`shadow`), or enforced ones.
+    fn applied_of(&self, policy: &Policy, shadow: bool) -> Vec<Applied> {
         self.applied
             .iter()
-            .filter(|a| policy.limits.get(a.limit).map(|l| l.enforcement) == Some(enforcement))
+            .filter(|a| policy.limits.get(a.limit).map(|l| l.is_shadow()) == Some(shadow))
             .cloned()
             .collect()
     }
@@ -278,7 +276,7 @@ impl RequestFlow {
         if !self.shadow_pending {
             return None;
         }
-        Some(policy.encode_check_request(&self.applied_of(policy, Enforcement::Shadow)))
+        Some(policy.encode_check_request(&self.applied_of(policy, true)))
     }
 
     /// Takes the answer to the shadow check: an OVER_LIMIT marks the shadow limits that would
@@ -292,9 +290,7 @@ impl RequestFlow {
         if !std::mem::take(&mut self.shadow_pending) {
             return None;
         }
-        let response = match reply.and_then(|bytes| {
-            RateLimitResponse::decode(bytes).map_err(|e| ServiceFailure::Undecodable(e.to_string()))
-        }) {
+        let response = match decode_check_reply(reply) {
             Ok(r) => r,
             Err(f) => return Some(f),
         };
@@ -310,7 +306,7 @@ impl RequestFlow {
                     .applied
                     .iter()
                     .filter_map(|a| policy.limits.get(a.limit))
-                    .filter(|l| l.enforcement == Enforcement::Shadow)
+                    .filter(|l| l.is_shadow())
                     .map(|l| l.name.as_str())
                     .collect();
                 let named: Vec<String> = response
@@ -408,7 +404,7 @@ impl RequestFlow {
     }
 
     /// Whether the request was let through or refused.
-    pub fn is_decided(&self) -> bool {
+    fn is_decided(&self) -> bool {
         self.allowed || self.denied
     }
 
@@ -539,7 +535,7 @@ impl RequestFlow {
                 policy
                     .limits
                     .iter()
-                    .any(|x| x.name == l.name && x.enforcement == Enforcement::Shadow)
+                    .any(|x| x.name == l.name && x.is_shadow())
             })
         };
         self.reservations
@@ -566,10 +562,7 @@ impl RequestFlow {
         policy: &Policy,
         reply: Result<&[u8], ServiceFailure>,
     ) -> Verdict {
-        let response = reply.and_then(|bytes| {
-            RateLimitResponse::decode(bytes).map_err(|e| ServiceFailure::Undecodable(e.to_string()))
-        });
-        let response = match response {
+        let response = match decode_check_reply(reply) {
             Ok(r) => r,
             Err(failure) => return self.failure(policy.service.failure_mode, failure),
         };
@@ -959,7 +952,7 @@ impl RequestFlow {
             for (k, v) in &a.counters {
                 counters.entry(k.clone()).or_insert_with(|| v.clone());
             }
-            let shadow = limit.enforcement == Enforcement::Shadow;
+            let shadow = limit.is_shadow();
             let outcome = if shadow && self.shadow_limited.contains(&limit.name) {
                 LimitOutcome::ShadowLimited
             } else {
@@ -1027,6 +1020,15 @@ pub struct Finished {
     pub leased: Vec<crate::reservation::LeasedSpend>,
     /// The request's usage record (`None`: no limit applied).
     pub record: Option<UsageRecord>,
+}
+
+/// A `CheckRateLimit` answer: the reply's bytes decoded, or why there is none.
+fn decode_check_reply(
+    reply: Result<&[u8], ServiceFailure>,
+) -> Result<RateLimitResponse, ServiceFailure> {
+    reply.and_then(|bytes| {
+        RateLimitResponse::decode(bytes).map_err(|e| ServiceFailure::Undecodable(e.to_string()))
+    })
 }
 
 /// The 500 reply for a request whose body the filter needs but the proxy withholds (Envoy

@@ -20,7 +20,7 @@
 //! which one refused; each resets within its window). A `200` without statuses carries no
 //! rate-limit header: what remains is unknown.
 
-use crate::config::{Enforcement, RateLimitHeaders};
+use crate::config::RateLimitHeaders;
 use crate::policy::{Applied, Policy};
 use ratelimit_proto::{Code, DescriptorStatus, HeaderValue, Unit};
 
@@ -51,7 +51,7 @@ impl Known {
         let rates = applied
             .iter()
             .filter_map(|a| policy.limits.get(a.limit))
-            .filter(|l| l.enforcement != Enforcement::Shadow)
+            .filter(|l| !l.is_shadow())
             .flat_map(|l| {
                 l.rates.iter().map(|r| KnownRate {
                     name: l.name.clone(),

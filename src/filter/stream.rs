@@ -28,8 +28,8 @@ use crate::flow::{
     SHADOW_CALL,
 };
 use crate::policy::{Decision, Policy};
-use crate::record::{LimitOutcome, UsageRecord};
-use crate::usage::{Format, UsageEventWithholder};
+use crate::record::UsageRecord;
+use crate::usage::{Format, Usage, UsageEventWithholder};
 use ratelimit_proto::{CHECK_RATE_LIMIT, KUADRANT_SERVICE, RESERVE};
 use std::rc::Rc;
 
@@ -104,18 +104,10 @@ pub struct StreamFilter {
     withholder: Option<UsageEventWithholder>,
 }
 
-/// The longest `model` a usage record carries, in bytes (a longer one is cut at a character
-/// boundary).
-const MAX_MODEL_BYTES: usize = 256;
-
-/// The request body's `model` (a string), cut to [`MAX_MODEL_BYTES`].
+/// The request body's `model` (a string), as the response's is read
+/// ([`crate::usage::model_name`]: cut to [`crate::usage::MODEL_MAX_BYTES`], none when empty).
 fn request_model(body: Option<&serde_json::Value>) -> Option<String> {
-    let model = body?.get("model")?.as_str()?;
-    let mut end = model.len().min(MAX_MODEL_BYTES);
-    while !model.is_char_boundary(end) {
-        end -= 1;
-    }
-    model.get(..end).map(str::to_string)
+    crate::usage::model_name(body?.get("model")?.as_str()?)
 }
 
 /// The first value of a header in a header map. Invalid UTF-8 becomes U+FFFD (a client can
@@ -386,11 +378,7 @@ impl StreamFilter {
             let limit = refusal.limit.clone();
             if let Some(l) = policy.limits.iter().find(|l| l.name == limit) {
                 let record = UsageRecord::refused_on_error(&l.name, l.tokens, l.enforcement);
-                self.write_record(host, &record);
-                let mut shared = self.shared.borrow_mut();
-                shared
-                    .metrics
-                    .limit(&l.name, l.tokens, LimitOutcome::RefusedOnError, 0);
+                self.record_usage(host, &record, None);
             }
             let verdict = Verdict::Unevaluable {
                 reply: crate::flow::unevaluable_reply(&limit),
@@ -731,12 +719,7 @@ impl StreamFilter {
         };
         let mut done = self.flow.finish(&policy);
         if let Some(record) = done.record.take() {
-            self.write_record(host, &record);
-            let mut shared = self.shared.borrow_mut();
-            for l in &record.limits {
-                let spent = done.usage.and_then(|u| u.tokens(l.tokens)).unwrap_or(0);
-                shared.metrics.limit(&l.name, l.tokens, l.outcome, spent);
-            }
+            self.record_usage(host, &record, done.usage.as_ref());
         }
         let commits = std::mem::take(&mut done.commits);
         let leased = std::mem::take(&mut done.leased);
@@ -782,12 +765,17 @@ impl StreamFilter {
         }
     }
 
-    /// Writes the request's usage record where the proxy's access log reads it (filter state
-    /// `wasm.token_ratelimit`).
-    /// Nothing with `usage.record: false`.
-    fn write_record(&self, host: &mut impl Host, record: &UsageRecord) {
+    /// Ends the request's account: its usage record goes where the proxy's access log reads it
+    /// (filter state `wasm.token_ratelimit`; not with `usage.record: false`), and each of its
+    /// limits counts its outcome and the tokens of `usage` it spends.
+    fn record_usage(&self, host: &mut impl Host, record: &UsageRecord, usage: Option<&Usage>) {
         if self.policy.as_ref().is_some_and(|p| p.usage.record) {
             host.set_property(crate::record::PROPERTY, &record.to_json());
+        }
+        let mut shared = self.shared.borrow_mut();
+        for l in &record.limits {
+            let spent = usage.and_then(|u| u.tokens(l.tokens)).unwrap_or(0);
+            shared.metrics.limit(&l.name, l.tokens, l.outcome, spent);
         }
     }
 

@@ -14,7 +14,7 @@ use crate::cel::guards::{
     MAX_EXPRESSION_BYTES, MAX_EXPRESSION_DEPTH,
 };
 use crate::cel::vocabulary::{check_names, static_type};
-use crate::config::{self, ConfigError, Enforcement, Fallback, PluginConfig};
+use crate::config::{self, ConfigError, Fallback, PluginConfig};
 use crate::usage::UsagePaths;
 use cel_parser::{Atom, Expression, Member};
 
@@ -418,7 +418,7 @@ impl Policy {
             reservation,
             needs_body,
             rate_limit_headers: cfg.rate_limit_headers,
-            has_shadow: limits.iter().any(|l| l.enforcement == Enforcement::Shadow),
+            has_shadow: limits.iter().any(Limit::is_shadow),
             limits,
             attributes,
             first_of_source,

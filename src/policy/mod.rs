@@ -101,6 +101,14 @@ pub struct Limit {
     pub enforcement: Enforcement,
 }
 
+impl Limit {
+    /// Whether the limit is a shadow limit (`enforcement: shadow`): checked and spent, never
+    /// refusing.
+    pub fn is_shadow(&self) -> bool {
+        self.enforcement == Enforcement::Shadow
+    }
+}
+
 /// What reservation mode reserves by default.
 #[derive(Debug, Clone)]
 pub struct ReservationSettings {

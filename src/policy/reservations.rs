@@ -2,7 +2,7 @@
 //! distinct amount or hold time), over the descriptor of the limits that spend it.
 
 use super::{Applied, Policy};
-use crate::config::{Enforcement, TokenCategory};
+use crate::config::TokenCategory;
 use crate::estimate::RequestBound;
 use ratelimit_proto::RateLimitDescriptor;
 use std::time::Duration;
@@ -69,7 +69,7 @@ impl Policy {
                 .min(r.max_amount)
                 .min(smallest_rate);
             let ttl = limit.reservation_ttl.unwrap_or(r.ttl);
-            let shadow = limit.enforcement == Enforcement::Shadow;
+            let shadow = limit.is_shadow();
             match groups.iter_mut().find(|g| {
                 g.category == category && g.amount == amount && g.ttl == ttl && g.shadow == shadow
             }) {

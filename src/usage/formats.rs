@@ -144,7 +144,7 @@ pub const MODEL_MAX_BYTES: usize = 256;
 
 /// `name` as a model name: cut to [`MODEL_MAX_BYTES`] at a character boundary; `None` when
 /// empty.
-pub(super) fn model_name(name: &str) -> Option<String> {
+pub(crate) fn model_name(name: &str) -> Option<String> {
     let end = (0..=MODEL_MAX_BYTES.min(name.len()))
         .rev()
         .find(|&i| name.is_char_boundary(i))

@@ -54,6 +54,7 @@ mod withhold;
 pub use crate::request_body::inject_include_usage;
 pub use decode::{readable_accept_encoding, Encoding};
 pub use extractor::{BodyFormat, UsageExtractor};
+pub(crate) use formats::model_name;
 pub use formats::{from_json, read_document, UsagePaths, MODEL_MAX_BYTES};
 pub use withhold::{is_usage_event, UsageEventWithholder};
 
