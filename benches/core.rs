@@ -96,6 +96,7 @@ fn descriptor(c: &mut Criterion) {
             let d = token_ratelimit::policy::Decision {
                 applied: d.applied.clone(),
                 errors: Vec::new(),
+                costs: Vec::new(),
             };
             black_box(RequestFlow::start(&p, d, "/v1/chat/completions"))
         })

@@ -28,7 +28,13 @@
 //!     rates: [{limit: 50, window: 1m}]
 //!     when: [{predicate: 'request.path == "/v1/chat/completions"'}]
 //!     counters: [{expression: auth.identity.userid}]
-//!     tokens: total           # total | prompt | completion
+//!     tokens: total           # total | prompt | completion | cost
+//!   team-dollars:             # a cost budget: micro-dollars per 30 days
+//!     rates: [{limit: 100000000, window: 30d}]
+//!     counters: [{expression: auth.identity.team}]
+//!     tokens: cost
+//!     prices:                 # per million tokens, in the limit's unit
+//!       default: {prompt: 2500000, cached: 250000, completion: 10000000}
 //! ```
 
 use serde::Deserialize;
@@ -89,22 +95,27 @@ pub enum TokenCategory {
     Prompt,
     /// `usage.completion_tokens` (`output_tokens` in the Responses API).
     Completion,
+    /// A cost computed from the usage by the limit's `cost` expression or `prices` table, in
+    /// the unit the limit's rates are written in (e.g. micro-dollars).
+    Cost,
 }
 
 impl TokenCategory {
     /// All categories, in a fixed order.
-    pub const ALL: [TokenCategory; 3] = [
+    pub const ALL: [TokenCategory; 4] = [
         TokenCategory::Total,
         TokenCategory::Prompt,
         TokenCategory::Completion,
+        TokenCategory::Cost,
     ];
 
-    /// The name used in configuration and metrics: `total`, `prompt`, `completion`.
+    /// The name used in configuration and metrics: `total`, `prompt`, `completion`, `cost`.
     pub fn as_str(self) -> &'static str {
         match self {
             TokenCategory::Total => "total",
             TokenCategory::Prompt => "prompt",
             TokenCategory::Completion => "completion",
+            TokenCategory::Cost => "cost",
         }
     }
 }
@@ -576,9 +587,19 @@ pub struct LimitConfig {
     /// CEL expressions whose values select the counter (e.g. one counter per user).
     #[serde(default)]
     pub counters: Vec<CounterConfig>,
-    /// Which usage figure this limit spends (default `total`).
+    /// Which usage figure this limit spends (default `total`); `cost`: what its `cost`
+    /// expression or `prices` table makes of the usage.
     #[serde(default)]
     pub tokens: TokenCategory,
+    /// With `tokens: cost`: a CEL expression of the request's cost, an int or uint ≥ 0 in the
+    /// unit of the limit's rates, over `usage.prompt`, `usage.completion`, `usage.total`,
+    /// `usage.cached`, `usage.cacheWrite`, `usage.reasoning` (ints, tokens; 0 when not
+    /// reported), `usage.model` (a string) and the request's attributes.
+    #[serde(default)]
+    pub cost: Option<String>,
+    /// With `tokens: cost`: prices per million tokens per model (instead of `cost`).
+    #[serde(default)]
+    pub prices: Option<PricesConfig>,
     /// What reservation mode reserves for this limit (default: the request's own bound).
     #[serde(default)]
     pub reservation: Option<LimitReservationConfig>,
@@ -589,6 +610,42 @@ pub struct LimitConfig {
     /// `enforce` (default) or `shadow`: a shadow limit never refuses.
     #[serde(default)]
     pub enforcement: Enforcement,
+}
+
+/// A price table (`prices`): what a million tokens of each category cost, in the unit of the
+/// limit's rates, per model. The request's model is its body's `model`, else the one the
+/// response names; it picks the row of the same name, else the row whose name it starts with
+/// followed by `-` (the longest: `gpt-4o` prices `gpt-4o-2024-08-06`), else `default`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PricesConfig {
+    /// Rows by model name.
+    #[serde(default)]
+    pub models: BTreeMap<String, PriceRow>,
+    /// The row of a model not in `models`, or of a request whose model is unknown.
+    pub default: PriceRow,
+}
+
+/// One model's prices per million tokens, in the unit of the limit's rates (whole numbers).
+/// A request costs `⌈(uncached prompt × prompt + cached × cached + cacheWrite × cacheWrite +
+/// non-reasoning completion × completion + reasoning × reasoning) / 1,000,000⌉`, where the
+/// uncached prompt is the prompt without its cached and cache-write tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PriceRow {
+    /// A million prompt (input) tokens.
+    pub prompt: u64,
+    /// A million completion (output) tokens.
+    pub completion: u64,
+    /// A million prompt tokens read from the provider's cache (default: `prompt`).
+    #[serde(default)]
+    pub cached: Option<u64>,
+    /// A million prompt tokens written to the provider's cache (default: `prompt`).
+    #[serde(default)]
+    pub cache_write: Option<u64>,
+    /// A million reasoning tokens (default: `completion`).
+    #[serde(default)]
+    pub reasoning: Option<u64>,
 }
 
 /// What happens to a request for which a limit's expression fails at run time (a missing

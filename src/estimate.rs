@@ -128,13 +128,14 @@ pub struct RequestBound {
 
 impl RequestBound {
     /// The bound's tokens in `category`: the prompt estimate, the completion maximum (or
-    /// `undeclared_completion` when the request declares none), or their sum for `total`.
+    /// `undeclared_completion` when the request declares none), or their sum for `total` (and
+    /// for `cost`, whose bound is priced from these figures: [`crate::cost::CostUsage::bound`]).
     pub fn tokens(self, category: TokenCategory, undeclared_completion: u64) -> u64 {
         let completion = self.completion.unwrap_or(undeclared_completion);
         match category {
             TokenCategory::Prompt => self.prompt,
             TokenCategory::Completion => completion,
-            TokenCategory::Total => self.prompt.saturating_add(completion),
+            TokenCategory::Total | TokenCategory::Cost => self.prompt.saturating_add(completion),
         }
     }
 

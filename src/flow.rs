@@ -14,7 +14,8 @@ use crate::config::{AdmissionMode, ErrorCharge, FailureMode, Fallback, TokenCate
 use crate::estimate::{RequestBound, TextCounter, TextKeys, WORD_CHARS_PER_TOKEN};
 pub use crate::filter::LocalReply;
 use crate::headers::most_restrictive;
-use crate::policy::{Applied, Decision, Policy};
+use crate::cost::{CostUsage, Spent};
+use crate::policy::{Applied, CostInputs, Decision, Policy};
 use crate::record::{
     Admission, LimitOutcome, LimitRecord, Source, Status, UsageFigures, UsageRecord,
 };
@@ -140,6 +141,11 @@ pub struct RequestFlow {
     enforced_check: bool,
     /// The request body's `model`, when the filter read the body.
     request_model: Option<String>,
+    /// What the cost expressions of the applied limits read of the request.
+    costs: Vec<CostInputs>,
+    /// Costs that could not be computed (reasons, naming the limit), for the stream to count
+    /// and log ([`RequestFlow::take_cost_errors`]).
+    cost_errors: Vec<String>,
 }
 
 /// How a stream ended, as the proxy tells at its log phase.
@@ -196,6 +202,8 @@ impl Default for RequestFlow {
             shadow_remaining: None,
             enforced_check: false,
             request_model: None,
+            costs: Vec::new(),
+            cost_errors: Vec::new(),
         }
     }
 }
@@ -236,6 +244,7 @@ impl RequestFlow {
         let mut flow = RequestFlow {
             headers: crate::headers::Known::of(policy, &decision.applied),
             applied: decision.applied,
+            costs: decision.costs,
             format: Format::from_path(path),
             ..Default::default()
         };
@@ -352,15 +361,17 @@ impl RequestFlow {
     }
 
     /// Starts a request in reservation mode. `bound`: what the request body declares (`None`
-    /// without the body in hand). Returns the encoded `ReserveRequest`s, one per planned
-    /// reservation (none: no limit applies).
+    /// without the body in hand); `model`: the body's `model` (it prices the bound of a cost
+    /// limit). Returns the encoded `ReserveRequest`s, one per planned reservation (none: no
+    /// limit applies).
     pub fn start_reservation(
         policy: &Policy,
         decision: Decision,
         path: &str,
         bound: Option<RequestBound>,
+        model: Option<String>,
     ) -> (RequestFlow, Vec<Vec<u8>>) {
-        let flow = RequestFlow::reserving(policy, decision, path, bound);
+        let flow = RequestFlow::reserving(policy, decision, path, bound, model);
         let requests = flow.reservations.requests(&policy.service.domain);
         (flow, requests)
     }
@@ -372,16 +383,32 @@ impl RequestFlow {
         decision: Decision,
         path: &str,
         bound: Option<RequestBound>,
+        model: Option<String>,
     ) -> RequestFlow {
         let mut flow = RequestFlow {
             headers: crate::headers::Known::of(policy, &decision.applied),
             applied: decision.applied,
+            costs: decision.costs,
             format: Format::from_path(path),
+            request_model: model,
             ..Default::default()
         };
-        flow.reservations = Reservations::new(policy.plan_reservations(&flow.applied, bound));
+        let plans = policy.plan_reservations(
+            &flow.applied,
+            bound,
+            &flow.costs,
+            flow.request_model.as_deref().unwrap_or(""),
+            &mut flow.cost_errors,
+        );
+        flow.reservations = Reservations::new(plans);
         flow.bound = bound;
         flow
+    }
+
+    /// The costs that could not be computed since the last call (reasons naming the limit;
+    /// each was charged as [`Policy::charge_cost`] says).
+    pub fn take_cost_errors(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.cost_errors)
     }
 
     /// Switches a request in reservation mode to a check (the service has no `Reserve`):
@@ -868,19 +895,20 @@ impl RequestFlow {
                 reasoning: clamp(u.reasoning),
             }
         });
+        let spent = usage.map(|u| self.spent(policy, charge, u));
         let mut reports = Vec::new();
         let mut commits = Vec::new();
         let mut leased = Vec::new();
         if !self.reservations.is_empty() {
-            commits = self.reservations.commits(usage.as_ref());
-            leased = self.reservations.leased(usage.as_ref());
-        } else if let Some(u) = usage {
-            for category in policy.categories_in(&self.applied) {
-                let tokens = u.tokens(category).unwrap_or(0);
+            commits = self.reservations.commits(spent.as_ref());
+            leased = self.reservations.leased(spent.as_ref());
+        } else if let Some(s) = &spent {
+            for (category, cost_limit) in policy.spends_in(&self.applied) {
+                let tokens = s.amount(category, cost_limit);
                 if tokens == 0 {
                     continue;
                 }
-                if let Some(d) = policy.report_descriptor(&self.applied, category) {
+                if let Some(d) = policy.report_descriptor(&self.applied, category, cost_limit) {
                     reports.push(CategoryReport {
                         category,
                         descriptor: d,
@@ -889,7 +917,7 @@ impl RequestFlow {
                 }
             }
         }
-        let record = Some(self.record(policy, charge, usage.as_ref()));
+        let record = Some(self.record(policy, charge, spent.as_ref()));
         Finished {
             charge,
             usage,
@@ -899,6 +927,47 @@ impl RequestFlow {
             clamped,
             record,
         }
+    }
+
+    /// What the request spends: `usage` (charged as `charge` says), and the cost of each
+    /// `tokens: cost` limit that applies. A cost that cannot be computed over reported usage
+    /// is computed over the fallback's ([`Policy::charge_cost`]).
+    fn spent(&mut self, policy: &Policy, charge: Charge, usage: Usage) -> Spent {
+        let is_cost = |a: &Applied| policy.limits.get(a.limit).is_some_and(|l| l.cost.is_some());
+        if !self.applied.iter().any(is_cost) {
+            return Spent::tokens(usage);
+        }
+        let model = self.model().unwrap_or_default();
+        let charged = CostUsage::charged(&usage, &model);
+        let mut errors = std::mem::take(&mut self.cost_errors);
+        let mut costs = Vec::new();
+        for a in self.applied.iter().filter(|a| is_cost(a)) {
+            let fallback = || match charge {
+                Charge::Reported => self.fallback(policy).1,
+                _ => None,
+            };
+            let cost = policy.charge_cost(
+                a.limit,
+                &self.costs,
+                &charged,
+                || fallback().map(|f| CostUsage::charged(&f, &model)),
+                &mut errors,
+            );
+            costs.push((a.limit, cost));
+        }
+        self.cost_errors = errors;
+        Spent { usage, costs }
+    }
+
+    /// The request's model: its body's `model` where the filter read the body, else the one
+    /// the response names.
+    fn model(&self) -> Option<String> {
+        self.request_model.clone().or_else(|| {
+            self.extractor
+                .as_ref()
+                .and_then(|x| x.model())
+                .map(str::to_string)
+        })
     }
 
     /// How the request ended, from its refusal, its admission and its response.
@@ -919,8 +988,8 @@ impl RequestFlow {
         }
     }
 
-    /// The usage record of the finished request, charged `charge` (`usage`: the figures).
-    fn record(&self, policy: &Policy, charge: Charge, usage: Option<&Usage>) -> UsageRecord {
+    /// The usage record of the finished request, charged `charge` (`spent`: the figures).
+    fn record(&self, policy: &Policy, charge: Charge, spent: Option<&Spent>) -> UsageRecord {
         let status = self.status();
         let admission = if self.denied {
             Admission::Refused
@@ -967,24 +1036,20 @@ impl RequestFlow {
                     _ => LimitOutcome::Allowed,
                 }
             };
+            let cost_limit = limit.cost.is_some().then_some(a.limit);
             limits.push(LimitRecord {
                 name: limit.name.clone(),
                 tokens: limit.tokens,
                 enforcement: limit.enforcement,
                 outcome,
+                charged: spent.map_or(0, |s| s.amount(limit.tokens, cost_limit)),
             });
         }
-        let model = self.request_model.clone().or_else(|| {
-            self.extractor
-                .as_ref()
-                .and_then(|x| x.model())
-                .map(str::to_string)
-        });
         UsageRecord {
             status,
             admission,
-            model,
-            usage: UsageFigures::new(source, usage),
+            model: self.model(),
+            usage: UsageFigures::new(source, spent.map(|s| &s.usage)),
             limits,
             counters,
             reserved: self.reservations.reserved(),
@@ -1249,7 +1314,7 @@ mod tests {
         assert_eq!(retry, expected);
         // Reservation mode: a Reserve refused without statuses, the same.
         let d = p.evaluate(&mut host());
-        let (mut flow, calls) = RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None);
+        let (mut flow, calls) = RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None, None);
         let refused = ratelimit_proto::ReserveResponse {
             code: Code::OverLimit as i32,
             ..Default::default()
@@ -1489,7 +1554,7 @@ mod tests {
     /// read: `bound`.
     fn reserved(p: &Policy, bound: Option<RequestBound>) -> RequestFlow {
         let d = p.evaluate(&mut host());
-        let (mut flow, calls) = RequestFlow::start_reservation(p, d, "/v1/chat/completions", bound);
+        let (mut flow, calls) = RequestFlow::start_reservation(p, d, "/v1/chat/completions", bound, None);
         flow.on_request_body_chunk(CHAT_REQUEST);
         flow.on_request_complete();
         let mut verdict = None;
@@ -1644,7 +1709,7 @@ mod tests {
         assert!(done.reports.is_empty());
 
         let d = p.evaluate(&mut host());
-        let (mut flow, calls) = RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None);
+        let (mut flow, calls) = RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None, None);
         for i in 0..calls.len() {
             let reply = ratelimit_proto::ReserveResponse {
                 code: Code::Ok as i32,

@@ -661,6 +661,7 @@ mod tests {
     fn plan(user: &str, amount: u64) -> PlannedReservation {
         PlannedReservation {
             category: TokenCategory::Total,
+            cost_limit: None,
             descriptor: RateLimitDescriptor {
                 entries: vec![DescriptorEntry {
                     key: "limit.per-user".into(),

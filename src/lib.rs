@@ -18,6 +18,7 @@
 pub mod attributes;
 mod cel;
 pub mod config;
+pub mod cost;
 pub mod estimate;
 pub mod filter;
 pub mod flow;

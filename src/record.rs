@@ -17,9 +17,9 @@
 //! | `admission` | how it was admitted or refused, see [`Admission`] |
 //! | `model` | the request body's `model` where the filter read the body, else the response's |
 //! | `usage` | `{source, prompt, completion, total, cached, cache_write, reasoning}`: tokens charged, and where they came from ([`Source`]); a figure the response did not report is absent |
-//! | `limits` | one `{name, tokens, enforcement, outcome}` per limit that applied ([`LimitOutcome`]) |
+//! | `limits` | one `{name, tokens, enforcement, outcome, charged}` per limit that applied ([`LimitOutcome`]; `charged`: tokens of its category, or its cost) |
 //! | `counters` | the counter values the limits used, keyed by their expression |
-//! | `reserved` | reservation mode: tokens held per category before the upstream (`{"total": 120}`) |
+//! | `reserved` | reservation mode: tokens held per category before the upstream (`{"total": 120}`; `cost`: the holds of the cost limits, summed) |
 
 use crate::config::{Enforcement, TokenCategory};
 use crate::usage::Usage;
@@ -156,6 +156,9 @@ pub struct LimitRecord {
     pub enforcement: Enforcement,
     /// What it said of the request.
     pub outcome: LimitOutcome,
+    /// What the request charged it: tokens of its category, or (`tokens: cost`) its cost in
+    /// the unit of its rates.
+    pub charged: u64,
 }
 
 /// The tokens a record shows: what was charged, and its source.
@@ -235,6 +238,7 @@ impl UsageRecord {
                 tokens,
                 enforcement,
                 outcome: LimitOutcome::RefusedOnError,
+                charged: 0,
             }],
             counters: BTreeMap::new(),
             reserved: BTreeMap::new(),
@@ -282,6 +286,7 @@ mod tests {
                 tokens: TokenCategory::Total,
                 enforcement: Enforcement::Shadow,
                 outcome: LimitOutcome::ShadowLimited,
+                charged: 42,
             }],
             counters: [("auth.identity.userid".to_string(), "user-2".to_string())].into(),
             reserved: [("total", 120)].into(),
@@ -294,7 +299,7 @@ mod tests {
                 "admission": "reserved",
                 "model": "gpt-4o-mini",
                 "usage": {"source": "estimated", "prompt": 12, "completion": 30, "total": 42, "cached": 4},
-                "limits": [{"name": "gold", "tokens": "total", "enforcement": "shadow", "outcome": "shadow_limited"}],
+                "limits": [{"name": "gold", "tokens": "total", "enforcement": "shadow", "outcome": "shadow_limited", "charged": 42}],
                 "counters": {"auth.identity.userid": "user-2"},
                 "reserved": {"total": 120}
             })

@@ -12,7 +12,7 @@
 use crate::config::TokenCategory;
 use crate::flow::ServiceFailure;
 use crate::policy::PlannedReservation;
-use crate::usage::Usage;
+use crate::cost::Spent;
 use prost::Message;
 use ratelimit_proto::{Code, DescriptorStatus, ReserveRequest, ReserveResponse};
 
@@ -152,9 +152,9 @@ impl Reservations {
         }
     }
 
-    /// What each reservation admitted from a lease spent: its category's tokens of `usage`
-    /// (`None`: the request did not reach the upstream, and spent nothing).
-    pub fn leased(&self, usage: Option<&Usage>) -> Vec<LeasedSpend> {
+    /// What each reservation admitted from a lease spent: its category's tokens (or its cost)
+    /// of `spent` (`None`: the request did not reach the upstream, and spent nothing).
+    pub fn leased(&self, spent: Option<&Spent>) -> Vec<LeasedSpend> {
         self.plans
             .iter()
             .zip(&self.holds)
@@ -165,7 +165,7 @@ impl Reservations {
                     category: plan.category,
                     index,
                     amount: plan.amount,
-                    actual: usage.and_then(|u| u.tokens(plan.category)).unwrap_or(0),
+                    actual: spent.map_or(0, |s| s.amount(plan.category, plan.cost_limit)),
                 }),
                 _ => None,
             })
@@ -274,18 +274,17 @@ impl Reservations {
         out
     }
 
-    /// The commits a finished request owes. `usage`: what it spent when it reached the upstream
-    /// (`None`: it did not, and costs nothing). A granted hold is committed with its
-    /// category's actual tokens (0 releases it); a reservation that was not granted (the
-    /// failure mode let the request through) still charges what was spent, committed without
-    /// an id, which counts like a report.
-    pub fn commits(&self, usage: Option<&Usage>) -> Vec<CommitOrder> {
-        let actual = |c: TokenCategory| usage.and_then(|u| u.tokens(c)).unwrap_or(0);
+    /// The commits a finished request owes. `spent`: what it spent when it reached the
+    /// upstream (`None`: it did not, and costs nothing). A granted hold is committed with its
+    /// category's actual tokens, or its actual cost (0 releases it); a reservation that was
+    /// not granted (the failure mode let the request through) still charges what was spent,
+    /// committed without an id, which counts like a report.
+    pub fn commits(&self, spent: Option<&Spent>) -> Vec<CommitOrder> {
         self.plans
             .iter()
             .zip(&self.holds)
             .filter_map(|(plan, hold)| {
-                let actual = actual(plan.category);
+                let actual = spent.map_or(0, |s| s.amount(plan.category, plan.cost_limit));
                 let reservation_id = match hold {
                     Hold::Granted(id) => id.clone(),
                     // Charged through the lease.
@@ -306,12 +305,14 @@ impl Reservations {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::usage::Usage;
     use ratelimit_proto::{Entry, RateLimitDescriptor};
     use std::time::Duration;
 
     fn plan(category: TokenCategory, amount: u64) -> PlannedReservation {
         PlannedReservation {
             category,
+            cost_limit: None,
             descriptor: RateLimitDescriptor {
                 entries: vec![Entry {
                     key: format!("limit.{}", category.as_str()),
@@ -415,7 +416,7 @@ mod tests {
             total: Some(37),
             ..Usage::default()
         };
-        let commits = r.commits(Some(&usage));
+        let commits = r.commits(Some(&Spent::tokens(usage)));
         assert_eq!(commits.len(), 2);
         assert_eq!(
             (commits[0].reservation_id.as_str(), commits[0].actual),
@@ -426,6 +427,28 @@ mod tests {
             ("", 7)
         );
         // Nothing spent and nothing held: nothing owed.
-        assert_eq!(r.commits(Some(&Usage::default())).len(), 1);
+        assert_eq!(r.commits(Some(&Spent::default())).len(), 1);
+    }
+
+    #[test]
+    fn a_cost_reservation_commits_its_own_limits_cost() {
+        let cost = |limit: usize| PlannedReservation {
+            category: TokenCategory::Cost,
+            cost_limit: Some(limit),
+            ..plan(TokenCategory::Cost, 50)
+        };
+        let mut r = Reservations::new(vec![cost(2), cost(5), plan(TokenCategory::Total, 9)]);
+        for i in 0..3 {
+            r.on_reply(i, Ok(&reply(Code::Ok, &format!("r{i}"))));
+        }
+        let spent = Spent {
+            usage: Usage {
+                total: Some(40),
+                ..Usage::default()
+            },
+            costs: vec![(5, 700), (2, 1234)],
+        };
+        let actual: Vec<u64> = r.commits(Some(&spent)).iter().map(|c| c.actual).collect();
+        assert_eq!(actual, vec![1234, 700, 40]);
     }
 }

@@ -123,7 +123,7 @@ fn check(policy: &Policy, reply: &[u8], body: &[u8]) {
 fn reserve(policy: &Policy, reply: &[u8], body: &[u8]) {
     let decision = policy.evaluate(&mut host());
     let (mut flow, requests) =
-        RequestFlow::start_reservation(policy, decision, "/v1/chat/completions", None);
+        RequestFlow::start_reservation(policy, decision, "/v1/chat/completions", None, None);
     for index in 0..requests.len() {
         if let Some(Verdict::Limited { reply, .. }) = flow.on_reserve_reply(policy, index, Ok(reply)) {
             assert_eq!(reply.status, 429);

@@ -67,8 +67,115 @@ const HINTS: [(&str, &str); 8] = [
 
 /// Refuses a free identifier that is neither an attribute root nor the variable of an
 /// enclosing macro, and a call of a function that does not exist.
+#[cfg(test)]
 pub(crate) fn check_names(e: &Expression) -> Result<(), String> {
     check(e, &mut Vec::new())
+}
+
+/// [`check_names`] for an expression that also sees `variables` (a cost expression's
+/// `usage`).
+pub(crate) fn check_names_with(e: &Expression, variables: &[&str]) -> Result<(), String> {
+    check(e, &mut variables.iter().map(|v| v.to_string()).collect())
+}
+
+/// Refuses a read of the `usage` variable (a cost expression's) that is not one of `fields`:
+/// `usage.promt`, `usage["x"]`, or `usage` as a whole.
+pub(crate) fn check_fields_of(
+    e: &Expression,
+    variable: &str,
+    fields: &[&str],
+) -> Result<(), String> {
+    let unknown = |name: &str| {
+        format!(
+            "`{variable}.{name}` is not a usage figure; `{variable}` has {}",
+            fields
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let mut result = Ok(());
+    walk(e, &mut |x| {
+        if result.is_err() {
+            return false;
+        }
+        match x {
+            Expression::Member(target, member)
+                if matches!(target.as_ref(), Expression::Ident(n) if n.as_str() == variable) =>
+            {
+                let name = match member.as_ref() {
+                    Member::Attribute(name) => Some(name.as_str()),
+                    Member::Index(i) => match i.as_ref() {
+                        Expression::Atom(Atom::String(s)) => Some(s.as_str()),
+                        _ => None,
+                    },
+                    Member::Fields(_) => None,
+                };
+                match name {
+                    Some(n) if fields.contains(&n) => {}
+                    Some(n) => result = Err(unknown(n)),
+                    None => {
+                        result = Err(format!(
+                            "read `{variable}` by a constant field name, e.g. `{variable}.prompt`"
+                        ))
+                    }
+                }
+                false
+            }
+            Expression::Ident(n) if n.as_str() == variable => {
+                result = Err(format!(
+                    "read one figure of `{variable}` at a time, e.g. `{variable}.prompt`"
+                ));
+                false
+            }
+            _ => true,
+        }
+    });
+    result
+}
+
+/// Calls `f` on `e` and, while `f` returns true, on the expressions below it.
+fn walk(e: &Expression, f: &mut dyn FnMut(&Expression) -> bool) {
+    if !f(e) {
+        return;
+    }
+    match e {
+        Expression::Arithmetic(a, _, b)
+        | Expression::Relation(a, _, b)
+        | Expression::Or(a, b)
+        | Expression::And(a, b) => {
+            walk(a, f);
+            walk(b, f);
+        }
+        Expression::Ternary(a, b, c) => {
+            walk(a, f);
+            walk(b, f);
+            walk(c, f);
+        }
+        Expression::Unary(_, a) => walk(a, f),
+        Expression::Member(t, m) => {
+            walk(t, f);
+            match m.as_ref() {
+                Member::Index(i) => walk(i, f),
+                Member::Fields(fields) => fields.iter().for_each(|(_, v)| walk(v, f)),
+                Member::Attribute(_) => {}
+            }
+        }
+        Expression::FunctionCall(func, target, args) => {
+            walk(func, f);
+            if let Some(t) = target {
+                walk(t, f);
+            }
+            args.iter().for_each(|a| walk(a, f));
+        }
+        Expression::List(items) => items.iter().for_each(|x| walk(x, f)),
+        Expression::Map(entries) => entries.iter().for_each(|(k, v)| {
+            walk(k, f);
+            walk(v, f);
+        }),
+        Expression::Atom(_) | Expression::Ident(_) => {}
+    }
 }
 
 fn known_function(name: &str) -> bool {
@@ -78,6 +185,7 @@ fn known_function(name: &str) -> bool {
 fn unknown_identifier(name: &str) -> String {
     let hint = match name {
         "response" => " (response attributes are not known before the upstream answers: the policy is evaluated before)".to_string(),
+        "usage" => " (the usage is known after the response: only a `tokens: cost` limit's `cost` expression reads it)".to_string(),
         "headers" => " (the request headers are `request.headers`)".to_string(),
         "identity" => " (the identity an auth filter left is `auth.identity`)".to_string(),
         "path" | "url_path" | "method" | "host" => format!(" (did you mean `request.{name}`?)"),
@@ -241,6 +349,10 @@ fn attribute_type(e: &Expression) -> Option<&'static str> {
         }
         return None;
     };
+    if root.as_str() == crate::policy::USAGE_VARIABLE {
+        // Only a cost expression gets this far with it (`check_names_with`).
+        return Some(if name.as_str() == "model" { "string" } else { "int" });
+    }
     match attributes::known_field(root, name)? {
         Field::Value(kind) => Some(kind.cel_type()),
         Field::Headers => Some("map"),

@@ -89,6 +89,11 @@ pub mod names {
     pub const TOKENS_PROMPT: &str = "token_ratelimit.tokens_reported.prompt";
     /// Tokens queued for report, category `completion`.
     pub const TOKENS_COMPLETION: &str = "token_ratelimit.tokens_reported.completion";
+    /// Cost queued for report by `tokens: cost` limits (in their units, summed).
+    pub const TOKENS_COST: &str = "token_ratelimit.tokens_reported.cost";
+    /// Costs that could not be computed (an expression that failed or was not a non-negative
+    /// integer, a cost above `u64::MAX`): the fallback was charged instead.
+    pub const COST_ERRORS: &str = "token_ratelimit.cost_errors";
 }
 
 /// The counters every checked request moves: summed in the VM and added to the proxy's on the
@@ -108,6 +113,8 @@ pub enum Hot {
     TokensCompletion,
     /// [`names::REQUESTS_LEASED`].
     Leased,
+    /// [`names::TOKENS_COST`].
+    TokensCost,
 }
 
 impl Hot {
@@ -117,18 +124,20 @@ impl Hot {
             TokenCategory::Total => Hot::TokensTotal,
             TokenCategory::Prompt => Hot::TokensPrompt,
             TokenCategory::Completion => Hot::TokensCompletion,
+            TokenCategory::Cost => Hot::TokensCost,
         }
     }
 }
 
 /// The names of [`Hot`]'s counters, in its order.
-const HOT_NAMES: [&str; 6] = [
+const HOT_NAMES: [&str; 7] = [
     names::CHECKED,
     names::ALLOWED,
     names::TOKENS_TOTAL,
     names::TOKENS_PROMPT,
     names::TOKENS_COMPLETION,
     names::REQUESTS_LEASED,
+    names::TOKENS_COST,
 ];
 
 /// Per limit: `token_ratelimit.limit_requests.<limit>.<outcome>`, requests by what the limit
@@ -152,7 +161,7 @@ struct LimitCounts {
 pub struct Metrics {
     ids: HashMap<String, Option<u32>>,
     /// Increments of the [`Hot`] counters not yet added to the proxy's.
-    hot: [u64; 6],
+    hot: [u64; 7],
     /// Per limit, the counts of [`LIMIT_REQUESTS`] and [`LIMIT_TOKENS`] not yet added.
     limits: Vec<LimitCounts>,
 }

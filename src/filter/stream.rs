@@ -29,7 +29,7 @@ use crate::flow::{
 };
 use crate::policy::{Decision, Policy};
 use crate::record::UsageRecord;
-use crate::usage::{Format, Usage, UsageEventWithholder};
+use crate::usage::{Format, UsageEventWithholder};
 use ratelimit_proto::{CHECK_RATE_LIMIT, KUADRANT_SERVICE, RESERVE};
 use std::rc::Rc;
 
@@ -378,7 +378,7 @@ impl StreamFilter {
             let limit = refusal.limit.clone();
             if let Some(l) = policy.limits.iter().find(|l| l.name == limit) {
                 let record = UsageRecord::refused_on_error(&l.name, l.tokens, l.enforcement);
-                self.record_usage(host, &record, None);
+                self.record_usage(host, &record);
             }
             let verdict = Verdict::Unevaluable {
                 reply: crate::flow::unevaluable_reply(&limit),
@@ -394,16 +394,18 @@ impl StreamFilter {
             .map(|b| RequestBound::of_request(&self.path, b));
         // Reservation mode: the `Reserve`s are encoded at the admission, for what no lease
         // admits.
+        let model = request_model(self.body_json.as_ref());
         let calls: Vec<(usize, Vec<u8>)> = if self.reserving(policy) {
-            self.flow = RequestFlow::reserving(policy, decision, &self.path, bound);
+            self.flow = RequestFlow::reserving(policy, decision, &self.path, bound, model);
+            self.record_cost_errors(host);
             Vec::new()
         } else {
             let (flow, check) = RequestFlow::start(policy, decision, &self.path);
             self.flow = flow;
             self.flow.set_request_bound(bound);
+            self.flow.set_request_model(model);
             self.flow.check_calls(policy, check)
         };
-        self.flow.set_request_model(request_model(self.body_json.as_ref()));
         self.flow.on_request_body_len(body_bytes);
         if complete {
             self.flow.on_request_complete();
@@ -718,8 +720,9 @@ impl StreamFilter {
             return;
         };
         let mut done = self.flow.finish(&policy);
+        self.record_cost_errors(host);
         if let Some(record) = done.record.take() {
-            self.record_usage(host, &record, done.usage.as_ref());
+            self.record_usage(host, &record);
         }
         let commits = std::mem::take(&mut done.commits);
         let leased = std::mem::take(&mut done.leased);
@@ -767,15 +770,37 @@ impl StreamFilter {
 
     /// Ends the request's account: its usage record goes where the proxy's access log reads it
     /// (filter state `wasm.token_ratelimit`; not with `usage.record: false`), and each of its
-    /// limits counts its outcome and the tokens of `usage` it spends.
-    fn record_usage(&self, host: &mut impl Host, record: &UsageRecord, usage: Option<&Usage>) {
+    /// limits counts its outcome and what it was charged.
+    fn record_usage(&self, host: &mut impl Host, record: &UsageRecord) {
         if self.policy.as_ref().is_some_and(|p| p.usage.record) {
             host.set_property(crate::record::PROPERTY, &record.to_json());
         }
         let mut shared = self.shared.borrow_mut();
         for l in &record.limits {
-            let spent = usage.and_then(|u| u.tokens(l.tokens)).unwrap_or(0);
-            shared.metrics.limit(&l.name, l.tokens, l.outcome, spent);
+            shared.metrics.limit(&l.name, l.tokens, l.outcome, l.charged);
+        }
+    }
+
+    /// Counts and logs the costs the flow could not compute (`cost_errors`; the first of
+    /// each limit at warn level, later ones at debug).
+    fn record_cost_errors(&mut self, host: &mut impl Host) {
+        let errors = self.flow.take_cost_errors();
+        if errors.is_empty() {
+            return;
+        }
+        let mut shared = self.shared.borrow_mut();
+        for e in errors {
+            shared.metrics.inc(host, names::COST_ERRORS);
+            let key = e.split(':').next().unwrap_or_default().to_string();
+            if shared.first_warning(key) {
+                host_log!(
+                    host,
+                    Warn,
+                    "{e} (charged the fallback; logged once, then at debug level)"
+                );
+            } else {
+                host_log!(host, Debug, "{e} (charged the fallback)");
+            }
         }
     }
 

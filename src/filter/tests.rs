@@ -1424,8 +1424,8 @@ fn a_shadow_limit_over_budget_lets_the_request_through_marked_while_the_enforced
     assert_eq!(
         r["limits"],
         serde_json::json!([
-            {"name": "per-user", "tokens": "total", "enforcement": "enforce", "outcome": "allowed"},
-            {"name": "trial", "tokens": "total", "enforcement": "shadow", "outcome": "shadow_limited"}
+            {"name": "per-user", "tokens": "total", "enforcement": "enforce", "outcome": "allowed", "charged": 7},
+            {"name": "trial", "tokens": "total", "enforcement": "shadow", "outcome": "shadow_limited", "charged": 7}
         ])
     );
     // Spent like any other: the report carries both limits.

@@ -3,8 +3,8 @@
 
 use super::binding::Binding;
 use super::{
-    CompiledExpr, Limit, Policy, Rate, ReservationSettings, ServiceSettings, UsageSettings,
-    LIMIT_ENTRY_PREFIX,
+    CompiledExpr, Cost, Limit, Policy, Rate, ReservationSettings, ServiceSettings, UsageSettings,
+    LIMIT_ENTRY_PREFIX, USAGE_FIELDS, USAGE_VARIABLE,
 };
 use crate::attributes::{self, Attribute};
 use crate::cel::checked::checked_arithmetic;
@@ -13,8 +13,9 @@ use crate::cel::guards::{
     body_json_as_attribute, check_literals, check_macro_arguments, nested_deeper_than,
     MAX_EXPRESSION_BYTES, MAX_EXPRESSION_DEPTH,
 };
-use crate::cel::vocabulary::{check_names, static_type};
-use crate::config::{self, ConfigError, Fallback, PluginConfig};
+use crate::cel::vocabulary::{check_fields_of, check_names_with, static_type};
+use crate::config::{self, ConfigError, Fallback, PluginConfig, TokenCategory};
+use crate::cost::PriceTable;
 use crate::usage::UsagePaths;
 use cel_parser::{Atom, Expression, Member};
 
@@ -55,6 +56,8 @@ enum Place {
     Counter,
     /// A reservation amount: an int or uint.
     Amount,
+    /// A cost: an int or uint, over the `usage` variable too.
+    Cost,
 }
 
 impl Place {
@@ -62,7 +65,7 @@ impl Place {
     fn check_type(self, found: &str) -> Result<(), String> {
         match (self, found) {
             (Place::Predicate, "bool")
-            | (Place::Amount, "int" | "uint")
+            | (Place::Amount | Place::Cost, "int" | "uint")
             | (Place::Counter, "string" | "int" | "uint" | "double" | "bool" | "list" | "map") => {
                 Ok(())
             }
@@ -71,6 +74,9 @@ impl Place {
             )),
             (Place::Amount, t) => Err(format!(
                 "a reservation amount must be an int or uint (tokens), and this expression is a {t}"
+            )),
+            (Place::Cost, t) => Err(format!(
+                "a cost must be an int or uint (in the unit of the limit's rates), and this expression is a {t}"
             )),
             (Place::Counter, t) => Err(format!(
                 "a counter must be a string, number, bool, list or map, and this expression is a {t}"
@@ -251,7 +257,14 @@ impl Policy {
                 ));
             }
             check_macro_arguments(&expr).map_err(|e| field(&at, e))?;
-            check_names(&expr).map_err(|e| field(&at, e))?;
+            let variables: &[&str] = match place {
+                Place::Cost => &[USAGE_VARIABLE],
+                _ => &[],
+            };
+            check_names_with(&expr, variables).map_err(|e| field(&at, e))?;
+            if let Place::Cost = place {
+                check_fields_of(&expr, USAGE_VARIABLE, &USAGE_FIELDS).map_err(|e| field(&at, e))?;
+            }
             if let Some(found) = static_type(&expr) {
                 place.check_type(found).map_err(|e| field(&at, e))?;
             }
@@ -353,6 +366,41 @@ impl Policy {
                 .and_then(|r| r.ttl.as_deref())
                 .map(|t| duration(t, &format!("{at}.reservation.ttl")))
                 .transpose()?;
+            let cost = match (limit.tokens, &limit.cost, &limit.prices) {
+                (TokenCategory::Cost, Some(_), Some(_)) => {
+                    return Err(field(
+                        format!("{at}.prices"),
+                        "a limit computes its cost by a `cost` expression or by a `prices` table, not both",
+                    ))
+                }
+                (TokenCategory::Cost, Some(c), None) => Some(Cost::Expression(compile_expr(
+                    c,
+                    format!("{at}.cost"),
+                    Place::Cost,
+                )?)),
+                (TokenCategory::Cost, None, Some(p)) => Some(Cost::Prices(
+                    PriceTable::compile(p).map_err(|e| field(format!("{at}.prices.models"), e))?,
+                )),
+                (TokenCategory::Cost, None, None) => {
+                    return Err(field(
+                        format!("{at}.tokens"),
+                        "`tokens: cost` needs a `cost` expression or a `prices` table",
+                    ))
+                }
+                (_, Some(_), _) => {
+                    return Err(field(
+                        format!("{at}.cost"),
+                        "a `cost` expression needs `tokens: cost`",
+                    ))
+                }
+                (_, _, Some(_)) => {
+                    return Err(field(
+                        format!("{at}.prices"),
+                        "a `prices` table needs `tokens: cost`",
+                    ))
+                }
+                (_, None, None) => None,
+            };
             limits.push(Limit {
                 entry_key: format!("{LIMIT_ENTRY_PREFIX}{name}"),
                 name: name.clone(),
@@ -360,6 +408,7 @@ impl Policy {
                 when,
                 counters,
                 tokens: limit.tokens,
+                cost,
                 reservation_amount,
                 reservation_ttl,
                 on_error: limit.on_error,
@@ -384,7 +433,11 @@ impl Policy {
                 .when
                 .iter_mut()
                 .chain(limit.counters.iter_mut())
-                .chain(limit.reservation_amount.iter_mut());
+                .chain(limit.reservation_amount.iter_mut())
+                .chain(limit.cost.iter_mut().filter_map(|c| match c {
+                    Cost::Expression(e) => Some(e),
+                    Cost::Prices(_) => None,
+                }));
             for e in exprs {
                 for b in Binding::for_expression(&e.attributes, &attributes) {
                     let idx = match bindings.iter().position(|x| *x == b) {
@@ -426,6 +479,7 @@ impl Policy {
             bindings,
             encoded_domain,
             context: root_context(),
+            usage_keys: Default::default(),
         })
     }
 

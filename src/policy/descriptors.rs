@@ -16,15 +16,20 @@ impl Policy {
     }
 
     /// The descriptor for a `Report` of `category` tokens: only the applied limits that spend
-    /// that category, or `None` when none does.
+    /// that category (for `cost`, limit `cost_limit` alone: each computes its own cost), or
+    /// `None` when none does.
     pub fn report_descriptor(
         &self,
         applied: &[Applied],
         category: TokenCategory,
+        cost_limit: Option<usize>,
     ) -> Option<RateLimitDescriptor> {
         let mut matching = applied
             .iter()
-            .filter(|a| self.limits.get(a.limit).map(|l| l.tokens) == Some(category))
+            .filter(|a| {
+                self.limits.get(a.limit).map(|l| l.tokens) == Some(category)
+                    && (category != TokenCategory::Cost || cost_limit == Some(a.limit))
+            })
             .peekable();
         matching.peek()?;
         Some(self.descriptor(matching))
@@ -116,16 +121,20 @@ impl Policy {
         out
     }
 
-    /// The token categories the applied limits spend: each once, in [`TokenCategory`] order.
-    /// An out-of-range [`Applied::limit`] is skipped.
-    pub fn categories_in(&self, applied: &[Applied]) -> Vec<TokenCategory> {
-        let mut cats: Vec<TokenCategory> = applied
+    /// What the applied limits spend, as `(category, cost limit)`: each token category once,
+    /// with `None`, and each `tokens: cost` limit with its index, in [`TokenCategory`] order
+    /// (then limit order). An out-of-range [`Applied::limit`] is skipped.
+    pub fn spends_in(&self, applied: &[Applied]) -> Vec<(TokenCategory, Option<usize>)> {
+        let mut spends: Vec<(TokenCategory, Option<usize>)> = applied
             .iter()
-            .filter_map(|a| self.limits.get(a.limit).map(|l| l.tokens))
+            .filter_map(|a| {
+                let l = self.limits.get(a.limit)?;
+                Some((l.tokens, (l.tokens == TokenCategory::Cost).then_some(a.limit)))
+            })
             .collect();
-        cats.sort();
-        cats.dedup();
-        cats
+        spends.sort();
+        spends.dedup();
+        spends
     }
 }
 
@@ -146,20 +155,20 @@ mod tests {
         let d = p.evaluate(&mut host("/v1/chat/completions", "u", "free"));
         assert_eq!(d.applied.len(), 2);
         assert_eq!(
-            p.categories_in(&d.applied),
-            vec![TokenCategory::Total, TokenCategory::Completion]
+            p.spends_in(&d.applied),
+            vec![(TokenCategory::Total, None), (TokenCategory::Completion, None)]
         );
         let total = p
-            .report_descriptor(&d.applied, TokenCategory::Total)
+            .report_descriptor(&d.applied, TokenCategory::Total, None)
             .unwrap();
         assert_eq!(total.entries[0].key, "limit.free");
         assert_eq!(total.entries.len(), 2);
         let completion = p
-            .report_descriptor(&d.applied, TokenCategory::Completion)
+            .report_descriptor(&d.applied, TokenCategory::Completion, None)
             .unwrap();
         assert_eq!(completion.entries[0].key, "limit.gold");
         assert!(p
-            .report_descriptor(&d.applied, TokenCategory::Prompt)
+            .report_descriptor(&d.applied, TokenCategory::Prompt, None)
             .is_none());
         // The check descriptor has both limits and one shared counter entry.
         let check = p.check_descriptor(&d.applied);

@@ -1,7 +1,7 @@
 //! Evaluating a [`Policy`] for one request: each limit's predicates, then its counters, over
 //! attributes fetched lazily from the host (each at most once per request).
 
-use super::{Applied, CompiledExpr, Decision, EvalError, Policy};
+use super::{Applied, CompiledExpr, Cost, CostInputs, Decision, EvalError, Policy};
 use crate::attributes::{self, AttributeHost};
 use crate::config::OnError;
 use cel_interpreter::objects::Key;
@@ -71,6 +71,13 @@ impl Policy {
                     }
                 }
             }
+            if let Some(Cost::Expression(e)) = &limit.cost {
+                // Evaluated with the usage, after the response: only its attributes now.
+                decision.costs.push(CostInputs {
+                    limit: index,
+                    values: eval.capture(e),
+                });
+            }
             decision.applied.push(Applied {
                 limit: index,
                 counters,
@@ -132,15 +139,32 @@ impl Evaluation<'_, '_> {
 
     /// Evaluates `expr` for this request: its value, or the interpreter's error as text.
     fn run(&mut self, expr: &CompiledExpr) -> Result<Value, String> {
-        // Fetch what this expression reads (in order, each attribute once per request), then
-        // bind its root variables, each built once per request.
+        let policy = self.policy;
+        let mut scope = policy.context.new_inner_scope();
+        self.bind(expr, |b, value| {
+            if let Some(binding) = policy.bindings.get(b) {
+                scope.add_variable_from_value(binding.name.as_str(), value);
+            }
+        });
+        scope.resolve(&expr.expr).map_err(|e| describe(&e))
+    }
+
+    /// The root variables `expr` sees, captured for its evaluation after the response.
+    fn capture(&mut self, expr: &CompiledExpr) -> Vec<(usize, Value)> {
+        let mut out = Vec::with_capacity(expr.bindings.len());
+        self.bind(expr, |b, value| out.push((b, value)));
+        out
+    }
+
+    /// Hands `f` each root variable `expr` sees, as (index into the bindings, value): what it
+    /// reads is fetched (in order, each attribute once per request), each root built once per
+    /// request.
+    fn bind(&mut self, expr: &CompiledExpr, mut f: impl FnMut(usize, Value)) {
         for &i in &expr.attributes {
             self.fetch(i);
         }
-        let policy = self.policy;
-        let mut scope = policy.context.new_inner_scope();
         for &b in &expr.bindings {
-            let Some(binding) = policy.bindings.get(b) else {
+            let Some(binding) = self.policy.bindings.get(b) else {
                 continue;
             };
             let value = match self.roots.get(b) {
@@ -153,9 +177,8 @@ impl Evaluation<'_, '_> {
                     v
                 }
             };
-            scope.add_variable_from_value(binding.name.as_str(), value);
+            f(b, value);
         }
-        scope.resolve(&expr.expr).map_err(|e| describe(&e))
     }
 }
 

@@ -21,6 +21,7 @@
 
 mod binding;
 mod compile;
+mod cost;
 mod descriptors;
 mod evaluate;
 mod reservations;
@@ -36,6 +37,8 @@ use crate::usage::UsagePaths;
 use binding::Binding;
 use cel_interpreter::Context;
 use cel_parser::Expression;
+pub use cost::{Cost, CostInputs};
+pub(crate) use cost::{USAGE_FIELDS, USAGE_VARIABLE};
 pub use reservations::PlannedReservation;
 use std::time::Duration;
 
@@ -90,6 +93,8 @@ pub struct Limit {
     pub counters: Vec<CompiledExpr>,
     /// The usage figure the limit spends.
     pub tokens: TokenCategory,
+    /// With `tokens: cost` (and only then): how the request's cost is computed.
+    pub cost: Option<Cost>,
     /// Tokens to reserve for this limit (a CEL int or uint), overriding the request's own
     /// bound in reservation mode.
     pub reservation_amount: Option<CompiledExpr>,
@@ -219,6 +224,8 @@ pub struct Policy {
     /// The shared CEL context (functions only); each evaluation binds its variables in a
     /// child scope.
     context: Context<'static>,
+    /// The keys of the `usage` map a cost expression sees, allocated once.
+    usage_keys: cost::UsageKeys,
 }
 
 impl std::fmt::Debug for Policy {
@@ -275,6 +282,9 @@ pub struct Decision {
     /// Expressions that failed. Evaluation stops at the first one of a limit with
     /// `onError: deny` (see [`Decision::refusal`]).
     pub errors: Vec<EvalError>,
+    /// The request attributes each applied limit's `cost` expression reads, captured for its
+    /// evaluation after the response ([`Policy::cost`]).
+    pub costs: Vec<CostInputs>,
 }
 
 impl Decision {

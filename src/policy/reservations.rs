@@ -1,8 +1,9 @@
 //! What reservation mode reserves for a request: one `Reserve` per token category (and per
 //! distinct amount or hold time), over the descriptor of the limits that spend it.
 
-use super::{Applied, Policy};
+use super::{Applied, CostInputs, Policy};
 use crate::config::TokenCategory;
+use crate::cost::CostUsage;
 use crate::estimate::RequestBound;
 use ratelimit_proto::RateLimitDescriptor;
 use std::time::Duration;
@@ -12,6 +13,9 @@ use std::time::Duration;
 pub struct PlannedReservation {
     /// The token category the limits spend (the commit carries the actual figure of it).
     pub category: TokenCategory,
+    /// With category `cost`: the limit whose cost this is (each cost limit reserves apart,
+    /// and its commit carries its own cost); `None` otherwise.
+    pub cost_limit: Option<usize>,
     /// The descriptor of those limits (as [`Policy::report_descriptor`] builds it).
     pub descriptor: RateLimitDescriptor,
     /// Tokens to hold.
@@ -27,23 +31,31 @@ pub struct PlannedReservation {
 
 impl Policy {
     /// The reservations of a request to which `applied` limits apply. `bound`: what the request
-    /// declares about itself (its body in hand), else `None`.
+    /// declares about itself (its body in hand), else `None`; `costs` and `model`: what the
+    /// cost expressions read of the request, and its model (empty: unknown).
     ///
     /// Per limit, the amount is its own `reservation.amount` when it has one, else the
     /// request's bound in the limit's category (prompt estimate, declared completion maximum or
     /// `reservation.defaultAmount` when none is declared, or their sum for `total`), else
     /// `reservation.defaultAmount`; always capped by `reservation.maxAmount` and by the
-    /// limit's smallest rate (a larger hold could never be admitted). Limits of one category
-    /// with the same amount and hold time share one reservation, shadow limits apart from
-    /// enforced ones.
+    /// limit's smallest rate (a larger hold could never be admitted). A `tokens: cost` limit
+    /// holds the cost of that bound ([`CostUsage::bound`]: each figure capped by
+    /// `reservation.maxAmount`), capped by its smallest rate; a cost that cannot be computed
+    /// is charged as [`Policy::charge_cost`] says, its reason pushed on `errors`. Limits of
+    /// one category with the same amount and hold time share one reservation, shadow limits
+    /// apart from enforced ones, each cost limit apart from the others.
     pub fn plan_reservations(
         &self,
         applied: &[Applied],
         bound: Option<RequestBound>,
+        costs: &[CostInputs],
+        model: &str,
+        errors: &mut Vec<String>,
     ) -> Vec<PlannedReservation> {
         let r = &self.reservation;
         struct Group<'a> {
             category: TokenCategory,
+            cost_limit: Option<usize>,
             amount: u64,
             ttl: Duration,
             shadow: bool,
@@ -56,22 +68,33 @@ impl Policy {
                 continue;
             };
             let category = limit.tokens;
-            let base = bound.map_or(r.default_amount, |b| b.tokens(category, r.default_amount));
             let smallest_rate = limit
                 .rates
                 .iter()
                 .map(|x| x.limit)
                 .min()
                 .unwrap_or(u64::MAX);
-            let amount = a
-                .amount
-                .unwrap_or(base)
-                .min(r.max_amount)
-                .min(smallest_rate);
+            let cost_limit = (category == TokenCategory::Cost).then_some(a.limit);
+            let amount = match (a.amount, cost_limit) {
+                (Some(own), None) => own.min(r.max_amount),
+                (Some(own), Some(_)) => own,
+                (None, Some(index)) => {
+                    let u = CostUsage::bound(bound.as_ref(), r.default_amount, r.max_amount, model);
+                    self.charge_cost(index, costs, &u, || None, errors)
+                }
+                (None, None) => bound
+                    .map_or(r.default_amount, |b| b.tokens(category, r.default_amount))
+                    .min(r.max_amount),
+            }
+            .min(smallest_rate);
             let ttl = limit.reservation_ttl.unwrap_or(r.ttl);
             let shadow = limit.is_shadow();
             match groups.iter_mut().find(|g| {
-                g.category == category && g.amount == amount && g.ttl == ttl && g.shadow == shadow
+                g.category == category
+                    && g.cost_limit == cost_limit
+                    && g.amount == amount
+                    && g.ttl == ttl
+                    && g.shadow == shadow
             }) {
                 Some(group) => {
                     group.capacity = group.capacity.min(smallest_rate);
@@ -79,6 +102,7 @@ impl Policy {
                 }
                 None => groups.push(Group {
                     category,
+                    cost_limit,
                     amount,
                     ttl,
                     shadow,
@@ -91,6 +115,7 @@ impl Policy {
             .into_iter()
             .map(|g| PlannedReservation {
                 category: g.category,
+                cost_limit: g.cost_limit,
                 descriptor: self.descriptor(g.members.into_iter()),
                 amount: g.amount,
                 ttl: g.ttl,
@@ -121,7 +146,7 @@ mod tests {
         let mut host = MockHost::with_request_headers(&[("x-user", "alice")]);
         let d = p.evaluate(&mut host);
         assert!(d.errors.is_empty(), "{:?}", d.errors);
-        p.plan_reservations(&d.applied, bound)
+        p.plan_reservations(&d.applied, bound, &d.costs, "", &mut Vec::new())
             .into_iter()
             .map(|r| {
                 let keys = r

@@ -85,9 +85,11 @@ pub struct Usage {
 
 impl Usage {
     /// Tokens spent in `category`. The total falls back to prompt + completion (an absent one
-    /// counting 0, saturating at `u64::MAX`); `None` when the response reported none of them.
+    /// counting 0, saturating at `u64::MAX`); `None` when the response reported none of them,
+    /// and for `cost` (not a usage figure: [`crate::cost`] computes it from these).
     pub fn tokens(&self, category: TokenCategory) -> Option<u64> {
         match category {
+            TokenCategory::Cost => None,
             TokenCategory::Prompt => self.prompt,
             TokenCategory::Completion => self.completion,
             TokenCategory::Total => self.total.or(match (self.prompt, self.completion) {
