@@ -11,10 +11,10 @@
 //! ```
 
 use crate::config::{AdmissionMode, ErrorCharge, FailureMode, Fallback, TokenCategory};
+use crate::cost::{CostUsage, Spent};
 use crate::estimate::{RequestBound, TextCounter, TextKeys, WORD_CHARS_PER_TOKEN};
 pub use crate::filter::LocalReply;
 use crate::headers::most_restrictive;
-use crate::cost::{CostUsage, Spent};
 use crate::policy::{Applied, CostInputs, Decision, Policy};
 use crate::record::{
     Admission, LimitOutcome, LimitRecord, Source, Status, UsageFigures, UsageRecord,
@@ -1314,7 +1314,8 @@ mod tests {
         assert_eq!(retry, expected);
         // Reservation mode: a Reserve refused without statuses, the same.
         let d = p.evaluate(&mut host());
-        let (mut flow, calls) = RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None, None);
+        let (mut flow, calls) =
+            RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None, None);
         let refused = ratelimit_proto::ReserveResponse {
             code: Code::OverLimit as i32,
             ..Default::default()
@@ -1554,7 +1555,8 @@ mod tests {
     /// read: `bound`.
     fn reserved(p: &Policy, bound: Option<RequestBound>) -> RequestFlow {
         let d = p.evaluate(&mut host());
-        let (mut flow, calls) = RequestFlow::start_reservation(p, d, "/v1/chat/completions", bound, None);
+        let (mut flow, calls) =
+            RequestFlow::start_reservation(p, d, "/v1/chat/completions", bound, None);
         flow.on_request_body_chunk(CHAT_REQUEST);
         flow.on_request_complete();
         let mut verdict = None;
@@ -1709,7 +1711,8 @@ mod tests {
         assert!(done.reports.is_empty());
 
         let d = p.evaluate(&mut host());
-        let (mut flow, calls) = RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None, None);
+        let (mut flow, calls) =
+            RequestFlow::start_reservation(&p, d, "/v1/chat/completions", None, None);
         for i in 0..calls.len() {
             let reply = ratelimit_proto::ReserveResponse {
                 code: Code::Ok as i32,
@@ -1787,5 +1790,191 @@ mod tests {
         flow.on_response_status(Some(200), Responder::Upstream);
         flow.on_response_body(b"data: {\"choices\":[]}\n\n");
         assert_eq!(flow.finish(&p).charge, Charge::Estimated);
+    }
+
+    /// Two cost limits (a prices table, a CEL expression over the response) beside a token
+    /// limit: `onError` deny on the expression.
+    fn cost_policy(mode: &str) -> Policy {
+        Policy::from_json(
+            format!(
+                r#"{{"rateLimitService": {{"cluster": "rl", "domain": "llm", "mode": "{mode}"}},
+                "reservation": {{"defaultAmount": 50, "maxAmount": 1000}},
+                "limits": {{
+                  "tokens": {{"rates": [{{"limit": 100000, "window": "1m"}}]}},
+                  "dollars": {{"rates": [{{"limit": 1000000, "window": "30d"}}], "tokens": "cost",
+                    "counters": [{{"expression": "request.headers[\"x-user\"]"}}],
+                    "prices": {{"models": {{"m": {{"prompt": 2000000, "cached": 200000, "completion": 8000000}}}},
+                               "default": {{"prompt": 1, "completion": 1}}}}}},
+                  "weighted": {{"rates": [{{"limit": 1000000, "window": "1d"}}], "tokens": "cost",
+                    "cost": "usage.prompt - 2 * usage.cached + usage.completion * 4"}}
+                }}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    const CACHED_RESPONSE: &[u8] = br#"{"model":"m-2025-01-01","usage":{"prompt_tokens":100,"completion_tokens":10,"total_tokens":110,"prompt_tokens_details":{"cached_tokens":40}}}"#;
+
+    #[test]
+    fn each_cost_limit_reports_its_own_cost_beside_the_tokens_of_a_token_limit() {
+        let p = cost_policy("checkReport");
+        let mut flow = allowed(&p);
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(200), Responder::Upstream);
+        flow.on_response_body(CACHED_RESPONSE);
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Reported);
+        let reports: Vec<(TokenCategory, u64, Vec<String>)> = done
+            .reports
+            .iter()
+            .map(|r| {
+                let limits = r
+                    .descriptor
+                    .entries
+                    .iter()
+                    .filter(|e| e.key.starts_with("limit."))
+                    .map(|e| e.key.clone())
+                    .collect();
+                (r.category, r.tokens, limits)
+            })
+            .collect();
+        // dollars (the response's model `m-2025-01-01` is priced as `m`): 60 × 2 + 40 × 0.2
+        // + 10 × 8 = 208; weighted: 100 - 80 + 40 = 60.
+        assert_eq!(
+            reports,
+            vec![
+                (TokenCategory::Total, 110, vec!["limit.tokens".to_string()]),
+                (TokenCategory::Cost, 208, vec!["limit.dollars".to_string()]),
+                (TokenCategory::Cost, 60, vec!["limit.weighted".to_string()]),
+            ]
+        );
+        // The counter of the cost limit rides with its report.
+        assert!(done.reports[1]
+            .descriptor
+            .entries
+            .iter()
+            .any(|e| e.value == "alice"));
+        let record = done.record.unwrap();
+        let charged: Vec<(&str, u64)> = record
+            .limits
+            .iter()
+            .map(|l| (l.name.as_str(), l.charged))
+            .collect();
+        assert_eq!(
+            charged,
+            [("dollars", 208), ("tokens", 110), ("weighted", 60)]
+        );
+        // checkReport without the body read: the response's model, priced as `m`.
+        assert_eq!(record.model.as_deref(), Some("m-2025-01-01"));
+        assert!(flow.take_cost_errors().is_empty());
+    }
+
+    #[test]
+    fn a_cost_that_fails_on_the_reported_usage_is_charged_over_the_estimate_and_counted() {
+        let p = cost_policy("checkReport");
+        let mut flow = allowed(&p);
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(200), Responder::Upstream);
+        // 90 of 100 prompt tokens cached: `weighted` is negative.
+        flow.on_response_body(
+            br#"{"usage":{"prompt_tokens":100,"completion_tokens":1,"total_tokens":101,"prompt_tokens_details":{"cached_tokens":90}}}"#,
+        );
+        let done = flow.finish(&p);
+        let weighted = done
+            .reports
+            .iter()
+            .find(|r| r.descriptor.entries[0].key == "limit.weighted")
+            .map(|r| r.tokens);
+        // The estimate: the request's 7 prompt tokens, nothing generated in text, no cache.
+        assert_eq!(weighted, Some(CHAT_REQUEST_TOKENS));
+        let errors = flow.take_cost_errors();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("limit `weighted`"), "{errors:?}");
+        assert!(errors[0].contains("negative"), "{errors:?}");
+    }
+
+    #[test]
+    fn reservation_mode_holds_the_cost_of_the_bound_and_commits_the_actual_cost() {
+        let p = cost_policy("reservation");
+        let bound = RequestBound {
+            prompt: 20,
+            completion: Some(5000),
+        };
+        let d = p.evaluate(&mut host());
+        let (mut flow, calls) = RequestFlow::start_reservation(
+            &p,
+            d,
+            "/v1/chat/completions",
+            Some(bound),
+            Some("m".into()),
+        );
+        let plans: Vec<(TokenCategory, Option<usize>, u64)> = flow
+            .reservations()
+            .plans()
+            .iter()
+            .map(|r| (r.category, r.cost_limit, r.amount))
+            .collect();
+        // Each figure of a cost limit's bound is capped at reservation.maxAmount (1000):
+        // dollars holds 20 × 2 + 1000 × 8 = 8040, weighted 20 + 4000; a token limit's whole
+        // hold is capped: 1000.
+        assert_eq!(
+            plans,
+            vec![
+                (TokenCategory::Cost, Some(0), 8040),
+                (TokenCategory::Total, None, 1000),
+                (TokenCategory::Cost, Some(2), 4020),
+            ]
+        );
+        flow.on_request_body_chunk(CHAT_REQUEST);
+        flow.on_request_complete();
+        for i in 0..calls.len() {
+            let reply = ratelimit_proto::ReserveResponse {
+                code: Code::Ok as i32,
+                reservation_id: format!("h{i}"),
+                statuses: Vec::new(),
+                hold_ttl: None,
+            };
+            flow.on_reserve_reply(&p, i, Ok(&reply.encode_to_vec()));
+        }
+        flow.on_response_headers(&p, Some("application/json"), None);
+        flow.on_response_status(Some(200), Responder::Upstream);
+        flow.on_response_body(CACHED_RESPONSE);
+        let done = flow.finish(&p);
+        assert_eq!(
+            committed(&done),
+            vec![
+                ("h0".to_string(), 208),
+                ("h1".to_string(), 110),
+                ("h2".to_string(), 60)
+            ]
+        );
+        assert_eq!(
+            done.record.map(|r| r.reserved),
+            Some([("cost", 8040 + 4020), ("total", 1000)].into())
+        );
+    }
+
+    #[test]
+    fn a_request_that_hangs_up_is_charged_the_cost_of_its_declared_bound() {
+        let p = cost_policy("reservation");
+        let bound = Some(RequestBound {
+            prompt: 20,
+            completion: Some(100),
+        });
+        let mut flow = reserved(&p, bound);
+        flow.on_response_body(b"");
+        let done = flow.finish(&p);
+        assert_eq!(done.charge, Charge::Declared);
+        // No model read with the body (`reserved` passes none) and none answered: the
+        // default row, 1 per million of each.
+        assert_eq!(
+            committed(&done),
+            vec![
+                ("h0".to_string(), 1),
+                ("h1".to_string(), 120),
+                ("h2".to_string(), 420)
+            ]
+        );
     }
 }

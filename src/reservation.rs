@@ -10,9 +10,9 @@
 //! and absent from Limitador's answers.
 
 use crate::config::TokenCategory;
+use crate::cost::Spent;
 use crate::flow::ServiceFailure;
 use crate::policy::PlannedReservation;
-use crate::cost::Spent;
 use prost::Message;
 use ratelimit_proto::{Code, DescriptorStatus, ReserveRequest, ReserveResponse};
 

@@ -101,8 +101,7 @@ pub(crate) fn check_fields_of(
             return false;
         }
         match x {
-            Expression::Member(target, member)
-                if matches!(target.as_ref(), Expression::Ident(n) if n.as_str() == variable) =>
+            Expression::Member(target, member) if matches!(target.as_ref(), Expression::Ident(n) if n.as_str() == variable) =>
             {
                 let name = match member.as_ref() {
                     Member::Attribute(name) => Some(name.as_str()),
@@ -351,7 +350,11 @@ fn attribute_type(e: &Expression) -> Option<&'static str> {
     };
     if root.as_str() == crate::policy::USAGE_VARIABLE {
         // Only a cost expression gets this far with it (`check_names_with`).
-        return Some(if name.as_str() == "model" { "string" } else { "int" });
+        return Some(if name.as_str() == "model" {
+            "string"
+        } else {
+            "int"
+        });
     }
     match attributes::known_field(root, name)? {
         Field::Value(kind) => Some(kind.cel_type()),

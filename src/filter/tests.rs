@@ -1677,3 +1677,54 @@ fn a_request_that_ends_while_its_shadow_check_is_pending_costs_nothing() {
         (&"client_aborted".into(), &"pending".into())
     );
 }
+
+#[test]
+fn a_cost_limit_reports_its_cost_counts_it_and_a_failing_cost_is_warned_once_and_counted() {
+    // `cost` is 3 per completion token minus 10: negative for short answers.
+    let cfg = r#"{"rateLimitService": {"cluster": "rl", "domain": "llm", "mode": "checkReport"},
+        "limits": {"spend": {"rates": [{"limit": 100000, "window": "30d"}], "tokens": "cost",
+          "counters": [{"expression": "request.headers['x-user']"}],
+          "cost": "usage.completion * 3 - 10"}}}"#;
+    let mut host = MockHost::with_configuration(cfg.as_bytes().to_vec());
+    host.effective_context = ROOT;
+    let mut root = RootFilter::new(ROOT);
+    assert!(root.on_configure(&mut host));
+    chat_headers(&mut host);
+    // 20 completion tokens: 50; then 2: -4, an error, charged the estimate's cost instead.
+    for (id, total) in [(2, 21), (3, 3)] {
+        let mut stream = root.new_stream(id);
+        assert_eq!(stream.on_request_headers(&mut host, true), Action::Pause);
+        answer(&mut stream, &mut host, 0, ok_reply(90));
+        serve(&mut stream, &mut host, total);
+        let record = record(&host);
+        let charged = &record["limits"][0]["charged"];
+        assert_eq!(record["limits"][0]["tokens"], "cost", "{record}");
+        if id == 2 {
+            assert_eq!(charged, 50, "{record}");
+        } else {
+            // The estimate: no request text read, the response's text (none): 0 × 3 - 10 <
+            // 0 again, so the limit's smallest rate is charged (onError deny).
+            assert_eq!(charged, 100000, "{record}");
+        }
+    }
+    assert_eq!(
+        host.counter(names::COST_ERRORS),
+        2,
+        "the usage's, then the fallback's"
+    );
+    let warned: Vec<&str> = host.logged(Level::Warn);
+    assert_eq!(warned.len(), 1, "{warned:?}");
+    assert!(
+        warned[0].contains("limit `spend`: cost failed"),
+        "{warned:?}"
+    );
+    host.effective_context = ROOT;
+    root.on_tick(&mut host);
+    let hits: Vec<u32> = reports(&host).iter().map(|r| r.hits_addend).collect();
+    assert_eq!(hits, vec![50 + 100000]);
+    assert_eq!(host.counter(names::TOKENS_COST), 100050);
+    assert_eq!(
+        host.counter("token_ratelimit.limit_tokens.spend.cost"),
+        100050
+    );
+}

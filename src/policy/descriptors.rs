@@ -129,7 +129,10 @@ impl Policy {
             .iter()
             .filter_map(|a| {
                 let l = self.limits.get(a.limit)?;
-                Some((l.tokens, (l.tokens == TokenCategory::Cost).then_some(a.limit)))
+                Some((
+                    l.tokens,
+                    (l.tokens == TokenCategory::Cost).then_some(a.limit),
+                ))
             })
             .collect();
         spends.sort();
@@ -156,7 +159,10 @@ mod tests {
         assert_eq!(d.applied.len(), 2);
         assert_eq!(
             p.spends_in(&d.applied),
-            vec![(TokenCategory::Total, None), (TokenCategory::Completion, None)]
+            vec![
+                (TokenCategory::Total, None),
+                (TokenCategory::Completion, None)
+            ]
         );
         let total = p
             .report_descriptor(&d.applied, TokenCategory::Total, None)
