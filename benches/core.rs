@@ -6,7 +6,9 @@
 //! - `descriptor/*`: the check descriptor and the encoded `CheckRateLimit` request;
 //! - `json/*`: usage extraction from a non-streamed response of 1 KB and 1 MB;
 //! - `sse/*`: usage extraction from a streamed response (1 MB of OpenAI chunks) in MB/s;
-//! - `request/*`: the `stream_options.include_usage` decision on a 1 KB chat request body.
+//! - `request/*`: the `stream_options.include_usage` decision on a 1 KB chat request body;
+//! - `cost/*`: one response's cost for a `tokens: cost` limit, by a price table of two models
+//!   and by the equivalent CEL expression.
 
 // A benchmark is test code: its inputs are constants, and one that fails to parse is a bug in
 // the benchmark, to be reported at once.
@@ -211,11 +213,58 @@ fn request(c: &mut Criterion) {
     g.finish();
 }
 
+/// A cost limit priced by a table, and one by a CEL expression computing the same cost for
+/// the model asked for (`requestBodyJSON('/model')`).
+const COST: &str = r#"{
+  "rateLimitService": {"cluster": "ratelimit", "domain": "llm"},
+  "requestBody": {"allowOnHeadersStopIteration": true},
+  "limits": {
+    "prices": {"rates": [{"limit": 100000000, "window": "30d"}], "tokens": "cost",
+      "prices": {"models": {"gpt-4o": {"prompt": 2500000, "cached": 250000, "completion": 10000000},
+                            "claude-sonnet": {"prompt": 3000000, "cached": 300000, "completion": 15000000}},
+                 "default": {"prompt": 1000000, "completion": 1000000}}},
+    "expression": {"rates": [{"limit": 100000000, "window": "30d"}], "tokens": "cost",
+      "cost": "requestBodyJSON('/model') == 'gpt-4o' ? ((usage.prompt - usage.cached) * 2500000 + usage.cached * 250000 + usage.completion * 10000000 + 999999) / 1000000 : ((usage.prompt - usage.cached) * 3000000 + usage.cached * 300000 + usage.completion * 15000000 + 999999) / 1000000"}
+  }
+}"#;
+
+fn cost(c: &mut Criterion) {
+    use token_ratelimit::cost::CostUsage;
+    let p = Policy::from_json(COST.as_bytes()).expect("the cost policy compiles");
+    let mut h = host();
+    h.body_json = Some(serde_json::json!({"model": "gpt-4o"}));
+    let d = p.evaluate(&mut h);
+    assert_eq!(d.applied.len(), 2, "{:?}", d.errors);
+    let usage = CostUsage {
+        prompt: 1200,
+        completion: 300,
+        total: 1500,
+        cached: 1000,
+        model: "gpt-4o-2024-08-06",
+        ..CostUsage::default()
+    };
+    let index = |name: &str| p.limits.iter().position(|l| l.name == name).expect("a limit");
+    let (by_table, by_expression) = (index("prices"), index("expression"));
+    let prices = p.cost(by_table, &d.costs, &usage).expect("priced");
+    assert_eq!(
+        p.cost(by_expression, &d.costs, &usage),
+        Ok(prices),
+        "the same cost both ways"
+    );
+    let mut g = c.benchmark_group("cost");
+    for (name, limit) in [("prices", by_table), ("expression", by_expression)] {
+        g.bench_function(name, |b| {
+            b.iter(|| black_box(p.cost(limit, black_box(&d.costs), black_box(&usage))))
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(std::time::Duration::from_millis(500))
         .measurement_time(std::time::Duration::from_secs(2));
-    targets = policy, descriptor, json, sse, request
+    targets = policy, descriptor, json, sse, request, cost
 }
 criterion_main!(benches);
