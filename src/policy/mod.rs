@@ -39,7 +39,7 @@ use cel_interpreter::Context;
 use cel_parser::Expression;
 pub use cost::{Cost, CostInputs};
 pub(crate) use cost::{USAGE_FIELDS, USAGE_VARIABLE};
-pub use reservations::PlannedReservation;
+pub use reservations::{PlannedReservation, UNPRICED_HOLD};
 use std::time::Duration;
 
 /// Prefix of the descriptor entry that marks a limit as applying: `limit.<name>` = `"1"`.

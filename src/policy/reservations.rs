@@ -8,6 +8,11 @@ use crate::estimate::RequestBound;
 use ratelimit_proto::RateLimitDescriptor;
 use std::time::Duration;
 
+/// What a cost limit holds for a request whose bound cannot be priced: 1, so that a spent
+/// budget still refuses it (a `Reserve` is admitted while counter + holds + amount ≤ the
+/// limit), while nothing more is held than is known.
+pub const UNPRICED_HOLD: u64 = 1;
+
 /// One `Reserve` a request makes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedReservation {
@@ -40,8 +45,10 @@ impl Policy {
     /// `reservation.defaultAmount`; always capped by `reservation.maxAmount` and by the
     /// limit's smallest rate (a larger hold could never be admitted). A `tokens: cost` limit
     /// holds the cost of that bound ([`CostUsage::bound`]: each figure capped by
-    /// `reservation.maxAmount`), capped by its smallest rate; a cost that cannot be computed
-    /// is charged as [`Policy::charge_cost`] says, its reason pushed on `errors`. Limits of
+    /// `reservation.maxAmount`), capped by its smallest rate; when that cost cannot be
+    /// computed (the model is not known before the response, say), it holds
+    /// [`UNPRICED_HOLD`], its reason pushed on `errors` (the commit still charges the actual
+    /// cost, or [`Policy::charge_cost`]'s fallback). Limits of
     /// one category with the same amount and hold time share one reservation, shadow limits
     /// apart from enforced ones, each cost limit apart from the others.
     pub fn plan_reservations(
@@ -80,7 +87,10 @@ impl Policy {
                 (Some(own), Some(_)) => own,
                 (None, Some(index)) => {
                     let u = CostUsage::bound(bound.as_ref(), r.default_amount, r.max_amount, model);
-                    self.charge_cost(index, costs, &u, || None, errors)
+                    self.cost(index, costs, &u).unwrap_or_else(|reason| {
+                        errors.push(format!("limit `{}`: cost failed: {reason}", limit.name));
+                        UNPRICED_HOLD
+                    })
                 }
                 (None, None) => bound
                     .map_or(r.default_amount, |b| b.tokens(category, r.default_amount))
@@ -226,6 +236,37 @@ mod tests {
                 20,
                 vec!["limit.d-completion".to_string()]
             )
+        );
+    }
+
+    #[test]
+    fn a_cost_limit_holds_its_bounds_cost_and_one_unit_when_the_bound_cannot_be_priced() {
+        let p = Policy::from_json(
+            br#"{"rateLimitService": {"cluster": "rl", "domain": "llm"},
+                "reservation": {"defaultAmount": 30, "maxAmount": 500},
+                "limits": {"by-model": {"rates": [{"limit": 100000, "window": "1d"}], "tokens": "cost",
+                  "cost": "{'big': 10, 'small': 1}[usage.model] * (usage.prompt + usage.completion)"}}}"#,
+        )
+        .unwrap();
+        let d = p.evaluate(&mut MockHost::default());
+        let bound = Some(RequestBound {
+            prompt: 12,
+            completion: Some(100),
+        });
+        let mut errors = Vec::new();
+        let plans = p.plan_reservations(&d.applied, bound, &d.costs, "big", &mut errors);
+        assert_eq!(
+            (plans[0].category, plans[0].cost_limit, plans[0].amount),
+            (TokenCategory::Cost, Some(0), 1120)
+        );
+        assert!(errors.is_empty());
+        // No model before the response: the cost is unknown; one unit is held, and said.
+        let plans = p.plan_reservations(&d.applied, bound, &d.costs, "", &mut errors);
+        assert_eq!(plans[0].amount, UNPRICED_HOLD);
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].starts_with("limit `by-model`: cost failed"),
+            "{errors:?}"
         );
     }
 }
