@@ -1557,10 +1557,17 @@ mod tests {
         let d = p.evaluate(&mut host());
         let (mut flow, calls) =
             RequestFlow::start_reservation(p, d, "/v1/chat/completions", bound, None);
+        grant(p, &mut flow, calls.len());
+        flow
+    }
+
+    /// Sends the whole request body, then grants the `n` reservations of `flow` (ids `h0`,
+    /// `h1`, ...): the request is admitted.
+    fn grant(p: &Policy, flow: &mut RequestFlow, n: usize) {
         flow.on_request_body_chunk(CHAT_REQUEST);
         flow.on_request_complete();
         let mut verdict = None;
-        for i in 0..calls.len() {
+        for i in 0..n {
             let reply = ratelimit_proto::ReserveResponse {
                 code: Code::Ok as i32,
                 reservation_id: format!("h{i}"),
@@ -1570,7 +1577,6 @@ mod tests {
             verdict = flow.on_reserve_reply(p, i, Ok(&reply.encode_to_vec()));
         }
         assert_eq!(verdict, Some(Verdict::Allow));
-        flow
     }
 
     fn tokens(done: &Finished) -> Vec<(TokenCategory, u64)> {
@@ -1829,13 +1835,7 @@ mod tests {
             .reports
             .iter()
             .map(|r| {
-                let limits = r
-                    .descriptor
-                    .entries
-                    .iter()
-                    .filter(|e| e.key.starts_with("limit."))
-                    .map(|e| e.key.clone())
-                    .collect();
+                let limits = crate::policy::test_support::limit_keys(&r.descriptor);
                 (r.category, r.tokens, limits)
             })
             .collect();
@@ -1926,17 +1926,7 @@ mod tests {
                 (TokenCategory::Cost, Some(2), 4020),
             ]
         );
-        flow.on_request_body_chunk(CHAT_REQUEST);
-        flow.on_request_complete();
-        for i in 0..calls.len() {
-            let reply = ratelimit_proto::ReserveResponse {
-                code: Code::Ok as i32,
-                reservation_id: format!("h{i}"),
-                statuses: Vec::new(),
-                hold_ttl: None,
-            };
-            flow.on_reserve_reply(&p, i, Ok(&reply.encode_to_vec()));
-        }
+        grant(&p, &mut flow, calls.len());
         flow.on_response_headers(&p, Some("application/json"), None);
         flow.on_response_status(Some(200), Responder::Upstream);
         flow.on_response_body(CACHED_RESPONSE);

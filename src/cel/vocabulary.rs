@@ -135,7 +135,7 @@ pub(crate) fn check_fields_of(
 }
 
 /// Calls `f` on `e` and, while `f` returns true, on the expressions below it.
-fn walk(e: &Expression, f: &mut dyn FnMut(&Expression) -> bool) {
+pub(crate) fn walk(e: &Expression, f: &mut dyn FnMut(&Expression) -> bool) {
     if !f(e) {
         return;
     }

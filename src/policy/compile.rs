@@ -13,7 +13,7 @@ use crate::cel::guards::{
     body_json_as_attribute, check_literals, check_macro_arguments, nested_deeper_than,
     MAX_EXPRESSION_BYTES, MAX_EXPRESSION_DEPTH,
 };
-use crate::cel::vocabulary::{check_fields_of, check_names_with, static_type};
+use crate::cel::vocabulary::{check_fields_of, check_names_with, static_type, walk};
 use crate::config::{self, ConfigError, Fallback, PluginConfig, TokenCategory};
 use crate::cost::PriceTable;
 use crate::usage::UsagePaths;
@@ -508,50 +508,15 @@ impl Policy {
 /// constant-string indexing rooted at an attribute root (`request.headers["x-api-key"]` gives
 /// `request.headers.x-api-key`).
 fn collect_paths(e: &Expression, out: &mut Vec<Vec<String>>) {
-    if let Some(path) = attribute_path(e) {
-        if !out.contains(&path) {
-            out.push(path);
-        }
-        return;
-    }
-    match e {
-        Expression::Arithmetic(a, _, b)
-        | Expression::Relation(a, _, b)
-        | Expression::Or(a, b)
-        | Expression::And(a, b) => {
-            collect_paths(a, out);
-            collect_paths(b, out);
-        }
-        Expression::Ternary(a, b, c) => {
-            collect_paths(a, out);
-            collect_paths(b, out);
-            collect_paths(c, out);
-        }
-        Expression::Unary(_, a) => collect_paths(a, out),
-        Expression::Member(target, member) => {
-            collect_paths(target, out);
-            match member.as_ref() {
-                Member::Index(i) => collect_paths(i, out),
-                Member::Fields(fields) => fields.iter().for_each(|(_, v)| collect_paths(v, out)),
-                Member::Attribute(_) => {}
+    walk(e, &mut |x| match attribute_path(x) {
+        Some(path) => {
+            if !out.contains(&path) {
+                out.push(path);
             }
+            false
         }
-        Expression::FunctionCall(func, target, args) => {
-            collect_paths(func, out);
-            if let Some(t) = target {
-                collect_paths(t, out);
-            }
-            args.iter().for_each(|a| collect_paths(a, out));
-        }
-        Expression::List(items) => items.iter().for_each(|x| collect_paths(x, out)),
-        Expression::Map(entries) => {
-            for (k, v) in entries {
-                collect_paths(k, out);
-                collect_paths(v, out);
-            }
-        }
-        Expression::Atom(_) | Expression::Ident(_) => {}
-    }
+        None => true,
+    });
 }
 
 /// The attribute path `e` reads when it is a chain of field selections and constant-string

@@ -159,13 +159,7 @@ mod tests {
         p.plan_reservations(&d.applied, bound, &d.costs, "", &mut Vec::new())
             .into_iter()
             .map(|r| {
-                let keys = r
-                    .descriptor
-                    .entries
-                    .iter()
-                    .filter(|e| e.key.starts_with("limit."))
-                    .map(|e| e.key.clone())
-                    .collect();
+                let keys = crate::policy::test_support::limit_keys(&r.descriptor);
                 (r.category, r.amount, r.ttl.as_secs(), keys)
             })
             .collect()

@@ -43,3 +43,12 @@ pub(crate) fn host(path: &str, user: &str, groups: &str) -> MapHost {
 pub(crate) fn refused(cfg: &str) -> ConfigError {
     Policy::from_json(cfg.as_bytes()).unwrap_err()
 }
+
+/// The `limit.<name>` keys of a descriptor, in order.
+pub(crate) fn limit_keys(d: &ratelimit_proto::RateLimitDescriptor) -> Vec<String> {
+    d.entries
+        .iter()
+        .filter(|e| e.key.starts_with(super::LIMIT_ENTRY_PREFIX))
+        .map(|e| e.key.clone())
+        .collect()
+}
