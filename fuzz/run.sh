@@ -3,7 +3,7 @@
 # executions, executions per second, corpus size and outcome. Used by `make fuzz`.
 #
 #   FUZZ_SECONDS    seconds per target (default 60)
-#   FUZZ_TARGETS    targets to run (default: all five)
+#   FUZZ_TARGETS    targets to run (default: all six)
 #   FUZZ_SANITIZER  none (default) or address. `none` builds on the stable toolchain as is;
 #                   address needs `-Zsanitizer=address`, allowed on stable with RUSTC_BOOTSTRAP=1.
 #
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 seconds=${FUZZ_SECONDS:-60}
-targets=${FUZZ_TARGETS:-config cel_eval usage_json sse check_reply}
+targets=${FUZZ_TARGETS:-config cel_eval usage_json sse check_reply cost}
 sanitizer=${FUZZ_SANITIZER:-none}
 if [ "$sanitizer" != none ]; then
     export RUSTC_BOOTSTRAP=1

@@ -7,7 +7,9 @@
 //! ```
 //!
 //! The `cel_eval` seeds are not written here: its input is decoded with `arbitrary`, so its
-//! seeds are a few inputs a fuzzing run found, kept after `cargo fuzz cmin`.
+//! seeds are a few inputs a fuzzing run found, kept after `cargo fuzz cmin`. Nor are the
+//! `cost` seeds: `text-*.cel` are written by hand (a mode byte 0, a cost expression, a newline,
+//! bytes for the request and usages), `gen-*` and `prices-*` were found by a fuzzing run.
 
 use prost::Message;
 use ratelimit_proto::{Code, DescriptorStatus, HeaderValue, RateLimit, RateLimitResponse, Unit};

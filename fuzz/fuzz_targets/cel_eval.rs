@@ -325,7 +325,7 @@ fuzz_target!(|req: Request| {
         assert_eq!(a.counters.len(), policy.limits[a.limit].counters.len());
     }
     for category in [TokenCategory::Total, TokenCategory::Prompt, TokenCategory::Completion] {
-        let _ = policy.report_descriptor(&decision.applied, category);
+        let _ = policy.report_descriptor(&decision.applied, category, None);
     }
     let (flow, check) = RequestFlow::start(policy, decision, &req.path);
     assert_eq!(flow.is_limited(), check.is_some());

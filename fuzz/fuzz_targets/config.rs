@@ -64,7 +64,12 @@ fn exercise(policy: &Policy) {
         assert_eq!(a.counters.len(), policy.limits[a.limit].counters.len());
     }
     for category in [TokenCategory::Total, TokenCategory::Prompt, TokenCategory::Completion] {
-        let _ = policy.report_descriptor(&decision.applied, category);
+        let _ = policy.report_descriptor(&decision.applied, category, None);
+    }
+    for a in &decision.applied {
+        if policy.limits[a.limit].tokens == TokenCategory::Cost {
+            assert!(policy.report_descriptor(&decision.applied, TokenCategory::Cost, Some(a.limit)).is_some());
+        }
     }
     let _ = RequestFlow::start(policy, decision, "/v1/chat/completions");
 }
