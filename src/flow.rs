@@ -931,7 +931,8 @@ impl RequestFlow {
 
     /// What the request spends: `usage` (charged as `charge` says), and the cost of each
     /// `tokens: cost` limit that applies. A cost that cannot be computed over reported usage
-    /// is computed over the fallback's ([`Policy::charge_cost`]).
+    /// with cached, cache-write or reasoning tokens is computed again without them
+    /// ([`Policy::charge_cost`]'s fallback).
     fn spent(&mut self, policy: &Policy, charge: Charge, usage: Usage) -> Spent {
         let is_cost = |a: &Applied| policy.limits.get(a.limit).is_some_and(|l| l.cost.is_some());
         if !self.applied.iter().any(is_cost) {
@@ -941,16 +942,21 @@ impl RequestFlow {
         let charged = CostUsage::charged(&usage, &model);
         let mut errors = std::mem::take(&mut self.cost_errors);
         let mut costs = Vec::new();
+        // Reported usage whose cost fails is priced again without its breakdowns: the prompt,
+        // completion and total a token limit charges, none of it cached or reasoning.
+        let plain = CostUsage {
+            cached: 0,
+            cache_write: 0,
+            reasoning: 0,
+            ..charged.clone()
+        };
+        let has_breakdowns = plain != charged;
         for a in self.applied.iter().filter(|a| is_cost(a)) {
-            let fallback = || match charge {
-                Charge::Reported => self.fallback(policy).1,
-                _ => None,
-            };
             let cost = policy.charge_cost(
                 a.limit,
                 &self.costs,
                 &charged,
-                || fallback().map(|f| CostUsage::charged(&f, &model)),
+                || (charge == Charge::Reported && has_breakdowns).then(|| plain.clone()),
                 &mut errors,
             );
             costs.push((a.limit, cost));
@@ -1871,7 +1877,8 @@ mod tests {
     }
 
     #[test]
-    fn a_cost_that_fails_on_the_reported_usage_is_charged_over_the_estimate_and_counted() {
+    fn a_cost_that_fails_on_the_reported_usage_is_charged_over_it_without_cached_tokens_and_counted(
+    ) {
         let p = cost_policy("checkReport");
         let mut flow = allowed(&p);
         flow.on_response_headers(&p, Some("application/json"), None);
@@ -1886,8 +1893,8 @@ mod tests {
             .iter()
             .find(|r| r.descriptor.entries[0].key == "limit.weighted")
             .map(|r| r.tokens);
-        // The estimate: the request's 7 prompt tokens, nothing generated in text, no cache.
-        assert_eq!(weighted, Some(CHAT_REQUEST_TOKENS));
+        // Priced again as plain tokens: 100 prompt tokens, none cached, 1 completion token.
+        assert_eq!(weighted, Some(100 + 4));
         let errors = flow.take_cost_errors();
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(errors[0].contains("limit `weighted`"), "{errors:?}");

@@ -137,8 +137,9 @@ impl Policy {
     }
 
     /// What limit `limit` is charged for `usage`: its [`Policy::cost`]; when that fails, the
-    /// cost of what `fallback` gives (the usage `usage.fallback` charges a response without
-    /// usage; asked only then); when it gives none or that fails too, the limit's smallest
+    /// cost of what `fallback` gives (the flow's: reported usage without its cached,
+    /// cache-write and reasoning tokens; asked only then); when it gives none or that fails
+    /// too, the limit's smallest
     /// rate with `onError: deny` (its counter is spent for the window: a cost that cannot be
     /// computed fails closed), 0 with `skip`. Each failure is pushed on `errors`, naming the
     /// limit and the reason.
