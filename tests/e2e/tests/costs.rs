@@ -3,7 +3,9 @@
 //! response reports, in the unit of the limit's rates. Read back from the usage record's
 //! `limits[].charged`, the rate-limit service's counters (`GET /counters/llm`) and metrics, and
 //! Envoy's stats; in reservation mode (the shipped `mode: auto`) and in checkReport mode where
-//! the two differ.
+//! the two differ. The last tests run the worked example `envoy/cost-budget.yaml` (as shipped,
+//! then with a smaller budget): a monthly dollar budget per team across two models, beside a
+//! per-user token limit.
 //!
 //! The expected costs are computed here from the usage the responses reported, by the price
 //! formula of the configuration reference: ⌈(uncached prompt × prompt + cached × cached +
@@ -888,4 +890,212 @@ fn a_cost_limit_without_predicates_charges_a_user_who_also_spends_a_token_limit(
     );
     assert_counter(&stack, "gold", "user-2", usage.total());
     assert_counter(&stack, "spend", "user-2", cost(LARGE, usage));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The worked example: envoy/cost-budget.yaml
+
+const EXAMPLE: &str = "envoy/cost-budget.yaml";
+const ALICE: &str = "alice-key-red";
+const BOB: &str = "bob-key-red";
+const CAROL: &str = "carol-key-blue";
+
+/// The example's `gpt-4.1` row: 2 USD per million input tokens, 0.20 cached, 8 output.
+const GPT41: Row = Row {
+    prompt: 2_000_000,
+    cached: 200_000,
+    cache_write: 2_000_000,
+    completion: 8_000_000,
+    reasoning: 8_000_000,
+};
+/// The example's `claude-sonnet-4` row (and its default): 3 USD input, 0.30 cached, 3.75
+/// cache writes, 15 output.
+const SONNET: Row = Row {
+    prompt: 3_000_000,
+    cached: 300_000,
+    cache_write: 3_750_000,
+    completion: 15_000_000,
+    reasoning: 15_000_000,
+};
+
+#[test]
+fn the_cost_budget_example_charges_each_team_the_dollars_its_members_spend_on_both_models() {
+    let stack = Stack::start(Options {
+        config: Some(EXAMPLE),
+        ..Options::default()
+    });
+
+    // The service enforces what the example says: 50 USD (in micro-dollars) per team per 30
+    // days, 20,000 tokens per user per minute.
+    let limits: Value = serde_json::from_str(&stack.get(&format!(
+        "http://127.0.0.1:{}/limits/llm",
+        stack.ports.rls_http
+    )))
+    .expect("limits");
+    let mut shape: Vec<(String, u64, u64, Value)> = limits
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            (
+                l["name"].as_str().unwrap_or_default().to_string(),
+                n(&l["max_value"]),
+                n(&l["seconds"]),
+                l["variables"].clone(),
+            )
+        })
+        .collect();
+    shape.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        shape,
+        [
+            (
+                "team-budget".to_string(),
+                50_000_000,
+                30 * 86_400,
+                json!(["descriptors[0]['auth.identity.team']"])
+            ),
+            (
+                "user-tokens".to_string(),
+                20_000,
+                60,
+                json!(["descriptors[0]['auth.identity.userid']"])
+            ),
+        ]
+    );
+
+    let mut requests = 0;
+    let mut spend = |key: &str, path: &str, body: Value, headers: &[(&str, &str)], row: Row| {
+        let r = stack.post_with(path, Some(key), &body, headers);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let usage = &r.json()["usage"];
+        let figures = if path == "/v1/messages" {
+            Figures::anthropic(usage)
+        } else {
+            Figures::openai(usage)
+        };
+        requests += 1;
+        let (entry, record) = stack.await_record(requests);
+        let want = cost(row, figures);
+        assert_eq!(charged(&record, "team-budget"), want, "{record}");
+        assert_eq!(charged(&record, "user-tokens"), figures.total(), "{record}");
+        eprintln!("{key} {path}: usage {usage}, cost {want}; access log: {entry}");
+        (entry, figures, want)
+    };
+    let prompt = |words: usize| vec!["word"; words].join(" ");
+
+    // alice (red): gpt-4.1, then claude-sonnet-4 with 300 of 320 input tokens read from the
+    // cache, a tenth of the input price.
+    let (entry, _, a1) = spend(
+        ALICE,
+        CHAT,
+        json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": prompt(50)}], "max_tokens": 20}),
+        &[],
+        GPT41,
+    );
+    assert_eq!(
+        (&entry["user"], &entry["team"]),
+        (&json!("alice"), &json!("red"))
+    );
+    // 50 × 2 + 20 × 8.
+    assert_eq!(a1, 260);
+    let (_, f, a2) = spend(
+        ALICE,
+        "/v1/messages",
+        json!({"model": "claude-sonnet-4", "messages": [{"role": "user", "content": prompt(20)}], "max_tokens": 10}),
+        &[("x-simulator-cache-read-tokens", "300")],
+        SONNET,
+    );
+    assert_eq!((f.prompt, f.cached), (320, 300));
+    // 20 × 3 + 300 × 0.3 + 10 × 15, where the uncached prompt would cost 320 × 3 + 150.
+    assert_eq!((a2, cost(SONNET, f.uncached())), (300, 1110));
+    // bob (red): gpt-4.1 with 400 of 500 prompt tokens cached, a dated snapshot of the model.
+    let (_, f, b1) = spend(
+        BOB,
+        CHAT,
+        json!({"model": "gpt-4.1-2025-04-14", "messages": [{"role": "user", "content": prompt(500)}], "max_tokens": 5}),
+        &[("x-simulator-cache-read-tokens", "400")],
+        GPT41,
+    );
+    assert_eq!((f.prompt, f.cached), (500, 400));
+    // 100 × 2 + 400 × 0.2 + 5 × 8.
+    assert_eq!(b1, 320);
+    // carol (blue): a model the table does not name, at the default row (sonnet's prices).
+    let (_, _, c1) = spend(
+        CAROL,
+        CHAT,
+        json!({"model": "some-other-model", "messages": [{"role": "user", "content": prompt(10)}], "max_tokens": 10}),
+        &[],
+        SONNET,
+    );
+    assert_eq!(c1, 180);
+
+    // Each team's counter holds what its members spent; each user's what they used.
+    assert_counter(&stack, "team-budget", "red", a1 + a2 + b1);
+    assert_counter(&stack, "team-budget", "blue", c1);
+    assert_counter(&stack, "user-tokens", "alice", 70 + 330);
+    assert_counter(&stack, "user-tokens", "bob", 505);
+    assert_counter(&stack, "user-tokens", "carol", 20);
+    // And the filter's metrics, with the limit and category as Prometheus labels.
+    let prometheus = |labels: &str| {
+        let text = stack.get(&format!(
+            "http://127.0.0.1:{}/stats/prometheus",
+            stack.ports.admin
+        ));
+        let sample = format!("token_ratelimit_limit_tokens{{{labels}}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&sample))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let cost_labels = "limit=\"team-budget\",category=\"cost\"";
+    wait_until("the filter's metrics", Duration::from_secs(10), || {
+        prometheus(cost_labels) == a1 + a2 + b1 + c1
+    });
+    assert_eq!(prometheus(cost_labels), a1 + a2 + b1 + c1);
+    assert_eq!(
+        prometheus("limit=\"user-tokens\",category=\"total\""),
+        70 + 330 + 505 + 20
+    );
+}
+
+#[test]
+fn in_the_cost_budget_example_a_team_that_spent_its_budget_is_refused_and_the_other_is_served() {
+    // The example with a budget of 2,000 micro-dollars (0.002 USD) instead of 50 USD.
+    let stack = Stack::start(Options {
+        config: Some(EXAMPLE),
+        edits: vec![(
+            "- {limit: 50000000, window: 30d}".into(),
+            "- {limit: 2000, window: 30d}".into(),
+        )],
+        ..Options::default()
+    });
+    let body = json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": "hello there"}],
+                      "max_tokens": 100});
+    // Each request spends 2 × 2 + 100 × 8 = 804 and holds first the cost of its bound (its
+    // prompt estimate and max_tokens): alice, bob, then alice again do not fit in 2,000.
+    let hold = cost(
+        GPT41,
+        Figures {
+            prompt: e2e::prompt_estimate(CHAT, &body),
+            completion: 100,
+            ..Figures::default()
+        },
+    );
+    assert!(804 + hold <= 2000 && 2 * 804 + hold > 2000, "hold {hold}");
+    let mut statuses = Vec::new();
+    for key in [ALICE, BOB, ALICE] {
+        statuses.push(stack.post(CHAT, Some(key), &body).status);
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    let (_, record) = stack.await_record(3);
+    assert_eq!(
+        limit_entry(&record, "team-budget")["outcome"],
+        "limited",
+        "{record}"
+    );
+    assert_counter(&stack, "team-budget", "red", 2 * 804);
+    // Team blue's budget is its own.
+    assert_eq!(stack.post(CHAT, Some(CAROL), &body).status, 200);
+    assert_counter(&stack, "team-budget", "blue", 804);
 }
