@@ -36,8 +36,11 @@ $(ENVOY):
 ## Counters in memory. `make run REDIS=1`: in a redis-server started on 127.0.0.1:6379 (another
 ## port: REDIS_PORT=N); `make run REDIS_URL=redis://host:port`: in that Redis (see scripts/run.sh;
 ## make passes these variables from its command line or the environment to the script).
+## `make run ENVOY_CONFIG=envoy/cost-budget.yaml`: another Envoy configuration of the same stack
+## (its Limitador limits generated from it); default envoy/envoy.yaml.
+ENVOY_CONFIG ?= envoy/envoy.yaml
 run: build
-	ENVOY=$(ENVOY) scripts/run.sh
+	ENVOY=$(ENVOY) ENVOY_CONFIG=$(ENVOY_CONFIG) scripts/run.sh
 
 ## lint: clippy on every crate and target with warnings as errors (the lints: `[workspace.lints]`
 ## in Cargo.toml, clippy.toml), then on the filter crate as the wasm module, whose proxy-wasm

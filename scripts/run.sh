@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Starts the local stack in the foreground: ratelimit-service (gRPC 127.0.0.1:8081, HTTP
 # 127.0.0.1:8082), llm-simulator (127.0.0.1:9000) and Envoy (127.0.0.1:8080, admin 9901) with
-# envoy/envoy.yaml. Ctrl-C stops them all. Run from the repository root (`make run` does).
+# $ENVOY_CONFIG (default envoy/envoy.yaml; e.g. envoy/cost-budget.yaml), whose plugin
+# configuration the service's limits are generated from. Ctrl-C stops them all. Run from the
+# repository root (`make run` does).
 #
 # Where ratelimit-service keeps its counters (and reservations):
 #   (default)                      in memory: lost when it stops
@@ -12,6 +14,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENVOY=${ENVOY:-.venv/bin/envoy}
+CONFIG=${ENVOY_CONFIG:-envoy/envoy.yaml}
+if [ ! -f "$CONFIG" ]; then
+  echo "ENVOY_CONFIG=$CONFIG: no such file" >&2
+  exit 1
+fi
 RUN=.run
 mkdir -p "$RUN"
 
@@ -64,8 +71,8 @@ for port in "${ports[@]}"; do
   fi
 done
 
-# One source of truth: the Limitador limits come from the plugin configuration in envoy.yaml.
-target/debug/token-ratelimit limits envoy/envoy.yaml > "$RUN/limits.yaml"
+# One source of truth: the Limitador limits come from the plugin configuration in $CONFIG.
+target/debug/token-ratelimit limits "$CONFIG" > "$RUN/limits.yaml"
 
 if [ -n "$start_redis" ]; then
   mkdir -p "$RUN/redis"
@@ -100,7 +107,7 @@ if ! curl -sf 127.0.0.1:8082/status >/dev/null 2>&1; then
   exit 1
 fi
 
-"$ENVOY" -c envoy/envoy.yaml --concurrency 2 -l warning --component-log-level wasm:info \
+"$ENVOY" -c "$CONFIG" --concurrency 2 -l warning --component-log-level wasm:info \
   > >(tee "$RUN/envoy.log") 2>&1 &
 pids+=($!)
 
@@ -113,6 +120,14 @@ if [ "$(curl -s 127.0.0.1:9901/ready 2>/dev/null)" != "LIVE" ]; then
   exit 1
 fi
 
+if [ "$CONFIG" != envoy/envoy.yaml ]; then
+  echo
+  echo "token-ratelimit is serving on http://127.0.0.1:8080 with $CONFIG (logs in .run/)."
+  echo "Try the requests in the comments at the top of $CONFIG, and:"
+  echo
+  echo "  curl -s http://127.0.0.1:8082/counters/llm          # the counters in the rate-limit service"
+  echo "  curl -s http://127.0.0.1:9901/stats | grep token_ratelimit   # the filter's metrics"
+else
 cat <<'MSG'
 
 token-ratelimit is serving on http://127.0.0.1:8080 (logs in .run/). Try:
@@ -130,6 +145,7 @@ token-ratelimit is serving on http://127.0.0.1:8080 (logs in .run/). Try:
   curl -s http://127.0.0.1:8082/counters/llm          # the counters in the rate-limit service
   curl -s http://127.0.0.1:9901/stats | grep token_ratelimit   # the filter's metrics
 MSG
+fi
 echo
 if [ -n "$REDIS_URL" ]; then
   if [ -n "$start_redis" ]; then

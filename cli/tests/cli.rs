@@ -28,6 +28,7 @@ fn shipped_configurations_validate() {
     for file in [
         "envoy/envoy.yaml",
         "envoy/jwt-authn.yaml",
+        "envoy/cost-budget.yaml",
         "istio/wasmplugin.yaml",
     ] {
         let (ok, stdout, stderr) = run(&["validate", file]);

@@ -30,7 +30,7 @@ pub(crate) async fn messages(
         model: a.model(),
         input,
         cache_creation: a.ov.cache_creation,
-        cache_read: a.ov.cache_read,
+        cache_read: a.ov.cache_read.unwrap_or(0),
         completion,
         stop_reason: if from_body { "max_tokens" } else { "end_turn" },
         usage: !a.ov.no_usage,

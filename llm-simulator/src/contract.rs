@@ -201,6 +201,15 @@ pub fn anthropic_prompt_tokens(body: &Value) -> u64 {
     prompt_tokens_from_words(system + messages)
 }
 
+/// The cached part of an OpenAI prompt of `prompt` tokens when `x-simulator-cache-read-tokens`
+/// asks for `requested`: OpenAI's `prompt_tokens_details.cached_tokens` (Responses:
+/// `input_tokens_details.cached_tokens`), at most the prompt. Unlike Anthropic's
+/// `cache_read_input_tokens`, which come on top of `input_tokens`, OpenAI's cached tokens are
+/// part of `prompt_tokens`: the prompt, and so the total and the stats, are unchanged.
+pub fn openai_cached_tokens(prompt: u64, requested: u64) -> u64 {
+    requested.min(prompt)
+}
+
 /// Words of the `text` of each part of one Gemini `Content` object.
 fn gemini_content_words(content: &Value) -> u64 {
     content
@@ -421,6 +430,14 @@ mod tests {
             1
         );
         assert_eq!(gemini_prompt_tokens(&json!({"contents": "x"})), 1);
+    }
+
+    #[test]
+    fn openai_cached_tokens_are_part_of_the_prompt_and_at_most_all_of_it() {
+        assert_eq!(openai_cached_tokens(10, 4), 4);
+        assert_eq!(openai_cached_tokens(10, 10), 10);
+        assert_eq!(openai_cached_tokens(10, 1_000), 10);
+        assert_eq!(openai_cached_tokens(1, 0), 0);
     }
 
     #[test]

@@ -59,7 +59,9 @@ pub const HEADER_USER: &str = "x-simulator-user";
 pub const HEADER_USAGE_ON_LAST_CHOICE: &str = "x-simulator-usage-on-last-choice";
 /// Header making a stream drop the connection after N completion words.
 pub const HEADER_ABORT_AFTER: &str = "x-simulator-abort-after";
-/// Header forcing Anthropic's `cache_read_input_tokens`.
+/// Header forcing the prompt tokens read from the provider's cache: Anthropic's
+/// `cache_read_input_tokens`, OpenAI's `prompt_tokens_details.cached_tokens` (Responses:
+/// `input_tokens_details.cached_tokens`; at most the prompt, which includes them).
 pub const HEADER_CACHE_READ_TOKENS: &str = "x-simulator-cache-read-tokens";
 /// Header forcing Anthropic's `cache_creation_input_tokens`.
 pub const HEADER_CACHE_CREATION_TOKENS: &str = "x-simulator-cache-creation-tokens";
@@ -336,7 +338,8 @@ struct Overrides {
     token_delay: Duration,
     usage_on_last_choice: bool,
     abort_after: Option<u64>,
-    cache_read: u64,
+    /// `x-simulator-cache-read-tokens`, `None` without the header.
+    cache_read: Option<u64>,
     cache_creation: u64,
     content: Option<String>,
     usage_override: Option<Value>,
@@ -379,7 +382,7 @@ fn overrides(headers: &HeaderMap, config: &Config) -> Result<Overrides, String> 
         token_delay,
         usage_on_last_choice: header_flag(headers, HEADER_USAGE_ON_LAST_CHOICE),
         abort_after: header_u64(headers, HEADER_ABORT_AFTER)?,
-        cache_read: header_u64(headers, HEADER_CACHE_READ_TOKENS)?.unwrap_or(0),
+        cache_read: header_u64(headers, HEADER_CACHE_READ_TOKENS)?,
         cache_creation: header_u64(headers, HEADER_CACHE_CREATION_TOKENS)?.unwrap_or(0),
         content: header_str(headers, HEADER_CONTENT).map(|v| v.into_owned()),
         usage_override: match header_str(headers, HEADER_USAGE_OVERRIDE) {

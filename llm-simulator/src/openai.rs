@@ -11,12 +11,21 @@ use crate::contract::{self, max_tokens_fields};
 use crate::stream::{self, data_event, Script};
 use crate::{accept, AppState, Format, Refusal};
 
-fn usage_json(prompt: u64, completion: u64) -> Value {
-    json!({
+/// The usage of a chat or completions answer. `cache_read` (`x-simulator-cache-read-tokens`)
+/// adds `prompt_tokens_details.cached_tokens` as OpenAI reports prompt caching: part of
+/// `prompt_tokens` (at most all of it), which it leaves unchanged; without the header there is
+/// no details object (as llama-server and vLLM answer).
+fn usage_json(prompt: u64, completion: u64, cache_read: Option<u64>) -> Value {
+    let mut usage = json!({
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt.saturating_add(completion),
-    })
+    });
+    if let Some(n) = cache_read {
+        usage["prompt_tokens_details"] =
+            json!({"cached_tokens": contract::openai_cached_tokens(prompt, n)});
+    }
+    usage
 }
 
 pub(crate) async fn chat_completions(
@@ -93,7 +102,7 @@ async fn handle(st: AppState, format: Format, headers: HeaderMap, body: Bytes) -
         let include_usage =
             a.req.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
         a.ledger.record(prompt, 0);
-        let usage = a.usage(usage_json(prompt, completion));
+        let usage = a.usage(usage_json(prompt, completion, a.ov.cache_read));
         let script = OpenAiStream {
             chat,
             id,
@@ -136,7 +145,7 @@ async fn handle(st: AppState, format: Format, headers: HeaderMap, body: Bytes) -
             }],
         })
     };
-    if let Some(usage) = a.usage(usage_json(prompt, completion)) {
+    if let Some(usage) = a.usage(usage_json(prompt, completion, a.ov.cache_read)) {
         resp["usage"] = usage;
     }
     Json(resp).into_response()

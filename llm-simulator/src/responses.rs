@@ -38,6 +38,7 @@ pub(crate) async fn create(
             .cloned()
             .unwrap_or(Value::Null),
         prompt,
+        cached: contract::openai_cached_tokens(prompt, a.ov.cache_read.unwrap_or(0)),
         completion,
         usage: (!a.ov.no_usage).then(|| a.ov.usage_override.clone()),
         text: a.text(completion),
@@ -59,6 +60,8 @@ struct ResponsesStream {
     instructions: Value,
     max_output_tokens: Value,
     prompt: u64,
+    /// `input_tokens_details.cached_tokens`: part of `prompt` (`x-simulator-cache-read-tokens`).
+    cached: u64,
     completion: u64,
     /// Report usage: `None` under `x-simulator-no-usage`, `Some(Some(o))` with
     /// `x-simulator-usage-override`.
@@ -74,7 +77,7 @@ impl ResponsesStream {
         }
         json!({
             "input_tokens": self.prompt,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": self.cached},
             "output_tokens": self.completion,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": self.prompt.saturating_add(self.completion),

@@ -1353,3 +1353,98 @@ async fn delays_apply_to_new_formats() {
         t.elapsed()
     );
 }
+
+#[tokio::test]
+async fn openai_cached_tokens_are_reported_as_part_of_the_prompt_streamed_or_not() {
+    let base = start(Config::default()).await;
+    let cached = [
+        ("x-simulator-cache-read-tokens", "3"),
+        ("x-simulator-user", "c"),
+    ];
+    // 5 words of prompt, 2 of completion.
+    let chat = json!({"model": "gpt-sim", "max_tokens": 2,
+                      "messages": [{"role": "user", "content": "a b c d e"}]});
+    let want = json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                      "prompt_tokens_details": {"cached_tokens": 3}});
+    let v = post(&base, "/v1/chat/completions", chat.clone(), &cached)
+        .await
+        .json();
+    assert_eq!(v["usage"], want);
+    let mut stream = chat.clone();
+    stream["stream"] = json!(true);
+    stream["stream_options"] = json!({"include_usage": true});
+    let r = post(&base, "/v1/chat/completions", stream, &cached).await;
+    let events = data_events(&r.text());
+    let usage_chunk = parse(&events[events.len() - 2]);
+    assert_eq!(usage_chunk["choices"], json!([]));
+    assert_eq!(usage_chunk["usage"], want);
+    // The usage on the finish chunk has it too.
+    let mut last_choice = chat.clone();
+    last_choice["stream"] = json!(true);
+    let r = post(
+        &base,
+        "/v1/chat/completions",
+        last_choice,
+        &[cached[0], ("x-simulator-usage-on-last-choice", "true")],
+    )
+    .await;
+    let events = data_events(&r.text());
+    assert_eq!(parse(&events[events.len() - 2])["usage"], want);
+
+    // Completions, streamed or not; more cached tokens asked for than the prompt has: all of it.
+    let completions = json!({"model": "gpt-sim", "prompt": "a b c d e", "max_tokens": 2});
+    let all = [("x-simulator-cache-read-tokens", "50")];
+    let v = post(&base, "/v1/completions", completions.clone(), &all)
+        .await
+        .json();
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"],
+        json!({"cached_tokens": 5})
+    );
+    let mut stream = completions;
+    stream["stream"] = json!(true);
+    stream["stream_options"] = json!({"include_usage": true});
+    let r = post(&base, "/v1/completions", stream, &all).await;
+    let events = data_events(&r.text());
+    assert_eq!(
+        parse(&events[events.len() - 2])["usage"]["prompt_tokens_details"],
+        json!({"cached_tokens": 5})
+    );
+
+    // Without the header: no details object, as before.
+    let v = post(&base, "/v1/chat/completions", chat, &[]).await.json();
+    assert_eq!(
+        v["usage"],
+        json!({"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7})
+    );
+
+    // Responses: input_tokens_details.cached_tokens, streamed or not.
+    let responses = json!({"model": "gpt-sim", "input": "a b c d e", "max_output_tokens": 2});
+    let v = post(&base, "/v1/responses", responses.clone(), &cached)
+        .await
+        .json();
+    assert_eq!(v["usage"]["input_tokens"], 5);
+    assert_eq!(v["usage"]["total_tokens"], 7);
+    assert_eq!(
+        v["usage"]["input_tokens_details"],
+        json!({"cached_tokens": 3})
+    );
+    let mut stream = responses;
+    stream["stream"] = json!(true);
+    let r = post(&base, "/v1/responses", stream, &cached).await;
+    let events = named_events(&r.text());
+    let (name, completed) = events.last().expect("events");
+    assert_eq!(name, "response.completed");
+    assert_eq!(
+        completed["response"]["usage"]["input_tokens_details"],
+        json!({"cached_tokens": 3})
+    );
+
+    // The ledger counts the prompt as reported: the cached tokens are in it, not on top.
+    let s = stats(&base).await;
+    assert_eq!(
+        s["by_user"]["c"],
+        json!({"requests": 4, "prompt_tokens": 20, "completion_tokens": 8, "total_tokens": 28})
+    );
+}

@@ -47,9 +47,11 @@ fn a_completed_request_and_a_stream_are_recorded_with_the_usage_the_upstream_rep
     ] {
         assert_eq!(record["usage"][ours], usage[theirs], "{ours}: {record}");
     }
+    // gold spends total tokens: charged the total the upstream reported.
     assert_eq!(
         record["limits"],
-        json!([{"name": "gold", "tokens": "total", "enforcement": "enforce", "outcome": "allowed"}])
+        json!([{"name": "gold", "tokens": "total", "enforcement": "enforce", "outcome": "allowed",
+                "charged": usage["total_tokens"]}])
     );
     assert_eq!(
         record["counters"],
@@ -151,6 +153,10 @@ fn a_refused_request_is_recorded_as_limited_by_the_limit_that_refused_it() {
     assert_eq!(record["usage"]["source"], "free", "{record}");
     assert_eq!(record["limits"][0]["name"], "free", "{record}");
     assert_eq!(record["limits"][0]["outcome"], "limited", "{record}");
+    assert_eq!(
+        record["limits"][0]["charged"], 0,
+        "refused, charged nothing: {record}"
+    );
     assert!(record.get("reserved").is_none(), "nothing held: {record}");
 
     // A request no limit applies to (an unknown API key, refused by the auth step) has none.
@@ -192,6 +198,13 @@ fn cached_cache_write_and_reasoning_tokens_the_provider_reports_are_in_the_recor
     // The prompt is input plus both cache figures, as Anthropic bills it.
     let input = r.json()["usage"]["input_tokens"].as_u64().unwrap_or(0);
     assert_eq!(usage["prompt"].as_u64(), Some(input + 7 + 3), "{record}");
+    // gold (tokens: total) is charged that prompt and the output.
+    let output = r.json()["usage"]["output_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(
+        record["limits"][0]["charged"].as_u64(),
+        Some(input + 7 + 3 + output),
+        "{record}"
+    );
 
     // An OpenAI stream whose usage chunk has the details objects.
     let details = json!({

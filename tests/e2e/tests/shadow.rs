@@ -94,6 +94,23 @@ fn shadow_beside_enforced(mode: Option<&'static str>) {
         shadowed + refused_marked,
         "one marked record per marked response"
     );
+    // Each served request charged both limits its usage's total, the shadow limit included.
+    let charged = |name: &str| -> u64 {
+        log.iter()
+            .filter_map(usage_record)
+            .filter(|r| r["status"] == "completed")
+            .map(|r| {
+                let limit = r["limits"]
+                    .as_array()
+                    .and_then(|ls| ls.iter().find(|l| l["name"] == name).cloned())
+                    .unwrap_or_else(|| panic!("no {name} in {r}"));
+                assert_eq!(limit["charged"], r["usage"]["total"], "{r}");
+                limit["charged"].as_u64().unwrap_or(0)
+            })
+            .sum()
+    };
+    assert_eq!(charged("gold"), served);
+    assert_eq!(charged("gold-next"), served);
     let last = log.last().and_then(usage_record).expect("a record");
     assert_eq!(last["status"], "limited", "{last}");
     let gold = &last["limits"][0];
