@@ -86,8 +86,9 @@ load: build
 	cargo build --release -p loadtest
 	$${CARGO_TARGET_DIR:-target}/release/loadtest $(LOAD_ARGS)
 
-## fuzz: cargo-fuzz (libFuzzer) on the configuration parser, CEL evaluation, the JSON usage
-## extractor, the SSE parser and the rate-limit service's replies: each target runs FUZZ_SECONDS
+## fuzz: cargo-fuzz (libFuzzer) on the configuration parser, CEL evaluation, cost expressions
+## and price tables, the JSON usage extractor, the SSE parser and the rate-limit service's
+## replies: each target runs FUZZ_SECONDS
 ## (default 60) from the seed corpus in fuzz/corpus, then executions per target are printed.
 ## Installs cargo-fuzz if missing; runs on the stable toolchain (see fuzz/run.sh, docs/RELIABILITY.md).
 ## `make fuzz FUZZ_SECONDS=300 FUZZ_TARGETS="config sse" FUZZ_SANITIZER=address`

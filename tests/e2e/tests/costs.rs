@@ -671,7 +671,7 @@ fn a_cost_expression_charges_what_it_computes_from_the_usage_and_the_request_in_
 // A cost that cannot be computed
 
 /// `retried`: over the gold user's requests, a cost that fails over reported usage with cached
-/// tokens and not over the fallback estimate, which has none.
+/// tokens and not over the same usage without them, its retry.
 fn retried_limit() -> String {
     "retried:
   rates: [{limit: 100000, window: 1h}]
@@ -727,28 +727,35 @@ fn failing_costs(mode: Option<&'static str>) {
     assert_eq!(charged_counter(&stack, "lenient", TEAM_USER), 0);
 
     // The gold user's stream reports cached tokens: retried's cost fails over them, and is
-    // computed over the fallback estimate (the prompt's text and the answer's) instead.
+    // computed again over the same usage without its cached tokens: the reported total.
     let body = chat("sim-large", 6, 4, true);
     let resp = stack.stream_request(GOLD, &body, &[("x-simulator-cache-read-tokens", "2")]);
     assert_eq!(resp.status().as_u16(), 200);
-    let text = resp.text().expect("stream");
+    let _ = resp.text().expect("stream");
     let (_, record) = stack.await_record(2);
     assert_eq!(record["usage"]["cached"], 2, "{record}");
-    let estimate = e2e::prompt_estimate(CHAT, &body)
-        + e2e::answer_estimate_of(CHAT, Some("text/event-stream"), None, text.as_bytes());
-    assert_eq!(charged(&record, "retried"), estimate, "{record}");
-    assert_counter(&stack, "retried", "user-2", estimate);
+    let total = record["usage"]["total"].as_u64().expect("a total");
+    assert_eq!(charged(&record, "retried"), total, "{record}");
+    assert_counter(&stack, "retried", "user-2", total);
 
-    // Each failed computation was counted: broken's and lenient's over the reported usage and
-    // over the fallback, retried's over the reported usage only; in reservation mode also
-    // broken's and lenient's over the request's bound (retried's bound has nothing cached).
-    let errors = if mode == Some("checkReport") { 5 } else { 7 };
+    // Each failed computation was counted: broken's, lenient's and retried's over the reported
+    // usage (broken's and lenient's usage has no cached tokens to leave out: no retry); in
+    // reservation mode also broken's and lenient's over the request's bound (retried's bound
+    // has nothing cached).
+    let errors = if mode == Some("checkReport") { 3 } else { 5 };
     assert_filter_stat(&stack, "cost_errors", errors);
 
     // The team user's next request is refused: a cost that cannot be computed never goes free.
+    // (The service names broken; in checkReport mode the filter may refuse it first, from
+    // the counters the last request marked spent, naming the most restrictive limit its check
+    // saw: broken and lenient both had 500 left then.)
     let r = stack.post(CHAT, Some(TEAM), &chat("sim-small", 1, 1, false));
     assert_eq!(r.status, 429, "{}", r.body);
-    assert!(r.body.contains("'broken'"), "{}", r.body);
+    assert!(
+        r.body.contains("'broken'") || (mode.is_some() && r.body.contains("'lenient'")),
+        "{}",
+        r.body
+    );
 }
 
 #[test]
@@ -761,13 +768,10 @@ fn a_cost_expression_that_fails_is_counted_and_charges_the_smallest_rate_in_chec
     failing_costs(Some("checkReport"));
 }
 
-/// The same retry over the fallback estimate for a non-streamed answer. Fails: the filter does
-/// not count the text of a JSON answer that reports usage, so the estimate the cost is retried
-/// over has the prompt only (6 here, not 6 + 4); see the report of issue 17's end-to-end tests.
+/// The same retry for a non-streamed answer: its reported usage without the cached tokens.
 #[test]
-#[ignore = "src bug: the fallback estimate of a non-streamed answer with usage lacks the answer's text"]
-fn a_cost_that_fails_over_a_non_streamed_answers_usage_is_retried_over_the_prompt_and_answer_estimate(
-) {
+fn a_cost_that_fails_over_a_non_streamed_answers_usage_is_retried_over_it_without_cached_tokens()
+{
     let stack = stack(None, &retried_limit(), vec![]);
     let body = chat("sim-large", 6, 4, false);
     let r = stack.post_with(
@@ -779,9 +783,9 @@ fn a_cost_that_fails_over_a_non_streamed_answers_usage_is_retried_over_the_promp
     assert_eq!(r.status, 200, "{}", r.body);
     let (_, record) = stack.await_record(1);
     assert_eq!(record["usage"]["cached"], 2, "{record}");
-    let estimate = e2e::prompt_estimate(CHAT, &body) + e2e::answer_estimate(CHAT, &r);
-    assert_eq!(e2e::answer_estimate(CHAT, &r), 4);
-    assert_eq!(charged(&record, "retried"), estimate, "{record}");
+    let total = r.json()["usage"]["total_tokens"].as_u64().expect("a total");
+    assert_eq!(charged(&record, "retried"), total, "{record}");
+    assert_filter_stat(&stack, "cost_errors", 1);
 }
 
 // ---------------------------------------------------------------------------------------------
