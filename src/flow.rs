@@ -405,8 +405,9 @@ impl RequestFlow {
         flow
     }
 
-    /// The costs that could not be computed since the last call (reasons naming the limit;
-    /// each was charged as [`Policy::charge_cost`] says).
+    /// The costs that could not be computed since the last call (reasons naming the limit): a
+    /// bound's (held as [`crate::policy::UNPRICED_HOLD`]) or a response's (charged as
+    /// [`Policy::charge_cost`] says).
     pub fn take_cost_errors(&mut self) -> Vec<String> {
         std::mem::take(&mut self.cost_errors)
     }

@@ -796,10 +796,10 @@ impl StreamFilter {
                 host_log!(
                     host,
                     Warn,
-                    "{e} (charged the fallback; logged once, then at debug level)"
+                    "{e} (counted in cost_errors; logged once per limit, then at debug level)"
                 );
             } else {
-                host_log!(host, Debug, "{e} (charged the fallback)");
+                host_log!(host, Debug, "{e}");
             }
         }
     }
