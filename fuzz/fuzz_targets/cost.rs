@@ -480,42 +480,53 @@ fn map_literal<T: Copy>(entries: &[(Model, T)], value: impl Fn(T) -> String) -> 
     format!("{{{}}}", items.join(", "))
 }
 
-impl I {
+/// An expression tree that writes itself as CEL text.
+trait Render {
+    fn render(&self, out: &mut String);
+}
+
+/// `(l op r)`.
+fn infix(out: &mut String, l: &dyn Render, op: &str, r: &dyn Render) {
+    out.push('(');
+    l.render(out);
+    out.push_str(&format!(" {op} "));
+    r.render(out);
+    out.push(')');
+}
+
+/// `name(x)`.
+fn call(out: &mut String, name: &str, x: &dyn Render) {
+    out.push_str(name);
+    out.push('(');
+    x.render(out);
+    out.push(')');
+}
+
+/// `(c ? x : y)`.
+fn ternary(out: &mut String, c: &B, x: &dyn Render, y: &dyn Render) {
+    out.push('(');
+    c.render(out);
+    out.push_str(" ? ");
+    x.render(out);
+    out.push_str(" : ");
+    y.render(out);
+    out.push(')');
+}
+
+impl Render for I {
     fn render(&self, out: &mut String) {
         match self {
             I::Figure(f) => out.push_str(&format!("usage.{}", figure(*f))),
             I::Lit(n) => out.push_str(&int_literal(n.get())),
-            I::Bin(op, x, y) => {
-                out.push('(');
-                x.render(out);
-                out.push_str(&format!(" {} ", op.text()));
-                y.render(out);
-                out.push(')');
-            }
+            I::Bin(op, x, y) => infix(out, x.as_ref(), op.text(), y.as_ref()),
             I::Neg(x) => {
                 out.push_str("(-");
                 x.render(out);
                 out.push(')');
             }
-            I::Cond(c, x, y) => {
-                out.push('(');
-                c.render(out);
-                out.push_str(" ? ");
-                x.render(out);
-                out.push_str(" : ");
-                y.render(out);
-                out.push(')');
-            }
-            I::OfUint(x) => {
-                out.push_str("int(");
-                x.render(out);
-                out.push(')');
-            }
-            I::OfDouble(x) => {
-                out.push_str("int(");
-                x.render(out);
-                out.push(')');
-            }
+            I::Cond(c, x, y) => ternary(out, c, x.as_ref(), y.as_ref()),
+            I::OfUint(x) => call(out, "int", x.as_ref()),
+            I::OfDouble(x) => call(out, "int", x.as_ref()),
             I::Header(h) => out.push_str(&format!("int({})", header(*h))),
             I::HeaderSize(h) => out.push_str(&format!("size({})", header(*h))),
             I::Body(f) => out.push_str(&format!("int({})", body(*f))),
@@ -535,37 +546,15 @@ impl I {
     }
 }
 
-impl U {
+impl Render for U {
     fn render(&self, out: &mut String) {
         match self {
             U::Figure(f) => out.push_str(&format!("uint(usage.{})", figure(*f))),
             U::Lit(n) => out.push_str(&format!("{}u", n.get())),
-            U::Bin(op, x, y) => {
-                out.push('(');
-                x.render(out);
-                out.push_str(&format!(" {} ", op.text()));
-                y.render(out);
-                out.push(')');
-            }
-            U::Cond(c, x, y) => {
-                out.push('(');
-                c.render(out);
-                out.push_str(" ? ");
-                x.render(out);
-                out.push_str(" : ");
-                y.render(out);
-                out.push(')');
-            }
-            U::OfInt(x) => {
-                out.push_str("uint(");
-                x.render(out);
-                out.push(')');
-            }
-            U::OfDouble(x) => {
-                out.push_str("uint(");
-                x.render(out);
-                out.push(')');
-            }
+            U::Bin(op, x, y) => infix(out, x.as_ref(), op.text(), y.as_ref()),
+            U::Cond(c, x, y) => ternary(out, c, x.as_ref(), y.as_ref()),
+            U::OfInt(x) => call(out, "uint", x.as_ref()),
+            U::OfDouble(x) => call(out, "uint", x.as_ref()),
             U::Header(h) => out.push_str(&format!("uint({})", header(*h))),
             U::Body(f) => out.push_str(&format!("uint({})", body(*f))),
             U::ByModel(m, e) => {
@@ -579,7 +568,7 @@ impl U {
     }
 }
 
-impl D {
+impl Render for D {
     fn render(&self, out: &mut String) {
         match self {
             D::Lit(m, f, e) => out.push_str(&format!("{m}.{f}e{e}")),
@@ -587,42 +576,21 @@ impl D {
                 ["double(\"NaN\")", "double(\"inf\")", "double(\"-inf\")", "double(\"-0\")"]
                     [*s as usize % 4],
             ),
-            D::OfInt(x) => {
-                out.push_str("double(");
-                x.render(out);
-                out.push(')');
-            }
-            D::OfUint(x) => {
-                out.push_str("double(");
-                x.render(out);
-                out.push(')');
-            }
+            D::OfInt(x) => call(out, "double", x.as_ref()),
+            D::OfUint(x) => call(out, "double", x.as_ref()),
             D::Header(h) => out.push_str(&format!("double({})", header(*h))),
-            D::Bin(op, x, y) => {
-                out.push('(');
-                x.render(out);
-                out.push_str(&format!(" {} ", op.text()));
-                y.render(out);
-                out.push(')');
-            }
+            D::Bin(op, x, y) => infix(out, x.as_ref(), op.text(), y.as_ref()),
         }
     }
 }
 
-impl B {
+impl Render for B {
     fn render(&self, out: &mut String) {
-        let pair = |out: &mut String, l: &dyn Fn(&mut String), op: &str, r: &dyn Fn(&mut String)| {
-            out.push('(');
-            l(out);
-            out.push_str(&format!(" {op} "));
-            r(out);
-            out.push(')');
-        };
         match self {
             B::Lit(v) => out.push_str(if *v { "true" } else { "false" }),
-            B::CmpI(c, x, y) => pair(out, &|o| x.render(o), c.text(), &|o| y.render(o)),
-            B::CmpU(c, x, y) => pair(out, &|o| x.render(o), c.text(), &|o| y.render(o)),
-            B::CmpD(c, x, y) => pair(out, &|o| x.render(o), c.text(), &|o| y.render(o)),
+            B::CmpI(c, x, y) => infix(out, x.as_ref(), c.text(), y.as_ref()),
+            B::CmpU(c, x, y) => infix(out, x.as_ref(), c.text(), y.as_ref()),
+            B::CmpD(c, x, y) => infix(out, x.as_ref(), c.text(), y.as_ref()),
             B::ModelIs(m) => out.push_str(&format!("(usage.model == {})", cel_string(m.name()))),
             B::ModelStarts(m) => {
                 out.push_str(&format!("usage.model.startsWith({})", cel_string(m.name())))
@@ -631,13 +599,9 @@ impl B {
                 out.push_str(&format!("({} == {})", body(0), cel_string(m.name())))
             }
             B::HeaderIs(h, v) => out.push_str(&format!("({} == {})", header(*h), cel_string(v))),
-            B::And(x, y) => pair(out, &|o| x.render(o), "&&", &|o| y.render(o)),
-            B::Or(x, y) => pair(out, &|o| x.render(o), "||", &|o| y.render(o)),
-            B::Not(x) => {
-                out.push_str("!(");
-                x.render(out);
-                out.push(')');
-            }
+            B::And(x, y) => infix(out, x.as_ref(), "&&", y.as_ref()),
+            B::Or(x, y) => infix(out, x.as_ref(), "||", y.as_ref()),
+            B::Not(x) => call(out, "!", x.as_ref()),
         }
     }
 }
