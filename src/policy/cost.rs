@@ -2,6 +2,7 @@
 //! once the usage is known over the `usage` figures and the request attributes captured when
 //! the policy was evaluated, or its `prices` table.
 
+use super::evaluate::whole_number;
 use super::{CompiledExpr, Policy};
 use crate::config::OnError;
 use crate::cost::{CostUsage, PriceTable};
@@ -87,18 +88,11 @@ impl UsageKeys {
     }
 }
 
-/// A cost: a non-negative int or uint.
-fn cost_value(v: Value) -> Result<u64, String> {
-    match v {
-        Value::UInt(n) => Ok(n),
-        Value::Int(n) => {
-            u64::try_from(n).map_err(|_| format!("a cost must not be negative, got {n}"))
-        }
-        other => Err(format!(
-            "a cost must be an int or uint, got {:?}",
-            other.type_of()
-        )),
-    }
+/// The reason a cost of limit `limit` could not be computed, as [`Policy::charge_cost`] and
+/// the reservation plans push it (the stream counts and logs it, once per limit at warn
+/// level: its key is the text before the first `:`).
+pub(super) fn cost_error(limit: &str, reason: &str) -> String {
+    format!("limit `{limit}`: cost failed: {reason}")
 }
 
 impl Policy {
@@ -131,7 +125,7 @@ impl Policy {
                 scope
                     .resolve(&expr.expr)
                     .map_err(|e| e.to_string())
-                    .and_then(cost_value)
+                    .and_then(|v| whole_number(v, "a cost"))
             }
         }
     }
@@ -154,9 +148,7 @@ impl Policy {
         let Some(l) = self.limits.get(limit) else {
             return 0;
         };
-        let mut failed = |reason: String| {
-            errors.push(format!("limit `{}`: cost failed: {reason}", l.name));
-        };
+        let mut failed = |reason: String| errors.push(cost_error(&l.name, &reason));
         match self.cost(limit, inputs, usage) {
             Ok(n) => return n,
             Err(reason) => failed(reason),
@@ -168,7 +160,7 @@ impl Policy {
             }
         }
         match l.on_error {
-            OnError::Deny => l.rates.iter().map(|r| r.limit).min().unwrap_or(0),
+            OnError::Deny => l.smallest_rate(),
             OnError::Skip => 0,
         }
     }

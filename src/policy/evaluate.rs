@@ -61,7 +61,10 @@ impl Policy {
             }
             let mut amount = None;
             if let Some(e) = &limit.reservation_amount {
-                match eval.run(e).and_then(amount_value) {
+                match eval
+                    .run(e)
+                    .and_then(|v| whole_number(v, "a reservation amount"))
+                {
                     Ok(n) => amount = Some(n),
                     Err(reason) => {
                         // `skip`: the limit still applies, with the request's own bound.
@@ -251,14 +254,16 @@ fn canonical_json(v: &Value, depth: usize) -> Result<serde_json::Value, String> 
     })
 }
 
-/// A reservation amount: a non-negative int or uint (tokens).
-fn amount_value(v: Value) -> Result<u64, String> {
+/// A whole number ≥ 0 that an expression gives as an int or uint: a reservation amount, a
+/// cost. `what` names it in the errors (`a reservation amount must not be negative, got -1`).
+pub(super) fn whole_number(v: Value, what: &str) -> Result<u64, String> {
     match v {
         Value::UInt(n) => Ok(n),
-        Value::Int(n) => u64::try_from(n)
-            .map_err(|_| format!("a reservation amount must not be negative, got {n}")),
+        Value::Int(n) => {
+            u64::try_from(n).map_err(|_| format!("{what} must not be negative, got {n}"))
+        }
         other => Err(format!(
-            "a reservation amount must be an int or uint, got {:?}",
+            "{what} must be an int or uint, got {:?}",
             other.type_of()
         )),
     }

@@ -112,6 +112,13 @@ impl Limit {
     pub fn is_shadow(&self) -> bool {
         self.enforcement == Enforcement::Shadow
     }
+
+    /// The limit of its smallest rate (tokens, or cost units with `tokens: cost`): the most one
+    /// request can be held or charged against it. `u64::MAX` for a limit without rates, which
+    /// [`Policy::compile`] refuses.
+    pub fn smallest_rate(&self) -> u64 {
+        self.rates.iter().map(|r| r.limit).min().unwrap_or(u64::MAX)
+    }
 }
 
 /// What reservation mode reserves by default.

@@ -75,12 +75,7 @@ impl Policy {
                 continue;
             };
             let category = limit.tokens;
-            let smallest_rate = limit
-                .rates
-                .iter()
-                .map(|x| x.limit)
-                .min()
-                .unwrap_or(u64::MAX);
+            let smallest_rate = limit.smallest_rate();
             let cost_limit = (category == TokenCategory::Cost).then_some(a.limit);
             let amount = match (a.amount, cost_limit) {
                 (Some(own), None) => own.min(r.max_amount),
@@ -88,7 +83,7 @@ impl Policy {
                 (None, Some(index)) => {
                     let u = CostUsage::bound(bound.as_ref(), r.default_amount, r.max_amount, model);
                     self.cost(index, costs, &u).unwrap_or_else(|reason| {
-                        errors.push(format!("limit `{}`: cost failed: {reason}", limit.name));
+                        errors.push(super::cost::cost_error(&limit.name, &reason));
                         UNPRICED_HOLD
                     })
                 }
