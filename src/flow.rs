@@ -15,7 +15,7 @@ use crate::cost::{CostUsage, Spent};
 use crate::estimate::{RequestBound, TextCounter, TextKeys, WORD_CHARS_PER_TOKEN};
 pub use crate::filter::LocalReply;
 use crate::headers::most_restrictive;
-use crate::policy::{Applied, CostInputs, Decision, Policy};
+use crate::policy::{Applied, CostError, CostInputs, Decision, Policy};
 use crate::record::{
     Admission, LimitOutcome, LimitRecord, Source, Status, UsageFigures, UsageRecord,
 };
@@ -145,7 +145,7 @@ pub struct RequestFlow {
     costs: Vec<CostInputs>,
     /// Costs that could not be computed (reasons, naming the limit), for the stream to count
     /// and log ([`RequestFlow::take_cost_errors`]).
-    cost_errors: Vec<String>,
+    cost_errors: Vec<CostError>,
 }
 
 /// How a stream ended, as the proxy tells at its log phase.
@@ -408,7 +408,7 @@ impl RequestFlow {
     /// The costs that could not be computed since the last call (reasons naming the limit): a
     /// bound's (held as [`crate::policy::UNPRICED_HOLD`]) or a response's (charged as
     /// [`Policy::charge_cost`] says).
-    pub fn take_cost_errors(&mut self) -> Vec<String> {
+    pub fn take_cost_errors(&mut self) -> Vec<CostError> {
         std::mem::take(&mut self.cost_errors)
     }
 
@@ -1898,8 +1898,11 @@ mod tests {
         assert_eq!(weighted, Some(100 + 4));
         let errors = flow.take_cost_errors();
         assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(errors[0].contains("limit `weighted`"), "{errors:?}");
-        assert!(errors[0].contains("negative"), "{errors:?}");
+        assert!(
+            errors[0].to_string().contains("limit `weighted`"),
+            "{errors:?}"
+        );
+        assert!(errors[0].to_string().contains("negative"), "{errors:?}");
     }
 
     #[test]

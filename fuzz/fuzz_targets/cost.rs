@@ -1022,7 +1022,7 @@ fn check_charge(
         };
         assert_eq!((charged, errors.len()), expected, "{cost:?} {second:?} {errors:?}");
         for e in &errors {
-            assert!(e.starts_with("limit `c`: cost failed: "), "{e}");
+            assert!(e.to_string().starts_with("limit `c`: cost failed: "), "{e}");
         }
     }
     cost

@@ -791,8 +791,7 @@ impl StreamFilter {
         let mut shared = self.shared.borrow_mut();
         for e in errors {
             shared.metrics.inc(host, names::COST_ERRORS);
-            let key = e.split(':').next().unwrap_or_default().to_string();
-            if shared.first_warning(key) {
+            if shared.first_warning(format!("cost\u{0}{}", e.limit)) {
                 host_log!(
                     host,
                     Warn,

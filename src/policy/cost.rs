@@ -88,11 +88,20 @@ impl UsageKeys {
     }
 }
 
-/// The reason a cost of limit `limit` could not be computed, as [`Policy::charge_cost`] and
-/// the reservation plans push it (the stream counts and logs it, once per limit at warn
-/// level: its key is the text before the first `:`).
-pub(super) fn cost_error(limit: &str, reason: &str) -> String {
-    format!("limit `{limit}`: cost failed: {reason}")
+/// A cost that could not be computed, as [`Policy::charge_cost`] and the reservation plans
+/// push it; shown as ``limit `<limit>`: cost failed: <reason>``.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostError {
+    /// The limit's name.
+    pub limit: String,
+    /// Why: the interpreter's error, or what was wrong with the value.
+    pub reason: String,
+}
+
+impl std::fmt::Display for CostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "limit `{}`: cost failed: {}", self.limit, self.reason)
+    }
 }
 
 impl Policy {
@@ -143,12 +152,17 @@ impl Policy {
         inputs: &[CostInputs],
         usage: &CostUsage<'m>,
         fallback: impl FnOnce() -> Option<CostUsage<'m>>,
-        errors: &mut Vec<String>,
+        errors: &mut Vec<CostError>,
     ) -> u64 {
         let Some(l) = self.limits.get(limit) else {
             return 0;
         };
-        let mut failed = |reason: String| errors.push(cost_error(&l.name, &reason));
+        let mut failed = |reason: String| {
+            errors.push(CostError {
+                limit: l.name.clone(),
+                reason,
+            })
+        };
         match self.cost(limit, inputs, usage) {
             Ok(n) => return n,
             Err(reason) => failed(reason),
@@ -284,7 +298,7 @@ mod tests {
         );
         assert_eq!(errors.len(), 1);
         assert!(
-            errors[0].starts_with("limit `l`: cost failed:"),
+            errors[0].to_string().starts_with("limit `l`: cost failed:"),
             "{errors:?}"
         );
         // No fallback, or a failing one: the limit's smallest rate (fails closed).

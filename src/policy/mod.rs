@@ -37,7 +37,7 @@ use crate::usage::UsagePaths;
 use binding::Binding;
 use cel_interpreter::Context;
 use cel_parser::Expression;
-pub use cost::{Cost, CostInputs};
+pub use cost::{Cost, CostError, CostInputs};
 pub(crate) use cost::{USAGE_FIELDS, USAGE_VARIABLE};
 pub use reservations::{PlannedReservation, UNPRICED_HOLD};
 use std::time::Duration;

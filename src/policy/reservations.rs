@@ -1,7 +1,7 @@
 //! What reservation mode reserves for a request: one `Reserve` per token category (and per
 //! distinct amount or hold time), over the descriptor of the limits that spend it.
 
-use super::{Applied, CostInputs, Policy};
+use super::{Applied, CostError, CostInputs, Policy};
 use crate::config::TokenCategory;
 use crate::cost::CostUsage;
 use crate::estimate::RequestBound;
@@ -57,7 +57,7 @@ impl Policy {
         bound: Option<RequestBound>,
         costs: &[CostInputs],
         model: &str,
-        errors: &mut Vec<String>,
+        errors: &mut Vec<CostError>,
     ) -> Vec<PlannedReservation> {
         let r = &self.reservation;
         struct Group<'a> {
@@ -83,7 +83,10 @@ impl Policy {
                 (None, Some(index)) => {
                     let u = CostUsage::bound(bound.as_ref(), r.default_amount, r.max_amount, model);
                     self.cost(index, costs, &u).unwrap_or_else(|reason| {
-                        errors.push(super::cost::cost_error(&limit.name, &reason));
+                        errors.push(CostError {
+                            limit: limit.name.clone(),
+                            reason,
+                        });
                         UNPRICED_HOLD
                     })
                 }
@@ -254,7 +257,9 @@ mod tests {
         assert_eq!(plans[0].amount, UNPRICED_HOLD);
         assert_eq!(errors.len(), 1);
         assert!(
-            errors[0].starts_with("limit `by-model`: cost failed"),
+            errors[0]
+                .to_string()
+                .starts_with("limit `by-model`: cost failed"),
             "{errors:?}"
         );
     }
