@@ -225,6 +225,9 @@ pub struct Options {
     /// (API key → the `dynamic_metadata` object it answers) on [`Ports::authz`], which replaces
     /// [`AUTHZ_PORT_IN_CONFIG`] in the configuration.
     pub authz: Option<Vec<(&'static str, serde_json::Value)>>,
+    /// The wasm module Envoy loads instead of the built [`wasm()`] (e.g. one pulled back from
+    /// an OCI registry).
+    pub wasm: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -240,6 +243,7 @@ impl Default for Options {
             dynamic_listener: false,
             config: None,
             authz: None,
+            wasm: None,
         }
     }
 }
@@ -429,7 +433,10 @@ impl Stack {
             ),
             (
                 "filename: target/wasm32-wasip1/release/token_ratelimit.wasm".to_string(),
-                format!("filename: {}", wasm().display()),
+                format!(
+                    "filename: {}",
+                    opts.wasm.clone().unwrap_or_else(wasm).display()
+                ),
             ),
             (
                 "failureMode: deny".to_string(),

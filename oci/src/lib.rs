@@ -1,0 +1,1 @@
+//! The wasm module as an OCI image (work in progress).

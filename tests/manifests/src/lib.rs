@@ -1,0 +1,1 @@
+//! Manifest checks (work in progress).
