@@ -78,6 +78,10 @@ enum Command {
         /// Address of the token-ratelimit module (an OCI image, or https://...).
         #[arg(long, value_name = "URL", default_value = wasmplugin::DEFAULT_URL)]
         url: String,
+        /// The module's checksum the WasmPlugin pins: for an oci:// URL the image's manifest
+        /// digest, as `make push` prints it (64 hex digits, `sha256:` optional).
+        #[arg(long, value_name = "HEX")]
+        sha256: Option<String>,
         /// Gateway (in the policy's namespace) the WasmPlugin targets instead of the policy's
         /// target; needed for a policy that targets an HTTPRoute or a Gateway listener, whose
         /// limits then apply to all the Gateway's traffic their `when` predicates match.
@@ -244,11 +248,30 @@ fn run(cli: Cli) -> Result<(), String> {
                     .into(),
             ))
         }
-        (Command::Wasmplugin { url, gateway, .. }, Loaded::Policy(p)) => {
+        (
+            Command::Wasmplugin {
+                url,
+                sha256,
+                gateway,
+                ..
+            },
+            Loaded::Policy(p),
+        ) => {
+            let sha256 = sha256
+                .as_deref()
+                .map(wasmplugin::pinned_sha256)
+                .transpose()?;
+            if sha256.is_none() {
+                eprintln!(
+                    "token-ratelimit: note: the WasmPlugin does not pin the module; give --sha256 \
+                     (the digest `make push` prints) so that the gateway refuses any other"
+                );
+            }
             let rendered = wasmplugin::render(
                 p,
                 &limitador_limits(&policy),
                 url,
+                sha256.as_deref(),
                 gateway.as_deref(),
                 &command_line(),
             )

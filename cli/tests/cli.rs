@@ -442,11 +442,15 @@ fn wasmplugin_prints_a_wasmplugin_and_the_limits_configmap_that_round_trip() {
         &std::fs::read_to_string(format!("{ROOT}/istio/wasmplugin.yaml")).unwrap(),
     )
     .unwrap();
-    for key in ["url", "imagePullPolicy", "phase", "failStrategy"] {
+    for key in ["imagePullPolicy", "phase", "failStrategy"] {
         assert_eq!(spec[key], shipped["spec"][key], "{key}");
     }
     assert_eq!(spec["phase"], "STATS");
     assert_eq!(spec["failStrategy"], "FAIL_CLOSE");
+    // Without --sha256 nothing is pinned, and the command says so.
+    assert_eq!(spec["url"], "oci://registry.example.com/token-ratelimit:0.1.0");
+    assert!(spec.get("sha256").is_none(), "{stdout}");
+    assert!(stderr.contains("does not pin the module"), "{stderr}");
 
     let configmap = &docs[1];
     assert_eq!(configmap["kind"], "ConfigMap");
@@ -481,6 +485,31 @@ fn the_generated_wasmplugin_validates_when_fed_back() {
         serde_json::from_str::<serde_json::Value>(&from_file).unwrap(),
         serde_json::from_str::<serde_json::Value>(&from_policy).unwrap()
     );
+}
+
+#[test]
+fn wasmplugin_pins_the_image_digest_given_with_sha256_and_refuses_a_malformed_one() {
+    let digest = "8F3C2a0e4b1d9c7f6e5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e";
+    let (ok, stdout, stderr) = run(&[
+        "wasmplugin",
+        TIERS,
+        "--url",
+        "oci://registry.internal:5000/token-ratelimit:0.1.0",
+        "--sha256",
+        &format!("sha256:{digest}"),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(!stderr.contains("does not pin"), "{stderr}");
+    let spec = &yaml_documents(&stdout)[0]["spec"];
+    assert_eq!(spec["url"], "oci://registry.internal:5000/token-ratelimit:0.1.0");
+    // Istio compares the field with the manifest digest's hex digits, so no `sha256:`.
+    assert_eq!(spec["sha256"], digest.to_ascii_lowercase().as_str());
+
+    for bad in ["", "abc", &digest[1..], &format!("{}g", &digest[1..]), "sha512:00"] {
+        let (ok, _, stderr) = run(&["wasmplugin", TIERS, "--sha256", bad]);
+        assert!(!ok, "--sha256 {bad:?} was accepted");
+        assert!(stderr.contains("64 hex digits"), "{bad:?}: {stderr}");
+    }
 }
 
 #[test]
