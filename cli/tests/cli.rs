@@ -448,7 +448,10 @@ fn wasmplugin_prints_a_wasmplugin_and_the_limits_configmap_that_round_trip() {
     assert_eq!(spec["phase"], "STATS");
     assert_eq!(spec["failStrategy"], "FAIL_CLOSE");
     // Without --sha256 nothing is pinned, and the command says so.
-    assert_eq!(spec["url"], "oci://registry.example.com/token-ratelimit:0.1.0");
+    assert_eq!(
+        spec["url"],
+        "oci://registry.example.com/token-ratelimit:0.1.0"
+    );
     assert!(spec.get("sha256").is_none(), "{stdout}");
     assert!(stderr.contains("does not pin the module"), "{stderr}");
 
@@ -501,11 +504,20 @@ fn wasmplugin_pins_the_image_digest_given_with_sha256_and_refuses_a_malformed_on
     assert!(ok, "{stderr}");
     assert!(!stderr.contains("does not pin"), "{stderr}");
     let spec = &yaml_documents(&stdout)[0]["spec"];
-    assert_eq!(spec["url"], "oci://registry.internal:5000/token-ratelimit:0.1.0");
+    assert_eq!(
+        spec["url"],
+        "oci://registry.internal:5000/token-ratelimit:0.1.0"
+    );
     // Istio compares the field with the manifest digest's hex digits, so no `sha256:`.
     assert_eq!(spec["sha256"], digest.to_ascii_lowercase().as_str());
 
-    for bad in ["", "abc", &digest[1..], &format!("{}g", &digest[1..]), "sha512:00"] {
+    for bad in [
+        "",
+        "abc",
+        &digest[1..],
+        &format!("{}g", &digest[1..]),
+        "sha512:00",
+    ] {
         let (ok, _, stderr) = run(&["wasmplugin", TIERS, "--sha256", bad]);
         assert!(!ok, "--sha256 {bad:?} was accepted");
         assert!(stderr.contains("64 hex digits"), "{bad:?}: {stderr}");
