@@ -78,8 +78,8 @@ enum Command {
         /// Address of the token-ratelimit module (an OCI image, or https://...).
         #[arg(long, value_name = "URL", default_value = wasmplugin::DEFAULT_URL)]
         url: String,
-        /// The module's checksum the WasmPlugin pins: for an oci:// URL the image's manifest
-        /// digest, as `make push` prints it (64 hex digits, `sha256:` optional).
+        /// The module's checksum the WasmPlugin pins: for an oci:// URL the pushed image's
+        /// manifest digest (64 hex digits, `sha256:` optional).
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
         /// Gateway (in the policy's namespace) the WasmPlugin targets instead of the policy's
@@ -264,7 +264,7 @@ fn run(cli: Cli) -> Result<(), String> {
             if sha256.is_none() {
                 eprintln!(
                     "token-ratelimit: note: the WasmPlugin does not pin the module; give --sha256 \
-                     (the digest `make push` prints) so that the gateway refuses any other"
+                     (the pushed image's digest) so that the gateway refuses any other"
                 );
             }
             let rendered = wasmplugin::render(

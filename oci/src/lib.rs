@@ -1,1 +1,0 @@
-//! The wasm module as an OCI image (work in progress).

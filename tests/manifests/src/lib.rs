@@ -1,1 +1,0 @@
-//! Manifest checks (work in progress).
