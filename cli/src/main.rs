@@ -79,7 +79,8 @@ enum Command {
         #[arg(long, value_name = "URL", default_value = wasmplugin::DEFAULT_URL)]
         url: String,
         /// The module's checksum the WasmPlugin pins: for an oci:// URL the pushed image's
-        /// manifest digest (64 hex digits, `sha256:` optional).
+        /// manifest digest, for https:// the module file's sha256 (64 hex digits, `sha256:`
+        /// optional).
         #[arg(long, value_name = "HEX")]
         sha256: Option<String>,
         /// Gateway (in the policy's namespace) the WasmPlugin targets instead of the policy's

@@ -129,7 +129,8 @@ fn comment_before(text: &str, line_start: &str, comment: &[&str]) -> String {
 }
 
 /// The `sha256` a WasmPlugin pins: for an `oci://` URL, Istio's agent compares it with the
-/// image's manifest digest, as 64 lower-case hex digits without the `sha256:` of a digest
+/// image's manifest digest (for `https://`, with the module file's sha256), as 64 lower-case
+/// hex digits without the `sha256:` of a digest
 /// string (which is accepted and dropped here).
 ///
 /// # Errors
