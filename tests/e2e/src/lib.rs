@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 pub mod authz;
 pub mod jwt;
 pub mod redis;
+pub mod registry;
 
 /// The Envoy configuration rendered when [`Options::config`] names none.
 pub const DEFAULT_CONFIG: &str = "envoy/envoy.yaml";

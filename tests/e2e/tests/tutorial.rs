@@ -7,6 +7,11 @@
 //! what the request reserves fits. Envoy hands the filter the body first, so a request of two
 //! words (`"word word"`: 2 tokens, a word of up to 5 characters is one) and `max_tokens: 20`
 //! reserves 22 and is served 22: 0 + 22 and 22 + 22 fit in 50, 44 + 22 does not.
+//!
+//! The budget tests run the module as an Istio gateway gets it: imaged and pushed to a local
+//! OCI registry by `token-ratelimit-oci` (`make oci`, `make push`), then pulled back the way
+//! Istio's agent pulls a WasmPlugin's `oci://` URL, pinned by the digest push printed
+//! (`e2e::registry::pulled_module`; the image itself: tests/oci.rs).
 
 use e2e::{Options, Stack};
 
@@ -55,6 +60,7 @@ fn stack_in(mode: Mode) -> Stack {
             Mode::CheckReport => Some("checkReport"),
             Mode::Reservation => None,
         },
+        wasm: Some(e2e::registry::pulled_module()),
         ..Options::default()
     })
 }
@@ -335,6 +341,7 @@ fn several_workers_share_one_budget_and_charge_every_token(mode: Mode) {
             Mode::CheckReport => Some("checkReport"),
             Mode::Reservation => None,
         },
+        wasm: Some(e2e::registry::pulled_module()),
         ..Options::default()
     });
     // Concurrent clients land on different workers (different wasm VMs, each with its own
