@@ -5,8 +5,7 @@
 //! (tests/tutorial.rs) run Envoy with a module pulled this way.
 
 use e2e::registry::{
-    build_image, oci_tool, printed_pin, pull_like_istio, Registry, OCI_LAYER_TAR_GZIP,
-    OCI_MANIFEST,
+    build_image, oci_tool, printed_pin, pull_like_istio, Registry, OCI_LAYER_TAR_GZIP, OCI_MANIFEST,
 };
 
 fn built_module() -> Vec<u8> {
@@ -30,7 +29,12 @@ fn build_and_push(registry: &Registry, tag: &str) -> (String, String, String) {
     let layout = work.path().join("oci");
     let digest = built_digest(&build_image(&layout));
     let reference = format!("{}/token-ratelimit:{tag}", registry.host());
-    let pushed = oci_tool(&["push", "--layout", &layout.display().to_string(), &reference]);
+    let pushed = oci_tool(&[
+        "push",
+        "--layout",
+        &layout.display().to_string(),
+        &reference,
+    ]);
     assert!(
         pushed.contains(&format!("url: oci://{reference}")),
         "push prints the WasmPlugin url:\n{pushed}"
@@ -53,7 +57,53 @@ fn the_pushed_image_is_the_single_layer_format_istio_pulls_and_holds_the_built_m
         "application/vnd.oci.image.config.v1+json"
     );
     assert_eq!(pulled.layer_media_types, [OCI_LAYER_TAR_GZIP]);
-    assert!(pulled.module == built_module(), "the module changed on its way");
+    assert!(
+        pulled.module == built_module(),
+        "the module changed on its way"
+    );
+}
+
+#[test]
+fn make_pushs_patch_makes_kubectl_kustomize_render_a_wasmplugin_that_pulls_the_pushed_module() {
+    // The walk-through's path: `make push` writes istio/module.yaml, `kubectl apply -k istio/`
+    // applies what `kubectl kustomize istio/` renders, and Istio's agent pulls the WasmPlugin's
+    // url and checks it against its sha256.
+    let registry = Registry::start();
+    let work = tempfile::tempdir().expect("temp dir");
+    let layout = work.path().join("oci");
+    let digest = built_digest(&build_image(&layout));
+    let reference = format!("{}/token-ratelimit:0.1.0", registry.host());
+    let patch = work.path().join("module.yaml");
+    let pushed = oci_tool(&[
+        "push",
+        "--layout",
+        &layout.display().to_string(),
+        "--patch",
+        &patch.display().to_string(),
+        &reference,
+    ]);
+    assert!(pushed.contains("kustomize patch:"), "{pushed}");
+    let module = std::fs::read_to_string(&patch).expect("the patch push wrote");
+
+    let rendered = manifests::kustomize_with_module(&e2e::repo_root().join("istio"), Some(&module))
+        .unwrap_or_else(|e| panic!("kubectl kustomize istio/: {e}"));
+    manifests::check_yaml(&rendered).unwrap_or_else(|e| panic!("{e}\n{rendered}"));
+    let plugin = rendered
+        .split("\n---\n")
+        .map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).expect("YAML"))
+        .find(|d| d["kind"] == "WasmPlugin")
+        .expect("a WasmPlugin");
+    let url = plugin["spec"]["url"].as_str().expect("url");
+    let sha256 = plugin["spec"]["sha256"].as_str().expect("sha256");
+    assert_eq!(url, format!("oci://{reference}"));
+    assert_eq!(format!("sha256:{sha256}"), digest);
+
+    let pulled = pull_like_istio(url.trim_start_matches("oci://"), Some(sha256))
+        .expect("the rendered WasmPlugin's module pulls and matches its pin");
+    assert!(
+        pulled.module == built_module(),
+        "the module changed on its way"
+    );
 }
 
 #[test]

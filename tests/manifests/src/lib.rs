@@ -114,3 +114,51 @@ fn is_empty(value: &Value) -> bool {
         _ => false,
     }
 }
+
+/// What `kubectl kustomize` renders of `dir` (a directory holding a kustomization.yaml) copied
+/// into a temporary directory with `module` written beside it as `module.yaml` (the patch
+/// `make push` writes; `None` writes none): the manifests `kubectl apply -k` would apply, as one
+/// multi-document YAML text. The copy leaves the repository's istio/ as it is.
+///
+/// Errors: `kubectl` is missing, or kustomize refused the directory (its stderr).
+pub fn kustomize_with_module(
+    dir: &std::path::Path,
+    module: Option<&str>,
+) -> Result<String, String> {
+    let tmp = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let copy = tmp.path().join("kustomization");
+    copy_dir(dir, &copy).map_err(|e| format!("copying {}: {e}", dir.display()))?;
+    let patch = copy.join("module.yaml");
+    match module {
+        Some(text) => std::fs::write(&patch, text).map_err(|e| format!("module.yaml: {e}"))?,
+        None if patch.exists() => {
+            std::fs::remove_file(&patch).map_err(|e| format!("module.yaml: {e}"))?
+        }
+        None => {}
+    }
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(&copy)
+        .output()
+        .map_err(|e| format!("kubectl (`.ci/run` installs it): {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    String::from_utf8(out.stdout).map_err(|e| format!("kubectl kustomize printed non-UTF-8: {e}"))
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name() else {
+            continue;
+        };
+        if path.is_dir() {
+            copy_dir(&path, &to.join(name))?;
+        } else {
+            std::fs::copy(&path, to.join(name))?;
+        }
+    }
+    Ok(())
+}

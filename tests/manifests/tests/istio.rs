@@ -39,48 +39,11 @@ fn manifest(file: &str) -> Value {
     serde_json::to_value(yaml_file(&repo_root().join("istio").join(file))).expect("JSON")
 }
 
-/// `kubectl kustomize DIR` (kubectl's own kustomize; Debian/Google package `kubectl`).
-fn kustomize(dir: &Path) -> String {
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(dir)
-        .output()
-        .expect("kubectl is needed (`.ci/run` installs it): run `kubectl kustomize`");
-    assert!(
-        out.status.success(),
-        "kubectl kustomize {}: {}",
-        dir.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
-}
-
-/// Copies istio/ into a temporary directory with an istio/module.yaml as `make push` writes
-/// it (the kustomization patches the WasmPlugin with it; the file is not committed).
-fn istio_with_pushed_module(url: &str, sha256: &str) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().expect("temp dir");
-    copy_dir(&repo_root().join("istio"), &tmp.path().join("istio"));
-    std::fs::write(
-        tmp.path().join("istio/module.yaml"),
-        format!(
-            "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n  name: token-ratelimit\n  namespace: istio-system\nspec:\n  url: {url}\n  sha256: {sha256}\n"
-        ),
+/// The module.yaml `make push` writes for `url` and `sha256`.
+fn module_patch(url: &str, sha256: &str) -> String {
+    format!(
+        "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n  name: token-ratelimit\n  namespace: istio-system\nspec:\n  url: {url}\n  sha256: {sha256}\n"
     )
-    .expect("module.yaml");
-    tmp
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).expect("dir");
-    for entry in std::fs::read_dir(from).expect("dir") {
-        let path = entry.expect("entry").path();
-        let target = to.join(path.file_name().expect("name"));
-        if path.is_dir() {
-            copy_dir(&path, &target);
-        } else {
-            std::fs::copy(&path, &target).expect("copy");
-        }
-    }
 }
 
 #[test]
@@ -117,8 +80,11 @@ fn every_file_a_kustomization_lists_matches_istios_and_kubernetes_types() {
 fn kubectl_kustomize_renders_the_pinned_wasmplugin_and_every_rendered_manifest_matches_the_types() {
     let digest = "8574ea937deb3b37a4b52e274f6b8fa910b5b11f1141acc6d37b5730a8fe984a";
     let url = "oci://registry.internal:5000/token-ratelimit:0.1.0";
-    let tmp = istio_with_pushed_module(url, digest);
-    let rendered = kustomize(&tmp.path().join("istio"));
+    let rendered = manifests::kustomize_with_module(
+        &repo_root().join("istio"),
+        Some(&module_patch(url, digest)),
+    )
+    .unwrap_or_else(|e| panic!("kubectl kustomize istio/: {e}"));
     let n = manifests::check_yaml(&rendered).unwrap_or_else(|e| panic!("{e}\n{rendered}"));
     assert!(n >= 6, "{n} manifests rendered:\n{rendered}");
     let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
@@ -150,20 +116,9 @@ fn kubectl_kustomize_renders_the_pinned_wasmplugin_and_every_rendered_manifest_m
 fn kustomize_refuses_istio_without_the_module_patch_make_push_writes() {
     // Nothing is deployed with the placeholder URL by accident: without istio/module.yaml the
     // kustomization does not build.
-    let tmp = tempfile::tempdir().expect("temp dir");
-    copy_dir(&repo_root().join("istio"), &tmp.path().join("istio"));
-    let _ = std::fs::remove_file(tmp.path().join("istio/module.yaml"));
-    let out = Command::new("kubectl")
-        .arg("kustomize")
-        .arg(tmp.path().join("istio"))
-        .output()
-        .expect("kubectl");
-    assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("module.yaml"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = manifests::kustomize_with_module(&repo_root().join("istio"), None)
+        .expect_err("istio/ without module.yaml was rendered");
+    assert!(err.contains("module.yaml"), "{err}");
 }
 
 /// `check` of `doc` with `edit` applied; the error, which must come.
