@@ -70,18 +70,21 @@ oci: wasm
 	target/debug/token-ratelimit-oci build --wasm $(WASM) --out $(OCI_LAYOUT) --tag $(OCI_TAG)
 
 ## push: `make push REGISTRY=host[:port]/name:tag` pushes that image and prints the WasmPlugin's
-## `url` and `sha256` (the manifest digest Istio checks); writes them to istio/module.yaml, the
-## patch `kubectl apply -k istio/` applies. Plain HTTP to a loopback registry, HTTPS elsewhere
+## `url` and `sha256` (the manifest digest Istio checks); writes them to istio/module.yaml and
+## istio/per-model/module.yaml, the patches `kubectl apply -k istio/` (WasmPlugin) and
+## `kubectl apply -k istio/per-model/` (EnvoyFilter) apply. Plain HTTP to a loopback registry, HTTPS elsewhere
 ## (PUSH_ARGS=--plain-http for a plain-HTTP registry elsewhere); credentials from
 ## REGISTRY_USERNAME and REGISTRY_PASSWORD.
 push: oci
 	@test -n "$(REGISTRY)" || { echo "usage: make push REGISTRY=host[:port]/name:tag" >&2; exit 2; }
-	target/debug/token-ratelimit-oci push --layout $(OCI_LAYOUT) --patch istio/module.yaml $(PUSH_ARGS) $(REGISTRY)
+	target/debug/token-ratelimit-oci push --layout $(OCI_LAYOUT) --patch istio/module.yaml \
+	  --envoyfilter-patch istio/per-model/module.yaml $(PUSH_ARGS) $(REGISTRY)
 
 ## limits: regenerate the generated Limitador limits (docker-compose, Istio) from their policies.
 limits: tools
 	target/debug/token-ratelimit limits envoy/envoy.yaml > envoy/limits.yaml
 	target/debug/token-ratelimit limits istio/wasmplugin.yaml > istio/limits.yaml
+	target/debug/token-ratelimit limits istio/per-model/envoyfilter.yaml > istio/per-model/limits.yaml
 
 clean:
 	cargo clean

@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use token_ratelimit::config::ConfigError;
 
-/// Istio's name for the gRPC port of the Limitador Service shipped in `istio/limitador.yaml`.
+/// Istio's name for the gRPC port of the Limitador Service shipped in `istio/base/limitador.yaml`.
 pub const DEFAULT_CLUSTER: &str = "outbound|8081||limitador.kuadrant-system.svc.cluster.local";
 /// The plugin's own default `rateLimitService.timeout`.
 pub const DEFAULT_TIMEOUT: &str = "100ms";

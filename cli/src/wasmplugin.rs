@@ -5,7 +5,7 @@
 //!    policy's Gateway, with the generated plugin configuration and the settings of
 //!    `istio/wasmplugin.yaml` (phase `STATS`, `failStrategy: FAIL_CLOSE`);
 //! 2. the ConfigMap `limitador-limits` in `kuadrant-system` with the matching Limitador limits
-//!    under `limits.yaml`, as `istio/kustomization.yaml` generates it for `istio/limitador.yaml`.
+//!    under `limits.yaml`, as `istio/kustomization.yaml` generates it for `istio/base/limitador.yaml`.
 
 use crate::trlp::{PluginConfig, Translated};
 use serde::Serialize;
@@ -14,9 +14,9 @@ use token_ratelimit::limits::LimitadorLimit;
 /// The module's address when `--url` is not given (a placeholder: push the module's image and
 /// give `--url` and `--sha256`).
 pub const DEFAULT_URL: &str = "oci://registry.example.com/token-ratelimit:0.1.0";
-/// The ConfigMap `istio/limitador.yaml` mounts.
+/// The ConfigMap `istio/base/limitador.yaml` mounts.
 pub const LIMITS_CONFIGMAP: &str = "limitador-limits";
-/// The namespace of the Limitador in `istio/limitador.yaml`.
+/// The namespace of the Limitador in `istio/base/limitador.yaml`.
 pub const LIMITS_NAMESPACE: &str = "kuadrant-system";
 
 #[derive(Serialize)]
@@ -239,7 +239,7 @@ pub fn render(
     yaml.push_str(&plugin_yaml);
     yaml.push_str(&format!(
         "---\n# The Limitador limits of TokenRateLimitPolicy {id}, for the Limitador of\n\
-         # istio/limitador.yaml (it mounts this ConfigMap). It replaces the limits there.\n"
+         # istio/base/limitador.yaml (it mounts this ConfigMap). It replaces the limits there.\n"
     ));
     yaml.push_str(&configmap_yaml);
     Ok(Rendered { yaml, note })

@@ -45,6 +45,10 @@ fn generated_limits_files_are_up_to_date() {
     for (config, limits) in [
         ("envoy/envoy.yaml", "envoy/limits.yaml"),
         ("istio/wasmplugin.yaml", "istio/limits.yaml"),
+        (
+            "istio/per-model/envoyfilter.yaml",
+            "istio/per-model/limits.yaml",
+        ),
     ] {
         let (ok, stdout, stderr) = run(&["limits", config]);
         assert!(ok, "{stderr}");

@@ -75,6 +75,11 @@ enum Command {
         /// `sha256` to the pushed image (istio/kustomization.yaml applies istio/module.yaml).
         #[arg(long)]
         patch: Option<PathBuf>,
+        /// Also write a kustomize JSON patch (RFC 6902) that sets the module's `uri` and
+        /// `sha256` in the `token-ratelimit` EnvoyFilter of per-model limits
+        /// (istio/per-model/kustomization.yaml applies istio/per-model/module.yaml).
+        #[arg(long)]
+        envoyfilter_patch: Option<PathBuf>,
         /// Where to push, e.g. 127.0.0.1:5000/token-ratelimit:0.1.0.
         reference: String,
     },
@@ -100,17 +105,25 @@ fn main() -> std::process::ExitCode {
             layout,
             plain_http,
             patch,
+            envoyfilter_patch,
             reference,
         } => push(&layout, &reference, plain_http).and_then(|pushed| {
             println!("pushed: oci://{reference} (manifest {})", pushed.manifest_digest);
             println!("WasmPlugin spec:");
             println!("  url: oci://{reference}");
             println!("  sha256: {}", pushed.sha256());
-            match patch {
-                Some(path) => write_patch(&path, &reference, pushed.sha256())
-                    .map(|()| println!("kustomize patch: {}", path.display())),
-                None => Ok(()),
+            let patches = [
+                (patch, wasmplugin_patch as fn(&str, &str) -> String),
+                (envoyfilter_patch, envoyfilter_patch_of),
+            ];
+            for (path, text) in patches {
+                if let Some(path) = path {
+                    std::fs::write(&path, text(&reference, pushed.sha256()))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    println!("kustomize patch: {}", path.display());
+                }
             }
+            Ok(())
         }),
     };
     match result {
@@ -310,16 +323,30 @@ fn is_loopback(registry: &str) -> bool {
 
 /// A strategic-merge patch of the `token-ratelimit` WasmPlugin (istio/wasmplugin.yaml) that pins
 /// the pushed image: `url` `oci://REFERENCE` and `sha256` the manifest digest's hex.
-fn write_patch(path: &Path, reference: &str, sha256: &str) -> Result<()> {
-    let patch = format!(
+fn wasmplugin_patch(reference: &str, sha256: &str) -> String {
+    format!(
         "# Written by `make push` (token-ratelimit-oci push --patch): the image the WasmPlugin pulls,\n\
          # pinned by its manifest digest. istio/kustomization.yaml applies it to wasmplugin.yaml.\n\
          apiVersion: extensions.istio.io/v1alpha1\n\
          kind: WasmPlugin\n\
          metadata:\n  name: token-ratelimit\n  namespace: istio-system\n\
          spec:\n  url: oci://{reference}\n  sha256: {sha256}\n"
-    );
-    std::fs::write(path, patch).with_context(|| format!("writing {}", path.display()))
+    )
+}
+
+/// The JSON patch (RFC 6902, as YAML) of the `token-ratelimit` EnvoyFilter
+/// (istio/per-model/envoyfilter.yaml) that pins the pushed image in its first configPatch, the
+/// filter's configuration: `vm_config.code.remote.http_uri.uri` `oci://REFERENCE` and
+/// `remote.sha256` the manifest digest's hex, which Istio's agent checks as for a WasmPlugin.
+fn envoyfilter_patch_of(reference: &str, sha256: &str) -> String {
+    let remote = "/spec/configPatches/0/patch/value/typed_config/config/vm_config/code/remote";
+    format!(
+        "# Written by `make push` (token-ratelimit-oci push --envoyfilter-patch): the image the\n\
+         # EnvoyFilter's Wasm configuration pulls, pinned by its manifest digest.\n\
+         # istio/per-model/kustomization.yaml applies it to envoyfilter.yaml.\n\
+         - op: add\n  path: {remote}/http_uri/uri\n  value: oci://{reference}\n\
+         - op: add\n  path: {remote}/sha256\n  value: {sha256}\n"
+    )
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -85,8 +85,12 @@ fn make_pushs_patch_makes_kubectl_kustomize_render_a_wasmplugin_that_pulls_the_p
     assert!(pushed.contains("kustomize patch:"), "{pushed}");
     let module = std::fs::read_to_string(&patch).expect("the patch push wrote");
 
-    let rendered = manifests::kustomize_with_module(&e2e::repo_root().join("istio"), Some(&module))
-        .unwrap_or_else(|e| panic!("kubectl kustomize istio/: {e}"));
+    let rendered = manifests::kustomize_with(
+        &e2e::repo_root().join("istio"),
+        "",
+        &[("module.yaml", Some(&module))],
+    )
+    .unwrap_or_else(|e| panic!("kubectl kustomize istio/: {e}"));
     manifests::check_yaml(&rendered).unwrap_or_else(|e| panic!("{e}\n{rendered}"));
     let plugin = rendered
         .split("\n---\n")

@@ -48,17 +48,9 @@ pub fn check(doc: &Value) -> Result<(), String> {
 /// Checks every document of a multi-document YAML text (`---` separated; empty documents
 /// skipped). Errors name the document's kind and name.
 pub fn check_yaml(text: &str) -> Result<usize, String> {
-    let mut checked = 0;
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("not YAML: {e}"))?;
-        if value.is_null() {
-            continue;
-        }
-        let json: Value = serde_json::to_value(&value).map_err(|e| e.to_string())?;
-        check(&json)?;
-        checked += 1;
-    }
-    Ok(checked)
+    let docs = documents(text)?;
+    docs.iter().try_for_each(check)?;
+    Ok(docs.len())
 }
 
 fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Result<(), String> {
@@ -115,36 +107,55 @@ fn is_empty(value: &Value) -> bool {
     }
 }
 
-/// What `kubectl kustomize` renders of `dir` (a directory holding a kustomization.yaml) copied
-/// into a temporary directory with `module` written beside it as `module.yaml` (the patch
-/// `make push` writes; `None` writes none): the manifests `kubectl apply -k` would apply, as one
-/// multi-document YAML text. The copy leaves the repository's istio/ as it is.
+/// What `kubectl kustomize` renders of the kustomization `kustomization` (a directory relative
+/// to `root`, `""` for `root` itself) in a copy of `root` (istio/, so that the kustomization's
+/// bases come along) in which each `(path, text)` of `files` (relative to `root`) is written
+/// with `Some(text)` and removed with `None`: the patches `make push` writes (`module.yaml`,
+/// `per-model/module.yaml`). The result is what `kubectl apply -k` would apply, as one
+/// multi-document YAML text; the repository's files stay as they are.
 ///
 /// Errors: `kubectl` is missing, or kustomize refused the directory (its stderr).
-pub fn kustomize_with_module(
-    dir: &std::path::Path,
-    module: Option<&str>,
+pub fn kustomize_with(
+    root: &std::path::Path,
+    kustomization: &str,
+    files: &[(&str, Option<&str>)],
 ) -> Result<String, String> {
     let tmp = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-    let copy = tmp.path().join("kustomization");
-    copy_dir(dir, &copy).map_err(|e| format!("copying {}: {e}", dir.display()))?;
-    let patch = copy.join("module.yaml");
-    match module {
-        Some(text) => std::fs::write(&patch, text).map_err(|e| format!("module.yaml: {e}"))?,
-        None if patch.exists() => {
-            std::fs::remove_file(&patch).map_err(|e| format!("module.yaml: {e}"))?
+    let copy = tmp.path().join("root");
+    copy_dir(root, &copy).map_err(|e| format!("copying {}: {e}", root.display()))?;
+    for (path, text) in files {
+        let file = copy.join(path);
+        match text {
+            Some(text) => std::fs::write(&file, text).map_err(|e| format!("{path}: {e}"))?,
+            None if file.exists() => {
+                std::fs::remove_file(&file).map_err(|e| format!("{path}: {e}"))?
+            }
+            None => {}
         }
-        None => {}
     }
     let out = std::process::Command::new("kubectl")
         .arg("kustomize")
-        .arg(&copy)
+        .arg(copy.join(kustomization))
         .output()
         .map_err(|e| format!("kubectl (`.ci/run` installs it): {e}"))?;
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
     String::from_utf8(out.stdout).map_err(|e| format!("kubectl kustomize printed non-UTF-8: {e}"))
+}
+
+/// The documents of a multi-document YAML text, as JSON (empty documents skipped).
+///
+/// Errors: a document is not YAML, or has no JSON form.
+pub fn documents(text: &str) -> Result<Vec<Value>, String> {
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = serde_yaml::Value::deserialize(doc).map_err(|e| format!("not YAML: {e}"))?;
+        if !value.is_null() {
+            docs.push(serde_json::to_value(&value).map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(docs)
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {

@@ -15,7 +15,7 @@ fn repo_root() -> PathBuf {
         .expect("repo root")
 }
 
-/// The directories under istio/ with a kustomization.yaml.
+/// istio/ and the directories under it with a kustomization.yaml (base/, per-model/).
 fn kustomizations() -> Vec<PathBuf> {
     let istio = repo_root().join("istio");
     let mut dirs = vec![istio.clone()];
@@ -39,11 +39,57 @@ fn manifest(file: &str) -> Value {
     serde_json::to_value(yaml_file(&repo_root().join("istio").join(file))).expect("JSON")
 }
 
-/// The module.yaml `make push` writes for `url` and `sha256`.
-fn module_patch(url: &str, sha256: &str) -> String {
+const DIGEST: &str = "8574ea937deb3b37a4b52e274f6b8fa910b5b11f1141acc6d37b5730a8fe984a";
+const URL: &str = "oci://registry.internal:5000/token-ratelimit:0.1.0";
+
+/// The module.yaml `make push` writes for the WasmPlugin (`token-ratelimit-oci push --patch`).
+fn wasmplugin_patch(url: &str, sha256: &str) -> String {
     format!(
         "apiVersion: extensions.istio.io/v1alpha1\nkind: WasmPlugin\nmetadata:\n  name: token-ratelimit\n  namespace: istio-system\nspec:\n  url: {url}\n  sha256: {sha256}\n"
     )
+}
+
+/// The per-model/module.yaml `make push` writes for the EnvoyFilter
+/// (`token-ratelimit-oci push --envoyfilter-patch`).
+fn envoyfilter_patch(url: &str, sha256: &str) -> String {
+    let remote = "/spec/configPatches/0/patch/value/typed_config/config/vm_config/code/remote";
+    format!(
+        "- op: add\n  path: {remote}/http_uri/uri\n  value: {url}\n- op: add\n  path: {remote}/sha256\n  value: {sha256}\n"
+    )
+}
+
+/// What `kubectl kustomize istio/<kustomization>` renders with both patches of `make push`,
+/// checked against the types; its documents.
+fn rendered(kustomization: &str) -> Vec<Value> {
+    let wasmplugin = wasmplugin_patch(URL, DIGEST);
+    let envoyfilter = envoyfilter_patch(URL, DIGEST);
+    let text = manifests::kustomize_with(
+        &repo_root().join("istio"),
+        kustomization,
+        &[
+            ("module.yaml", Some(&wasmplugin)),
+            ("per-model/module.yaml", Some(&envoyfilter)),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("kubectl kustomize istio/{kustomization}: {e}"));
+    manifests::check_yaml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    manifests::documents(&text).expect("YAML")
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
+fn limits_configmap(docs: &[Value]) -> &str {
+    find(docs, "ConfigMap", "limitador-limits").expect("the limits ConfigMap")["data"]
+        ["limits.yaml"]
+        .as_str()
+        .expect("limits.yaml")
+}
+
+fn istio_file(file: &str) -> String {
+    std::fs::read_to_string(repo_root().join("istio").join(file)).expect(file)
 }
 
 #[test]
@@ -56,7 +102,8 @@ fn every_file_a_kustomization_lists_matches_istios_and_kubernetes_types() {
             .unwrap_or_else(|| panic!("{}: no resources", dir.display()));
         for resource in resources {
             let file = dir.join(resource.as_str().expect("a path"));
-            let text = std::fs::read_to_string(&file).expect("resource");
+            let text = std::fs::read_to_string(&file)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             let n =
                 manifests::check_yaml(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             assert!(n > 0, "{} holds no manifest", file.display());
@@ -64,60 +111,146 @@ fn every_file_a_kustomization_lists_matches_istios_and_kubernetes_types() {
         }
     }
     for expected in [
-        "wasmplugin.yaml",
-        "auth-demo.yaml",
-        "limitador.yaml",
-        "redis.yaml",
+        "istio/wasmplugin.yaml",
+        "istio/per-model/envoyfilter.yaml",
+        "istio/base/auth-demo.yaml",
+        "istio/base/limitador.yaml",
+        "istio/base/redis.yaml",
     ] {
         assert!(
             checked.iter().any(|f| f.ends_with(expected)),
-            "istio/{expected} was not checked: {checked:?}"
+            "{expected} was not checked: {checked:?}"
         );
     }
 }
 
 #[test]
 fn kubectl_kustomize_renders_the_pinned_wasmplugin_and_every_rendered_manifest_matches_the_types() {
-    let digest = "8574ea937deb3b37a4b52e274f6b8fa910b5b11f1141acc6d37b5730a8fe984a";
-    let url = "oci://registry.internal:5000/token-ratelimit:0.1.0";
-    let rendered = manifests::kustomize_with_module(
-        &repo_root().join("istio"),
-        Some(&module_patch(url, digest)),
-    )
-    .unwrap_or_else(|e| panic!("kubectl kustomize istio/: {e}"));
-    let n = manifests::check_yaml(&rendered).unwrap_or_else(|e| panic!("{e}\n{rendered}"));
-    assert!(n >= 6, "{n} manifests rendered:\n{rendered}");
-    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
-        .map(|d| serde::Deserialize::deserialize(d).expect("YAML"))
-        .collect();
-    let plugin = docs
-        .iter()
-        .find(|d| d["kind"] == "WasmPlugin")
-        .expect("a WasmPlugin");
-    assert_eq!(plugin["spec"]["url"].as_str(), Some(url));
-    assert_eq!(plugin["spec"]["sha256"].as_str(), Some(digest));
+    let docs = rendered("");
+    assert!(docs.len() >= 6, "{} manifests rendered", docs.len());
+    let plugin = find(&docs, "WasmPlugin", "token-ratelimit").expect("the WasmPlugin");
+    assert_eq!(plugin["spec"]["url"], URL);
+    assert_eq!(plugin["spec"]["sha256"], DIGEST);
     // The rest of the plugin is istio/wasmplugin.yaml's.
     assert_eq!(
         plugin["spec"]["pluginConfig"],
-        yaml_file(&repo_root().join("istio/wasmplugin.yaml"))["spec"]["pluginConfig"]
+        manifest("wasmplugin.yaml")["spec"]["pluginConfig"]
     );
-    let limits = docs
-        .iter()
-        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "limitador-limits")
-        .expect("the limits ConfigMap");
-    assert_eq!(
-        limits["data"]["limits.yaml"].as_str(),
-        Some(std::fs::read_to_string(repo_root().join("istio/limits.yaml")).expect("limits"))
-            .as_deref()
-    );
+    assert_eq!(limits_configmap(&docs), istio_file("limits.yaml"));
+    assert!(find(&docs, "EnvoyFilter", "token-ratelimit").is_none());
+    // The base: Limitador and the demo auth step.
+    assert!(find(&docs, "Deployment", "limitador").is_some());
+    assert!(find(&docs, "EnvoyFilter", "token-ratelimit-demo-auth").is_some());
+}
+
+/// The Wasm filter configuration (`envoy.extensions.filters.http.wasm.v3.Wasm`) the per-model
+/// EnvoyFilter's first patch adds.
+fn wasm_of(filter: &Value) -> &Value {
+    &filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]
 }
 
 #[test]
-fn kustomize_refuses_istio_without_the_module_patch_make_push_writes() {
-    // Nothing is deployed with the placeholder URL by accident: without istio/module.yaml the
+fn kubectl_kustomize_per_model_renders_the_pinned_envoyfilter_in_place_of_the_wasmplugin() {
+    let docs = rendered("per-model");
+    assert!(
+        find(&docs, "WasmPlugin", "token-ratelimit").is_none(),
+        "the WasmPlugin would charge every request a second time"
+    );
+    let filter = find(&docs, "EnvoyFilter", "token-ratelimit").expect("the EnvoyFilter");
+    let remote = &wasm_of(filter)["config"]["vm_config"]["code"]["remote"];
+    assert_eq!(remote["http_uri"]["uri"], URL);
+    assert_eq!(remote["sha256"], DIGEST);
+    // The rest is per-model/envoyfilter.yaml's.
+    let mut shipped = manifest("per-model/envoyfilter.yaml");
+    let mut got = filter.clone();
+    for f in [&mut shipped, &mut got] {
+        wasm_of_mut(f)["config"]["vm_config"]["code"] = Value::Null;
+    }
+    assert_eq!(got["spec"], shipped["spec"]);
+    assert_eq!(limits_configmap(&docs), istio_file("per-model/limits.yaml"));
+    assert!(find(&docs, "Deployment", "limitador").is_some());
+    assert!(find(&docs, "EnvoyFilter", "token-ratelimit-demo-auth").is_some());
+}
+
+fn wasm_of_mut(filter: &mut Value) -> &mut Value {
+    &mut filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]
+}
+
+#[test]
+fn the_per_model_envoyfilter_inserts_the_filter_its_extension_config_defines_with_the_body_flag() {
+    let filter = manifest("per-model/envoyfilter.yaml");
+    let patches = filter["spec"]["configPatches"]
+        .as_array()
+        .expect("configPatches");
+    assert_eq!(patches.len(), 2);
+    let (extension, http_filter) = (&patches[0], &patches[1]);
+    assert_eq!(extension["applyTo"], "EXTENSION_CONFIG");
+    assert_eq!(extension["patch"]["operation"], "ADD");
+    assert_eq!(http_filter["applyTo"], "HTTP_FILTER");
+    assert_eq!(http_filter["patch"]["operation"], "INSERT_BEFORE");
+    assert_eq!(
+        http_filter["match"]["listener"]["filterChain"]["filter"]["subFilter"]["name"],
+        "envoy.filters.http.router"
+    );
+    // The chain's filter takes its configuration, over ECDS, from the extension config.
+    let name = &extension["patch"]["value"]["name"];
+    assert!(name.is_string());
+    assert_eq!(&http_filter["patch"]["value"]["name"], name);
+    let wasm = wasm_of(&filter);
+    let type_urls = &http_filter["patch"]["value"]["config_discovery"]["type_urls"];
+    assert_eq!(type_urls, &json!([wasm["@type"]]));
+    assert_eq!(
+        wasm["@type"],
+        "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+    );
+    // What the WasmPlugin cannot set, and the plugin's mirror of it.
+    assert_eq!(wasm["config"]["allow_on_headers_stop_iteration"], true);
+    let plugin = &wasm["config"]["configuration"]["value"];
+    assert_eq!(plugin["requestBody"]["allowOnHeadersStopIteration"], true);
+    assert_eq!(wasm["config"]["failure_policy"], "FAIL_CLOSED");
+    // The same gateway, service and tiers as the WasmPlugin.
+    let wasmplugin = manifest("wasmplugin.yaml");
+    assert_eq!(
+        filter["spec"]["workloadSelector"]["labels"],
+        wasmplugin["spec"]["selector"]["matchLabels"]
+    );
+    let tiers = &wasmplugin["spec"]["pluginConfig"];
+    assert_eq!(plugin["rateLimitService"], tiers["rateLimitService"]);
+    assert_eq!(plugin["auth"], tiers["auth"]);
+    for tier in ["free", "gold"] {
+        assert_eq!(plugin["limits"][tier], tiers["limits"][tier], "{tier}");
+    }
+    assert!(plugin["limits"]["gpt-4o"]["when"]
+        .to_string()
+        .contains("requestBodyJSON('/model')"));
+}
+
+#[test]
+fn kustomize_refuses_either_kustomization_without_the_patch_make_push_writes() {
+    // Nothing is deployed with the placeholder URL by accident: without its module.yaml a
     // kustomization does not build.
-    let err = manifests::kustomize_with_module(&repo_root().join("istio"), None)
-        .expect_err("istio/ without module.yaml was rendered");
+    let wasmplugin = wasmplugin_patch(URL, DIGEST);
+    let envoyfilter = envoyfilter_patch(URL, DIGEST);
+    let istio = repo_root().join("istio");
+    let err = manifests::kustomize_with(
+        &istio,
+        "",
+        &[
+            ("module.yaml", None),
+            ("per-model/module.yaml", Some(&envoyfilter)),
+        ],
+    )
+    .expect_err("istio/ without module.yaml was rendered");
+    assert!(err.contains("module.yaml"), "{err}");
+    let err = manifests::kustomize_with(
+        &istio,
+        "per-model",
+        &[
+            ("module.yaml", Some(&wasmplugin)),
+            ("per-model/module.yaml", None),
+        ],
+    )
+    .expect_err("istio/per-model/ without module.yaml was rendered");
     assert!(err.contains("module.yaml"), "{err}");
 }
 
@@ -190,7 +323,30 @@ fn misspelled_wasmplugin_fields_and_values_are_refused() {
 
 #[test]
 fn misspelled_envoyfilter_fields_and_values_are_refused() {
-    let filter = manifest("auth-demo.yaml");
+    for file in ["base/auth-demo.yaml", "per-model/envoyfilter.yaml"] {
+        misspelled_fields_and_values_of_an_envoyfilter_are_refused(manifest(file));
+    }
+    let filter = manifest("per-model/envoyfilter.yaml");
+    let e = refused(filter.clone(), |f| {
+        f["spec"]["configPatches"][0]["applyTo"] = json!("EXTENSION_CONFIGS")
+    });
+    assert!(e.contains("spec.configPatches[0].applyTo"), "{e}");
+    let e = refused(filter, |f| {
+        rename(
+            &mut f["spec"]["configPatches"][1]["match"]["listener"]["filterChain"]["filter"],
+            "subFilter",
+            "subfilter",
+        )
+    });
+    assert!(
+        e.contains(
+            "unknown field spec.configPatches[1].match.listener.filterChain.filter.subfilter"
+        ),
+        "{e}"
+    );
+}
+
+fn misspelled_fields_and_values_of_an_envoyfilter_are_refused(filter: Value) {
     assert_eq!(manifests::check(&filter), Ok(()));
 
     let e = refused(filter.clone(), |f| {
@@ -206,7 +362,7 @@ fn misspelled_envoyfilter_fields_and_values_are_refused() {
     });
     assert!(e.contains("spec.configPatches[0].applyTo"), "{e}");
     let e = refused(filter.clone(), |f| {
-        f["spec"]["configPatches"][0]["patch"]["operation"] = json!("INSERT_FIRS")
+        f["spec"]["configPatches"][0]["patch"]["operation"] = json!("INSERT_FIRS_")
     });
     assert!(e.contains("spec.configPatches[0].patch.operation"), "{e}");
     let e = refused(filter.clone(), |f| {
@@ -224,7 +380,8 @@ fn misspelled_envoyfilter_fields_and_values_are_refused() {
 
 #[test]
 fn misspelled_kubernetes_fields_are_refused_and_unknown_kinds_are_not_waved_through() {
-    let text = std::fs::read_to_string(repo_root().join("istio/limitador.yaml")).expect("file");
+    let text =
+        std::fs::read_to_string(repo_root().join("istio/base/limitador.yaml")).expect("file");
     let deployment = serde_yaml::Deserializer::from_str(&text)
         .map(|d| {
             serde_json::to_value(
