@@ -92,9 +92,9 @@ fn make_pushs_patch_makes_kubectl_kustomize_render_a_wasmplugin_that_pulls_the_p
     )
     .unwrap_or_else(|e| panic!("kubectl kustomize istio/: {e}"));
     manifests::check_yaml(&rendered).unwrap_or_else(|e| panic!("{e}\n{rendered}"));
-    let plugin = rendered
-        .split("\n---\n")
-        .map(|d| serde_yaml::from_str::<serde_yaml::Value>(d).expect("YAML"))
+    let plugin = manifests::documents(&rendered)
+        .expect("YAML")
+        .into_iter()
         .find(|d| d["kind"] == "WasmPlugin")
         .expect("a WasmPlugin");
     let url = plugin["spec"]["url"].as_str().expect("url");

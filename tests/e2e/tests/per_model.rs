@@ -90,11 +90,8 @@ fn envoy_config_with(mut wasm: Value, dir: &std::path::Path) -> &'static str {
 }
 
 fn chat(stack: &Stack, key: &str, model: &str) -> u16 {
-    let body = json!({
-        "model": model,
-        "messages": [{"role": "user", "content": "word word"}],
-        "max_tokens": 20,
-    });
+    let mut body = e2e::chat_body(2, 20, false);
+    body["model"] = json!(model);
     let status = stack.post("/v1/chat/completions", Some(key), &body).status;
     if status == 200 {
         // Every charge reaches the service before the next admission.

@@ -362,7 +362,7 @@ fn misspelled_fields_and_values_of_an_envoyfilter_are_refused(filter: Value) {
     });
     assert!(e.contains("spec.configPatches[0].applyTo"), "{e}");
     let e = refused(filter.clone(), |f| {
-        f["spec"]["configPatches"][0]["patch"]["operation"] = json!("INSERT_FIRS_")
+        f["spec"]["configPatches"][0]["patch"]["operation"] = json!("INSERT_FIRS")
     });
     assert!(e.contains("spec.configPatches[0].patch.operation"), "{e}");
     let e = refused(filter.clone(), |f| {
@@ -380,15 +380,9 @@ fn misspelled_fields_and_values_of_an_envoyfilter_are_refused(filter: Value) {
 
 #[test]
 fn misspelled_kubernetes_fields_are_refused_and_unknown_kinds_are_not_waved_through() {
-    let text =
-        std::fs::read_to_string(repo_root().join("istio/base/limitador.yaml")).expect("file");
-    let deployment = serde_yaml::Deserializer::from_str(&text)
-        .map(|d| {
-            serde_json::to_value(
-                <serde_yaml::Value as serde::Deserialize>::deserialize(d).expect("YAML"),
-            )
-            .expect("JSON")
-        })
+    let deployment = manifests::documents(&istio_file("base/limitador.yaml"))
+        .expect("YAML")
+        .into_iter()
         .find(|d| d["kind"] == "Deployment")
         .expect("a Deployment");
     assert_eq!(manifests::check(&deployment), Ok(()));
