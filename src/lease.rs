@@ -150,6 +150,9 @@ struct Lease {
     admit_until_ms: u64,
     /// When to renew (half its life).
     renew_ms: u64,
+    /// Whether a request was admitted from it: a lease nothing was admitted from is not
+    /// renewed by age (the counter has cooled down), only committed once its admissions end.
+    used: bool,
     /// The most restrictive status of the grant, and when it was asked.
     status: Option<DescriptorStatus>,
     asked_ms: u64,
@@ -302,8 +305,10 @@ impl Leases {
         if admitted {
             entry.in_flight = entry.in_flight.saturating_add(amount);
             entry.last_admit_ms = now_ms;
-            if let Some(lease) = &entry.lease {
-                let used = lease.size.saturating_sub(entry.room());
+            let room = entry.room();
+            if let Some(lease) = &mut entry.lease {
+                lease.used = true;
+                let used = lease.size.saturating_sub(room);
                 want = used.saturating_mul(2) >= lease.size || now_ms >= lease.renew_ms;
             }
         } else {
@@ -495,6 +500,7 @@ impl Leases {
             size: pending.amount,
             admit_until_ms: pending.asked_ms.saturating_add(window_ms),
             renew_ms: pending.asked_ms.saturating_add(window_ms / 2),
+            used: false,
             status,
             asked_ms: pending.asked_ms,
         };
@@ -577,9 +583,10 @@ impl Leases {
                 }
                 continue;
             }
-            // By age only while the counter is still hot: an admission within the last quarter
-            // of a ttl (an idle lease is left to be committed, not renewed).
-            let recent = now_ms.saturating_sub(e.last_admit_ms) < ttl_ms / 4;
+            // By age only while the counter is still hot: an admission from this lease, the
+            // last within a quarter of a ttl (an idle lease is left to be committed, not
+            // renewed).
+            let recent = lease.used && now_ms.saturating_sub(e.last_admit_ms) < ttl_ms / 4;
             let due = (now_ms >= lease.renew_ms && recent) || e.room() < e.last_amount.max(1);
             if settings.is_some()
                 && !expired
@@ -943,6 +950,30 @@ mod tests {
         assert!(!leases.has_calls(), "an idle lease is not renewed");
         assert_eq!(leases.tick(16_000), 1, "idle for half a ttl: committed");
         assert_eq!(leases.take_commits()[0].actual, 7);
+    }
+
+    #[test]
+    fn a_lease_nothing_was_admitted_from_is_not_renewed_by_age_but_committed_when_it_ends() {
+        // The window ends in 2 s: the lease admits for 1 s and is due by age at 0.5 s.
+        let d = plan("a", 10).descriptor;
+        let mut unused = leased(&plan("a", 10), 0, granted("L1", 500, 2), 0);
+        assert_eq!(unused.tick(600), 0);
+        assert!(!unused.has_calls(), "nothing admitted from it: not renewed");
+        assert_eq!(unused.tick(1_000), 1, "past its admissions: committed");
+        assert_eq!(
+            unused.take_commits(),
+            vec![LeaseCommit {
+                descriptor: d.clone(),
+                reservation_id: "L1".into(),
+                actual: 0
+            }]
+        );
+        // The same lease with one request admitted from it is renewed at 0.5 s.
+        let mut used = leased(&plan("a", 10), 0, granted("L1", 500, 2), 0);
+        let key = leased_key(used.admit(&plan("a", 10), 100));
+        used.finish(&key, &d, 10, 10);
+        used.tick(600);
+        assert_eq!(send(&mut used, 600, 2), vec![1_000], "renewed by age");
     }
 
     #[test]

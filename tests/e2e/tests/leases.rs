@@ -658,13 +658,16 @@ fn leased_by_worker_a(stack: &Stack) -> [e2e::Conn; 2] {
 
 /// A lease whose hold the service ends early: `ratelimit-service --max-reservation-ttl 2`
 /// under the default lease `ttl` (30 s), a free budget of 1,000 tokens (leases of 100).
-/// Worker A leases the counter (4 requests of 22, per-request, then its lease of 100); 2 s
-/// later the service has dropped the lease's hold. Worker B then spends the whole rest of the
-/// budget with requests of 114 (too large to lease: 4 × 114 > 100), 8 of them, until a 429.
-/// Worker A then admits 4 requests of 22 from the lease it believes it holds. README: "A lease
+/// Worker A leases the counter (4 requests of 22, per-request, then its lease of 100); within
+/// 2 s the hold is gone, at the service and in the filter (nothing was admitted from the
+/// lease, so it is not renewed). Worker B then spends the whole rest of the budget with
+/// requests of 114 (too large to lease: 4 × 114 > 100), 8 of them, until a 429. Worker A then
+/// sends 4 requests of 22: none is admitted from a lease past its hold. README: "A lease
 /// never admits past its hold's end" and "admission never passes the limit the service
 /// enforces". `ratelimit-service` says how long it holds (`hold_ttl`): the lease admits for
-/// half of those 2 s only. (Before the filter read it: 1,088 tokens served of 1,000.)
+/// half of those 2 s only. (Before the filter read it: 1,088 tokens served of 1,000. While an
+/// unused lease was still renewed by age, a renewal could hold 100 tokens again after the
+/// service's hold had ended, and B got 7 requests.)
 #[test]
 fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
     let limit = 1_000;
@@ -677,12 +680,27 @@ fn a_lease_admits_nothing_past_a_hold_the_service_ended_early() {
     });
     let [mut a, mut b] = leased_by_worker_a(&stack);
     let small = chat_body(2, 20);
+    // Nothing held at the service, and every lease the filter was granted committed: no
+    // renewal can hold room again.
     assert!(
-        wait_until("the lease's hold dropped by the service", WAIT, || stack
-            .counter_of(FREE_USER)
-            .is_some_and(|c| c.reserved == 0)),
-        "{}",
-        stack.counters()
+        wait_until(
+            "the lease's hold gone, and the lease committed",
+            WAIT,
+            || {
+                stack.counter_of(FREE_USER).is_some_and(|c| c.reserved == 0)
+                    && stat(&stack, "leases_committed")
+                        == stat(&stack, "leases_granted") + stat(&stack, "leases_renewed")
+            }
+        ),
+        "{}; leases committed {}, renewed {}",
+        stack.counters(),
+        stat(&stack, "leases_committed"),
+        stat(&stack, "leases_renewed")
+    );
+    assert_eq!(
+        stat(&stack, "leases_renewed"),
+        0,
+        "an unused lease is not renewed"
     );
     let large = chat_body(2, 112);
     let b_served = until_refused(&mut b, &large);
