@@ -8,7 +8,8 @@
 //! actual tokens are added to what the lease spent. The lease is committed (`Commit` of the
 //! spent tokens with its id, which releases its hold) when it is replaced or given up:
 //!
-//! - **renewal**, in the background once half its room is used or half its life is over: a new
+//! - **renewal**, in the background once half its room is used, or half its life is over
+//!   while requests are admitted from it (an unused lease is not renewed by age): a new
 //!   `Reserve` of the tokens in flight plus a new lease's size. When it is granted, the old lease
 //!   is committed with what finished under it and the requests in flight carry their holds
 //!   into the new one. While the renewal is pending, the old lease admits at most what the new
