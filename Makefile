@@ -72,8 +72,8 @@ oci: wasm
 ## push: `make push REGISTRY=host[:port]/name:tag` pushes that image and prints the WasmPlugin's
 ## `url` and `sha256` (the manifest digest Istio checks); writes them to istio/module.yaml and
 ## istio/per-model/module.yaml, the patches `kubectl apply -k istio/` (WasmPlugin) and
-## `kubectl apply -k istio/per-model/` (EnvoyFilter) apply. Plain HTTP to a loopback registry, HTTPS elsewhere
-## (PUSH_ARGS=--plain-http for a plain-HTTP registry elsewhere); credentials from
+## `kubectl apply -k istio/per-model/` (EnvoyFilter) apply. Plain HTTP to a loopback registry,
+## HTTPS elsewhere (PUSH_ARGS=--plain-http for a plain-HTTP registry elsewhere); credentials from
 ## REGISTRY_USERNAME and REGISTRY_PASSWORD.
 push: oci
 	@test -n "$(REGISTRY)" || { echo "usage: make push REGISTRY=host[:port]/name:tag" >&2; exit 2; }

@@ -870,6 +870,11 @@ impl Stack {
             .unwrap_or(0)
     }
 
+    /// Total tokens the simulator served, to every API key.
+    pub fn served_total(&self) -> u64 {
+        self.served()["total_tokens"].as_u64().unwrap_or(0)
+    }
+
     /// Requests the simulator received in all.
     pub fn upstream_requests(&self) -> u64 {
         self.served()["requests"].as_u64().unwrap_or(0)

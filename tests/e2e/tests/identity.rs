@@ -32,7 +32,7 @@ fn spend_until_limited(stack: &Stack, authorization: &str, max_requests: usize) 
         if r.status != 200 {
             break;
         }
-        let served = served_total(stack);
+        let served = stack.served_total();
         assert_eq!(
             stack.await_reported(served),
             served,
@@ -40,11 +40,6 @@ fn spend_until_limited(stack: &Stack, authorization: &str, max_requests: usize) 
         );
     }
     statuses
-}
-
-/// Tokens the upstream served in all.
-fn served_total(stack: &Stack) -> u64 {
-    stack.served()["total_tokens"].as_u64().unwrap_or(0)
 }
 
 /// `statuses` of `n` admitted requests, then a refused one.
@@ -201,7 +196,7 @@ fn jwt_gold_user_is_not_limited_at_the_free_spend_and_two_free_users_have_separa
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(r.header("x-ratelimit-limit"), Some("200"));
     }
-    let served = served_total(&stack);
+    let served = stack.served_total();
     assert_eq!(stack.await_reported(served), served);
 
     assert_eq!(
@@ -244,7 +239,7 @@ fn jwt_predicates_compare_number_and_bool_claims_as_numbers_and_bools() {
         let r = stack.chat_as(Some(&user(sub, &["gold"], tier_level, premium)), 2, 20);
         assert_eq!(r.status, 200, "{sub}: {}", r.body);
     }
-    let served = served_total(&stack);
+    let served = stack.served_total();
     assert_eq!(stack.await_reported(served), served);
     // Only the users with `premium: true` and `tier_level >= 2` are counted by `premium`; every
     // user by `gold`.
@@ -291,7 +286,7 @@ fn jwt_a_counter_over_list_and_map_claims_is_their_compact_json_with_sorted_keys
         let r = stack.chat_as(Some(token), 2, 20);
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    let served = served_total(&stack);
+    let served = stack.served_total();
     assert_eq!(stack.await_reported(served), served);
     // One counter for both: the list in its order, the object with its keys sorted and the
     // whole number `7` (a double in the Struct) as an integer.
@@ -485,7 +480,7 @@ fn jwt_the_demo_token_command_in_the_example_mints_a_token_envoy_accepts() {
     let r = stack.chat_as(Some(&format!("Bearer {token}")), 2, 20);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.header("x-ratelimit-limit"), Some("50"));
-    let served = served_total(&stack);
+    let served = stack.served_total();
     assert_eq!(stack.await_reported(served), served);
     assert_eq!(stack.counter_of("alice").map(|c| c.max), Some(50));
 }
@@ -565,7 +560,7 @@ fn ext_authz_grpc_identity_picks_the_tier_by_groups_list_free_is_limited_and_gol
     // Every token served is charged, but those of the user in no tier.
     let unlimited = stack.served_tokens(BETA);
     assert_eq!(unlimited, 22 * (FREE_ADMITS as u64 + 2));
-    let charged = served_total(&stack) - unlimited;
+    let charged = stack.served_total() - unlimited;
     assert_eq!(stack.await_reported(charged), charged);
 
     // Counters keyed by `auth.identity.userid`, the one Authorino answered.
@@ -622,7 +617,7 @@ fn ext_authz_grpc_kuadrant_annotation_predicate_pasted_as_is_selects_the_free_ti
         assert_eq!(r.status, 200, "{}", r.body);
         assert_eq!(r.header("x-ratelimit-limit"), Some("200"));
     }
-    let served = served_total(&stack);
+    let served = stack.served_total();
     assert_eq!(stack.await_reported(served), served);
     assert_eq!(
         counters_of_limit(&stack, "free"),

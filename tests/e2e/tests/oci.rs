@@ -92,11 +92,8 @@ fn make_pushs_patch_makes_kubectl_kustomize_render_a_wasmplugin_that_pulls_the_p
     )
     .unwrap_or_else(|e| panic!("kubectl kustomize istio/: {e}"));
     manifests::check_yaml(&rendered).unwrap_or_else(|e| panic!("{e}\n{rendered}"));
-    let plugin = manifests::documents(&rendered)
-        .expect("YAML")
-        .into_iter()
-        .find(|d| d["kind"] == "WasmPlugin")
-        .expect("a WasmPlugin");
+    let docs = manifests::documents(&rendered).expect("YAML");
+    let plugin = manifests::find(&docs, "WasmPlugin", "token-ratelimit").expect("the WasmPlugin");
     let url = plugin["spec"]["url"].as_str().expect("url");
     let sha256 = plugin["spec"]["sha256"].as_str().expect("sha256");
     assert_eq!(url, format!("oci://{reference}"));

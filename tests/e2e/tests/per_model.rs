@@ -46,11 +46,8 @@ fn pushed_and_rendered() -> (Vec<u8>, Value) {
     )
     .unwrap_or_else(|e| panic!("kubectl kustomize istio/per-model/: {e}"));
     manifests::check_yaml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
-    let filter = manifests::documents(&text)
-        .expect("YAML")
-        .into_iter()
-        .find(|d| d["kind"] == "EnvoyFilter" && d["metadata"]["name"] == "token-ratelimit")
-        .expect("the EnvoyFilter");
+    let docs = manifests::documents(&text).expect("YAML");
+    let filter = manifests::find(&docs, "EnvoyFilter", "token-ratelimit").expect("the EnvoyFilter");
     let wasm = filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"].clone();
     let remote = &wasm["config"]["vm_config"]["code"]["remote"];
     let uri = remote["http_uri"]["uri"].as_str().expect("uri");
@@ -95,7 +92,7 @@ fn chat(stack: &Stack, key: &str, model: &str) -> u16 {
     let status = stack.post("/v1/chat/completions", Some(key), &body).status;
     if status == 200 {
         // Every charge reaches the service before the next admission.
-        let served = stack.served_tokens(GOLD) + stack.served_tokens(FREE);
+        let served = stack.served_total();
         assert_eq!(stack.await_reported(served), served, "reports lag behind");
     }
     status

@@ -158,6 +158,13 @@ pub fn documents(text: &str) -> Result<Vec<Value>, String> {
     Ok(docs)
 }
 
+/// The document of `kind` named `name` (`metadata.name`) among `docs` (as [`documents`] gives
+/// them), if any.
+pub fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+}
+
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from)? {

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use manifests::find;
 use serde_json::{json, Value};
 
 fn repo_root() -> PathBuf {
@@ -74,11 +75,6 @@ fn rendered(kustomization: &str) -> Vec<Value> {
     .unwrap_or_else(|e| panic!("kubectl kustomize istio/{kustomization}: {e}"));
     manifests::check_yaml(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     manifests::documents(&text).expect("YAML")
-}
-
-fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
-    docs.iter()
-        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
 }
 
 fn limits_configmap(docs: &[Value]) -> &str {
